@@ -1,0 +1,37 @@
+# pyflannel. `make test` and `make demo` install what they need first: Debian packages, the
+# venv in .venv/ with the package (editable, Cython built in place) and the test tools.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Tools the tests and the demo drive: ip/bridge/veth, ping.
+DEB_PACKAGES := iproute2 iputils-ping
+STAMP := $(VENV)/.installed
+SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
+
+.PHONY: install deb test lint clean
+
+install: deb $(STAMP)
+
+deb:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so

@@ -1,0 +1,1 @@
+"""pyflannel's control plane: config, etcd leases, the watch, host setup, the pyflanneld command."""

@@ -1,0 +1,169 @@
+"""The fast path's Python face: open the TUN and the socket, run the two loops in their own
+threads without the GIL, change routes while they run, read their counters, stop them."""
+
+import ipaddress
+import os
+import sys
+import threading
+
+from libc.stdint cimport uint64_t
+
+from fastpath.device import open_tun, open_udp
+
+from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
+from fastpath.system cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store
+from fastpath.table cimport RouteTable
+
+# A slot holds any IPv4 packet (up to 64 KiB), so no read is ever cut short; TUN offloads will
+# read 64 KiB super-packets into the same slots.
+SLOT_BYTES = 65536
+DEFAULT_BATCH = 64
+DEFAULT_MTU = 1472
+DEFAULT_SOCKET_BUFFER = 4 << 20
+
+
+cdef void snapshot(const uint64_t *src, uint64_t *dst, size_t size) noexcept nogil:
+    """Copy a counters struct (all uint64_t) word by word with atomic loads."""
+    cdef size_t i
+    for i in range(size // sizeof(uint64_t)):
+        dst[i] = pf_load(&src[i])
+
+
+cdef class FastPath:
+    """flanneld's udp backend data plane: IPv4 packets from the TUN go, unchanged but for the TTL,
+    as one UDP datagram each to the host that owns the destination subnet; datagrams from peers
+    go into the TUN.
+
+    The route table exists from construction, so routes may be set before start() and at any
+    time while the loops run.
+    """
+
+    cdef readonly RouteTable table
+    cdef readonly str bind_ip
+    cdef readonly int port
+    cdef readonly int mtu
+    cdef readonly int batch
+    cdef readonly str tun_name
+    cdef str tun_pattern
+    cdef int socket_buffer
+    cdef TxLoop tx
+    cdef RxLoop rx
+    cdef uint64_t stop_flag
+    cdef int tun_fd
+    cdef int wake_fd
+    cdef object sock
+    cdef list threads
+
+    def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
+                  int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH,
+                  int socket_buffer=DEFAULT_SOCKET_BUFFER):
+        if batch < 1:
+            raise ValueError(f"batch size {batch} must be at least 1")
+        if not 68 <= mtu < SLOT_BYTES:
+            raise ValueError(f"MTU {mtu} must be in 68..{SLOT_BYTES - 1}")
+        self.table = RouteTable(network, subnet_len)
+        self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
+        self.port = port
+        self.tun_pattern = tun
+        self.mtu = mtu
+        self.batch = batch
+        self.socket_buffer = socket_buffer
+        self.tun_fd = -1
+        self.wake_fd = -1
+        self.threads = []
+
+    def __dealloc__(self):
+        vector_free(&self.tx.vec)
+        vector_free(&self.rx.vec)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.threads)
+
+    def set_route(self, subnet, ip, int port):
+        """Send packets for `subnet` (e.g. "10.244.3.0/24") to UDP ip:port."""
+        self.table.set(subnet, ip, port)
+
+    def del_route(self, subnet):
+        """Stop routing `subnet`; its packets then get ICMP net unreachable."""
+        self.table.delete(subnet)
+
+    def start(self):
+        """Open the TUN and the UDP socket (in the calling thread's network namespace) and start
+        the two loops. The TUN's name is then in tun_name."""
+        if self.threads:
+            raise RuntimeError("the fast path is already running")
+        try:
+            self.tun_fd, self.tun_name = open_tun(self.tun_pattern)
+            self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer)
+            self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+            if self.wake_fd < 0:
+                raise OSError("eventfd failed")
+            if vector_init(&self.tx.vec, self.batch, SLOT_BYTES) or \
+                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES):
+                raise MemoryError("cannot allocate the packet vectors")
+        except BaseException:
+            self._close()
+            raise
+        self.stop_flag = 0
+        self.tx.tun_fd = self.rx.tun_fd = self.tun_fd
+        self.tx.sock_fd = self.rx.sock_fd = self.sock.fileno()
+        self.tx.wake_fd = self.rx.wake_fd = self.wake_fd
+        self.tx.stop = self.rx.stop = &self.stop_flag
+        self.tx.table = &self.table.table
+        self.rx.mtu = self.mtu
+        self.threads = [
+            threading.Thread(target=self._run_tx, name="pyflannel-tx", daemon=True),
+            threading.Thread(target=self._run_rx, name="pyflannel-rx", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run_tx(self):
+        with nogil:
+            tx_run(&self.tx)
+
+    def _run_rx(self):
+        with nogil:
+            rx_run(&self.rx)
+
+    def stop(self):
+        """Stop both loops, wait for their threads and close the TUN (which removes it), the
+        socket and the wake-up fd. Returns at once when not running; counters are kept."""
+        if not self.threads:
+            return
+        pf_store(&self.stop_flag, 1)
+        os.write(self.wake_fd, (1).to_bytes(8, sys.byteorder))
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
+        self._close()
+
+    def _close(self):
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)
+            self.tun_fd = -1
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+        vector_free(&self.tx.vec)
+        vector_free(&self.rx.vec)
+
+    def stats(self) -> dict:
+        """The loops' counters: {"tx": {...}, "rx": {...}}. tx counts TUN -> UDP, rx UDP -> TUN;
+        batch_sizes counts vectors of 1, 2-3, 4-7, ... 128+ packets."""
+        cdef TxCounters tx
+        cdef RxCounters rx
+        snapshot(<uint64_t *>&self.tx.counters, <uint64_t *>&tx, sizeof(TxCounters))
+        snapshot(<uint64_t *>&self.rx.counters, <uint64_t *>&rx, sizeof(RxCounters))
+        return {"tx": tx, "rx": rx}
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

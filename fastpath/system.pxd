@@ -1,0 +1,84 @@
+# C declarations the fast path needs from libc and the kernel headers.
+# Logic lives in the .pyx files; this file only names what C already has.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.uio cimport iovec
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
+
+    enum:
+        AF_INET
+        MSG_DONTWAIT
+        MSG_TRUNC
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+
+    struct sockaddr_in:
+        unsigned short sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+
+    uint16_t htons(uint16_t)
+    uint32_t htonl(uint32_t)
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+    enum:
+        POLLIN
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+
+# The table and the counters are written by one thread and read by another. GCC's __atomic
+# builtins give single-instruction relaxed loads and stores on 64-bit words: no lock, no tearing.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint64_t pf_load(const uint64_t *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    static inline void pf_store(uint64_t *p, uint64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    }
+    /* Counters have a single writer, so load + store is an exact increment. */
+    static inline void pf_add(uint64_t *p, uint64_t v) {
+        __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+    }
+    """
+    uint64_t pf_load(const uint64_t *p) nogil
+    void pf_store(uint64_t *p, uint64_t v) nogil
+    void pf_add(uint64_t *p, uint64_t v) nogil

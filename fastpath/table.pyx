@@ -1,0 +1,73 @@
+"""The Python face of the subnet-to-host table (lookups on the packet path are in table.pxd)."""
+
+import ipaddress
+import socket
+
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+
+from fastpath.system cimport pf_store
+
+# Largest table we allocate (128 MiB). flannel allows SubnetLen up to 30, so a /8 Network needs
+# 2**22 entries; anything past 2**24 is a mistake, not a cluster.
+MAX_SUBNETS = 1 << 24
+
+
+cdef class RouteTable:
+    """Maps each subnet of `network` (cut into /subnet_len) to a peer's (IPv4, UDP port).
+
+    set() and delete() may be called from Python while the loops look entries up without a lock.
+    """
+
+    def __cinit__(self, network, int subnet_len):
+        net = ipaddress.IPv4Network(network)
+        if not net.prefixlen < subnet_len <= 32:
+            raise ValueError(f"subnet length {subnet_len} must be in ({net.prefixlen}, 32] for {net}")
+        size = 1 << (subnet_len - net.prefixlen)
+        if size > MAX_SUBNETS:
+            raise ValueError(f"{net} cut into /{subnet_len} gives {size} subnets, more than {MAX_SUBNETS}")
+        self.table.entries = <uint64_t *>calloc(size, sizeof(uint64_t))
+        if self.table.entries == NULL:
+            raise MemoryError()
+        self.network = net
+        self.subnet_len = subnet_len
+        self.table.network = int(net.network_address)
+        self.table.netmask = int(net.netmask)
+        self.table.shift = 32 - subnet_len
+        self.table.size = size
+
+    def __dealloc__(self):
+        free(self.table.entries)
+
+    def __len__(self):
+        return self.table.size
+
+    cdef uint32_t _index(self, subnet) except? 0xFFFFFFFF:
+        sub = ipaddress.IPv4Network(subnet)
+        if sub.prefixlen != self.subnet_len or not sub.subnet_of(self.network):
+            raise ValueError(f"{sub} is not a /{self.subnet_len} subnet of {self.network}")
+        return (int(sub.network_address) - self.table.network) >> self.table.shift
+
+    def set(self, subnet, ip, int port):
+        """Route `subnet` (e.g. "10.244.3.0/24") to UDP `port` at `ip`."""
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is not in 1..65535")
+        cdef uint64_t addr = int(ipaddress.IPv4Address(ip))
+        cdef uint64_t entry = (
+            (<uint64_t>1 << ENTRY_VALID_SHIFT) | (addr << ENTRY_ADDR_SHIFT) | <uint64_t>port
+        )
+        pf_store(&self.table.entries[self._index(subnet)], entry)
+
+    def delete(self, subnet):
+        """Forget the route to `subnet`; a subnet with no route is fine."""
+        pf_store(&self.table.entries[self._index(subnet)], 0)
+
+    def lookup(self, dst):
+        """(ip, port) for destination address `dst`, or None: the loops' lookup, from Python."""
+        cdef uint64_t entry = table_lookup(&self.table, int(ipaddress.IPv4Address(dst)))
+        if entry == 0:
+            return None
+        return (
+            socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
+            entry & 0xFFFF,
+        )
