@@ -41,7 +41,8 @@ def open_udp(ip: str, port: int, buffer_bytes: int) -> socket.socket:
     are forced past the system cap when we may (root), else as large as the cap allows."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        for forced, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        buffers = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
+        for forced, plain in buffers:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, forced, buffer_bytes)
             except PermissionError:

@@ -1,0 +1,323 @@
+"""The fast path between two test hosts in namespaces: containers on each reach each other through
+the TUN, the Cython loops and a veth underlay, with flanneld's semantics on the wire."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from fastpath import FastPath
+from fastpath.device import SO_RCVBUFFORCE
+from tests.conftest import require_host_network_tools
+from tests.test_packet import reference_checksum
+from tests.testbed import Host, Testbed, configure_tun, inside, tcp_transfer
+
+NETWORK = "10.244.0.0/16"
+SUBNET_LEN = 24
+PORT = 7890  # not flanneld's default 8285, to show the configured port is the one used
+MTU = 1472
+ETH_P_ALL = 0x0003  # only "all protocols" taps see outgoing packets
+
+
+@dataclass
+class Node:
+    host: Host
+    subnet: str
+    fastpath: FastPath
+
+
+def start_node(bed: Testbed, subnet: str, batch: int = 64) -> Node:
+    host = bed.add_host(container_subnet=subnet)
+    fp = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT, mtu=MTU, batch=batch)
+    with inside(host.netns):
+        fp.start()
+    configure_tun(host, fp.tun_name, subnet, NETWORK, MTU)
+    return Node(host, subnet, fp)
+
+
+def link(*nodes: Node) -> None:
+    """Route every node's subnet on every other node, as the control plane will."""
+    for node in nodes:
+        for peer in nodes:
+            if peer is not node:
+                node.fastpath.set_route(peer.subnet, peer.host.underlay_ip, PORT)
+
+
+@pytest.fixture(scope="module")
+def pair(testbed: Testbed) -> Iterator[tuple[Node, Node]]:
+    a = start_node(testbed, "10.244.1.0/24")
+    b = start_node(testbed, "10.244.2.0/24", batch=1)  # one host runs the per-packet baseline
+    link(a, b)
+    try:
+        yield a, b
+    finally:
+        a.fastpath.stop()
+        b.fastpath.stop()
+
+
+def both_ways(pair: tuple[Node, Node]) -> list[tuple[Node, Node]]:
+    a, b = pair
+    return [(a, b), (b, a)]
+
+
+def test_ping_between_containers_both_ways(pair: tuple[Node, Node]) -> None:
+    for src, dst in both_ways(pair):
+        result = src.host.in_container("ping", "-c", "3", "-i", "0.2", "-W", "2",
+                                       dst.host.container_ip, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "3 received" in result.stdout
+
+
+def test_tcp_transfer_both_ways_runs_through_the_fast_path(pair: tuple[Node, Node]) -> None:
+    for src, dst in both_ways(pair):
+        before_tx = src.fastpath.stats()["tx"]
+        before_rx = dst.fastpath.stats()["rx"]
+        moved = tcp_transfer(dst.host.container_netns, dst.host.container_ip,
+                             src.host.container_netns, nbytes=20 << 20)
+        tx = src.fastpath.stats()["tx"]
+        rx = dst.fastpath.stats()["rx"]
+        # Every payload byte crossed as part of an inner packet the loops carried.
+        assert tx["bytes"] - before_tx["bytes"] > moved
+        assert rx["bytes"] - before_rx["bytes"] > moved
+        assert tx["packets"] - before_tx["packets"] > moved // MTU
+
+
+def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    count, size = 300, 1000
+    with inside(b.host.container_netns):
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)  # holds all of them
+        receiver.bind((b.host.container_ip, 0))
+    with inside(a.host.container_netns):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.settimeout(5)
+    before_a, before_b = a.fastpath.stats(), b.fastpath.stats()
+    with sender, receiver:
+        for i in range(count):
+            sender.sendto(i.to_bytes(4, "big") * (size // 4), receiver.getsockname())
+            if i % 50 == 49:
+                time.sleep(0.01)
+        got = sum(len(receiver.recv(65536)) == size for _ in range(count))
+    after_a, after_b = a.fastpath.stats(), b.fastpath.stats()
+    inner_bytes = count * (size + 28)  # UDP payload + UDP header + IPv4 header
+    assert got == count
+    assert after_a["tx"]["packets"] - before_a["tx"]["packets"] == count
+    assert after_a["tx"]["bytes"] - before_a["tx"]["bytes"] == inner_bytes
+    assert after_b["rx"]["packets"] - before_b["rx"]["packets"] == count
+    assert after_b["rx"]["bytes"] - before_b["rx"]["bytes"] == inner_bytes
+    # b runs batch size 1: every vector it received held exactly one datagram.
+    assert sum(after_b["rx"]["batch_sizes"][1:]) == 0
+    assert after_a["tx"]["batches"] > before_a["tx"]["batches"]
+
+
+def capture(netns: str, ifname: str) -> socket.socket:
+    """An AF_PACKET socket seeing the packets, without link header, on ifname in netns."""
+    with inside(netns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        sock.bind((ifname, ETH_P_ALL))
+    sock.settimeout(0.5)
+    return sock
+
+
+def find(sock: socket.socket, marker: bytes, pkttype: int, deadline: float) -> bytes:
+    """The first captured packet of the given direction (socket.PACKET_*) carrying marker."""
+    while time.monotonic() < deadline:
+        try:
+            data, address = sock.recvfrom(65536)
+        except TimeoutError:
+            continue
+        if address[2] == pkttype and data[0] >> 4 == 4 and marker in data:
+            return data
+    raise AssertionError(f"no packet carrying {marker!r} was captured")
+
+
+def test_wire_format_is_the_inner_packet_with_ttl_one_lower(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    marker = os.urandom(16).hex().encode()
+    inner_tap = capture(a.host.netns, a.fastpath.tun_name)   # what a's kernel hands the TUN
+    wire_tap = capture(b.host.netns, "eth0")                 # what arrives on b's underlay
+    with inner_tap, wire_tap:
+        with inside(a.host.container_netns):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sender:
+            sender.sendto(marker, (b.host.container_ip, 9))
+        deadline = time.monotonic() + 5
+        inner = find(inner_tap, marker, socket.PACKET_OUTGOING, deadline)
+        outer = find(wire_tap, marker, socket.PACKET_HOST, deadline)
+    ihl = (outer[0] & 0x0F) * 4
+    src_port, dst_port, udp_len, _ = struct.unpack("!HHHH", outer[ihl:ihl + 8])
+    assert outer[12:16] == socket.inet_aton(a.host.underlay_ip)
+    assert outer[16:20] == socket.inet_aton(b.host.underlay_ip)
+    assert outer[9] == socket.IPPROTO_UDP
+    assert (src_port, dst_port) == (PORT, PORT)
+    payload = outer[ihl + 8:ihl + udp_len]
+    expected = bytearray(inner)
+    expected[8] -= 1
+    expected[10:12] = b"\0\0"
+    expected[10:12] = struct.pack("!H", reference_checksum(bytes(expected[:20])))
+    assert payload == bytes(expected)
+
+
+def test_destination_without_route_gets_icmp_net_unreachable(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    before = a.fastpath.stats()["tx"]
+    result = a.host.in_container("ping", "-c", "1", "-W", "2", "10.244.99.5", check=False)
+    after = a.fastpath.stats()["tx"]
+    assert result.returncode != 0
+    assert "Destination Net Unreachable" in result.stdout, result.stdout
+    assert after["icmp_unreachable"] - before["icmp_unreachable"] == 1
+    assert after["drop_no_route"] - before["drop_no_route"] == 1
+
+
+def udp_snmp(host: Host) -> dict[str, int]:
+    lines = [line.split() for line in host.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+
+
+def garbage(rng: random.Random) -> dict[str, list[bytes]]:
+    """Datagrams the receive loop must refuse, by the counter that should count them."""
+    def header(total: int, first: int = 0x45) -> bytes:
+        return struct.pack("!BBHHHBBH4s4s", first, 0, total, 0, 0, 64, 17, 0,
+                           socket.inet_aton("10.244.1.2"), socket.inet_aton("10.244.2.2"))
+    return {
+        "drop_too_short": [rng.randbytes(rng.randint(1, 19)) for _ in range(500)],
+        "drop_bad_header": [header(40, 0x60) + rng.randbytes(20) for _ in range(500)]
+                           + [header(40, 0x43) + rng.randbytes(20) for _ in range(500)],
+        "drop_bad_length": [header(rng.randint(20, 39)) + rng.randbytes(20) for _ in range(500)],
+        "drop_too_big": [header(MTU + 100) + rng.randbytes(MTU + 80) for _ in range(200)],
+    }
+
+
+def test_garbage_flood_is_dropped_and_counted_while_a_transfer_completes(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    bad = garbage(random.Random(3))
+    before = b.fastpath.stats()["rx"]
+    snmp_before = udp_snmp(b.host)
+    done = threading.Event()
+    sent = 0
+
+    def flood() -> None:
+        nonlocal sent
+        with inside(a.host.netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            for rounds in range(1000):
+                for datagrams in bad.values():
+                    for datagram in datagrams[rounds % 20::20][:5]:
+                        sock.sendto(datagram, (b.host.underlay_ip, PORT))
+                        sent += 1
+                if done.is_set() and rounds >= 20:
+                    return
+                time.sleep(0.002)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        tcp_transfer(b.host.container_netns, b.host.container_ip, a.host.container_netns,
+                     nbytes=10 << 20)
+    finally:
+        done.set()
+        flooder.join()
+    time.sleep(0.2)
+    after = b.fastpath.stats()["rx"]
+    lost_in_kernel = udp_snmp(b.host)["RcvbufErrors"] - snmp_before["RcvbufErrors"]
+    for reason in bad:
+        assert after[reason] > before[reason], reason
+    dropped = sum(after[reason] - before[reason] for reason in bad)
+    # Every garbage datagram was counted as a drop, unless the socket buffer overflowed before
+    # the loop saw it; none was written to the TUN.
+    assert sent - lost_in_kernel <= dropped <= sent
+    assert after["drop_write_error"] == before["drop_write_error"]
+    assert b.fastpath.running
+
+
+def test_routes_change_while_traffic_flows(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    changes = 0
+    done = threading.Event()
+
+    def churn() -> None:
+        nonlocal changes
+        rng = random.Random(4)
+        while not done.is_set():
+            subnet = f"10.244.{rng.randint(3, 255)}.0/24"
+            if rng.random() < 0.5:
+                a.fastpath.set_route(subnet, f"198.18.1.{rng.randint(1, 254)}",
+                                     rng.randint(1, 65535))
+            else:
+                a.fastpath.del_route(subnet)
+            # Rewriting the live route with its own value races the loops too.
+            a.fastpath.set_route(b.subnet, b.host.underlay_ip, PORT)
+            changes += 2
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        moved = tcp_transfer(b.host.container_netns, b.host.container_ip,
+                             a.host.container_netns, seconds=3)
+    finally:
+        done.set()
+        churner.join()
+    for index in range(3, 256):
+        a.fastpath.del_route(f"10.244.{index}.0/24")
+    assert moved > 0
+    assert changes > 1000
+    assert a.fastpath.table.lookup(b.host.container_ip) == (b.host.underlay_ip, PORT)
+
+
+def fastpath_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pyflannel-")]
+
+
+def test_stop_during_traffic_is_prompt_and_leaves_nothing_behind() -> None:
+    require_host_network_tools()
+    fds_before = set(os.listdir("/proc/self/fd"))
+    threads_before = fastpath_threads()
+    with Testbed() as bed:
+        nodes = [start_node(bed, "10.244.1.0/24")]
+        nodes.append(start_node(bed, "10.244.2.0/24"))
+        a, b = nodes
+        link(a, b)
+        with inside(a.host.container_netns):
+            blaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stop_blasting = threading.Event()
+
+        def blast() -> None:
+            payload = os.urandom(1200)
+            while not stop_blasting.is_set():
+                for _ in range(100):
+                    blaster.sendto(payload, (b.host.container_ip, 9))
+
+        sender = threading.Thread(target=blast)
+        sender.start()
+        try:
+            deadline = time.monotonic() + 5
+            while b.fastpath.stats()["rx"]["packets"] < 1000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert b.fastpath.stats()["rx"]["packets"] >= 1000, "traffic never got going"
+            for node in (a, b):
+                started = time.monotonic()
+                node.fastpath.stop()
+                assert time.monotonic() - started < 1.0
+                assert not node.fastpath.running
+                # Closing the TUN removed the device.
+                assert node.host.ip("-o", "link").stdout.count(node.fastpath.tun_name) == 0
+        finally:
+            stop_blasting.set()
+            sender.join()
+            blaster.close()
+            for node in nodes:
+                node.fastpath.stop()
+    assert fastpath_threads() == threads_before
+    assert set(os.listdir("/proc/self/fd")) == fds_before

@@ -1,0 +1,194 @@
+"""Test hosts in network namespaces: the one testbed the tests and perf/ build on.
+
+An underlay namespace holds a bridge; each host namespace joins it by a veth pair and gets an
+address from 198.18.0.0/15. A host may carry a container namespace behind a `cni0` bridge, the way
+Docker or the CNI bridge plugin would wire it. Every name starts with a per-run prefix, and
+Testbed.close() deletes exactly the namespaces it made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+CLONE_NEWNET = 0x40000000
+UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise with its stderr, so a broken setup says what broke."""
+    result = subprocess.run(args, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        command = " ".join(args)
+        raise RuntimeError(f"{command} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def inside(netns: str) -> Iterator[None]:
+    """Run the body with the calling thread in network namespace `netns`.
+
+    Sockets and TUN devices opened in the body belong to that namespace for life, so they can be
+    used afterwards from any thread.
+    """
+    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{netns}") as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
+@dataclass
+class Host:
+    netns: str
+    underlay_ip: str
+    container_netns: str | None = None
+    container_ip: str | None = None
+
+    def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "-n", self.netns, *args)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.netns, *args, check=check)
+
+    def in_container(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert self.container_netns, "this host has no container"
+        return sh("ip", "netns", "exec", self.container_netns, *args, check=check)
+
+
+class Testbed:
+    """Namespaces joined by a veth underlay through a bridge. Use as a context manager."""
+
+    __test__ = False  # a fixture, not a test class
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"pf{os.getpid() % 100000}{os.urandom(2).hex()}"
+        self.namespaces: list[str] = []
+        self.hosts: list[Host] = []
+        self.underlay = self._netns("ul")
+        sh("ip", "-n", self.underlay, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.underlay, "link", "set", "br0", "up")
+
+    def _netns(self, suffix: str) -> str:
+        name = f"{self.prefix}-{suffix}"
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def add_host(self, container_subnet: str | None = None) -> Host:
+        """A host on the underlay (198.18.0.N/24 on eth0, MTU 1500), optionally with a container
+        at the second address of `container_subnet`, behind cni0 at the first."""
+        index = len(self.hosts) + 1
+        host = Host(self._netns(f"h{index}"), str(UNDERLAY.network_address + index))
+        port = f"u{index}"
+        sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth",
+           "peer", "name", "eth0", "netns", host.netns)
+        sh("ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up")
+        host.ip("addr", "add", f"{host.underlay_ip}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        host.ip("link", "set", "eth0", "up")
+        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if container_subnet:
+            self._add_container(host, index, ipaddress.IPv4Network(container_subnet))
+        self.hosts.append(host)
+        return host
+
+    def _add_container(self, host: Host, index: int, subnet: ipaddress.IPv4Network) -> None:
+        gateway, address = subnet.network_address + 1, subnet.network_address + 2
+        host.container_netns = self._netns(f"c{index}")
+        host.container_ip = str(address)
+        host.ip("link", "add", "cni0", "type", "bridge")
+        host.ip("addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", "cni0")
+        host.ip("link", "set", "cni0", "up")
+        host.ip("link", "add", "veth0", "type", "veth", "peer", "name", "eth0",
+                "netns", host.container_netns)
+        host.ip("link", "set", "veth0", "master", "cni0", "up")
+        c = ("ip", "-n", host.container_netns)
+        sh(*c, "addr", "add", f"{address}/{subnet.prefixlen}", "dev", "eth0")
+        sh(*c, "link", "set", "eth0", "up")
+        sh(*c, "route", "add", "default", "via", str(gateway))
+
+    def close(self) -> None:
+        for name in reversed(self.namespaces):
+            sh("ip", "netns", "del", name, check=False)
+        self.namespaces.clear()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def configure_tun(host: Host, tun: str, subnet: str, network: str, mtu: int) -> None:
+    """Address and route a fast path's TUN as flanneld does: the subnet's address as a /32,
+    the MTU, and a route for the whole Network through it."""
+    address = ipaddress.IPv4Network(subnet).network_address
+    host.ip("addr", "add", f"{address}/32", "dev", tun)
+    host.ip("link", "set", tun, "mtu", str(mtu), "up")
+    host.ip("route", "add", network, "dev", tun)
+
+
+def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, *, nbytes: int | None = None,
+                 seconds: float | None = None, timeout: float = 60.0) -> int:
+    """Send a stream of pseudo-random bytes from client_ns to server_ns over TCP, for nbytes or
+    for `seconds`, and check that exactly what was sent arrived. Returns the byte count."""
+    with inside(server_ns):
+        listener = socket.create_server((server_ip, 0))
+    with inside(client_ns):
+        client = socket.socket()
+    listener.settimeout(timeout)
+    client.settimeout(timeout)
+    received = hashlib.sha256()
+    received_bytes = 0
+
+    def serve() -> None:
+        nonlocal received_bytes
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(timeout)
+            while chunk := conn.recv(1 << 16):
+                received.update(chunk)
+                received_bytes += len(chunk)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    sent = hashlib.sha256()
+    sent_bytes = 0
+    block = os.urandom(1 << 16)
+    try:
+        client.connect((server_ip, listener.getsockname()[1]))
+        deadline = time.monotonic() + (seconds or timeout)
+        while (nbytes is None or sent_bytes < nbytes) and time.monotonic() < deadline:
+            chunk = block if nbytes is None else block[: nbytes - sent_bytes]
+            client.sendall(chunk)
+            sent.update(chunk)
+            sent_bytes += len(chunk)
+            block = block[1:] + block[:1]
+        client.shutdown(socket.SHUT_WR)
+        server.join(timeout)
+    finally:
+        client.close()
+        listener.close()
+    assert not server.is_alive(), "the receiver did not see the end of the stream"
+    assert nbytes is None or sent_bytes == nbytes, f"sent only {sent_bytes} of {nbytes} bytes"
+    assert received_bytes == sent_bytes, f"sent {sent_bytes} bytes, {received_bytes} arrived"
+    assert received.digest() == sent.digest(), "the bytes that arrived differ from those sent"
+    return sent_bytes
