@@ -1,0 +1,203 @@
+"""The network config at `<prefix>/config`, parsed, defaulted and checked as flanneld does.
+
+flanneld decodes the JSON with Go's encoding/json into a struct, then applies the rules of
+flannel's pkg/subnet/config.go. What that means for the accepted inputs, and copied here:
+- object keys match field names case-insensitively, unknown keys are ignored, and when a key
+  repeats the last one wins;
+- `null` leaves a plain field at its zero value, but the address types decode `null` as text and
+  so reject it;
+- SubnetLen is a Go uint: only a whole, non-negative JSON number fits;
+- an address of 0.0.0.0 (or none) for SubnetMin/SubnetMax means "use the default";
+- with a Backend object the type is its `Type` (lower-cased); without one it is udp.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_UDP_PORT = 8285
+SERVED_BACKENDS = ("udp", "alloc")
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the message says why, in flanneld's words where it has some."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: ipaddress.IPv4Network
+    subnet_len: int
+    subnet_min: ipaddress.IPv4Address
+    subnet_max: ipaddress.IPv4Address
+    backend_type: str
+    port: int  # the udp backend's Backend.Port; unused by alloc
+
+    def subnet_fits(self, subnet: ipaddress.IPv4Network) -> bool:
+        """flanneld's isSubnetConfigCompat: right length and inside [SubnetMin, SubnetMax]."""
+        return (subnet.prefixlen == self.subnet_len
+                and self.subnet_min <= subnet.network_address <= self.subnet_max)
+
+    def subnets(self) -> Iterator[ipaddress.IPv4Network]:
+        """Every subnet from SubnetMin to SubnetMax, in order (lazily: a /8 cut into /30s has
+        four million)."""
+        size = 1 << (32 - self.subnet_len)
+        for base in range(int(self.subnet_min), int(self.subnet_max) + 1, size):
+            yield ipaddress.IPv4Network((base, self.subnet_len))
+
+
+class _Object(list):
+    """A JSON object as its (key, value) pairs in order; plain lists are JSON arrays."""
+
+
+def _load(text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_Object)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"invalid JSON: {err}") from None
+
+
+def _fields(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object's members keyed by lower-cased name, the last repeat winning (Go's decoder)."""
+    if not isinstance(value, _Object):
+        raise ConfigError(f"cannot unmarshal {_json_kind(value)} into {where}")
+    return {key.lower(): member for key, member in value}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "object" if isinstance(value, _Object) else "array"
+
+
+def _literal_text(value: Any) -> str:
+    """What flannel's ip types parse: the JSON literal with its quotes trimmed, so null is the
+    text "null" and is refused like any other non-address."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _cidr(value: Any, name: str) -> ipaddress.IPv4Network:
+    text = _literal_text(value)
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"{name}: invalid CIDR address: {text}") from None
+    if net.version != 4:
+        raise ConfigError(f"{name}: {text} is not an IPv4 network")
+    return net
+
+
+def _address(value: Any, name: str) -> ipaddress.IPv4Address:
+    text = _literal_text(value)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: invalid IP address format: {text}") from None
+    if address.version != 4:
+        raise ConfigError(f"{name}: {text} is not an IPv4 address")
+    return address
+
+
+def _uint(value: Any, name: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 64:
+        raise ConfigError(f"{name}: cannot unmarshal {_json_kind(value)} {value!r} into uint")
+    return value
+
+
+def _bool(value: Any, name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: cannot unmarshal {_json_kind(value)} into bool")
+    return value
+
+
+def _backend(fields: dict[str, Any]) -> tuple[str, int]:
+    """(type, udp port) as flanneld's parseBackendType and udp backend read them: no Backend
+    means udp; a Backend (even null or {}) without a Type has type "", which no one serves."""
+    if "backend" not in fields:
+        return "udp", DEFAULT_UDP_PORT
+    if fields["backend"] is None:
+        return "", DEFAULT_UDP_PORT
+    fields = _fields(fields["backend"], "Backend (error decoding Backend property of config)")
+    backend_type = fields.get("type")
+    if backend_type is None:
+        backend_type = ""
+    elif not isinstance(backend_type, str):
+        raise ConfigError("error decoding Backend property of config: Type must be a string")
+    port = fields.get("port")
+    if port is None:
+        port = DEFAULT_UDP_PORT
+    elif isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigError(f"error decoding UDP backend config: Port {port!r} is not an integer")
+    return backend_type.lower(), port
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and check the config as flanneld does; raise ConfigError saying what is wrong."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            raise ConfigError("invalid JSON: not UTF-8") from None
+    fields = _fields(_load(text), "the network config")
+
+    if not _bool(fields.get("enableipv4"), "EnableIPv4", True):
+        raise ConfigError("EnableIPv4 is false: the udp backend carries IPv4 only")
+    if _bool(fields.get("enableipv6"), "EnableIPv6", False):
+        raise ConfigError("EnableIPv6 is set: the udp backend carries IPv4 only")
+
+    # Missing, or 0.0.0.0/0, is Go's empty IP4Net.
+    network = _cidr(fields["network"], "Network") if "network" in fields else None
+    if network is None or network == ipaddress.IPv4Network("0.0.0.0/0"):
+        raise ConfigError("please define a correct Network parameter in the flannel config")
+
+    subnet_len = _uint(fields.get("subnetlen"), "SubnetLen")
+    if subnet_len > 0:
+        if subnet_len > 30:
+            raise ConfigError("SubnetLen must be less than /31")
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError("network must be able to accommodate at least four subnets")
+    elif network.prefixlen > 28:
+        raise ConfigError("network is too small. Minimum useful network prefix is /28")
+    elif network.prefixlen <= 22:
+        subnet_len = 24
+    else:
+        subnet_len = network.prefixlen + 2
+
+    size = 1 << (32 - subnet_len)
+    unset = ipaddress.IPv4Address(0)
+    subnet_min = _address(fields["subnetmin"], "SubnetMin") if "subnetmin" in fields else unset
+    if subnet_min == unset:
+        subnet_min = network.network_address + size
+    elif subnet_min not in network:
+        raise ConfigError("SubnetMin is not in the range of the Network")
+    subnet_max = _address(fields["subnetmax"], "SubnetMax") if "subnetmax" in fields else unset
+    if subnet_max == unset:
+        subnet_max = ipaddress.IPv4Address(int(network.broadcast_address) + 1 - size)
+    elif subnet_max not in network:
+        raise ConfigError("SubnetMax is not in the range of the Network")
+
+    if int(subnet_min) % size:
+        raise ConfigError(f"SubnetMin is not on a SubnetLen boundary: {subnet_min}")
+    if int(subnet_max) % size:
+        raise ConfigError(f"SubnetMax is not on a SubnetLen boundary: {subnet_max}")
+
+    backend_type, port = _backend(fields)
+    if backend_type not in SERVED_BACKENDS:
+        raise ConfigError(f"backend type {backend_type!r} is not served: pyflanneld serves only "
+                          + " and ".join(SERVED_BACKENDS))
+    if backend_type == "udp" and not 0 < port < 65536:
+        raise ConfigError(f"Backend.Port {port} is not a UDP port (1..65535)")
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, port)

@@ -1,0 +1,133 @@
+"""The registry on etcd's v3 API (flanneld v0.18 and newer), through aetcd.
+
+Leases are etcd leases: the subnet key is attached to one granted for the TTL. Creation is a
+transaction on create_revision == 0, as flanneld's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import aetcd
+import aetcd.exceptions
+import grpc
+
+from control.registry import Change, Entry, HistoryLostError, RegistryError
+
+# Unary calls are bounded here; the watch stream is not (aetcd would apply its timeout to it).
+CALL_TIMEOUT = 5.0
+
+T = TypeVar("T")
+
+
+class EtcdV3Registry:
+    def __init__(self, endpoints: list[tuple[str, int]], prefix: str,
+                 username: str | None = None, password: str | None = None) -> None:
+        self._endpoints = endpoints
+        self._current = 0
+        self._username = username
+        self._password = password
+        self._prefix = prefix.rstrip("/")
+        self._subnets = f"{self._prefix}/subnets/".encode()
+        self._client = self._new_client()
+
+    def _new_client(self) -> aetcd.Client:
+        host, port = self._endpoints[self._current]
+        return aetcd.Client(host, port, username=self._username, password=self._password)
+
+    async def _failover(self) -> None:
+        """Move to the next endpoint after a failure (the channel itself reconnects too)."""
+        if len(self._endpoints) > 1:
+            await self.close()
+            self._current = (self._current + 1) % len(self._endpoints)
+            self._client = self._new_client()
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, CALL_TIMEOUT)
+        except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
+            await self._failover()
+            raise RegistryError(f"etcd v3 at {self.endpoint}: {_describe(err)}") from err
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._endpoints[self._current]
+        return f"{host}:{port}"
+
+    def _key(self, name: str) -> bytes:
+        return self._subnets + name.encode()
+
+    async def get_config(self) -> bytes | None:
+        result = await self._call(self._client.get(f"{self._prefix}/config".encode()))
+        return None if result is None else result.value
+
+    async def list_subnets(self) -> tuple[list[Entry], int]:
+        result = await self._call(self._client.get_prefix(self._subnets))
+        entries = [Entry(kv.key[len(self._subnets):].decode(errors="replace"), kv.value)
+                   for kv in result]
+        return entries, result.header.revision
+
+    async def _put_with_lease(self, key: bytes, value: bytes, ttl: int,
+                              compare: list[object]) -> bool:
+        client = self._client
+        lease = await self._call(client.lease(ttl))
+        succeeded, _ = await self._call(client.transaction(
+            compare=compare, success=[client.transactions.put(key, value, lease=lease)],
+            failure=[]))
+        if not succeeded:
+            await self._call(client.revoke_lease(lease.id))
+        return succeeded
+
+    async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
+        key = self._key(name)
+        return await self._put_with_lease(
+            key, value, ttl, [self._client.transactions.create(key) == 0])
+
+    async def update_subnet(self, name: str, value: bytes, ttl: int,
+                            expected: bytes | None) -> bool:
+        key = self._key(name)
+        compare = [] if expected is None else [self._client.transactions.value(key) == expected]
+        return await self._put_with_lease(key, value, ttl, compare)
+
+    async def delete_subnet(self, name: str) -> None:
+        await self._call(self._client.delete(self._key(name)))
+
+    async def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
+        try:
+            watch = await asyncio.wait_for(
+                self._client.watch_prefix(self._subnets, start_revision=after_revision + 1),
+                CALL_TIMEOUT)
+        except aetcd.exceptions.RevisionCompactedError as err:
+            raise HistoryLostError(f"etcd v3 compacted past revision {after_revision}") from err
+        except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
+            await self._failover()
+            raise RegistryError(f"etcd v3 watch at {self.endpoint}: {_describe(err)}") from err
+        try:
+            async for event in watch:
+                value = event.kv.value if event.kind == aetcd.rtypes.EventKind.PUT else None
+                yield Change(event.kv.key[len(self._subnets):].decode(errors="replace"), value,
+                             event.kv.mod_revision)
+        except aetcd.exceptions.RevisionCompactedError as err:
+            raise HistoryLostError(f"etcd v3 compacted past revision {after_revision}") from err
+        except (aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
+            raise RegistryError(f"etcd v3 watch at {self.endpoint}: {_describe(err)}") from err
+        finally:
+            await _quietly(watch.cancel())
+        raise RegistryError(f"etcd v3 watch at {self.endpoint} ended")
+
+    async def close(self) -> None:
+        await _quietly(self._client.close())
+
+
+async def _quietly(call: Awaitable[object]) -> None:
+    """Tear-down of a connection that may already be broken: failures here change nothing."""
+    try:
+        await asyncio.wait_for(call, CALL_TIMEOUT)
+    except Exception:  # noqa: BLE001 - closing a broken channel may fail in many ways
+        pass
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) or type(err).__name__

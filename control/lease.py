@@ -1,0 +1,236 @@
+"""This host's subnet lease: the policy of flannel's LocalManager, written once against the
+Registry interface — reuse, pick, create, renew, and take again when lost.
+
+Keys are `<prefix>/subnets/<ip>-<len>`; the value is flanneld's LeaseAttrs JSON. The udp backend
+writes `{"PublicIP":"198.18.0.41","PublicIPv6":null}` byte for byte; other backends add fields
+that readers ignore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from control.config import NetworkConfig
+from control.registry import Registry, RegistryError
+
+log = logging.getLogger("pyflanneld.lease")
+
+SUBNET_TTL = 24 * 60 * 60  # flanneld's subnetTTL
+RACE_RETRIES = 10          # flanneld's raceRetries: another host may win the create each time
+PICK_FROM = 100            # flanneld picks at random among the first 100 free subnets
+RETRY_SECONDS = 1.0
+
+
+class LeaseError(ValueError):
+    """A subnet key or lease value that cannot be read."""
+
+
+class OutOfSubnetsError(Exception):
+    """No free subnet is left between SubnetMin and SubnetMax (flanneld exits on it)."""
+
+
+def subnet_name(subnet: ipaddress.IPv4Network) -> str:
+    """The key name under <prefix>/subnets/: "10.244.33.0-24"."""
+    return f"{subnet.network_address}-{subnet.prefixlen}"
+
+
+def parse_subnet_name(name: str) -> ipaddress.IPv4Network:
+    address, sep, length = name.partition("-")
+    if not sep or not length.isdigit():
+        raise LeaseError(f"subnet key {name!r} is not <ip>-<prefix length>")
+    try:
+        return ipaddress.IPv4Network(f"{address}/{int(length)}")
+    except ValueError as err:
+        raise LeaseError(f"subnet key {name!r}: {err}") from None
+
+
+def encode_lease(public_ip: ipaddress.IPv4Address) -> bytes:
+    """The value flanneld's udp backend writes, byte for byte."""
+    return json.dumps({"PublicIP": str(public_ip), "PublicIPv6": None},
+                      separators=(",", ":")).encode()
+
+
+def decode_lease(value: bytes) -> ipaddress.IPv4Address:
+    """The PublicIP of a lease value from any backend (keys match case-insensitively, as Go's
+    decoder does; unknown fields are ignored)."""
+    try:
+        attrs = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LeaseError(f"lease value is not JSON: {err}") from None
+    if not isinstance(attrs, dict):
+        raise LeaseError("lease value is not a JSON object")
+    found = {key.lower(): v for key, v in attrs.items()}
+    public_ip = found.get("publicip")
+    try:
+        address = ipaddress.IPv4Address(public_ip)
+    except ValueError:
+        raise LeaseError(f"lease PublicIP {public_ip!r} is not an IPv4 address") from None
+    if address == ipaddress.IPv4Address(0):
+        raise LeaseError("lease PublicIP is 0.0.0.0")
+    return address
+
+
+@dataclass(frozen=True)
+class Choice:
+    subnet: ipaddress.IPv4Network
+    reuse: bool  # this host already holds the key: write it again rather than create it
+    stale: ipaddress.IPv4Network | None = None  # this host's lease that no longer fits: delete
+
+
+def choose_subnet(config: NetworkConfig,
+                  leases: Iterable[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]],
+                  public_ip: ipaddress.IPv4Address,
+                  previous: ipaddress.IPv4Network | None,
+                  rng: random.Random) -> Choice:
+    """flanneld's tryAcquireLease: this host's lease if it still fits the config; else the
+    previous run's subnet if free and fitting; else a random one of the first free subnets.
+    `leases` holds every subnet key with its PublicIP (None for an unreadable value: the subnet
+    still counts as taken)."""
+    leases = list(leases)
+    stale = None
+    mine = next((subnet for subnet, ip in leases if ip == public_ip), None)
+    if mine is not None:
+        if config.subnet_fits(mine):
+            return Choice(mine, reuse=True)
+        stale = mine
+        leases = [(subnet, ip) for subnet, ip in leases if subnet != mine]
+    taken = [subnet for subnet, _ in leases]
+    if previous is not None:
+        if previous in taken:
+            log.warning("previous subnet %s is leased by another host; not reusing it", previous)
+        elif not config.subnet_fits(previous):
+            log.warning("previous subnet %s does not fit the config; not reusing it", previous)
+        else:
+            return Choice(previous, reuse=False, stale=stale)
+    free = []
+    for candidate in config.subnets():
+        if not any(candidate.overlaps(subnet) for subnet in taken):
+            free.append(candidate)
+            if len(free) == PICK_FROM:
+                break
+    if not free:
+        raise OutOfSubnetsError(
+            f"out of subnets: every /{config.subnet_len} from {config.subnet_min} to "
+            f"{config.subnet_max} is leased")
+    return Choice(rng.choice(free), reuse=False, stale=stale)
+
+
+def readable_leases(entries: Iterable[tuple[str, bytes]]
+                    ) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]]:
+    """Subnet keys with their PublicIP; keys whose name cannot be read are left out."""
+    leases = []
+    for name, value in entries:
+        try:
+            subnet = parse_subnet_name(name)
+        except LeaseError:
+            continue
+        try:
+            leases.append((subnet, decode_lease(value)))
+        except LeaseError:
+            leases.append((subnet, None))
+    return leases
+
+
+class LeaseKeeper:
+    """Takes this host's lease and keeps it: renews it `renew_margin` seconds before it expires,
+    and takes one again when it is lost (expired, deleted, or taken over), calling `on_change`
+    when that gives a different subnet. The lease is kept on exit, as flanneld does."""
+
+    def __init__(self, registry: Registry, config: NetworkConfig,
+                 public_ip: ipaddress.IPv4Address, previous: ipaddress.IPv4Network | None,
+                 *, ttl: int = SUBNET_TTL, renew_margin: float = 3600.0,
+                 rng: random.Random | None = None) -> None:
+        self._registry = registry
+        self._config = config
+        self._public_ip = public_ip
+        self._previous = previous
+        self._ttl = ttl
+        self._renew_margin = renew_margin
+        self._rng = rng or random.Random()
+        self._value = encode_lease(public_ip)
+        self._lost = asyncio.Event()
+        self.subnet: ipaddress.IPv4Network | None = None
+        self._renew_at = 0.0  # time.monotonic()
+
+    def lost(self) -> None:
+        """Called when the watch sees this host's key deleted or taken over."""
+        self._lost.set()
+
+    async def acquire(self) -> ipaddress.IPv4Network:
+        """Take a lease; retried while etcd is unreachable. Raises OutOfSubnetsError."""
+        while True:
+            try:
+                subnet = await self._try_acquire()
+            except RegistryError as err:
+                log.error("taking a lease failed, trying again in %gs: %s", RETRY_SECONDS, err)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            self._lost.clear()
+            self.subnet = self._previous = subnet
+            return subnet
+
+    async def _try_acquire(self) -> ipaddress.IPv4Network:
+        for _ in range(RACE_RETRIES):
+            entries, _ = await self._registry.list_subnets()
+            leases = readable_leases((e.name, e.value) for e in entries)
+            choice = choose_subnet(self._config, leases, self._public_ip, self._previous,
+                                   self._rng)
+            if choice.stale is not None:
+                log.info("lease %s of this host does not fit the config; deleting it",
+                         choice.stale)
+                await self._registry.delete_subnet(subnet_name(choice.stale))
+            name = subnet_name(choice.subnet)
+            started = time.monotonic()
+            if choice.reuse:
+                await self._registry.update_subnet(name, self._value, self._ttl, None)
+                log.info("found lease %s for this host's IP %s; reusing it", choice.subnet,
+                         self._public_ip)
+            elif await self._registry.create_subnet(name, self._value, self._ttl):
+                log.info("leased subnet %s to this host (%s)", choice.subnet, self._public_ip)
+            else:
+                log.info("subnet %s was taken by another host meanwhile; choosing again",
+                         choice.subnet)
+                continue
+            self._renew_at = started + self._ttl - self._renew_margin
+            return choice.subnet
+        raise RegistryError(f"another host won the race for a subnet {RACE_RETRIES} times")
+
+    async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]) -> None:
+        """Renew before expiry; take a lease again when lost. Runs until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(),
+                                       max(self._renew_at - time.monotonic(), 0.0))
+            except TimeoutError:
+                if await self._renew():
+                    continue
+            old = self.subnet
+            log.warning("lease %s was lost; taking one again", old)
+            new = await self.acquire()
+            if new != old:
+                await on_change(new)
+
+    async def _renew(self) -> bool:
+        """Renew the lease; False when it is no longer ours."""
+        assert self.subnet is not None
+        started = time.monotonic()
+        try:
+            renewed = await self._registry.update_subnet(
+                subnet_name(self.subnet), self._value, self._ttl, self._value)
+        except RegistryError as err:
+            retry = min(60.0, max(1.0, self._renew_margin / 4))
+            log.error("renewing lease %s failed, trying again in %gs: %s", self.subnet, retry,
+                      err)
+            self._renew_at = time.monotonic() + retry
+            return True
+        if renewed:
+            self._renew_at = started + self._ttl - self._renew_margin
+            log.info("renewed lease %s for %ds", self.subnet, self._ttl)
+        return renewed

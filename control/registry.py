@@ -1,0 +1,63 @@
+"""Where leases live: one small interface over etcd, with one implementation per etcd API
+(etcdv3.py through aetcd, etcdv2.py through python-etcd). Storage only; the lease policy is in
+lease.py and the route keeping in watch.py, written once against this interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+DEFAULT_PREFIX = "/coreos.com/network"
+
+
+class RegistryError(Exception):
+    """etcd could not be reached or refused a request; the caller retries."""
+
+
+class HistoryLostError(RegistryError):
+    """A watch asked for events that etcd no longer keeps (compacted, or v2's index cleared):
+    the caller lists again."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key under <prefix>/subnets/: its name there (e.g. "10.244.33.0-24") and value."""
+
+    name: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Change:
+    """A watched change to <prefix>/subnets/<name>: value None means the key is gone."""
+
+    name: str
+    value: bytes | None
+    revision: int
+
+
+class Registry(Protocol):
+    async def get_config(self) -> bytes | None:
+        """The value at <prefix>/config, or None when the key does not exist."""
+
+    async def list_subnets(self) -> tuple[list[Entry], int]:
+        """Every key under <prefix>/subnets/, and the revision the listing reflects."""
+
+    async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
+        """Create <prefix>/subnets/<name> expiring in ttl seconds, only if it does not exist.
+        False when it already does (another host won)."""
+
+    async def update_subnet(self, name: str, value: bytes, ttl: int,
+                            expected: bytes | None) -> bool:
+        """Write the key again with a fresh ttl. With `expected`, only if the key still holds
+        exactly that value (False otherwise: the lease was lost)."""
+
+    async def delete_subnet(self, name: str) -> None: ...
+
+    def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
+        """Every change under <prefix>/subnets/ after `after_revision`, in order, on one stream.
+        Raises HistoryLostError when those changes are gone and RegistryError when the stream
+        breaks (resume from the last revision seen)."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,59 @@
+"""subnet.env: what Docker (--bip, --mtu) and flannel's CNI plugin read, in flanneld's format."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("pyflanneld.subnetenv")
+
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+
+
+@dataclass(frozen=True)
+class SubnetEnv:
+    network: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network
+    mtu: int
+    ip_masq: bool
+
+    def render(self) -> str:
+        # FLANNEL_SUBNET is the lease's first usable address with its prefix length.
+        first = self.subnet.network_address + 1
+        return (f"FLANNEL_NETWORK={self.network}\n"
+                f"FLANNEL_SUBNET={first}/{self.subnet.prefixlen}\n"
+                f"FLANNEL_MTU={self.mtu}\n"
+                f"FLANNEL_IPMASQ={'true' if self.ip_masq else 'false'}\n")
+
+
+def write_subnet_env(path: str, env: SubnetEnv) -> None:
+    """Write atomically, as flanneld does: into "."+name beside it, then rename over it."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory or ".", mode=0o755, exist_ok=True)
+    temp = os.path.join(directory, "." + name)
+    with open(temp, "w") as f:
+        f.write(env.render())
+    os.rename(temp, path)
+
+
+def read_previous_subnet(path: str) -> ipaddress.IPv4Network | None:
+    """The subnet a previous run wrote as FLANNEL_SUBNET, or None (no file, or unreadable)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.warning("cannot read the previous subnet from %s: %s", path, err)
+        return None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "FLANNEL_SUBNET":
+            try:
+                return ipaddress.IPv4Network(value.strip().strip("\"'"), strict=False)
+            except ValueError:
+                log.warning("%s: FLANNEL_SUBNET=%s is not a subnet; ignoring it", path, value)
+                return None
+    return None

@@ -1,0 +1,156 @@
+"""Keeps the fast path's route table equal to the leases in etcd, and never loses an event.
+
+List <prefix>/subnets/ once, then watch from the listing's revision + 1 on one stream. When the
+stream breaks (etcd restarted, connection lost) resume after the last revision seen; when etcd no
+longer has that history (compaction, v2 index cleared) list again and reconcile. Each listing
+reconciles the whole table, so a route can only be missing for as long as etcd is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from control.config import NetworkConfig
+from control.lease import LeaseError, decode_lease, parse_subnet_name
+from control.registry import Change, Entry, HistoryLostError, Registry, RegistryError
+
+log = logging.getLogger("pyflanneld.watch")
+
+RETRY_SECONDS = 1.0
+
+
+class Routes(Protocol):
+    """Where routes go: the fast path (udp backend). alloc has none."""
+
+    def set_route(self, subnet: ipaddress.IPv4Network, ip: str, port: int) -> None: ...
+
+    def del_route(self, subnet: ipaddress.IPv4Network) -> None: ...
+
+
+class SubnetWatcher:
+    def __init__(self, registry: Registry, config: NetworkConfig, routes: Routes | None,
+                 own_subnet: Callable[[], ipaddress.IPv4Network | None],
+                 own_value: bytes, on_own_lost: Callable[[], None]) -> None:
+        self._registry = registry
+        self._config = config
+        self._routes = routes
+        self._own_subnet = own_subnet
+        self._own_value = own_value
+        self._on_own_lost = on_own_lost
+        self._cycle: asyncio.Future[None] | None = None
+        self._resync_requested = False
+        self._revision: int | None = None  # of the last change applied
+        self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        self.synced = asyncio.Event()  # set once the first listing is in the table
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        revision: int | None = None
+        while True:
+            self._cycle = asyncio.ensure_future(self._list_and_watch(revision))
+            try:
+                await self._cycle
+            except HistoryLostError as err:
+                log.warning("%s; listing the leases again", err)
+                revision = None
+            except RegistryError as err:
+                log.error("watching leases failed, resuming in %gs: %s", RETRY_SECONDS, err)
+                revision = self._revision
+                await asyncio.sleep(RETRY_SECONDS)
+            except asyncio.CancelledError:
+                if not self._resync_requested:
+                    raise
+                self._resync_requested = False
+                revision = None
+
+    def resync(self) -> None:
+        """List again and reconcile (after this host's own subnet changed)."""
+        if self._cycle is not None and not self._cycle.done():
+            self._resync_requested = True
+            self._cycle.cancel()
+
+    async def _list_and_watch(self, revision: int | None) -> None:
+        if revision is None:
+            entries, revision = await self._registry.list_subnets()
+            self._reconcile(entries)
+            self.synced.set()
+        self._revision = revision
+        async for change in self._registry.watch_subnets(revision):
+            self._apply(change)
+            self._revision = change.revision
+
+    def _reconcile(self, entries: list[Entry]) -> None:
+        own = self._own_subnet()
+        wanted: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        own_seen = False
+        for entry in entries:
+            subnet = self._subnet(entry.name)
+            if subnet is None:
+                continue
+            if subnet == own:
+                own_seen = entry.value == self._own_value
+                continue
+            peer = self._peer(subnet, entry.value)
+            if peer is not None:
+                wanted[subnet] = peer
+        for subnet in list(self.peers):
+            if subnet not in wanted:
+                self._remove(subnet)
+        for subnet, peer in wanted.items():
+            self._add(subnet, peer)
+        if own is not None and not own_seen:
+            self._on_own_lost()
+
+    def _apply(self, change: Change) -> None:
+        subnet = self._subnet(change.name)
+        if subnet is None:
+            return
+        if subnet == self._own_subnet():
+            if change.value != self._own_value:
+                self._on_own_lost()
+            return
+        peer = None if change.value is None else self._peer(subnet, change.value)
+        if peer is None:
+            self._remove(subnet)
+        else:
+            self._add(subnet, peer)
+
+    def _subnet(self, name: str) -> ipaddress.IPv4Network | None:
+        try:
+            subnet = parse_subnet_name(name)
+        except LeaseError as err:
+            log.warning("ignoring a key under subnets/: %s", err)
+            return None
+        if not (subnet.prefixlen == self._config.subnet_len
+                and subnet.subnet_of(self._config.network)):
+            log.warning("ignoring lease %s: not a /%d of the Network %s", subnet,
+                        self._config.subnet_len, self._config.network)
+            return None
+        return subnet
+
+    def _peer(self, subnet: ipaddress.IPv4Network, value: bytes
+              ) -> ipaddress.IPv4Address | None:
+        try:
+            return decode_lease(value)
+        except LeaseError as err:
+            log.warning("ignoring lease %s: %s (value %r)", subnet, err, value[:200])
+            return None
+
+    def _add(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
+        if self.peers.get(subnet) == peer:
+            return
+        self.peers[subnet] = peer
+        if self._routes is not None:
+            self._routes.set_route(subnet, str(peer), self._config.port)
+        log.info("subnet added: %s via %s", subnet, peer)
+
+    def _remove(self, subnet: ipaddress.IPv4Network) -> None:
+        if self.peers.pop(subnet, None) is None:
+            return
+        if self._routes is not None:
+            self._routes.del_route(subnet)
+        log.info("subnet removed: %s", subnet)
