@@ -8,8 +8,9 @@ with waitIndex, so no change between two polls is missed while etcd keeps its ev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
 import etcd
 import urllib3.exceptions
@@ -21,42 +22,59 @@ WATCH_POLL_SECONDS = 2.0
 CALL_TIMEOUT = 5
 DELETE_ACTIONS = {"delete", "expire", "compareAndDelete"}
 
-T = TypeVar("T")
-
-
 class EtcdV2Registry:
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str, protocol: str = "http",
                  username: str | None = None, password: str | None = None,
                  cert: tuple[str, str] | None = None, ca_cert: str | None = None) -> None:
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets"
-        self._client = etcd.Client(
-            host=tuple(endpoints), protocol=protocol, username=username, password=password,
-            cert=cert, ca_cert=ca_cert, read_timeout=CALL_TIMEOUT,
-            allow_reconnect=len(endpoints) > 1)
+        # One endpoint is host + port; several are a tuple of them, which python-etcd only takes
+        # with allow_reconnect (it then asks etcd for its members).
+        where: dict[str, Any] = ({"host": endpoints[0][0], "port": endpoints[0][1]}
+                                 if len(endpoints) == 1 else
+                                 {"host": tuple(endpoints), "allow_reconnect": True})
+        self._client_args = dict(where, protocol=protocol, username=username, password=password,
+                                 cert=cert, ca_cert=ca_cert, read_timeout=CALL_TIMEOUT)
+        self._client: etcd.Client | None = None
+        self._client_lock = threading.Lock()
 
-    async def _call(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
+    def _connected(self) -> etcd.Client:
+        """The client, made on first use in a worker thread: with several endpoints its
+        constructor already talks to etcd, which must not block the event loop."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = etcd.Client(**self._client_args)
+            return self._client
+
+    async def _call(self, method: str, *args: object, **kwargs: object) -> Any:
+        def call() -> Any:
+            return getattr(self._connected(), method)(*args, **kwargs)
+
         try:
-            return await asyncio.to_thread(call, *args, **kwargs)
+            return await asyncio.to_thread(call)
         except etcd.EtcdWatchTimedOut:
             raise  # a long poll that saw no change: not a failure
         except (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,
                 etcd.EtcdInsufficientPermissions, urllib3.exceptions.HTTPError, OSError) as err:
             raise RegistryError(f"etcd v2: {err}") from err
+        except etcd.EtcdException as err:
+            if type(err) is not etcd.EtcdException:
+                raise  # a specific answer (key not found, already exists, ...): the caller's
+            raise RegistryError(f"etcd v2: {err}") from err  # e.g. no member answered
 
     def _key(self, name: str) -> str:
         return f"{self._subnets}/{name}"
 
     async def get_config(self) -> bytes | None:
         try:
-            result = await self._call(self._client.read, f"{self._prefix}/config")
+            result = await self._call("read", f"{self._prefix}/config")
         except etcd.EtcdKeyNotFound:
             return None
         return None if result.dir else result.value.encode()
 
     async def list_subnets(self) -> tuple[list[Entry], int]:
         try:
-            result = await self._call(self._client.read, self._subnets, recursive=True)
+            result = await self._call("read", self._subnets, recursive=True)
         except etcd.EtcdKeyNotFound as err:
             return [], int(err.payload["index"])
         prefix = self._subnets + "/"
@@ -66,7 +84,7 @@ class EtcdV2Registry:
 
     async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
         try:
-            await self._call(self._client.write, self._key(name), value.decode(), ttl=ttl,
+            await self._call("write", self._key(name), value.decode(), ttl=ttl,
                              prevExist=False)
         except etcd.EtcdAlreadyExist:
             return False
@@ -76,7 +94,7 @@ class EtcdV2Registry:
                             expected: bytes | None) -> bool:
         condition = {} if expected is None else {"prevValue": expected.decode()}
         try:
-            await self._call(self._client.write, self._key(name), value.decode(), ttl=ttl,
+            await self._call("write", self._key(name), value.decode(), ttl=ttl,
                              **condition)
         except (etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
             return False
@@ -84,7 +102,7 @@ class EtcdV2Registry:
 
     async def delete_subnet(self, name: str) -> None:
         try:
-            await self._call(self._client.delete, self._key(name))
+            await self._call("delete", self._key(name))
         except etcd.EtcdKeyNotFound:
             pass
 
@@ -93,7 +111,7 @@ class EtcdV2Registry:
         wait_index = after_revision + 1
         while True:
             try:
-                event = await self._call(self._client.read, self._subnets, recursive=True,
+                event = await self._call("read", self._subnets, recursive=True,
                                          wait=True, waitIndex=wait_index,
                                          timeout=WATCH_POLL_SECONDS)
             except etcd.EtcdWatchTimedOut:
@@ -107,4 +125,5 @@ class EtcdV2Registry:
             yield Change(event.key[len(prefix):], value, int(event.modifiedIndex))
 
     async def close(self) -> None:
-        self._client.http.clear()
+        if self._client is not None:
+            self._client.http.clear()

@@ -35,7 +35,8 @@ class Node:
 
 
 def start_node(bed: Testbed, subnet: str, batch: int = 64) -> Node:
-    host = bed.add_host(container_subnet=subnet)
+    host = bed.add_host()
+    bed.add_container(host, subnet, MTU)
     fp = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT, mtu=MTU, batch=batch)
     with inside(host.netns):
         fp.start()

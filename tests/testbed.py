@@ -1,9 +1,9 @@
 """Test hosts in network namespaces: the one testbed the tests and perf/ build on.
 
 An underlay namespace holds a bridge; each host namespace joins it by a veth pair and gets an
-address from 198.18.0.0/15. A host may carry a container namespace behind a `cni0` bridge, the way
-Docker or the CNI bridge plugin would wire it. Every name starts with a per-run prefix, and
-Testbed.close() deletes exactly the namespaces it made.
+address from 198.18.0.0/15. A host may carry a container namespace, wired by the real CNI `bridge`
+plugin with `host-local` IPAM on the host's subnet: what flannel's CNI plugin delegates to. Every
+name starts with a per-run prefix, and Testbed.close() deletes exactly the namespaces it made.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import ipaddress
+import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+CNI_PATH = "/usr/lib/cni"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -82,6 +86,7 @@ class Testbed:
         self.prefix = prefix or f"pf{os.getpid() % 100000}{os.urandom(2).hex()}"
         self.namespaces: list[str] = []
         self.hosts: list[Host] = []
+        self.workdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
         self.underlay = self._netns("ul")
         sh("ip", "-n", self.underlay, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.underlay, "link", "set", "br0", "up")
@@ -93,11 +98,10 @@ class Testbed:
         sh("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
-    def add_host(self, container_subnet: str | None = None) -> Host:
-        """A host on the underlay (198.18.0.N/24 on eth0, MTU 1500), optionally with a container
-        at the second address of `container_subnet`, behind cni0 at the first."""
+    def add_host(self, name: str | None = None) -> Host:
+        """A host on the underlay: 198.18.0.N/24 on eth0 (MTU 1500), forwarding on."""
         index = len(self.hosts) + 1
-        host = Host(self._netns(f"h{index}"), str(UNDERLAY.network_address + index))
+        host = Host(self._netns(name or f"h{index}"), str(UNDERLAY.network_address + index))
         port = f"u{index}"
         sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth",
            "peer", "name", "eth0", "netns", host.netns)
@@ -105,30 +109,38 @@ class Testbed:
         host.ip("addr", "add", f"{host.underlay_ip}/{UNDERLAY.prefixlen}", "dev", "eth0")
         host.ip("link", "set", "eth0", "up")
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        if container_subnet:
-            self._add_container(host, index, ipaddress.IPv4Network(container_subnet))
         self.hosts.append(host)
         return host
 
-    def _add_container(self, host: Host, index: int, subnet: ipaddress.IPv4Network) -> None:
-        gateway, address = subnet.network_address + 1, subnet.network_address + 2
-        host.container_netns = self._netns(f"c{index}")
-        host.container_ip = str(address)
-        host.ip("link", "add", "cni0", "type", "bridge")
-        host.ip("addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", "cni0")
-        host.ip("link", "set", "cni0", "up")
-        host.ip("link", "add", "veth0", "type", "veth", "peer", "name", "eth0",
-                "netns", host.container_netns)
-        host.ip("link", "set", "veth0", "master", "cni0", "up")
-        c = ("ip", "-n", host.container_netns)
-        sh(*c, "addr", "add", f"{address}/{subnet.prefixlen}", "dev", "eth0")
-        sh(*c, "link", "set", "eth0", "up")
-        sh(*c, "route", "add", "default", "via", str(gateway))
+    def add_container(self, host: Host, subnet: str, mtu: int) -> str:
+        """A container namespace on `host`, attached as flannel's CNI plugin attaches one: the
+        CNI bridge plugin (cni0 as gateway at the subnet's first address) with host-local IPAM
+        on the subnet and the flannel MTU. Returns the container's address."""
+        host.container_netns = self._netns(host.netns.removeprefix(self.prefix + "-") + "c")
+        conf = {
+            "cniVersion": "0.4.0", "name": "pyflannel", "type": "bridge", "bridge": "cni0",
+            "isGateway": True, "ipMasq": False, "mtu": mtu,
+            "ipam": {"type": "host-local", "subnet": str(ipaddress.IPv4Network(subnet, strict=False)),
+                     "routes": [{"dst": "0.0.0.0/0"}],
+                     "dataDir": os.path.join(self.workdir, "cni", host.netns)},
+        }
+        env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": host.container_netns,
+               "CNI_NETNS": f"/run/netns/{host.container_netns}", "CNI_IFNAME": "eth0",
+               "CNI_PATH": CNI_PATH}
+        result = subprocess.run(["ip", "netns", "exec", host.netns, f"{CNI_PATH}/bridge"],
+                                input=json.dumps(conf), env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"CNI bridge ADD on {host.netns} failed: {result.stdout}"
+                               f"{result.stderr}")
+        address = json.loads(result.stdout)["ips"][0]["address"]
+        host.container_ip = address.split("/")[0]
+        return host.container_ip
 
     def close(self) -> None:
         for name in reversed(self.namespaces):
             sh("ip", "netns", "del", name, check=False)
         self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Testbed:
         return self

@@ -1,0 +1,188 @@
+"""pyflanneld's life: find the interface, wait for a usable config, take a lease, start the fast
+path and address its TUN, write subnet.env, then keep the lease and the routes current until
+SIGTERM or SIGINT. On the way out the fast path stops (the TUN goes with it); the lease stays in
+etcd, as flanneld leaves it, so a restart takes the same subnet back."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+
+from control.config import ConfigError, NetworkConfig, parse_config
+from control.etcdv2 import EtcdV2Registry
+from control.etcdv3 import EtcdV3Registry
+from control.healthz import serve_healthz
+from control.host import ExternalInterface, HostError, Netlink
+from control.lease import LeaseKeeper, OutOfSubnetsError, encode_lease
+from control.options import Options
+from control.registry import Registry, RegistryError
+from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from control.watch import SubnetWatcher
+from fastpath import FastPath
+from fastpath.table import MAX_SUBNETS
+
+log = logging.getLogger("pyflanneld")
+
+CONFIG_RETRY_SECONDS = 1.0
+UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
+
+
+class Fatal(Exception):
+    """Ends the daemon with status 1, as the same problem ends flanneld."""
+
+
+def open_registry(options: Options) -> Registry:
+    endpoints = [(e.host, e.port) for e in options.etcd_endpoints]
+    if options.etcd_api == "v2":
+        cert = None
+        if options.etcd_certfile and options.etcd_keyfile:
+            cert = (options.etcd_certfile, options.etcd_keyfile)
+        return EtcdV2Registry(endpoints, options.etcd_prefix,
+                              protocol=options.etcd_endpoints[0].scheme,
+                              username=options.etcd_username, password=options.etcd_password,
+                              cert=cert, ca_cert=options.etcd_cafile)
+    return EtcdV3Registry(endpoints, options.etcd_prefix, username=options.etcd_username,
+                          password=options.etcd_password)
+
+
+async def wait_for_config(registry: Registry, options: Options) -> NetworkConfig:
+    """Read <prefix>/config until it is there and usable, logging why not every second, as
+    flanneld does: daemons may start before the operator writes it."""
+    key = f"{options.etcd_prefix.rstrip('/')}/config"
+    while True:
+        try:
+            raw = await registry.get_config()
+            if raw is None:
+                raise ConfigError("flannel config not found in etcd store. Did you create your "
+                                  f"config using etcd{options.etcd_api} API?")
+            config = parse_config(raw)
+            subnets = 1 << (config.subnet_len - config.network.prefixlen)
+            if config.backend_type == "udp" and subnets > MAX_SUBNETS:
+                raise ConfigError(f"{subnets} subnets are more than the fast path's table holds "
+                                  f"({MAX_SUBNETS}): use a longer SubnetLen")
+            return config
+        except ConfigError as err:
+            log.error("config %s: %s; trying again in %gs", key, err, CONFIG_RETRY_SECONDS)
+        except RegistryError as err:
+            log.error("reading config %s failed: %s; trying again in %gs", key, err,
+                      CONFIG_RETRY_SECONDS)
+        await asyncio.sleep(CONFIG_RETRY_SECONDS)
+
+
+class Daemon:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.netlink = Netlink()
+        self.registry = open_registry(options)
+        self.fastpath: FastPath | None = None
+        self.subnet_env: SubnetEnv | None = None
+
+    async def serve(self) -> None:
+        options = self.options
+        try:
+            ext = await self.netlink.external_interface(options.iface, options.iface_regex)
+        except HostError as err:
+            raise Fatal(f"finding the external interface: {err}") from err
+        public_ip = options.public_ip or ext.address
+        log.info("using interface %s (%s, MTU %d), public IP %s", ext.name, ext.address,
+                 ext.mtu, public_ip)
+
+        config = await wait_for_config(self.registry, options)
+        log.info("config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
+                 config.network, config.subnet_len, config.subnet_min, config.subnet_max,
+                 config.backend_type, f" port {config.port}" if config.backend_type == "udp"
+                 else "")
+
+        keeper = LeaseKeeper(self.registry, config, public_ip,
+                             read_previous_subnet(options.subnet_file),
+                             ttl=options.subnet_lease_ttl,
+                             renew_margin=options.subnet_lease_renew_margin * 60)
+        try:
+            subnet = await keeper.acquire()
+        except OutOfSubnetsError as err:
+            raise Fatal(str(err)) from err
+
+        mtu = await self._start_backend(config, ext, subnet)
+        self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
+        write_subnet_env(options.subnet_file, self.subnet_env)
+        log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
+
+        watcher = SubnetWatcher(self.registry, config, self.fastpath,
+                                own_subnet=lambda: keeper.subnet,
+                                own_value=encode_lease(public_ip), on_own_lost=keeper.lost)
+
+        async def on_new_subnet(new: ipaddress.IPv4Network) -> None:
+            await self._move_to(new)
+            watcher.resync()
+
+        tasks = [watcher.run(), keeper.keep(on_new_subnet)]
+        if options.healthz_port:
+            tasks.append(serve_healthz(options.healthz_ip, options.healthz_port))
+        log.info("running: watching %s/subnets/", options.etcd_prefix.rstrip("/"))
+        async with asyncio.TaskGroup() as group:
+            for task in tasks:
+                group.create_task(task)
+
+    async def _start_backend(self, config: NetworkConfig, ext: ExternalInterface,
+                             subnet: ipaddress.IPv4Network) -> int:
+        """Start the udp fast path (alloc has none); returns the MTU for subnet.env."""
+        if config.backend_type != "udp":
+            return ext.mtu
+        mtu = ext.mtu - UDP_ENCAP_OVERHEAD
+        self.fastpath = FastPath(config.network, config.subnet_len, str(ext.address),
+                                 config.port, mtu=mtu, batch=self.options.fastpath_batch)
+        try:
+            self.fastpath.start()
+            await self.netlink.configure_tun(self.fastpath.tun_name, subnet, config.network, mtu)
+        except (OSError, HostError) as err:
+            raise Fatal(f"starting the udp backend on {ext.address}:{config.port}: {err}") from err
+        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d", self.fastpath.tun_name, mtu,
+                 ext.address, config.port, self.options.fastpath_batch)
+        return mtu
+
+    async def _move_to(self, new: ipaddress.IPv4Network) -> None:
+        """The lease came back as another subnet: readdress the TUN and rewrite subnet.env.
+        Containers addressed from the old subnet must be re-addressed, as after a flanneld
+        restart that loses its subnet."""
+        assert self.subnet_env is not None
+        old = self.subnet_env.subnet
+        log.warning("this host's subnet moved from %s to %s", old, new)
+        if self.fastpath is not None:
+            await self.netlink.readdress_tun(self.fastpath.tun_name, old, new)
+        self.subnet_env = SubnetEnv(self.subnet_env.network, new, self.subnet_env.mtu,
+                                    self.subnet_env.ip_masq)
+        write_subnet_env(self.options.subnet_file, self.subnet_env)
+
+    async def close(self) -> None:
+        if self.fastpath is not None:
+            self.fastpath.stop()
+            stats = self.fastpath.stats()
+            log.info("fast path stopped: %d packets sent, %d received",
+                     stats["tx"]["packets"], stats["rx"]["packets"])
+        await self.registry.close()
+        await self.netlink.close()
+
+
+async def run_daemon(options: Options) -> int:
+    """Run until SIGTERM/SIGINT (status 0) or a fatal problem (status 1)."""
+    daemon = Daemon(options)
+    serving = asyncio.ensure_future(daemon.serve())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, serving.cancel)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        log.info("stopping on signal; the lease stays in etcd")
+        return 0
+    except Fatal as err:
+        log.error("%s", err)
+        return 1
+    except BaseExceptionGroup as group:
+        log.error("stopping: %s", group.exceptions[0], exc_info=group.exceptions[0])
+        return 1
+    finally:
+        await daemon.close()
+    return 0

@@ -1,0 +1,207 @@
+"""pyflanneld's flags: flanneld's, also as FLANNELD_* variables, parsed into Options.
+
+Flags are spelled as flanneld spells them, with one or two dashes (`-iface=eth0`,
+`--iface eth0`). A flag given on the command line wins over its environment variable, as with
+flanneld. A bad flag or value exits with status 2 and one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from control.lease import SUBNET_TTL
+from control.registry import DEFAULT_PREFIX
+from control.subnetenv import DEFAULT_SUBNET_FILE
+
+VERSION = "0.1.0"
+FLANNEL_COMPAT = "v0.20.2"
+ENV_PREFIX = "FLANNELD_"
+DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+DEFAULT_ETCD_PORT = 2379
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Options:
+    etcd_endpoints: list[Endpoint]
+    etcd_prefix: str
+    etcd_keyfile: str | None
+    etcd_certfile: str | None
+    etcd_cafile: str | None
+    etcd_username: str | None
+    etcd_password: str | None
+    etcd_api: str
+    iface: list[str]
+    iface_regex: list[str]
+    public_ip: ipaddress.IPv4Address | None
+    subnet_file: str
+    subnet_lease_renew_margin: float  # minutes
+    subnet_lease_ttl: int  # seconds
+    ip_masq: bool
+    healthz_ip: str
+    healthz_port: int
+    fastpath_batch: int
+    v: int
+
+
+def _endpoints(text: str) -> list[Endpoint]:
+    endpoints = []
+    for url in text.split(","):
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        endpoints.append(Endpoint(parts.scheme, parts.hostname, parts.port or DEFAULT_ETCD_PORT))
+    if len({e.scheme for e in endpoints}) > 1:
+        raise ValueError("mixes http and https endpoints")
+    return endpoints
+
+
+def _go_bool(text: str) -> bool:
+    """Go's strconv.ParseBool."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+def _bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is not in {low:g}..{high:g}")
+        return value
+    return convert
+
+
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
+def _api(text: str) -> str:
+    if text not in ("v3", "v2"):
+        raise ValueError(f"{text!r} is neither v3 nor v2")
+    return text
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    help: str
+    convert: Callable[[str], Any] = str
+    default: Any = None
+    repeat: bool = False
+    boolean: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+FLAGS = [
+    Flag("etcd-endpoints", "a comma-delimited list of etcd endpoints", _endpoints,
+         _endpoints(DEFAULT_ENDPOINTS)),
+    Flag("etcd-prefix", "etcd prefix", default=DEFAULT_PREFIX),
+    Flag("etcd-keyfile", "SSL key file used to secure etcd communication"),
+    Flag("etcd-certfile", "SSL certification file used to secure etcd communication"),
+    Flag("etcd-cafile", "SSL Certificate Authority file used to secure etcd communication"),
+    Flag("etcd-username", "username for BasicAuth to etcd"),
+    Flag("etcd-password", "password for BasicAuth to etcd"),
+    Flag("etcd-api", "etcd API to use: v3 (flanneld v0.18+) or v2 (flanneld v0.17 and older)",
+         _api, "v3"),
+    Flag("iface", "interface to use (IP or name) for inter-host communication; repeatable",
+         repeat=True, default=[]),
+    Flag("iface-regex", "regex of the IP or name of the interface to use; repeatable",
+         repeat=True, default=[]),
+    Flag("public-ip", "IP accessible by other nodes for inter-host communication", _ipv4),
+    Flag("subnet-file", "filename where env variables (subnet, MTU, ...) will be written to",
+         default=DEFAULT_SUBNET_FILE),
+    Flag("subnet-lease-renew-margin", "subnet lease renewal margin, in minutes",
+         _bounded(float, 1e-3, SUBNET_TTL / 60), 60.0),
+    Flag("subnet-lease-ttl", "lease TTL in seconds (pyflannel; flanneld's is fixed at 24h)",
+         _bounded(int, 1, 10 * SUBNET_TTL), SUBNET_TTL),
+    Flag("ip-masq", "setup IP masquerade rule for traffic destined outside of overlay network",
+         _go_bool, False, boolean=True),
+    Flag("healthz-ip", "the IP address for healthz server to listen", default="0.0.0.0"),
+    Flag("healthz-port", "the port for healthz server to listen (0 to disable)",
+         _bounded(int, 0, 65535), 0),
+    Flag("fastpath-batch", "packets moved per wake-up by the fast path; 1 is per-packet "
+         "(pyflannel)", _bounded(int, 1, 1024), 64),
+    Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the problem (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pyflanneld", allow_abbrev=False,
+        description="flannel's udp backend (and alloc), drop-in for flanneld "
+                    f"{FLANNEL_COMPAT}. Every flag can also be set as FLANNELD_<FLAG>.")
+    for flag in FLAGS:
+        spellings = [f"--{flag.name}", f"-{flag.name}"]
+        kwargs: dict[str, Any] = {"dest": flag.dest, "help": flag.help,
+                                  "default": argparse.SUPPRESS}
+        if flag.boolean:
+            kwargs.update(nargs="?", const=True, type=flag.convert)
+        elif flag.repeat:
+            kwargs.update(action="append", type=flag.convert)
+        else:
+            kwargs.update(type=flag.convert)
+        parser.add_argument(*spellings, **kwargs)
+    parser.add_argument("--version", "-version", action="version",
+                        version=f"pyflanneld {VERSION} (flanneld {FLANNEL_COMPAT} compatible)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               environ: dict[str, str] | None = None) -> Options:
+    """Flags from argv, then FLANNELD_* variables for flags not given; exits 2 on bad input."""
+    parser = _parser()
+    given = vars(parser.parse_args(argv))
+    environ = os.environ if environ is None else environ
+    values = {}
+    for flag in FLAGS:
+        if flag.dest in given:
+            values[flag.dest] = given[flag.dest]
+        elif environ.get(flag.env):
+            try:
+                value = flag.convert(environ[flag.env])
+            except ValueError as err:
+                parser.error(f"invalid value {environ[flag.env]!r} for {flag.env}: {err}")
+            values[flag.dest] = [value] if flag.repeat else value
+        else:
+            values[flag.dest] = flag.default
+    options = Options(**values)
+    if options.subnet_lease_renew_margin * 60 >= options.subnet_lease_ttl:
+        parser.error("--subnet-lease-renew-margin must be shorter than the lease TTL "
+                     f"({options.subnet_lease_ttl}s)")
+    if bool(options.etcd_keyfile) != bool(options.etcd_certfile):
+        parser.error("--etcd-keyfile and --etcd-certfile go together")
+    if bool(options.etcd_username) != bool(options.etcd_password):
+        parser.error("--etcd-username and --etcd-password go together")
+    https = options.etcd_endpoints[0].scheme == "https"
+    if options.etcd_api == "v3" and (https or options.etcd_cafile or options.etcd_certfile):
+        parser.error("TLS to etcd (https endpoints, --etcd-cafile, --etcd-certfile) is served "
+                     "only with --etcd-api v2: aetcd speaks plain gRPC")
+    return options

@@ -1,0 +1,106 @@
+"""A real etcd (Debian's etcd-server 3.4, v2 API enabled) on a host of the testbed.
+
+The tests read and write it with Debian's etcdctl, run inside the etcd host's namespace: an
+independent client, so what they see in etcd is what any flanneld would see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from tests.testbed import Host, Testbed, sh
+
+CLIENT_PORT = 2379
+
+
+class EtcdServer:
+    def __init__(self, bed: Testbed) -> None:
+        for tool in ("etcd", "etcdctl"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"'{tool}' is missing (make install installs etcd-server, "
+                                   "etcd-client)")
+        self.host: Host = bed.add_host("etcd")
+        self.endpoint = f"http://{self.host.underlay_ip}:{CLIENT_PORT}"
+        self.data_dir = os.path.join(bed.workdir, "etcd")
+        self.log_path = os.path.join(bed.workdir, "etcd.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.host.netns, "etcd", "--name", "test",
+                 "--data-dir", self.data_dir, "--enable-v2=true",
+                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                 "--listen-peer-urls", "http://127.0.0.1:2380",
+                 "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                 "--initial-cluster", "test=http://127.0.0.1:2380"],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"etcd exited at start; see {self.log_path}")
+            if self.ctl("endpoint", "health", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"etcd did not become healthy; see {self.log_path}")
+
+    def stop(self) -> None:
+        """End the etcd this fixture started, by its PID."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def ctl(self, *args: str, api: str = "v3", check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.host.netns, "env", f"ETCDCTL_API={api[1:]}",
+                  "etcdctl", "--endpoints", self.endpoint, *args, check=check)
+
+    def put(self, key: str, value: str, api: str) -> None:
+        if api == "v3":
+            self.ctl("put", key, "--", value)
+        else:
+            self.ctl("set", "--", key, value, api="v2")
+
+    def delete(self, key: str, api: str) -> None:
+        self.ctl("del" if api == "v3" else "rm", key, api=api)
+
+    def get_prefix(self, prefix: str, api: str) -> dict[str, str]:
+        """Every key under prefix with its value, byte for byte."""
+        if api == "v3":
+            lines = self.ctl("get", "--prefix", prefix).stdout.splitlines()
+            return dict(zip(lines[::2], lines[1::2], strict=True))
+        listing = self.ctl("ls", "--recursive", "-p", prefix, api="v2", check=False)
+        keys = [k for k in listing.stdout.splitlines() if k and not k.endswith("/")]
+        return {key: self.ctl("get", key, api="v2").stdout.rstrip("\n") for key in keys}
+
+    def ttl(self, key: str, api: str) -> int:
+        """Seconds the key has left to live."""
+        if api == "v3":
+            lease = self.ctl("get", key, "-w", "fields").stdout
+            lease_id = next(line.split(":")[1].strip() for line in lease.splitlines()
+                            if line.startswith('"Lease"'))
+            out = self.ctl("lease", "timetolive", format(int(lease_id), "x")).stdout
+            return int(out.split("remaining(")[1].split("s")[0])
+        out = self.ctl("-o", "extended", "get", key, api="v2").stdout
+        return int(next(line.split(":")[1] for line in out.splitlines()
+                        if line.startswith("TTL:")))
+
+    def compact(self) -> None:
+        status = self.ctl("endpoint", "status", "-w", "fields").stdout
+        revision = next(line.split(":")[1].strip() for line in status.splitlines()
+                        if line.startswith('"Revision"'))
+        self.ctl("compaction", revision)
