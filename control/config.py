@@ -88,6 +88,8 @@ def _literal_text(value: Any) -> str:
 def _cidr(value: Any, name: str) -> ipaddress.IPv4Network:
     text = _literal_text(value)
     try:
+        if "/" not in text:  # Go's ParseCIDR needs the prefix length
+            raise ValueError(text)
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(f"{name}: invalid CIDR address: {text}") from None

@@ -69,6 +69,8 @@ def decode_lease(value: bytes) -> ipaddress.IPv4Address:
     found = {key.lower(): v for key, v in attrs.items()}
     public_ip = found.get("publicip")
     try:
+        if not isinstance(public_ip, str):
+            raise ValueError(public_ip)
         address = ipaddress.IPv4Address(public_ip)
     except ValueError:
         raise LeaseError(f"lease PublicIP {public_ip!r} is not an IPv4 address") from None

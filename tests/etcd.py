@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 from tests.testbed import Host, Testbed, sh
@@ -104,3 +105,11 @@ class EtcdServer:
         revision = next(line.split(":")[1].strip() for line in status.splitlines()
                         if line.startswith('"Revision"'))
         self.ctl("compaction", revision)
+
+    def flood_v2(self, key: str, count: int) -> None:
+        """`count` v2 writes to one key, from one process: more than v2's 1000-event history."""
+        script = ("import sys, urllib.request\n"
+                  "for i in range(int(sys.argv[2])):\n"
+                  "    urllib.request.urlopen(urllib.request.Request(\n"
+                  "        sys.argv[1], data=f'value={i}'.encode(), method='PUT')).read()\n")
+        self.host.run(sys.executable, "-c", script, f"{self.endpoint}/v2/keys{key}", str(count))

@@ -117,10 +117,11 @@ class Testbed:
         CNI bridge plugin (cni0 as gateway at the subnet's first address) with host-local IPAM
         on the subnet and the flannel MTU. Returns the container's address."""
         host.container_netns = self._netns(host.netns.removeprefix(self.prefix + "-") + "c")
+        network = ipaddress.IPv4Network(subnet, strict=False)
         conf = {
             "cniVersion": "0.4.0", "name": "pyflannel", "type": "bridge", "bridge": "cni0",
             "isGateway": True, "ipMasq": False, "mtu": mtu,
-            "ipam": {"type": "host-local", "subnet": str(ipaddress.IPv4Network(subnet, strict=False)),
+            "ipam": {"type": "host-local", "subnet": str(network),
                      "routes": [{"dst": "0.0.0.0/0"}],
                      "dataDir": os.path.join(self.workdir, "cni", host.netns)},
         }

@@ -1,0 +1,108 @@
+"""pyflanneld daemons on testbed hosts: start, read their subnet.env and log, stop by PID.
+Used by the tests, `make demo` and perf/."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.etcd import EtcdServer
+from tests.testbed import Host, Testbed
+
+PREFIX = "/coreos.com/network"
+# The paper's Figure 2 config, with the udp backend on a non-default port.
+FIGURE_2_CONFIG = {"Network": "10.0.0.0/8", "SubnetLen": 20, "SubnetMin": "10.10.0.0",
+                   "SubnetMax": "10.99.0.0", "Backend": {"Type": "udp", "Port": 7890}}
+
+
+class Flanneld:
+    """One pyflanneld process in a host's namespace, logging to a file of the testbed."""
+
+    def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
+                 *extra: str) -> None:
+        self.host = host
+        self.subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
+        self.log_path = os.path.join(bed.workdir, f"{host.netns}.log")
+        self.command = ["ip", "netns", "exec", host.netns, sys.executable, "-m", "control",
+                        "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
+                        "--iface", "eth0", "--subnet-file", self.subnet_file, *extra]
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def start(self) -> Flanneld:
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            # `ip netns exec` execs the command, so this PID is pyflanneld's own.
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def log(self) -> str:
+        """What the current (or last) run has logged."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.host.netns}: {text!r} not logged {count} time(s) in "
+                             f"{timeout}s; log:\n{self.log()[-3000:]}")
+
+    def subnet_env(self) -> dict[str, str]:
+        with open(self.subnet_file) as f:
+            return dict(line.split("=", 1) for line in f.read().splitlines())
+
+    def wait_subnet(self, timeout: float = 20.0) -> ipaddress.IPv4Network:
+        """The subnet this daemon leased, once its subnet.env is written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(self.subnet_file):
+                return ipaddress.IPv4Network(self.subnet_env()["FLANNEL_SUBNET"], strict=False)
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.host.netns}: no subnet.env after {timeout}s; log:\n"
+                             f"{self.log()[-3000:]}")
+
+    def terminate(self) -> None:
+        """Send SIGTERM by PID; stop() then waits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM by PID and wait; the exit status (None if it was not running)."""
+        if self.process is None:
+            return None
+        self.terminate()
+        process, self.process = self.process, None
+        if process.poll() is None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"{self.host.netns}: pyflanneld ignored SIGTERM") from None
+        return process.returncode
+
+
+def stop_all(daemons: list[Flanneld]) -> None:
+    """Stop them together: each may take a moment to let go of etcd."""
+    for daemon in daemons:
+        daemon.terminate()
+    for daemon in daemons:
+        daemon.stop()
+
+
+def put_config(etcd: EtcdServer, api: str, config: dict[str, object] | str) -> None:
+    text = config if isinstance(config, str) else json.dumps(config)
+    etcd.put(f"{PREFIX}/config", text, api)

@@ -1,0 +1,303 @@
+"""pyflanneld against a real etcd, on both etcd APIs: leases, the watch, and bad input.
+
+Each test uses its own etcd prefix and its own hosts on a shared testbed and etcd per API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.cluster import FIGURE_2_CONFIG, Flanneld, stop_all
+from tests.conftest import require_host_network_tools
+from tests.etcd import EtcdServer
+from tests.testbed import Testbed
+
+
+class Cluster:
+    """A test's view of the shared testbed and etcd: its own prefix, its own daemons."""
+
+    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, prefix: str) -> None:
+        self.bed, self.etcd, self.api, self.prefix = bed, etcd, api, prefix
+        self.daemons: list[Flanneld] = []
+
+    def put(self, key: str, value: str) -> None:
+        self.etcd.put(self.prefix + key, value, self.api)
+
+    def config(self, config: dict[str, object] | str) -> None:
+        self.put("/config", config if isinstance(config, str) else json.dumps(config))
+
+    def leases(self) -> dict[str, str]:
+        return self.etcd.get_prefix(self.prefix + "/subnets/", self.api)
+
+    def daemon(self, *extra: str, start: bool = True) -> Flanneld:
+        daemon = Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api,
+                          "--etcd-prefix", self.prefix, *extra)
+        self.daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+
+@pytest.fixture(scope="module", params=["v3", "v2"])
+def shared(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, EtcdServer, str]]:
+    require_host_network_tools()
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        try:
+            yield bed, etcd, request.param
+        finally:
+            etcd.stop()
+
+
+@pytest.fixture
+def cluster(shared: tuple[Testbed, EtcdServer, str], request: pytest.FixtureRequest
+            ) -> Iterator[Cluster]:
+    bed, etcd, api = shared
+    cluster = Cluster(bed, etcd, api, f"/{request.node.name.split('[')[0]}/network")
+    try:
+        yield cluster
+    finally:
+        stop_all(cluster.daemons)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def expected_value(daemon: Flanneld) -> str:
+    return f'{{"PublicIP":"{daemon.host.underlay_ip}","PublicIPv6":null}}'
+
+
+def key_of(subnet: ipaddress.IPv4Network, prefix: str) -> str:
+    return f"{prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+
+
+def test_ten_daemons_at_once_get_ten_subnets_and_route_to_all_others(cluster: Cluster) -> None:
+    # SubnetLen 20 in 10.10-10.99 gives 90 subnets: ten random picks from them collide often.
+    cluster.config(FIGURE_2_CONFIG)
+    daemons = [cluster.daemon(start=False) for _ in range(10)]
+    for daemon in daemons:
+        daemon.start()
+    subnets = [daemon.wait_subnet(timeout=60) for daemon in daemons]
+    assert len(set(subnets)) == 10
+    # etcd holds exactly these leases, each with flanneld's value byte for byte.
+    assert cluster.leases() == {key_of(subnet, cluster.prefix): expected_value(daemon)
+                                for subnet, daemon in zip(subnets, daemons, strict=True)}
+    for daemon in daemons:
+        daemon.wait_log("subnet added", count=9, timeout=30)
+    # Every TUN reaches every other: 90 pings, from each host's TUN address to each other's.
+    pings = [(src, dst, subprocess.Popen(
+        ["ip", "netns", "exec", src.host.netns, "ping", "-c", "1", "-W", "5",
+         str(dst_subnet.network_address)], stdout=subprocess.DEVNULL))
+        for src in daemons for dst, dst_subnet in zip(daemons, subnets, strict=True)
+        if dst is not src]
+    failed = [(src.host.netns, dst.host.netns) for src, dst, ping in pings if ping.wait() != 0]
+    assert failed == []
+
+
+def test_subnet_env_and_lease_match_flanneld(cluster: Cluster) -> None:
+    cluster.config(FIGURE_2_CONFIG)
+    daemon = cluster.daemon()
+    subnet = daemon.wait_subnet()
+    assert subnet.prefixlen == 20
+    assert ipaddress.IPv4Address("10.10.0.0") <= subnet.network_address
+    assert subnet.network_address <= ipaddress.IPv4Address("10.99.0.0")
+    with open(daemon.subnet_file) as f:
+        assert f.read() == (f"FLANNEL_NETWORK=10.0.0.0/8\n"
+                            f"FLANNEL_SUBNET={subnet.network_address + 1}/20\n"
+                            f"FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+    key = key_of(subnet, cluster.prefix)
+    assert cluster.leases() == {key: expected_value(daemon)}
+    assert 86000 < cluster.etcd.ttl(key, cluster.api) <= 86400
+    # The TUN is flanneld's: flannel0, the subnet's address as a /32, MTU 1472, the Network.
+    addr = daemon.host.ip("-o", "-4", "addr", "show", "dev", "flannel0").stdout
+    assert f"inet {subnet.network_address}/32" in addr
+    assert "mtu 1472" in daemon.host.ip("link", "show", "flannel0").stdout
+    assert "10.0.0.0/8 dev flannel0" in daemon.host.ip("route").stdout
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_lease_and_a_restart_reuses_it(
+        cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    subnet = daemon.wait_subnet()
+    assert daemon.stop() == 0
+    assert "flannel0" not in daemon.host.ip("link").stdout
+    key = key_of(subnet, cluster.prefix)
+    assert cluster.leases() == {key: expected_value(daemon)}
+
+    daemon.start()
+    daemon.wait_log("reusing it")
+    assert daemon.wait_subnet() == subnet
+    assert daemon.stop() == 0
+
+    # With the key gone, the previous run's subnet.env brings the same subnet back.
+    cluster.etcd.delete(key, cluster.api)
+    daemon.start()
+    daemon.wait_log(f"leased subnet {subnet}")
+    assert cluster.leases() == {key: expected_value(daemon)}
+
+
+def test_lease_is_renewed_before_it_expires(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    # A 4 s lease renewed 1.5 s before it ends (flanneld: 24 h and 60 min).
+    daemon = cluster.daemon("--subnet-lease-ttl", "4", "--subnet-lease-renew-margin", "0.025")
+    subnet = daemon.wait_subnet()
+    daemon.wait_log("renewed lease", count=3, timeout=15)
+    key = key_of(subnet, cluster.prefix)
+    assert cluster.leases() == {key: expected_value(daemon)}
+    assert "was lost" not in daemon.log()
+
+
+def test_lease_deleted_from_outside_is_taken_again(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    subnet = daemon.wait_subnet()
+    key = key_of(subnet, cluster.prefix)
+    cluster.etcd.delete(key, cluster.api)
+    daemon.wait_log("was lost")
+    wait_for(lambda: cluster.leases() == {key: expected_value(daemon)}, 10,
+             "the lease was not taken again")
+    assert daemon.wait_subnet() == subnet
+
+
+def test_bad_config_is_logged_and_retried_until_fixed(cluster: Cluster) -> None:
+    key = f"{cluster.prefix}/config"
+    daemon = cluster.daemon()
+    daemon.wait_log(f"config {key}: flannel config not found in etcd store", count=2)
+    cluster.config('{"Network": "10.244.0.0/16"')
+    daemon.wait_log(f"config {key}: invalid JSON", count=2)
+    cluster.config('{"SubnetLen": 24}')
+    daemon.wait_log(f"config {key}: please define a correct Network", count=2)
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    daemon.wait_log("only udp and alloc", count=2)
+    assert daemon.process is not None and daemon.process.poll() is None
+    cluster.config({"Network": "10.244.0.0/16"})
+    assert daemon.wait_subnet().prefixlen == 24
+
+
+def test_malformed_leases_are_logged_and_skipped(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    cluster.put("/subnets/10.244.200.0-24", "not json")
+    cluster.put("/subnets/banana", '{"PublicIP":"198.18.0.250"}')
+    first = cluster.daemon()
+    first.wait_subnet()
+    first.wait_log("ignoring lease 10.244.200.0/24")
+    first.wait_log("ignoring a key under subnets/")
+    cluster.put("/subnets/10.244.201.0-24", '{"PublicIP": 7}')
+    first.wait_log("ignoring lease 10.244.201.0/24")
+    second = cluster.daemon()
+    subnet = second.wait_subnet()
+    assert subnet not in (ipaddress.IPv4Network("10.244.200.0/24"),
+                          ipaddress.IPv4Network("10.244.201.0/24"))
+    first.wait_log(f"subnet added: {subnet}")
+    assert first.process is not None and first.process.poll() is None
+
+
+def test_alloc_backend_leases_and_forwards_nothing(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
+    daemon = cluster.daemon()
+    subnet = daemon.wait_subnet()
+    assert daemon.subnet_env()["FLANNEL_MTU"] == "1500"
+    assert cluster.leases() == {key_of(subnet, cluster.prefix): expected_value(daemon)}
+    assert "flannel" not in daemon.host.ip("link").stdout
+
+
+def test_out_of_subnets_exits_non_zero(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/28"})  # /30s: 10.244.0.4, .8 and .12
+    for third in ("4", "8", "12"):
+        cluster.put(f"/subnets/10.244.0.{third}-30", '{"PublicIP":"198.18.0.250"}')
+    daemon = cluster.daemon()
+    assert daemon.process is not None and daemon.process.wait(20) == 1
+    assert "out of subnets" in daemon.log()
+
+
+def test_watch_resumes_after_etcd_restart(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    daemon.wait_subnet()
+    cluster.etcd.restart()
+    cluster.put("/subnets/10.244.210.0-24", '{"PublicIP":"198.18.0.250"}')
+    daemon.wait_log("subnet added: 10.244.210.0/24 via 198.18.0.250", timeout=15)
+    cluster.etcd.delete(f"{cluster.prefix}/subnets/10.244.210.0-24", cluster.api)
+    daemon.wait_log("subnet removed: 10.244.210.0/24", timeout=15)
+
+
+def cut_off(cluster: Cluster, daemon: Flanneld) -> None:
+    """Abort the daemon's TCP connections to etcd from etcd's side."""
+    cluster.etcd.host.run("ss", "-K", "dst", daemon.host.underlay_ip)
+
+
+def test_changes_missed_while_disconnected_arrive_and_history_loss_relists(
+        cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    daemon.wait_subnet()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+
+    # Frozen and cut off: the changes made meanwhile come from the resumed watch.
+    os.kill(pid, signal.SIGSTOP)
+    cut_off(cluster, daemon)
+    cluster.put("/subnets/10.244.220.0-24", '{"PublicIP":"198.18.0.250"}')
+    os.kill(pid, signal.SIGCONT)
+    daemon.wait_log("subnet added: 10.244.220.0/24", timeout=15)
+
+    # Frozen again while etcd forgets the history it would resume from: list again.
+    os.kill(pid, signal.SIGSTOP)
+    cut_off(cluster, daemon)
+    cluster.etcd.delete(f"{cluster.prefix}/subnets/10.244.220.0-24", cluster.api)
+    cluster.put("/subnets/10.244.221.0-24", '{"PublicIP":"198.18.0.250"}')
+    if cluster.api == "v3":
+        cluster.etcd.compact()
+    else:  # v2 keeps the last 1000 events
+        cluster.etcd.flood_v2(f"{cluster.prefix}/churn", 1100)
+    os.kill(pid, signal.SIGCONT)
+    daemon.wait_log("listing the leases again", timeout=15)
+    daemon.wait_log("subnet removed: 10.244.220.0/24", timeout=15)
+    daemon.wait_log("subnet added: 10.244.221.0/24", timeout=15)
+
+
+def ping(src: Flanneld, address: str, wait: float = 2) -> subprocess.CompletedProcess[str]:
+    return src.host.in_container("ping", "-c", "1", "-W", str(wait), address, check=False)
+
+
+def test_containers_on_three_hosts_then_a_fourth_joins_and_a_removed_lease_unroutes(
+        cluster: Cluster) -> None:
+    cluster.config(FIGURE_2_CONFIG)
+    daemons = [cluster.daemon() for _ in range(3)]
+    for daemon in daemons:
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in daemons:
+        daemon.wait_log("subnet added", count=2)
+    for src in daemons:
+        for dst in daemons:
+            if dst is not src:
+                result = ping(src, dst.host.container_ip)
+                assert result.returncode == 0, (src.host.netns, dst.host.netns, result.stdout)
+
+    fourth = cluster.daemon()
+    subnet = fourth.wait_subnet()
+    leased_at = time.monotonic()
+    address = cluster.bed.add_container(fourth.host, str(subnet), 1472)
+    for src in daemons:
+        while ping(src, address, wait=0.5).returncode != 0:
+            assert time.monotonic() - leased_at < 2.0, f"{src.host.netns} cannot reach {address}"
+
+    assert fourth.stop() == 0
+    cluster.etcd.delete(key_of(subnet, cluster.prefix), cluster.api)
+    for src in daemons:
+        src.wait_log(f"subnet removed: {subnet}")
+        result = ping(src, address)
+        assert "Destination Net Unreachable" in result.stdout, result.stdout

@@ -1,0 +1,125 @@
+"""The network config: flanneld's defaults, overrides and every rejection rule."""
+
+import ipaddress
+
+import pytest
+
+from control.config import ConfigError, parse_config
+
+
+def net(text: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(text)
+
+
+def ip(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
+def test_the_papers_figure_2_config() -> None:
+    config = parse_config('{"Network": "10.0.0.0/8", "SubnetLen": 20, "SubnetMin": "10.10.0.0",'
+                          ' "SubnetMax": "10.99.0.0", "Backend": {"Type": "udp", "Port": 7890}}')
+    assert (config.network, config.subnet_len) == (net("10.0.0.0/8"), 20)
+    assert (config.subnet_min, config.subnet_max) == (ip("10.10.0.0"), ip("10.99.0.0"))
+    assert (config.backend_type, config.port) == ("udp", 7890)
+
+
+def test_defaults_from_network_alone() -> None:
+    config = parse_config('{"Network": "10.244.0.0/16"}')
+    assert config.subnet_len == 24
+    assert config.subnet_min == ip("10.244.1.0")      # the first subnet is skipped
+    assert config.subnet_max == ip("10.244.255.0")
+    assert (config.backend_type, config.port) == ("udp", 8285)
+
+
+@pytest.mark.parametrize(("network", "subnet_len", "first", "last"), [
+    ("10.0.0.0/22", 24, "10.0.1.0", "10.0.3.0"),       # /22 still gets /24s
+    ("10.0.0.0/23", 25, "10.0.0.128", "10.0.1.128"),   # smaller: prefix + 2
+    ("10.0.0.0/28", 30, "10.0.0.4", "10.0.0.12"),
+    ("128.0.0.0/1", 24, "128.0.1.0", "255.255.255.0"),
+])
+def test_default_subnet_len_follows_the_network_size(network: str, subnet_len: int, first: str,
+                                                     last: str) -> None:
+    config = parse_config(f'{{"Network": "{network}"}}')
+    assert (config.subnet_len, str(config.subnet_min), str(config.subnet_max)) == (
+        subnet_len, first, last)
+
+
+def test_go_decoding_rules() -> None:
+    # Keys match case-insensitively, unknown keys are ignored, the last repeat wins, null is
+    # "not set" for numbers, the Network is masked, and the backend type is lower-cased.
+    config = parse_config('{"network": "10.1.2.3/16", "NETWORK": "10.5.0.0/16", "subnetlen": null,'
+                          ' "Extra": [1, {"x": 2}], "backend": {"type": "UDP", "port": 9000}}')
+    assert config.network == net("10.5.0.0/16")
+    assert config.subnet_len == 24
+    assert (config.backend_type, config.port) == ("udp", 9000)
+
+
+def test_zero_subnet_min_and_max_mean_default() -> None:
+    config = parse_config('{"Network": "10.244.0.0/16", "SubnetMin": "0.0.0.0",'
+                          ' "SubnetMax": "0.0.0.0"}')
+    assert (str(config.subnet_min), str(config.subnet_max)) == ("10.244.1.0", "10.244.255.0")
+
+
+def test_alloc_backend_is_served() -> None:
+    assert parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}}'
+                        ).backend_type == "alloc"
+
+
+def test_subnets_are_listed_lazily_in_order() -> None:
+    config = parse_config('{"Network": "10.0.0.0/8", "SubnetLen": 30}')
+    subnets = config.subnets()
+    assert [str(next(subnets)) for _ in range(2)] == ["10.0.0.4/30", "10.0.0.8/30"]
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("", "invalid JSON"),
+    ("{", "invalid JSON"),
+    ('{"Network": "10.244.0.0/16",}', "invalid JSON"),
+    ("[]", "cannot unmarshal array"),
+    ("null", "cannot unmarshal null"),
+    ("{}", "please define a correct Network"),
+    ('{"Network": "0.0.0.0/0"}', "please define a correct Network"),
+    ('{"SubnetLen": 24}', "please define a correct Network"),
+    ('{"Network": null}', "invalid CIDR address: null"),
+    ('{"Network": 10}', "invalid CIDR address"),
+    ('{"Network": "10.244.0.0"}', "invalid CIDR address"),
+    ('{"Network": "10.244.0.0/33"}', "invalid CIDR address"),
+    ('{"Network": "fd00::/64"}', "not an IPv4 network"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": 31}', "SubnetLen must be less than /31"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": 17}', "at least four subnets"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": -1}', "into uint"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": 24.0}', "into uint"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": "24"}', "into uint"),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": true}', "into uint"),
+    ('{"Network": "10.0.0.0/29"}', "network is too small"),
+    ('{"Network": "10.244.0.0/16", "SubnetMin": "10.245.0.0"}', "SubnetMin is not in the range"),
+    ('{"Network": "10.244.0.0/16", "SubnetMax": "10.243.255.0"}',
+     "SubnetMax is not in the range"),
+    ('{"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.128"}',
+     "SubnetMin is not on a SubnetLen boundary"),
+    ('{"Network": "10.244.0.0/16", "SubnetMax": "10.244.9.1"}',
+     "SubnetMax is not on a SubnetLen boundary"),
+    ('{"Network": "10.244.0.0/16", "SubnetMin": "banana"}', "invalid IP address format"),
+    ('{"Network": "10.244.0.0/16", "SubnetMin": null}', "invalid IP address format"),
+    ('{"Network": "10.244.0.0/16", "EnableIPv6": true}', "IPv4 only"),
+    ('{"Network": "10.244.0.0/16", "EnableIPv4": false}', "IPv4 only"),
+    ('{"Network": "10.244.0.0/16", "EnableIPv4": "yes"}', "into bool"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}', "only udp and alloc"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Port": 7890}}', "only udp and alloc"),
+    ('{"Network": "10.244.0.0/16", "Backend": {}}', "only udp and alloc"),
+    ('{"Network": "10.244.0.0/16", "Backend": null}', "only udp and alloc"),
+    ('{"Network": "10.244.0.0/16", "Backend": "udp"}', "error decoding Backend"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": 1}}', "error decoding Backend"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": "80"}}',
+     "error decoding UDP backend config"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 0}}', "not a UDP port"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 65536}}', "not a UDP port"),
+])
+def test_rejections_say_why(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        parse_config(text)
+
+
+def test_bytes_that_are_not_utf8_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        parse_config(b'{"Network": "\xff"}')
