@@ -10,7 +10,7 @@ DEB_PACKAGES := iproute2 iputils-ping etcd-server etcd-client containernetworkin
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
 
-.PHONY: install deb test lint clean
+.PHONY: install deb demo test lint clean
 
 install: deb $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API.
+API ?= v3
+demo: install
+	$(PY) -m tests.demo --etcd-api $(API)
 
 lint: install
 	$(VENV)/bin/ruff check .

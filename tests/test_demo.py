@@ -1,0 +1,16 @@
+"""`make demo` keeps working: the whole demo runs and every container reaches every other."""
+
+import subprocess
+import sys
+
+from tests.conftest import require_host_network_tools
+
+
+def test_demo_runs_end_to_end() -> None:
+    require_host_network_tools()
+    result = subprocess.run([sys.executable, "-m", "tests.demo"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(" ok ") == 6
+    assert "Gbit/s" in result.stdout
+    assert "every container reached every other" in result.stdout
