@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# What the tests and the demo drive: ip, ping, a real etcd and etcdctl, the real CNI plugins,
+# What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
 # iperf3.
-DEB_PACKAGES := iproute2 iputils-ping etcd-server etcd-client containernetworking-plugins iperf3
+DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins iperf3
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
 

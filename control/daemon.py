@@ -15,6 +15,14 @@ from control.etcdv2 import EtcdV2Registry
 from control.etcdv3 import EtcdV3Registry
 from control.healthz import serve_healthz
 from control.host import ExternalInterface, HostError, Netlink
+from control.iptables import (
+    IPTablesError,
+    Rule,
+    RuleKeeper,
+    forward_rules,
+    masq_rules,
+    supports_random_fully,
+)
 from control.lease import LeaseKeeper, OutOfSubnetsError, encode_lease
 from control.options import Options
 from control.registry import Registry, RegistryError
@@ -78,6 +86,8 @@ class Daemon:
         self.registry = open_registry(options)
         self.fastpath: FastPath | None = None
         self.subnet_env: SubnetEnv | None = None
+        self.iptables = RuleKeeper(options.iptables_resync)
+        self.random_fully = False
 
     async def serve(self) -> None:
         options = self.options
@@ -118,6 +128,10 @@ class Daemon:
             watcher.resync()
 
         tasks = [watcher.run(), keeper.keep(on_new_subnet)]
+        self.random_fully = options.ip_masq and await supports_random_fully()
+        self.iptables.rules = self._iptables_rules(config.network, subnet)
+        if self.iptables.rules:
+            tasks.append(self.iptables.keep())
         if options.healthz_port:
             tasks.append(serve_healthz(options.healthz_ip, options.healthz_port))
         log.info("running: watching %s/subnets/", options.etcd_prefix.rstrip("/"))
@@ -142,6 +156,15 @@ class Daemon:
                  ext.address, config.port, self.options.fastpath_batch)
         return mtu
 
+    def _iptables_rules(self, network: ipaddress.IPv4Network,
+                        subnet: ipaddress.IPv4Network) -> list[Rule]:
+        rules = []
+        if self.options.ip_masq:
+            rules += masq_rules(network, subnet, self.random_fully)
+        if self.options.iptables_forward_rules:
+            rules += forward_rules(network)
+        return rules
+
     async def _move_to(self, new: ipaddress.IPv4Network) -> None:
         """The lease came back as another subnet: readdress the TUN and rewrite subnet.env.
         Containers addressed from the old subnet must be re-addressed, as after a flanneld
@@ -154,6 +177,11 @@ class Daemon:
         self.subnet_env = SubnetEnv(self.subnet_env.network, new, self.subnet_env.mtu,
                                     self.subnet_env.ip_masq)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
+        if self.options.ip_masq:
+            try:
+                await self.iptables.replace(self._iptables_rules(self.subnet_env.network, new))
+            except IPTablesError as err:
+                log.error("iptables: %s", err)
 
     async def close(self) -> None:
         if self.fastpath is not None:

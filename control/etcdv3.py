@@ -7,12 +7,17 @@ transaction on create_revision == 0, as flanneld's.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-import aetcd
-import aetcd.exceptions
-import grpc
+# gRPC's fork handlers would log a warning each time the daemon runs iptables while a call is
+# in flight; the children exec at once and never touch gRPC, so they are not needed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import aetcd  # noqa: E402
+import aetcd.exceptions  # noqa: E402
+import grpc  # noqa: E402
 
 from control.registry import Change, Entry, HistoryLostError, RegistryError
 

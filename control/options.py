@@ -50,6 +50,8 @@ class Options:
     subnet_lease_renew_margin: float  # minutes
     subnet_lease_ttl: int  # seconds
     ip_masq: bool
+    iptables_resync: int
+    iptables_forward_rules: bool
     healthz_ip: str
     healthz_port: int
     fastpath_batch: int
@@ -138,6 +140,10 @@ FLAGS = [
          _bounded(int, 1, 10 * SUBNET_TTL), SUBNET_TTL),
     Flag("ip-masq", "setup IP masquerade rule for traffic destined outside of overlay network",
          _go_bool, False, boolean=True),
+    Flag("iptables-resync", "resync period for iptables rules, in seconds",
+         _bounded(int, 1, 86400), 5),
+    Flag("iptables-forward-rules", "add default accept rules to the FORWARD chain",
+         _go_bool, True, boolean=True),
     Flag("healthz-ip", "the IP address for healthz server to listen", default="0.0.0.0"),
     Flag("healthz-port", "the port for healthz server to listen (0 to disable)",
          _bounded(int, 0, 65535), 0),

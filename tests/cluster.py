@@ -24,13 +24,14 @@ class Flanneld:
     """One pyflanneld process in a host's namespace, logging to a file of the testbed."""
 
     def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
-                 *extra: str) -> None:
+                 *extra: str, iface: str | None = "eth0") -> None:
         self.host = host
         self.subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
         self.log_path = os.path.join(bed.workdir, f"{host.netns}.log")
         self.command = ["ip", "netns", "exec", host.netns, sys.executable, "-m", "control",
                         "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
-                        "--iface", "eth0", "--subnet-file", self.subnet_file, *extra]
+                        "--subnet-file", self.subnet_file,
+                        *(["--iface", iface] if iface else []), *extra]
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -37,9 +39,9 @@ class Cluster:
     def leases(self) -> dict[str, str]:
         return self.etcd.get_prefix(self.prefix + "/subnets/", self.api)
 
-    def daemon(self, *extra: str, start: bool = True) -> Flanneld:
+    def daemon(self, *extra: str, start: bool = True, iface: str | None = "eth0") -> Flanneld:
         daemon = Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api,
-                          "--etcd-prefix", self.prefix, *extra)
+                          "--etcd-prefix", self.prefix, *extra, iface=iface)
         self.daemons.append(daemon)
         return daemon.start() if start else daemon
 
@@ -59,7 +61,8 @@ def shared(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, EtcdServer
 def cluster(shared: tuple[Testbed, EtcdServer, str], request: pytest.FixtureRequest
             ) -> Iterator[Cluster]:
     bed, etcd, api = shared
-    cluster = Cluster(bed, etcd, api, f"/{request.node.name.split('[')[0]}/network")
+    cluster = Cluster(bed, etcd, api, "/" + re.sub(r"[^\w.-]", "-", request.node.name)
+                      + "/network")
     try:
         yield cluster
     finally:
@@ -301,3 +304,78 @@ def test_containers_on_three_hosts_then_a_fourth_joins_and_a_removed_lease_unrou
         src.wait_log(f"subnet removed: {subnet}")
         result = ping(src, address)
         assert "Destination Net Unreachable" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(("flags", "public_ip"), [
+    (["--iface-regex", "^nomatch$", "--iface-regex", r"^198\.18\."], None),
+    (["--iface-regex", "^eth"], None),
+    (["--iface", "eth0", "--public-ip", "198.18.1.7"], "198.18.1.7"),
+])
+def test_interface_and_public_ip_choice(cluster: Cluster, flags: list[str],
+                                        public_ip: str | None) -> None:
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
+    daemon = cluster.daemon(*flags, iface=None)
+    subnet = daemon.wait_subnet()
+    daemon.wait_log(f"using interface eth0 ({daemon.host.underlay_ip}, MTU 1500)")
+    value = f'{{"PublicIP":"{public_ip or daemon.host.underlay_ip}","PublicIPv6":null}}'
+    assert cluster.leases() == {key_of(subnet, cluster.prefix): value}
+
+
+def test_interface_by_address(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
+    host = cluster.bed.add_host()
+    daemon = Flanneld(cluster.bed, host, cluster.etcd, cluster.api, "--etcd-prefix",
+                      cluster.prefix, iface=host.underlay_ip)
+    cluster.daemons.append(daemon.start())
+    daemon.wait_subnet()
+    daemon.wait_log(f"using interface eth0 ({host.underlay_ip}")
+
+
+@pytest.mark.parametrize(("flags", "reason"), [
+    ([], "no default route"),
+    (["--iface", "nosuch0"], "no interface matches --iface nosuch0"),
+    (["--iface-regex", "^nosuch"], "no interface matches --iface-regex"),
+])
+def test_no_usable_interface_exits_non_zero(cluster: Cluster, flags: list[str],
+                                            reason: str) -> None:
+    daemon = cluster.daemon(*flags, iface=None)
+    assert daemon.process is not None and daemon.process.wait(20) == 1
+    assert reason in daemon.log()
+
+
+def test_healthz(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
+    daemon = cluster.daemon("--healthz-port", "8471", "--healthz-ip", "127.0.0.1")
+    daemon.wait_subnet()
+    daemon.wait_log("healthz server listening")
+    fetch = ("import sys, urllib.request, urllib.error\n"
+             "print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
+             "try: urllib.request.urlopen(sys.argv[2])\n"
+             "except urllib.error.HTTPError as e: print(e.code)\n")
+    result = daemon.host.run(sys.executable, "-c", fetch, "http://127.0.0.1:8471/healthz",
+                             "http://127.0.0.1:8471/other")
+    assert result.stdout.splitlines() == ["flanneld is running", "404"]
+
+
+def test_ip_masq_rules_let_containers_reach_the_underlay_and_go_on_exit(
+        cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon("--ip-masq")
+    subnet = daemon.wait_subnet()
+    assert daemon.subnet_env()["FLANNEL_IPMASQ"] == "true"
+    cluster.bed.add_container(daemon.host, str(subnet), 1472)
+    wait_for(lambda: daemon.host.run("iptables", "-S").stdout.count("flanneld forward") == 3,
+             10, "the rules were not installed")  # the forward rules come last
+    nat = daemon.host.run("iptables", "-t", "nat", "-S").stdout
+    assert f"-A FLANNEL-POSTRTG -s {subnet} -d 10.244.0.0/16 -m comment --comment " \
+           '"flanneld masq" -j RETURN' in nat
+    assert "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in nat
+    assert "-A FLANNEL-FWD -s 10.244.0.0/16" in daemon.host.run("iptables", "-S").stdout
+    # The etcd host has no route back to the overlay: only a masqueraded ping comes back.
+    result = daemon.host.in_container("ping", "-c", "1", "-W", "2", cluster.etcd.host.underlay_ip,
+                                      check=False)
+    assert result.returncode == 0, result.stdout
+    assert daemon.stop() == 0
+    nat = daemon.host.run("iptables", "-t", "nat", "-S").stdout
+    assert "flanneld masq" not in nat, nat + daemon.log()
+    assert "flanneld forward" not in daemon.host.run("iptables", "-S").stdout
