@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
-# iperf3.
-DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins iperf3
+# iperf3 and qperf.
+DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
+	iperf3 qperf
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
 
-.PHONY: install deb demo test lint clean
+.PHONY: install deb demo test perf lint clean
 
 install: deb $(STAMP)
 
@@ -32,6 +33,11 @@ $(STAMP): $(SOURCES)
 API ?= v3
 demo: install
 	$(PY) -m tests.demo --etcd-api $(API)
+
+# The paper's Table 1 side by side (about 14 minutes); QUICK=1 for one short pass (about 2).
+QUICK ?=
+perf: install
+	$(PY) -m perf.bench $(if $(QUICK),--quick)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -66,8 +66,8 @@ class Host:
     container_netns: str | None = None
     container_ip: str | None = None
 
-    def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return sh("ip", "-n", self.netns, *args)
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "-n", self.netns, *args, check=check)
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.netns, *args, check=check)

@@ -1,0 +1,1 @@
+"""Benchmarks: `make perf` (bench.py), one measurement per process (measure.py)."""
