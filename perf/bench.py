@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     samples = run(args.paths, args.regimes, workloads, reps, seconds)
     given = sys.argv[1:] if argv is None else argv
-    meta = {"command": " ".join(["python -m perf.bench", *given]),
+    command = " ".join(["python -m perf.bench", *given])
+    if os.environ.get("MAKELEVEL"):  # run by make
+        command = f"make perf{' QUICK=1' if args.quick else ''} ({command})"
+    meta = {"command": command,
             "date": started.strftime("%Y-%m-%d %H:%M UTC"), "reps": reps, "seconds": seconds,
             "shaped_rate": SHAPED_RATE, "machine": machine(),
             "wall_seconds": round((datetime.datetime.now(datetime.UTC) - started)

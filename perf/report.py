@@ -101,7 +101,7 @@ def chart(samples: list[Sample], path: str) -> None:
         ax.set_xticks(range(len(paths)), paths, rotation=30, ha="right")
         ax.set_ylabel("Mbit/s (median)")
         ax.set_title(f"throughput, {regime}")
-        ax.legend()
+        ax.legend(loc="lower left")
     ax = axes[-1]
     pyflannel = [p for p in paths if p.startswith("pyflannel")]
     for index, regime in enumerate(regimes):
@@ -113,7 +113,7 @@ def chart(samples: list[Sample], path: str) -> None:
     ax.set_xticks(range(len(pyflannel)), pyflannel)
     ax.set_ylabel("CPU seconds per GB, both pyflanneld")
     ax.set_title("pyflanneld CPU (TCP runs)")
-    ax.legend()
+    ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
