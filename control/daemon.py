@@ -12,7 +12,7 @@ import signal
 
 from control.config import ConfigError, NetworkConfig, parse_config
 from control.etcdv2 import EtcdV2Registry
-from control.etcdv3 import EtcdV3Registry
+from control.etcdv3 import EtcdV3Registry, TLSFiles
 from control.healthz import serve_healthz
 from control.host import ExternalInterface, HostError, Netlink
 from control.iptables import (
@@ -51,8 +51,11 @@ def open_registry(options: Options) -> Registry:
                               protocol=options.etcd_endpoints[0].scheme,
                               username=options.etcd_username, password=options.etcd_password,
                               cert=cert, ca_cert=options.etcd_cafile)
+    tls = None
+    if options.etcd_endpoints[0].scheme == "https":
+        tls = TLSFiles(options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile)
     return EtcdV3Registry(endpoints, options.etcd_prefix, username=options.etcd_username,
-                          password=options.etcd_password)
+                          password=options.etcd_password, tls=tls)
 
 
 async def wait_for_config(registry: Registry, options: Options) -> NetworkConfig:

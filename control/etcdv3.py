@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 # gRPC's fork handlers would log a warning each time the daemon runs iptables while a call is
@@ -17,6 +18,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd  # noqa: E402
 import aetcd.exceptions  # noqa: E402
+import aetcd.rpc  # noqa: E402
+import aetcd.watcher  # noqa: E402
 import grpc  # noqa: E402
 
 from control.registry import Change, Entry, HistoryLostError, RegistryError
@@ -27,19 +30,71 @@ CALL_TIMEOUT = 5.0
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """--etcd-cafile, --etcd-certfile, --etcd-keyfile (the last two for client certificates)."""
+
+    ca: str | None
+    cert: str | None
+    key: str | None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+class _TLSClient(aetcd.Client):
+    """aetcd 1.0 opens plain gRPC channels only: this is its connect() on a TLS channel."""
+
+    def __init__(self, host: str, port: int, credentials: grpc.ChannelCredentials,
+                 **kwargs: str | None) -> None:
+        super().__init__(host, port, **kwargs)
+        self._credentials = credentials
+        self._connect_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._connected.is_set():
+                return
+            self.channel = aetcd.rpc.secure_channel(f"{self._host}:{self._port}",
+                                                    self._credentials)
+            if self._username is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                response = await self.auth_stub.Authenticate(aetcd.rpc.AuthenticateRequest(
+                    name=self._username, password=self._password), timeout=self._timeout)
+                self.metadata = (("token", response.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+
+
 class EtcdV3Registry:
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self._endpoints = endpoints
         self._current = 0
         self._username = username
         self._password = password
+        self._credentials = tls.credentials() if tls is not None else None
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets/".encode()
         self._client = self._new_client()
 
     def _new_client(self) -> aetcd.Client:
         host, port = self._endpoints[self._current]
+        if self._credentials is not None:
+            return _TLSClient(host, port, self._credentials, username=self._username,
+                              password=self._password)
         return aetcd.Client(host, port, username=self._username, password=self._password)
 
     async def _failover(self) -> None:

@@ -207,7 +207,9 @@ def parse_args(argv: Sequence[str] | None = None,
     if bool(options.etcd_username) != bool(options.etcd_password):
         parser.error("--etcd-username and --etcd-password go together")
     https = options.etcd_endpoints[0].scheme == "https"
-    if options.etcd_api == "v3" and (https or options.etcd_cafile or options.etcd_certfile):
-        parser.error("TLS to etcd (https endpoints, --etcd-cafile, --etcd-certfile) is served "
-                     "only with --etcd-api v2: aetcd speaks plain gRPC")
+    if not https and (options.etcd_cafile or options.etcd_certfile):
+        parser.error("--etcd-cafile/--etcd-certfile need https:// --etcd-endpoints")
+    for path in (options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile):
+        if path and not os.access(path, os.R_OK):
+            parser.error(f"cannot read {path}")
     return options

@@ -30,7 +30,7 @@ class Flanneld:
         self.log_path = os.path.join(bed.workdir, f"{host.netns}.log")
         self.command = ["ip", "netns", "exec", host.netns, sys.executable, "-m", "control",
                         "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
-                        "--subnet-file", self.subnet_file,
+                        "--subnet-file", self.subnet_file, *etcd.client_flags(),
                         *(["--iface", iface] if iface else []), *extra]
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0

@@ -12,24 +12,79 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from tests.testbed import Host, Testbed, sh
 
 CLIENT_PORT = 2379
 
 
+@dataclass(frozen=True)
+class Certificates:
+    """A CA, a server certificate for an IP address and a client certificate, as PEM files."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_certificates(directory: str, server_ip: str) -> Certificates:
+    os.makedirs(directory, exist_ok=True)
+
+    def path(name: str) -> str:
+        return os.path.join(directory, name)
+
+    def openssl(*args: str) -> None:
+        sh("openssl", *args)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", path("ca.key"), "-out", path("ca.pem"))
+    for name, extension in (("server", f"subjectAltName=IP:{server_ip}"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"))
+        with open(path(f"{name}.ext"), "w") as f:
+            f.write(extension + "\n")
+        openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.pem"),
+                "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+                "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.pem"))
+    return Certificates(path("ca.pem"), path("server.pem"), path("server.key"),
+                        path("client.pem"), path("client.key"))
+
+
 class EtcdServer:
-    def __init__(self, bed: Testbed) -> None:
+    def __init__(self, bed: Testbed, tls: bool = False) -> None:
+        """With tls, etcd serves https only and asks clients for a certificate from its CA."""
         for tool in ("etcd", "etcdctl"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"'{tool}' is missing (make install installs etcd-server, "
                                    "etcd-client)")
-        self.host: Host = bed.add_host("etcd")
-        self.endpoint = f"http://{self.host.underlay_ip}:{CLIENT_PORT}"
-        self.data_dir = os.path.join(bed.workdir, "etcd")
-        self.log_path = os.path.join(bed.workdir, "etcd.log")
+        self.host: Host = bed.add_host("etcd-tls" if tls else "etcd")
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://{self.host.underlay_ip}:{CLIENT_PORT}"
+        self.certificates = (make_certificates(os.path.join(bed.workdir, "pki"),
+                                               self.host.underlay_ip) if tls else None)
+        self.data_dir = os.path.join(bed.workdir, self.host.netns + "-data")
+        self.log_path = os.path.join(bed.workdir, self.host.netns + ".log")
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
+
+    def _tls_flags(self, server: bool) -> list[str]:
+        c = self.certificates
+        if c is None:
+            return []
+        if server:
+            return ["--cert-file", c.server_cert, "--key-file", c.server_key,
+                    "--trusted-ca-file", c.ca, "--client-cert-auth"]
+        return ["--cacert", c.ca, "--cert", c.client_cert, "--key", c.client_key]
+
+    def client_flags(self) -> list[str]:
+        """pyflanneld's flags for this etcd's certificates (none without TLS)."""
+        c = self.certificates
+        return [] if c is None else ["--etcd-cafile", c.ca, "--etcd-certfile", c.client_cert,
+                                     "--etcd-keyfile", c.client_key]
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -39,7 +94,7 @@ class EtcdServer:
                  "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                  "--listen-peer-urls", "http://127.0.0.1:2380",
                  "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                 "--initial-cluster", "test=http://127.0.0.1:2380"],
+                 "--initial-cluster", "test=http://127.0.0.1:2380", *self._tls_flags(True)],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -67,8 +122,13 @@ class EtcdServer:
 
     def ctl(self, *args: str, api: str = "v3", check: bool = True
             ) -> subprocess.CompletedProcess[str]:
+        tls = self._tls_flags(False)
+        if api == "v2":  # etcdctl's v2 spelling of the same flags
+            tls = [flag.replace("--cacert", "--ca-file").replace("--cert", "--cert-file")
+                   .replace("--key", "--key-file") if flag.startswith("--") else flag
+                   for flag in tls]
         return sh("ip", "netns", "exec", self.host.netns, "env", f"ETCDCTL_API={api[1:]}",
-                  "etcdctl", "--endpoints", self.endpoint, *args, check=check)
+                  "etcdctl", "--endpoints", self.endpoint, *tls, *args, check=check)
 
     def put(self, key: str, value: str, api: str) -> None:
         if api == "v3":

@@ -379,3 +379,30 @@ def test_ip_masq_rules_let_containers_reach_the_underlay_and_go_on_exit(
     nat = daemon.host.run("iptables", "-t", "nat", "-S").stdout
     assert "flanneld masq" not in nat, nat + daemon.log()
     assert "flanneld forward" not in daemon.host.run("iptables", "-S").stdout
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(shared: tuple[Testbed, EtcdServer, str]) -> Iterator[EtcdServer]:
+    etcd = EtcdServer(shared[0], tls=True)
+    try:
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+def test_etcd_over_tls_with_client_certificates(cluster: Cluster, tls_etcd: EtcdServer) -> None:
+    cluster.etcd = tls_etcd
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    assert "--etcd-cafile" in daemon.command
+    subnet = daemon.wait_subnet()
+    assert cluster.leases() == {key_of(subnet, cluster.prefix): expected_value(daemon)}
+    # Without a client certificate etcd refuses; pyflanneld says so and keeps trying.
+    host = cluster.bed.add_host()
+    assert tls_etcd.certificates is not None
+    refused = Flanneld(cluster.bed, host, tls_etcd, cluster.api, "--etcd-prefix", cluster.prefix)
+    refused.command = [arg for arg in refused.command
+                       if arg not in tls_etcd.client_flags()[2:]]  # keep only --etcd-cafile
+    cluster.daemons.append(refused.start())
+    refused.wait_log("reading config", count=2, timeout=20)
+    assert refused.process is not None and refused.process.poll() is None

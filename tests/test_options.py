@@ -48,7 +48,9 @@ def test_environment_fills_what_the_command_line_leaves() -> None:
     (["--etcd-api", "v4"], {}, "--etcd-api"),
     (["--ip-masq=maybe"], {}, "--ip-masq"),
     ([], {"FLANNELD_PUBLIC_IP": "x"}, "FLANNELD_PUBLIC_IP"),
-    (["--etcd-cafile", "/ca.pem"], {}, "--etcd-api v2"),
+    (["--etcd-cafile", "/ca.pem"], {}, "need https://"),
+    (["--etcd-endpoints", "https://e:2379", "--etcd-cafile", "/nonexistent/ca.pem"], {},
+     "cannot read /nonexistent/ca.pem"),
     (["--etcd-username", "u"], {}, "--etcd-password"),
 ])
 def test_bad_input_exits_2_naming_it(argv: list[str], environ: dict[str, str], named: str,
