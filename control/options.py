@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from control.lease import SUBNET_TTL
 from control.registry import DEFAULT_PREFIX
 from control.subnetenv import DEFAULT_SUBNET_FILE
+from fastpath import DEFAULT_BATCH
 
 VERSION = "0.1.0"
 FLANNEL_COMPAT = "v0.20.2"
@@ -148,7 +149,7 @@ FLAGS = [
     Flag("healthz-port", "the port for healthz server to listen (0 to disable)",
          _bounded(int, 0, 65535), 0),
     Flag("fastpath-batch", "packets moved per wake-up by the fast path; 1 is per-packet "
-         "(pyflannel)", _bounded(int, 1, 1024), 64),
+         "(pyflannel)", _bounded(int, 1, 1024), DEFAULT_BATCH),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

@@ -45,7 +45,6 @@ class SubnetWatcher:
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
         self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
-        self.synced = asyncio.Event()  # set once the first listing is in the table
 
     async def run(self) -> None:
         """List and watch until cancelled."""
@@ -77,7 +76,6 @@ class SubnetWatcher:
         if revision is None:
             entries, revision = await self._registry.list_subnets()
             self._reconcile(entries)
-            self.synced.set()
         self._revision = revision
         async for change in self._registry.watch_subnets(revision):
             self._apply(change)
