@@ -139,12 +139,16 @@ class SubnetWatcher:
             return None
 
     def _add(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
-        if self.peers.get(subnet) == peer:
+        old = self.peers.get(subnet)
+        if old == peer:
             return
         self.peers[subnet] = peer
         if self._routes is not None:
             self._routes.set_route(subnet, str(peer), self._config.port)
-        log.info("subnet added: %s via %s", subnet, peer)
+        if old is None:
+            log.info("subnet added: %s via %s", subnet, peer)
+        else:
+            log.info("subnet changed: %s via %s (was %s)", subnet, peer, old)
 
     def _remove(self, subnet: ipaddress.IPv4Network) -> None:
         if self.peers.pop(subnet, None) is None:

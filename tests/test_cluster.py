@@ -226,6 +226,16 @@ def test_out_of_subnets_exits_non_zero(cluster: Cluster) -> None:
     assert "out of subnets" in daemon.log()
 
 
+def test_a_lease_that_changes_host_is_rerouted(cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    daemon.wait_subnet()
+    cluster.put("/subnets/10.244.230.0-24", '{"PublicIP":"198.18.0.250"}')
+    daemon.wait_log("subnet added: 10.244.230.0/24 via 198.18.0.250")
+    cluster.put("/subnets/10.244.230.0-24", '{"PublicIP":"198.18.0.251","BackendType":"udp"}')
+    daemon.wait_log("subnet changed: 10.244.230.0/24 via 198.18.0.251 (was 198.18.0.250)")
+
+
 def test_watch_resumes_after_etcd_restart(cluster: Cluster) -> None:
     cluster.config({"Network": "10.244.0.0/16"})
     daemon = cluster.daemon()
