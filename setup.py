@@ -3,8 +3,9 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# One extension per fastpath module: the table, the packet helpers, the loops, the Python API.
-FASTPATH_MODULES = ["table", "packet", "loops", "dataplane"]
+# One extension per fastpath module: the table, the packet helpers, the offload stage, the
+# loops, the Python API.
+FASTPATH_MODULES = ["table", "packet", "offload", "loops", "dataplane"]
 
 extensions = [
     Extension(f"fastpath.{name}", [f"fastpath/{name}.pyx"], extra_compile_args=["-O2"])

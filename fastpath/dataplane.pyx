@@ -11,12 +11,15 @@ from libc.stdint cimport uint64_t
 from fastpath.device import open_tun, open_udp
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
+from fastpath.offload cimport MAX_IPV4_PACKET, VNET_HDR_LEN
 from fastpath.system cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store
 from fastpath.table cimport RouteTable
 
-# A slot holds any IPv4 packet (up to 64 KiB), so no read is ever cut short; TUN offloads will
-# read 64 KiB super-packets into the same slots.
-SLOT_BYTES = 65536
+# A slot holds a virtio_net_hdr and any IPv4 packet (a TSO super-packet too) or a UDP_GRO receive.
+SLOT_BYTES = VNET_HDR_LEN + 65536
+# Send side: a 64 KiB super-packet cut into segments grows by one header per segment.
+ARENA_BYTES_PER_SLOT = 96 * 1024
+MAX_MTU = 65535
 DEFAULT_BATCH = 64
 DEFAULT_MTU = 1472
 DEFAULT_SOCKET_BUFFER = 4 << 20
@@ -43,6 +46,7 @@ cdef class FastPath:
     cdef readonly int port
     cdef readonly int mtu
     cdef readonly int batch
+    cdef readonly bint offload
     cdef readonly str tun_name
     cdef str tun_pattern
     cdef int socket_buffer
@@ -55,18 +59,19 @@ cdef class FastPath:
     cdef list threads
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
-                  int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH,
+                  int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
-        if not 68 <= mtu < SLOT_BYTES:
-            raise ValueError(f"MTU {mtu} must be in 68..{SLOT_BYTES - 1}")
+        if not 68 <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
         self.table = RouteTable(network, subnet_len)
         self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
         self.port = port
         self.tun_pattern = tun
         self.mtu = mtu
         self.batch = batch
+        self.offload = offload
         self.socket_buffer = socket_buffer
         self.tun_fd = -1
         self.wake_fd = -1
@@ -94,13 +99,15 @@ cdef class FastPath:
         if self.threads:
             raise RuntimeError("the fast path is already running")
         try:
-            self.tun_fd, self.tun_name = open_tun(self.tun_pattern)
-            self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer)
+            self.tun_fd, self.tun_name = open_tun(self.tun_pattern, self.offload)
+            self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
                 raise OSError("eventfd failed")
-            if vector_init(&self.tx.vec, self.batch, SLOT_BYTES) or \
-                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES):
+            if vector_init(&self.tx.vec, self.batch, SLOT_BYTES, 2 * self.batch,
+                           self.batch * ARENA_BYTES_PER_SLOT if self.offload else 1) or \
+                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES, self.batch,
+                                VNET_HDR_LEN + MAX_IPV4_PACKET):
                 raise MemoryError("cannot allocate the packet vectors")
         except BaseException:
             self._close()
@@ -112,6 +119,7 @@ cdef class FastPath:
         self.tx.stop = self.rx.stop = &self.stop_flag
         self.tx.table = &self.table.table
         self.rx.mtu = self.mtu
+        self.tx.offload = self.rx.offload = self.offload
         self.threads = [
             threading.Thread(target=self._run_tx, name="pyflannel-tx", daemon=True),
             threading.Thread(target=self._run_rx, name="pyflannel-rx", daemon=True),
@@ -154,7 +162,8 @@ cdef class FastPath:
 
     def stats(self) -> dict:
         """The loops' counters: {"tx": {...}, "rx": {...}}. tx counts TUN -> UDP, rx UDP -> TUN;
-        batch_sizes counts vectors of 1, 2-3, 4-7, ... 128+ packets."""
+        batch_sizes counts wake-ups that moved 1, 2-3, 4-7, ... 128+ reads (tx) or datagrams
+        (rx)."""
         cdef TxCounters tx
         cdef RxCounters rx
         snapshot(<uint64_t *>&self.tx.counters, <uint64_t *>&tx, sizeof(TxCounters))

@@ -11,34 +11,46 @@ import struct
 
 TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+# We finish partial checksums and cut TCP/IPv4 super-packets (also ECN-marked ones) ourselves.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO_ECN = 0x08
 IFNAMSIZ = 16
 
-# Missing from Python's socket module: as root these lift the net.core.[rw]mem_max cap.
+# Missing from Python's socket module: as root these lift the net.core.[rw]mem_max cap; UDP_GRO
+# lets one receive return many datagrams of one peer.
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+SOL_UDP = 17
+UDP_GRO = 104
 
 
-def open_tun(name: str) -> tuple[int, str]:
+def open_tun(name: str, offload: bool) -> tuple[int, str]:
     """Open a TUN device (IFF_TUN | IFF_NO_PI: bare IP packets) named `name`, which may be a
-    pattern such as "flannel%d" for the kernel to number. Returns (non-blocking fd, actual name).
-    The device lives as long as the fd stays open."""
+    pattern such as "flannel%d" for the kernel to number. With offload, every packet comes and
+    goes behind a virtio_net_hdr and the kernel may hand over TCP super-packets and unfinished
+    checksums. Returns (non-blocking fd, actual name). The device lives while the fd is open."""
     if len(name.encode()) >= IFNAMSIZ:
         raise ValueError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     fd = os.open(TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
     try:
-        ifreq = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
-        ifreq = fcntl.ioctl(fd, TUNSETIFF, ifreq)
+        ifreq = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        if offload:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN)
     except OSError:
         os.close(fd)
         raise
     return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode()
 
 
-def open_udp(ip: str, port: int, buffer_bytes: int) -> socket.socket:
-    """A UDP socket bound to ip:port with send and receive buffers of buffer_bytes. The buffers
-    are forced past the system cap when we may (root), else as large as the cap allows."""
+def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:
+    """A UDP socket bound to ip:port with send and receive buffers of buffer_bytes (forced past
+    the system cap when we may, as root), receiving with UDP_GRO if asked."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         buffers = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
@@ -47,6 +59,8 @@ def open_udp(ip: str, port: int, buffer_bytes: int) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, forced, buffer_bytes)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
+        if gro:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         sock.bind((ip, port))
     except OSError:
         sock.close()

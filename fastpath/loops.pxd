@@ -2,47 +2,60 @@
 # moves a vector of packets per wake-up. A loop owns its state; other threads only read the counters
 # (atomic loads) and raise the stop flag.
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
+from fastpath.offload cimport Coalescer
 from fastpath.packet cimport ICMP_UNREACH_MAX_LEN
 from fastpath.system cimport mmsghdr, sockaddr_in
 from fastpath.table cimport route_table_t
 
-# Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., 128 and more.
 cdef enum:
+    # Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., 128 and more.
     BATCH_BUCKETS = 8
+    # Room for one control message (UDP_SEGMENT's u16 out, UDP_GRO's int in), 8-byte aligned.
+    CONTROL_LEN = 32
 
 
-# A vector of packet buffers with the mmsghdr/iovec/address arrays that describe them to
-# sendmmsg/recvmmsg. Slot i's buffer is data + i * buf_size.
+# The packets of one wake-up and the message headers that describe them to sendmmsg/recvmmsg.
+# Slot i's buffer is data + i * slot_size. On the send side a TCP super-packet read from the TUN is
+# cut into the `out` arena and needs one message per 64 segments, so messages and slots are
+# counted apart.
 cdef struct PacketVector:
-    unsigned int count
-    size_t buf_size
+    unsigned int slots
+    size_t slot_size
     uint8_t *data
+    unsigned int max_msgs
     mmsghdr *msgs
     iovec *iovs
     sockaddr_in *addrs
+    uint8_t *control      # max_msgs * CONTROL_LEN
+    uint32_t *segments    # datagrams carried by each message
+    uint8_t *out          # send side: where super-packets are cut into segments
+    size_t out_size
 
 
 cdef struct TxCounters:
-    uint64_t packets           # sent to a peer
+    uint64_t packets           # datagrams sent to peers
     uint64_t bytes
     uint64_t batches
     uint64_t batch_sizes[BATCH_BUCKETS]
+    uint64_t tso_superpackets  # TCP super-packets read from the TUN and cut into segments
     uint64_t drop_not_ipv4     # IPv6 and anything else that is not IPv4
     uint64_t drop_no_route
     uint64_t drop_ttl
+    uint64_t drop_bad_offload  # a virtio_net_hdr that cannot be honoured
     uint64_t drop_send_error
     uint64_t drop_read_error
     uint64_t icmp_unreachable  # ICMP errors written back into the TUN
 
 
 cdef struct RxCounters:
-    uint64_t packets           # written to the TUN
+    uint64_t packets           # IPv4 packets written to the TUN (before coalescing)
     uint64_t bytes
     uint64_t batches
     uint64_t batch_sizes[BATCH_BUCKETS]
+    uint64_t coalesced         # packets merged into the one before them: TUN writes saved
     uint64_t drop_too_short
     uint64_t drop_bad_header
     uint64_t drop_bad_length
@@ -56,6 +69,7 @@ cdef struct TxLoop:
     int tun_fd
     int sock_fd
     int wake_fd                # readable once stop is asked
+    bint offload               # the TUN has IFF_VNET_HDR with CSUM and TSO4
     const uint64_t *stop
     const route_table_t *table
     PacketVector vec
@@ -67,13 +81,16 @@ cdef struct RxLoop:
     int tun_fd
     int sock_fd
     int wake_fd
+    bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
     const uint64_t *stop
     size_t mtu
     PacketVector vec
+    Coalescer coalescer
     RxCounters counters
 
 
-cdef int vector_init(PacketVector *vec, unsigned int count, size_t buf_size) noexcept nogil
+cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
+                     unsigned int max_msgs, size_t out_size) noexcept nogil
 cdef void vector_free(PacketVector *vec) noexcept nogil
 cdef void tx_run(TxLoop *loop) noexcept nogil
 cdef void rx_run(RxLoop *loop) noexcept nogil

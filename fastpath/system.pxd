@@ -21,6 +21,17 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
 
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
 
@@ -28,6 +39,13 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET
         MSG_DONTWAIT
         MSG_TRUNC
+
+
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        UDP_SEGMENT     # send: one buffer of equal-sized datagrams (GSO)
+        UDP_GRO         # receive: many datagrams of one peer in one buffer
 
 
 cdef extern from "<netinet/in.h>" nogil:
