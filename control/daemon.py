@@ -149,14 +149,16 @@ class Daemon:
             return ext.mtu
         mtu = ext.mtu - UDP_ENCAP_OVERHEAD
         self.fastpath = FastPath(config.network, config.subnet_len, str(ext.address),
-                                 config.port, mtu=mtu, batch=self.options.fastpath_batch)
+                                 config.port, mtu=mtu, batch=self.options.fastpath_batch,
+                                 offload=self.options.fastpath_offload)
         try:
             self.fastpath.start()
             await self.netlink.configure_tun(self.fastpath.tun_name, subnet, config.network, mtu)
         except (OSError, HostError) as err:
             raise Fatal(f"starting the udp backend on {ext.address}:{config.port}: {err}") from err
-        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d", self.fastpath.tun_name, mtu,
-                 ext.address, config.port, self.options.fastpath_batch)
+        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s",
+                 self.fastpath.tun_name, mtu, ext.address, config.port,
+                 self.options.fastpath_batch, "on" if self.options.fastpath_offload else "off")
         return mtu
 
     def _iptables_rules(self, network: ipaddress.IPv4Network,

@@ -56,6 +56,7 @@ class Options:
     healthz_ip: str
     healthz_port: int
     fastpath_batch: int
+    fastpath_offload: bool
     v: int
 
 
@@ -150,6 +151,9 @@ FLAGS = [
          _bounded(int, 0, 65535), 0),
     Flag("fastpath-batch", "packets moved per wake-up by the fast path; 1 is per-packet "
          "(pyflannel)", _bounded(int, 1, 1024), DEFAULT_BATCH),
+    Flag("fastpath-offload", "TUN offloads: TCP super-packets cut into UDP GSO sends, UDP GRO "
+         "receives merged into one TUN write (pyflannel; the wire format is unchanged)",
+         _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

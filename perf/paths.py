@@ -114,7 +114,9 @@ class PerfBed:
         if batch == self.batch:
             return
         self.batch = batch
-        flags = [] if batch is None else ["--fastpath-batch", str(batch)]
+        # The per-packet baseline: one read, one send, no offloads (flanneld's C proxy's shape).
+        flags = [] if batch is None else ["--fastpath-batch", str(batch),
+                                          "--fastpath-offload=false"]
         stop_all([side.daemon for side in self.sides])
         for side in self.sides:
             side.daemon = Flanneld(self.bed, side.host, self.etcd, API, *flags).start()

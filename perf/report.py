@@ -133,10 +133,11 @@ def write_report(meta: dict[str, Any], samples: list[Sample], out_dir: str) -> s
         f"measurement lengths in seconds: {meta['seconds']}",
         "- testbed: two hosts in network namespaces on a veth underlay through a bridge, each "
         "with a container attached by the CNI bridge plugin; etcd v3. Paths: `direct` host to "
-        "host on the underlay; `pyflannel` container to container through pyflanneld; "
-        "`pyflannel-batch1` the same with --fastpath-batch 1 (one read, one send per packet: "
-        "the shape of flanneld's C proxy); `vxlan` the kernel's VXLAN set up as flannel's vxlan "
-        "backend does; `host-gw` a route via the peer's underlay address.",
+        "host on the underlay; `pyflannel` container to container through pyflanneld with its "
+        "defaults (vectors of 64 packets, TUN offloads with UDP GSO/GRO); `pyflannel-batch1` "
+        "the same with --fastpath-batch 1 --fastpath-offload=false (one read, one send per "
+        "packet: the shape of flanneld's C proxy); `vxlan` the kernel's VXLAN set up as "
+        "flannel's vxlan backend does; `host-gw` a route via the peer's underlay address.",
         f"- regimes: `shaped-100mbit` tc tbf at {meta['shaped_rate']} on each host's underlay "
         "egress (the paper's 100 Mbit NIC), `unshaped` this machine's ceiling.",
         "- UDP: 64-byte payloads offered at 2 Gbit/s by iperf3; latency: qperf udp_lat, half "
