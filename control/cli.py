@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -21,4 +23,6 @@ def configure_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     configure_logging(options.v)
+    # `kill -USR1` writes every thread's stack to the log: for a daemon that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return uvloop.run(run_daemon(options))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 
 from control.config import ConfigError, NetworkConfig, parse_config
@@ -34,6 +35,7 @@ from fastpath.table import MAX_SUBNETS
 log = logging.getLogger("pyflanneld")
 
 CONFIG_RETRY_SECONDS = 1.0
+STOP_GRACE_SECONDS = 2.0  # a stop waits this long for the tasks to wind down
 UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
 
 
@@ -198,17 +200,44 @@ class Daemon:
         await self.netlink.close()
 
 
+def _pending_tasks() -> str:
+    """Where each unfinished task waits: for the log, when stopping takes too long."""
+    waits = []
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            frames = task.get_stack(limit=2)
+            where = ", ".join(f"{f.f_code.co_name} ({f.f_code.co_filename}:{f.f_lineno})"
+                              for f in frames)
+            waits.append(f"{task.get_name()}: {where}")
+    return "; ".join(waits)
+
+
 async def run_daemon(options: Options) -> int:
     """Run until SIGTERM/SIGINT (status 0) or a fatal problem (status 1)."""
     daemon = Daemon(options)
     serving = asyncio.ensure_future(daemon.serve())
     loop = asyncio.get_running_loop()
+    signalled: asyncio.Future[signal.Signals] = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, serving.cancel)
+        loop.add_signal_handler(
+            signum, lambda s=signum: signalled.done() or signalled.set_result(s))
     try:
-        await serving
-    except asyncio.CancelledError:
-        log.info("stopping on signal; the lease stays in etcd")
+        await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if signalled.done():
+            log.info("got %s: stopping", signalled.result().name)
+            serving.cancel()
+            await asyncio.wait({serving}, timeout=STOP_GRACE_SECONDS)
+            if not serving.done():
+                # A library task that ignores cancellation must not keep the daemon alive.
+                log.warning("tasks still busy after %gs; exiting without them: %s",
+                            STOP_GRACE_SECONDS, _pending_tasks())
+                await daemon.close()
+                log.info("stopped; the lease stays in etcd")
+                logging.shutdown()
+                os._exit(0)
+            log.info("stopped; the lease stays in etcd")
+            return 0
+        serving.result()
         return 0
     except Fatal as err:
         log.error("%s", err)
@@ -218,4 +247,3 @@ async def run_daemon(options: Options) -> int:
         return 1
     finally:
         await daemon.close()
-    return 0

@@ -26,6 +26,7 @@ from control.registry import Change, Entry, HistoryLostError, RegistryError
 
 # Unary calls are bounded here; the watch stream is not (aetcd would apply its timeout to it).
 CALL_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
 
 T = TypeVar("T")
 
@@ -105,8 +106,11 @@ class EtcdV3Registry:
             self._client = self._new_client()
 
     async def _call(self, call: Awaitable[T]) -> T:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+        # lands as the call completes, and a stopping daemon would then wait forever.
         try:
-            return await asyncio.wait_for(call, CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await call
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
             await self._failover()
             raise RegistryError(f"etcd v3 at {self.endpoint}: {_describe(err)}") from err
@@ -156,9 +160,9 @@ class EtcdV3Registry:
 
     async def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
         try:
-            watch = await asyncio.wait_for(
-                self._client.watch_prefix(self._subnets, start_revision=after_revision + 1),
-                CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                watch = await self._client.watch_prefix(self._subnets,
+                                                        start_revision=after_revision + 1)
         except aetcd.exceptions.RevisionCompactedError as err:
             raise HistoryLostError(f"etcd v3 compacted past revision {after_revision}") from err
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
@@ -174,17 +178,29 @@ class EtcdV3Registry:
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
             raise RegistryError(f"etcd v3 watch at {self.endpoint}: {_describe(err)}") from err
         finally:
-            await _quietly(watch.cancel())
+            # Not awaited: aetcd's cancel waits for a lock that a cancelled watch may still hold.
+            _in_background(watch.cancel())
         raise RegistryError(f"etcd v3 watch at {self.endpoint} ended")
 
     async def close(self) -> None:
-        await _quietly(self._client.close())
+        await _quietly(self._client.close(), CLOSE_TIMEOUT)
 
 
-async def _quietly(call: Awaitable[object]) -> None:
+_background: set[asyncio.Future[None]] = set()
+
+
+def _in_background(call: Awaitable[object]) -> None:
+    """Run a tear-down call without waiting for it (kept referenced until it ends)."""
+    task = asyncio.ensure_future(_quietly(call))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _quietly(call: Awaitable[object], timeout: float = CALL_TIMEOUT) -> None:
     """Tear-down of a connection that may already be broken: failures here change nothing."""
     try:
-        await asyncio.wait_for(call, CALL_TIMEOUT)
+        async with asyncio.timeout(timeout):
+            await call
     except Exception:  # noqa: BLE001 - closing a broken channel may fail in many ways
         pass
 

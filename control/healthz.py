@@ -10,9 +10,10 @@ log = logging.getLogger("pyflanneld.healthz")
 
 async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        request = await asyncio.wait_for(reader.readline(), 5)
-        while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-            pass  # headers: nothing in them matters here
+        async with asyncio.timeout(5):
+            request = await reader.readline()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # headers: nothing in them matters here
         parts = request.split()
         if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/healthz":
             status, body = b"200 OK", b"flanneld is running"

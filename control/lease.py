@@ -208,8 +208,8 @@ class LeaseKeeper:
         """Renew before expiry; take a lease again when lost. Runs until cancelled."""
         while True:
             try:
-                await asyncio.wait_for(self._lost.wait(),
-                                       max(self._renew_at - time.monotonic(), 0.0))
+                async with asyncio.timeout(max(self._renew_at - time.monotonic(), 0.0)):
+                    await self._lost.wait()
             except TimeoutError:
                 if await self._renew():
                     continue

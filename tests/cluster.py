@@ -90,9 +90,12 @@ class Flanneld:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log
+                time.sleep(1)
                 process.kill()
                 process.wait()
-                raise AssertionError(f"{self.host.netns}: pyflanneld ignored SIGTERM") from None
+                raise AssertionError(f"{self.host.netns}: pyflanneld ignored SIGTERM; log:\n"
+                                     f"{self.log()[-6000:]}") from None
         return process.returncode
 
 
