@@ -91,7 +91,7 @@ def chart(samples: list[Sample], path: str) -> None:
     paths = list(dict.fromkeys(s["path"] for s in samples))
     regimes = list(dict.fromkeys(s["regime"] for s in samples))
     mbps = lambda s: s["bits_per_second"] / 1e6  # noqa: E731
-    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(5 * (len(regimes) + 1), 4.5))
+    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(5 * (len(regimes) + 1), 5))
     width = 0.4
     for ax, regime in zip(axes, regimes, strict=False):
         for offset, workload in ((-width / 2, "tcp1"), (width / 2, "tcp4")):
@@ -101,7 +101,7 @@ def chart(samples: list[Sample], path: str) -> None:
         ax.set_xticks(range(len(paths)), paths, rotation=30, ha="right")
         ax.set_ylabel("Mbit/s (median)")
         ax.set_title(f"throughput, {regime}")
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small")
     ax = axes[-1]
     pyflannel = [p for p in paths if p.startswith("pyflannel")]
     for index, regime in enumerate(regimes):
@@ -113,7 +113,7 @@ def chart(samples: list[Sample], path: str) -> None:
     ax.set_xticks(range(len(pyflannel)), pyflannel)
     ax.set_ylabel("CPU seconds per GB, both pyflanneld")
     ax.set_title("pyflanneld CPU (TCP runs)")
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
