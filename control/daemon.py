@@ -6,6 +6,7 @@ etcd, as flanneld leaves it, so a restart takes the same subnet back."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -181,8 +182,7 @@ class Daemon:
         log.warning("this host's subnet moved from %s to %s", old, new)
         if self.fastpath is not None:
             await self.netlink.readdress_tun(self.fastpath.tun_name, old, new)
-        self.subnet_env = SubnetEnv(self.subnet_env.network, new, self.subnet_env.mtu,
-                                    self.subnet_env.ip_masq)
+        self.subnet_env = dataclasses.replace(self.subnet_env, subnet=new)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
         if self.options.ip_masq:
             try:
@@ -221,6 +221,7 @@ async def run_daemon(options: Options) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(
             signum, lambda s=signum: signalled.done() or signalled.set_result(s))
+    abandoned = False
     try:
         await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if signalled.done():
@@ -231,10 +232,7 @@ async def run_daemon(options: Options) -> int:
                 # A library task that ignores cancellation must not keep the daemon alive.
                 log.warning("tasks still busy after %gs; exiting without them: %s",
                             STOP_GRACE_SECONDS, _pending_tasks())
-                await daemon.close()
-                log.info("stopped; the lease stays in etcd")
-                logging.shutdown()
-                os._exit(0)
+                abandoned = True
             log.info("stopped; the lease stays in etcd")
             return 0
         serving.result()
@@ -247,3 +245,6 @@ async def run_daemon(options: Options) -> int:
         return 1
     finally:
         await daemon.close()
+        if abandoned:  # asyncio.run would wait for those tasks forever
+            logging.shutdown()
+            os._exit(0)

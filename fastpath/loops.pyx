@@ -16,7 +16,7 @@ from posix.uio cimport iovec, writev
 from posix.unistd cimport read, write
 
 from fastpath.offload cimport (
-    MAX_IPV4_PACKET, UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
     Coalescer, finish_checksum, gro_append, gro_finish, gro_header_len, gro_start, tso_split,
     virtio_net_hdr,

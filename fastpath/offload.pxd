@@ -11,7 +11,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from fastpath.packet cimport IPV4_HEADER_LEN, checksum, fold, load16, load32, store16
+from fastpath.packet cimport IPV4_HEADER_LEN, checksum, fold, load16, load32, store16, sum16
 
 
 cdef extern from "<linux/virtio_net.h>" nogil:
@@ -51,23 +51,6 @@ cdef inline void store32(uint8_t *p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
-cdef inline uint64_t sum16(const uint8_t *p, size_t n, uint64_t total) noexcept nogil:
-    """The ones'-complement sum of n bytes added to total, not yet folded."""
-    cdef size_t i = 0
-    while i + 1 < n:
-        total += (p[i] << 8) | p[i + 1]
-        i += 2
-    if n & 1:
-        total += p[n - 1] << 8
-    return total
-
-
-cdef inline uint16_t fold64(uint64_t s) noexcept nogil:
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint16_t>s
-
-
 cdef inline uint64_t pseudo_header(const uint8_t *ip, uint8_t proto, size_t l4_len) noexcept nogil:
     """The IPv4 pseudo-header's contribution to a TCP/UDP checksum."""
     return sum16(ip + 12, 8, 0) + proto + l4_len
@@ -80,7 +63,7 @@ cdef inline bint finish_checksum(uint8_t *pkt, size_t n, const virtio_net_hdr *h
     cdef size_t field = start + h.csum_offset
     if field + 2 > n:
         return False
-    cdef uint16_t csum = ~fold64(sum16(pkt + start, n - start, 0)) & 0xFFFF
+    cdef uint16_t csum = ~fold(sum16(pkt + start, n - start, 0)) & 0xFFFF
     if csum == 0 and h.csum_offset == 6:  # UDP: 0 would mean "no checksum"
         csum = 0xFFFF
     store16(pkt + field, csum)
@@ -128,7 +111,7 @@ cdef inline int tso_split(const uint8_t *pkt, size_t n, uint16_t gso_size, uint8
             f &= ~TCP_CWR
         o[iph + 13] = f
         store16(o + iph + 16, 0)
-        store16(o + iph + 16, ~fold64(sum16(o + iph, tcph + this,
+        store16(o + iph + 16, ~fold(sum16(o + iph, tcph + this,
                                             pseudo_header(o, IPPROTO_TCP, tcph + this))) & 0xFFFF)
     seg_len[0] = hl + gso_size
     return <int>count
@@ -205,7 +188,7 @@ cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
         store16(p + 2, <uint16_t>c.len)
         store16(p + 10, 0)
         store16(p + 10, checksum(p, IPV4_HEADER_LEN))
-        store16(p + 36, fold64(pseudo_header(p, IPPROTO_TCP, c.len - IPV4_HEADER_LEN)))
+        store16(p + 36, fold(pseudo_header(p, IPPROTO_TCP, c.len - IPV4_HEADER_LEN)))
         h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
         h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
         h.hdr_len = <uint16_t>c.hl

@@ -1,7 +1,7 @@
 # IPv4 packet helpers for the loops: validation, TTL with an incremental checksum fix, and the ICMP
 # "destination net unreachable" reply. All inline and GIL-free; packet.pyx wraps them for tests.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 cdef enum:
@@ -37,22 +37,26 @@ cdef inline uint32_t load32(const uint8_t *p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
-cdef inline uint32_t fold(uint32_t s) noexcept nogil:
+cdef inline uint64_t sum16(const uint8_t *p, size_t n, uint64_t total) noexcept nogil:
+    """The ones'-complement sum of n bytes added to total, not yet folded."""
+    cdef size_t i = 0
+    while i + 1 < n:
+        total += (p[i] << 8) | p[i + 1]
+        i += 2
+    if n & 1:
+        total += p[n - 1] << 8
+    return total
+
+
+cdef inline uint16_t fold(uint64_t s) noexcept nogil:
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return s
+    return <uint16_t>s
 
 
 cdef inline uint16_t checksum(const uint8_t *p, size_t n) noexcept nogil:
     """The Internet checksum (RFC 1071) of n bytes, computed from scratch."""
-    cdef uint32_t s = 0
-    cdef size_t i = 0
-    while i + 1 < n:
-        s += load16(p + i)
-        i += 2
-    if n & 1:
-        s += p[n - 1] << 8
-    return ~fold(s) & 0xFFFF
+    return ~fold(sum16(p, n, 0)) & 0xFFFF
 
 
 cdef inline Verdict check_ipv4(const uint8_t *p, size_t n, size_t mtu) noexcept nogil:
