@@ -57,6 +57,8 @@ class Options:
     healthz_port: int
     fastpath_batch: int
     fastpath_offload: bool
+    fastpath_scatter: bool
+    fastpath_busy_poll: int
     v: int
 
 
@@ -154,6 +156,12 @@ FLAGS = [
     Flag("fastpath-offload", "TUN offloads: TCP super-packets cut into UDP GSO sends, UDP GRO "
          "receives merged into one TUN write (pyflannel; the wire format is unchanged)",
          _go_bool, True, boolean=True),
+    Flag("fastpath-scatter", "with offloads, hand segments to the kernel as iovecs where they "
+         "lie instead of copying them into one buffer first (pyflannel)",
+         _go_bool, True, boolean=True),
+    Flag("fastpath-busy-poll", "microseconds the fast path looks for more packets before it "
+         "sleeps: lower latency for a busy core (pyflannel; 0 is off)",
+         _bounded(int, 0, 1000), 0),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

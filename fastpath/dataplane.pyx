@@ -8,17 +8,24 @@ import threading
 
 from libc.stdint cimport uint64_t
 
-from fastpath.device import open_tun, open_udp
+from fastpath.device import missing_udp_offloads, open_tun, open_udp
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
-from fastpath.offload cimport MAX_IPV4_PACKET, VNET_HDR_LEN
-from fastpath.system cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store
+from fastpath.offload cimport MAX_IPV4_PACKET, UDP_MAX_SEGMENTS, VNET_HDR_LEN
+from fastpath.system cimport (
+    EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store, pthread_self, pthread_setname_np,
+)
 from fastpath.table cimport RouteTable
 
 # A slot holds a virtio_net_hdr and any IPv4 packet (a TSO super-packet too) or a UDP_GRO receive.
 SLOT_BYTES = VNET_HDR_LEN + 65536
-# Send side: a 64 KiB super-packet cut into segments grows by one header per segment.
-ARENA_BYTES_PER_SLOT = 96 * 1024
+# Send side, per slot: the headers of a super-packet's segments (scatter: up to 64 per message of
+# up to 120 bytes), or the whole segments (copy: a 64 KiB super-packet grows by one header per
+# segment). A full arena is sent and reused within the wake-up, so one message must fit.
+HEADER_BYTES_PER_SLOT = UDP_MAX_SEGMENTS * 120
+COPY_BYTES_PER_SLOT = 96 * 1024
+# Send side, per slot: a header and a payload iovec per segment.
+IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
 DEFAULT_BATCH = 64
 DEFAULT_MTU = 1472
@@ -38,7 +45,8 @@ cdef class FastPath:
     go into the TUN.
 
     The route table exists from construction, so routes may be set before start() and at any
-    time while the loops run.
+    time while the loops run. With offload, start() falls back to the plain path on a kernel
+    that lacks what it needs, saying what in offload_missing (offload is then False).
     """
 
     cdef readonly RouteTable table
@@ -47,6 +55,9 @@ cdef class FastPath:
     cdef readonly int mtu
     cdef readonly int batch
     cdef readonly bint offload
+    cdef readonly str offload_missing
+    cdef readonly bint scatter
+    cdef readonly int busy_poll_us
     cdef readonly str tun_name
     cdef str tun_pattern
     cdef int socket_buffer
@@ -60,9 +71,12 @@ cdef class FastPath:
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
+                  bint scatter=True, int busy_poll_us=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
+        if busy_poll_us < 0:
+            raise ValueError(f"busy poll of {busy_poll_us} us must not be negative")
         if not 68 <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
         self.table = RouteTable(network, subnet_len)
@@ -72,6 +86,9 @@ cdef class FastPath:
         self.mtu = mtu
         self.batch = batch
         self.offload = offload
+        self.offload_missing = ""
+        self.scatter = scatter
+        self.busy_poll_us = busy_poll_us
         self.socket_buffer = socket_buffer
         self.tun_fd = -1
         self.wake_fd = -1
@@ -99,15 +116,25 @@ cdef class FastPath:
         if self.threads:
             raise RuntimeError("the fast path is already running")
         try:
-            self.tun_fd, self.tun_name = open_tun(self.tun_pattern, self.offload)
+            if self.offload:
+                missing = missing_udp_offloads()
+                if missing:
+                    self.offload = False
+                    self.offload_missing = " and ".join(missing)
+            self.tun_fd, self.tun_name, tun_offload = open_tun(self.tun_pattern, self.offload)
+            if self.offload and not tun_offload:
+                self.offload = False
+                self.offload_missing = "TUN offloads (TUNSETOFFLOAD with TSO4)"
             self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
                 raise OSError("eventfd failed")
             if vector_init(&self.tx.vec, self.batch, SLOT_BYTES, 2 * self.batch,
-                           self.batch * ARENA_BYTES_PER_SLOT if self.offload else 1) or \
-                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES, self.batch,
-                                VNET_HDR_LEN + MAX_IPV4_PACKET):
+                           self.batch * (IOVS_PER_SLOT if self.offload else 1),
+                           self._tx_arena_bytes()) or \
+                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES, self.batch, self.batch,
+                                VNET_HDR_LEN + MAX_IPV4_PACKET
+                                if self.offload and not self.scatter else 1):
                 raise MemoryError("cannot allocate the packet vectors")
         except BaseException:
             self._close()
@@ -120,6 +147,8 @@ cdef class FastPath:
         self.tx.table = &self.table.table
         self.rx.mtu = self.mtu
         self.tx.offload = self.rx.offload = self.offload
+        self.tx.scatter = self.rx.scatter = self.scatter
+        self.tx.spin_ns = self.rx.spin_ns = <uint64_t>self.busy_poll_us * 1000
         self.threads = [
             threading.Thread(target=self._run_tx, name="pyflannel-tx", daemon=True),
             threading.Thread(target=self._run_rx, name="pyflannel-rx", daemon=True),
@@ -127,12 +156,19 @@ cdef class FastPath:
         for thread in self.threads:
             thread.start()
 
+    def _tx_arena_bytes(self) -> int:
+        if not self.offload:
+            return 1
+        return self.batch * (HEADER_BYTES_PER_SLOT if self.scatter else COPY_BYTES_PER_SLOT)
+
     def _run_tx(self):
         with nogil:
+            pthread_setname_np(pthread_self(), "pyflannel-tx")
             tx_run(&self.tx)
 
     def _run_rx(self):
         with nogil:
+            pthread_setname_np(pthread_self(), "pyflannel-rx")
             rx_run(&self.rx)
 
     def stop(self):

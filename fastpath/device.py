@@ -22,18 +22,34 @@ TUN_F_TSO_ECN = 0x08
 IFNAMSIZ = 16
 
 # Missing from Python's socket module: as root these lift the net.core.[rw]mem_max cap; UDP_GRO
-# lets one receive return many datagrams of one peer.
+# lets one receive return many datagrams of one peer (Linux 5.0); UDP_SEGMENT sends many in one
+# buffer (Linux 4.18).
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SOL_UDP = 17
+UDP_SEGMENT = 103
 UDP_GRO = 104
 
 
-def open_tun(name: str, offload: bool) -> tuple[int, str]:
+def missing_udp_offloads() -> list[str]:
+    """The UDP socket options the offloaded path needs that this kernel lacks (none on 5.0+)."""
+    missing = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for name, option in (("UDP_SEGMENT", UDP_SEGMENT), ("UDP_GRO", UDP_GRO)):
+            try:
+                probe.setsockopt(SOL_UDP, option, 0)
+            except OSError:
+                missing.append(name)
+    return missing
+
+
+def open_tun(name: str, offload: bool) -> tuple[int, str, bool]:
     """Open a TUN device (IFF_TUN | IFF_NO_PI: bare IP packets) named `name`, which may be a
     pattern such as "flannel%d" for the kernel to number. With offload, every packet comes and
     goes behind a virtio_net_hdr and the kernel may hand over TCP super-packets and unfinished
-    checksums. Returns (non-blocking fd, actual name). The device lives while the fd is open."""
+    checksums; a kernel that refuses those offloads gets a plain TUN instead. Returns
+    (non-blocking fd, actual name, whether the offloads are on). The device lives while the fd
+    is open."""
     if len(name.encode()) >= IFNAMSIZ:
         raise ValueError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     fd = os.open(TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -44,8 +60,10 @@ def open_tun(name: str, offload: bool) -> tuple[int, str]:
             fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN)
     except OSError:
         os.close(fd)
+        if offload:
+            return open_tun(name, False)
         raise
-    return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode()
+    return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode(), offload
 
 
 def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:

@@ -19,19 +19,22 @@ cdef enum:
 
 # The packets of one wake-up and the message headers that describe them to sendmmsg/recvmmsg.
 # Slot i's buffer is data + i * slot_size. On the send side a TCP super-packet read from the TUN is
-# cut into the `out` arena and needs one message per 64 segments, so messages and slots are
-# counted apart.
+# cut into segments and needs one message per 64 of them, each message a run of iovecs (a
+# segment's headers in `out`, its payload in the slot), so slots, messages and iovecs are counted
+# apart.
 cdef struct PacketVector:
     unsigned int slots
     size_t slot_size
     uint8_t *data
     unsigned int max_msgs
     mmsghdr *msgs
-    iovec *iovs
+    unsigned int max_iovs
+    iovec *iovs           # a message's iovecs are consecutive
     sockaddr_in *addrs
     uint8_t *control      # max_msgs * CONTROL_LEN
     uint32_t *segments    # datagrams carried by each message
-    uint8_t *out          # send side: where super-packets are cut into segments
+    uint8_t *out          # send: segment headers (or whole segments when copying); receive:
+                          # a merged packet gathered into one buffer when copying
     size_t out_size
 
 
@@ -69,10 +72,15 @@ cdef struct TxLoop:
     int tun_fd
     int sock_fd
     int wake_fd                # readable once stop is asked
+    uint64_t spin_ns           # how long to look for more before sleeping (busy poll)
     bint offload               # the TUN has IFF_VNET_HDR with CSUM and TSO4
+    bint scatter               # segments go out as iovecs; False: copied into `out` first
     const uint64_t *stop
     const route_table_t *table
     PacketVector vec
+    unsigned int queued        # messages, iovecs and `out` bytes used by this wake-up so far
+    unsigned int iovs_used
+    size_t out_used
     uint8_t icmp[ICMP_UNREACH_MAX_LEN]
     TxCounters counters
 
@@ -81,7 +89,9 @@ cdef struct RxLoop:
     int tun_fd
     int sock_fd
     int wake_fd
+    uint64_t spin_ns
     bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
+    bint scatter               # merged packets are written as iovecs; False: gathered first
     const uint64_t *stop
     size_t mtu
     PacketVector vec
@@ -90,7 +100,7 @@ cdef struct RxLoop:
 
 
 cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
-                     unsigned int max_msgs, size_t out_size) noexcept nogil
+                     unsigned int max_msgs, unsigned int max_iovs, size_t out_size) noexcept nogil
 cdef void vector_free(PacketVector *vec) noexcept nogil
 cdef void tx_run(TxLoop *loop) noexcept nogil
 cdef void rx_run(RxLoop *loop) noexcept nogil

@@ -12,14 +12,16 @@
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 from posix.uio cimport iovec, writev
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read, write
 
 from fastpath.offload cimport (
     UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
-    Coalescer, finish_checksum, gro_append, gro_finish, gro_header_len, gro_start, tso_split,
-    virtio_net_hdr,
+    Coalescer, TsoCut, finish_checksum, gather, gro_append, gro_finish, gro_header_len, gro_start,
+    tso_header, tso_plan, tso_segment_len, virtio_net_hdr,
 )
 from fastpath.packet cimport (
     BAD_HEADER, BAD_LENGTH, IPV4_HEADER_LEN, TOO_BIG, TOO_SHORT, Verdict, build_net_unreachable,
@@ -37,15 +39,16 @@ cdef uint8_t PLAIN_VNET_HDR[VNET_HDR_LEN]
 
 
 cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
-                     unsigned int max_msgs, size_t out_size) noexcept nogil:
-    """Allocate the slots, the message headers and the arena; -1 if out of memory."""
+                     unsigned int max_msgs, unsigned int max_iovs, size_t out_size) noexcept nogil:
+    """Allocate the slots, the message headers, the iovecs and the arena; -1 if out of memory."""
     vec.slots = slots
     vec.slot_size = slot_size
     vec.max_msgs = max_msgs
+    vec.max_iovs = max_iovs
     vec.out_size = out_size
     vec.data = <uint8_t *>calloc(slots, slot_size)
     vec.msgs = <mmsghdr *>calloc(max_msgs, sizeof(mmsghdr))
-    vec.iovs = <iovec *>calloc(max_msgs, sizeof(iovec))
+    vec.iovs = <iovec *>calloc(max_iovs, sizeof(iovec))
     vec.addrs = <sockaddr_in *>calloc(max_msgs, sizeof(sockaddr_in))
     vec.control = <uint8_t *>calloc(max_msgs, CONTROL_LEN)
     vec.segments = <uint32_t *>calloc(max_msgs, sizeof(uint32_t))
@@ -54,10 +57,6 @@ cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
             and vec.out):
         vector_free(vec)
         return -1
-    cdef unsigned int i
-    for i in range(max_msgs):
-        vec.msgs[i].msg_hdr.msg_iov = &vec.iovs[i]
-        vec.msgs[i].msg_hdr.msg_iovlen = 1
     return 0
 
 
@@ -87,9 +86,18 @@ cdef inline void count_batch(uint64_t *batches, uint64_t *buckets, unsigned int 
     pf_add(&buckets[bucket], 1)
 
 
-cdef inline bint wait_readable(int fd, int wake_fd) noexcept nogil:
-    """Block until fd is readable; False once the loop is asked to stop."""
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec
+
+
+cdef inline bint wait_readable(int fd, int wake_fd, uint64_t spin_ns) noexcept nogil:
+    """Block until fd is readable; False once the loop is asked to stop. With spin_ns, look
+    without sleeping for that long first: what comes within the window skips the sleep and the
+    wake-up (microseconds each, more on a virtual machine) at the cost of a busy core meanwhile."""
     cdef pollfd fds[2]
+    cdef uint64_t deadline = now_ns() + spin_ns if spin_ns else 0
     fds[0].fd = fd
     fds[0].events = POLLIN
     fds[1].fd = wake_fd
@@ -97,7 +105,7 @@ cdef inline bint wait_readable(int fd, int wake_fd) noexcept nogil:
     while True:
         fds[0].revents = 0
         fds[1].revents = 0
-        if poll(fds, 2, -1) < 0 and errno != EINTR:
+        if poll(fds, 2, 0 if deadline and now_ns() < deadline else -1) < 0 and errno != EINTR:
             return False
         if fds[1].revents:
             return False
@@ -119,38 +127,10 @@ cdef inline bint tun_write(int fd, bint offload, uint8_t *pkt, size_t n) noexcep
 
 # ---- TUN -> UDP ----------------------------------------------------------------------------------
 
-cdef inline void add_message(TxLoop *loop, unsigned int *m, uint8_t *data, size_t n,
-                             uint64_t entry, size_t segment, uint32_t count) noexcept nogil:
-    """Queue n bytes for the peer in `entry`: one datagram, or with segment > 0 `count`
-    datagrams of `segment` bytes (UDP_SEGMENT)."""
-    cdef unsigned int i = m[0]
-    cdef sockaddr_in *addr = &loop.vec.addrs[i]
-    cdef mmsghdr *msg = &loop.vec.msgs[i]
-    cdef cmsghdr *cmsg
-    addr.sin_family = AF_INET
-    addr.sin_port = htons(<uint16_t>(entry & 0xFFFF))
-    addr.sin_addr.s_addr = htonl(<uint32_t>(entry >> ENTRY_ADDR_SHIFT))
-    msg.msg_hdr.msg_name = addr
-    msg.msg_hdr.msg_namelen = sizeof(sockaddr_in)
-    loop.vec.iovs[i].iov_base = data
-    loop.vec.iovs[i].iov_len = n
-    if segment:
-        cmsg = <cmsghdr *>(loop.vec.control + i * CONTROL_LEN)
-        cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-        cmsg.cmsg_level = SOL_UDP
-        cmsg.cmsg_type = UDP_SEGMENT
-        (<uint16_t *>CMSG_DATA(cmsg))[0] = <uint16_t>segment
-        msg.msg_hdr.msg_control = cmsg
-        msg.msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-    else:
-        msg.msg_hdr.msg_control = NULL
-        msg.msg_hdr.msg_controllen = 0
-    loop.vec.segments[i] = count
-    m[0] = i + 1
-
-
-cdef void send_vector(TxLoop *loop, unsigned int n) noexcept nogil:
-    """sendmmsg the first n messages; a message the kernel refuses is counted and skipped."""
+cdef void send_vector(TxLoop *loop) noexcept nogil:
+    """sendmmsg the queued messages; a message the kernel refuses is counted and skipped. The
+    vector is empty afterwards."""
+    cdef unsigned int n = loop.queued
     cdef unsigned int done = 0
     cdef unsigned int i
     cdef int sent
@@ -166,48 +146,100 @@ cdef void send_vector(TxLoop *loop, unsigned int n) noexcept nogil:
             pf_add(&loop.counters.bytes, loop.vec.msgs[i].msg_len)
             pf_add(&loop.counters.packets, loop.vec.segments[i])
         done += sent
+    loop.queued = 0
+    loop.iovs_used = 0
+    loop.out_used = 0
 
 
-cdef inline void queue_superpacket(TxLoop *loop, unsigned int *m, size_t *out_used,
-                                   uint8_t *pkt, size_t n, uint16_t gso_size,
+cdef inline void reserve(TxLoop *loop, unsigned int iovs, size_t out_bytes) noexcept nogil:
+    """Make room for one more message of `iovs` iovecs and `out_bytes` in the arena: send what
+    is queued when the vector is full. (The vectors are sized so that one message always fits.)"""
+    if (loop.queued == loop.vec.max_msgs or loop.iovs_used + iovs > loop.vec.max_iovs
+            or loop.out_used + out_bytes > loop.vec.out_size):
+        send_vector(loop)
+
+
+cdef inline void add_message(TxLoop *loop, unsigned int iovs, uint64_t entry, size_t segment,
+                             uint32_t count) noexcept nogil:
+    """Queue the `iovs` iovecs at iovs_used as one message to the peer in `entry`: one datagram,
+    or with segment > 0 `count` datagrams of `segment` bytes (UDP_SEGMENT)."""
+    cdef unsigned int i = loop.queued
+    cdef sockaddr_in *addr = &loop.vec.addrs[i]
+    cdef mmsghdr *msg = &loop.vec.msgs[i]
+    cdef cmsghdr *cmsg
+    addr.sin_family = AF_INET
+    addr.sin_port = htons(<uint16_t>(entry & 0xFFFF))
+    addr.sin_addr.s_addr = htonl(<uint32_t>(entry >> ENTRY_ADDR_SHIFT))
+    msg.msg_hdr.msg_name = addr
+    msg.msg_hdr.msg_namelen = sizeof(sockaddr_in)
+    msg.msg_hdr.msg_iov = loop.vec.iovs + loop.iovs_used
+    msg.msg_hdr.msg_iovlen = iovs
+    if segment:
+        cmsg = <cmsghdr *>(loop.vec.control + i * CONTROL_LEN)
+        cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+        cmsg.cmsg_level = SOL_UDP
+        cmsg.cmsg_type = UDP_SEGMENT
+        (<uint16_t *>CMSG_DATA(cmsg))[0] = <uint16_t>segment
+        msg.msg_hdr.msg_control = cmsg
+        msg.msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+    else:
+        msg.msg_hdr.msg_control = NULL
+        msg.msg_hdr.msg_controllen = 0
+    loop.vec.segments[i] = count
+    loop.iovs_used += iovs
+    loop.queued = i + 1
+
+
+cdef inline void queue_superpacket(TxLoop *loop, uint8_t *pkt, size_t n, uint16_t gso_size,
                                    uint64_t entry) noexcept nogil:
-    """Cut a TCP super-packet into the arena and queue its segments, 64 per message at most."""
-    cdef PacketVector *vec = &loop.vec
-    cdef size_t segment
-    cdef int count = tso_split(pkt, n, gso_size, vec.out + out_used[0],
-                               vec.out_size - out_used[0], &segment)
-    if count < 0 and out_used[0]:
-        # The arena is full: send what is queued, then cut into an empty arena.
-        send_vector(loop, m[0])
-        m[0] = 0
-        out_used[0] = 0
-        count = tso_split(pkt, n, gso_size, vec.out, vec.out_size, &segment)
-    if count < 0:
+    """Cut a TCP super-packet into segments and queue them, 64 (and 65507 bytes) per message at
+    most: as header and payload iovecs, or copied whole into the arena."""
+    cdef TsoCut cut
+    if not tso_plan(pkt, n, gso_size, &cut):
         pf_add(&loop.counters.drop_bad_offload, 1)
         return
     pf_add(&loop.counters.tso_superpackets, 1)
-    cdef size_t headers = segment - gso_size
-    cdef size_t total = n + <size_t>(count - 1) * headers
+    cdef PacketVector *vec = &loop.vec
+    cdef size_t segment = cut.hl + gso_size
     cdef size_t per_message = UDP_MAX_PAYLOAD // segment
     if per_message > UDP_MAX_SEGMENTS:
         per_message = UDP_MAX_SEGMENTS
-    cdef size_t offset = 0, take, length
-    cdef size_t left = <size_t>count
-    while left:
-        take = per_message if left > per_message else left
-        length = take * segment if offset + take * segment <= total else total - offset
-        if m[0] == vec.max_msgs:
-            send_vector(loop, m[0])
-            m[0] = 0
-        add_message(loop, m, vec.out + out_used[0] + offset, length, entry,
-                    segment if take > 1 else 0, <uint32_t>take)
-        offset += length
-        left -= take
-    out_used[0] += total
+    cdef size_t first = 0, take, j, this, length
+    cdef uint8_t *o
+    cdef iovec *iov
+    while first < cut.count:
+        take = cut.count - first if cut.count - first < per_message else per_message
+        length = (take - 1) * segment + cut.hl + tso_segment_len(&cut, first + take - 1)
+        if loop.scatter:
+            reserve(loop, 2 * take, take * cut.hl)
+        else:
+            reserve(loop, 1, length)
+        o = vec.out + loop.out_used
+        iov = vec.iovs + loop.iovs_used
+        for j in range(take):
+            this = tso_segment_len(&cut, first + j)
+            tso_header(pkt, &cut, first + j, o)
+            if loop.scatter:
+                iov[2 * j].iov_base = o
+                iov[2 * j].iov_len = cut.hl
+                iov[2 * j + 1].iov_base = pkt + cut.hl + (first + j) * gso_size
+                iov[2 * j + 1].iov_len = this
+                o += cut.hl
+            else:
+                memcpy(o + cut.hl, pkt + cut.hl + (first + j) * gso_size, this)
+                o += segment
+        if loop.scatter:
+            loop.out_used += take * cut.hl
+            add_message(loop, 2 * take, entry, segment if take > 1 else 0, <uint32_t>take)
+        else:
+            iov[0].iov_base = vec.out + loop.out_used
+            iov[0].iov_len = length
+            loop.out_used += length
+            add_message(loop, 1, entry, segment if take > 1 else 0, <uint32_t>take)
+        first += take
 
 
-cdef inline void queue_packet(TxLoop *loop, unsigned int *m, size_t *out_used, uint8_t *buf,
-                              size_t n) noexcept nogil:
+cdef inline void queue_packet(TxLoop *loop, uint8_t *buf, size_t n) noexcept nogil:
     """Decide one read from the TUN: queue it (cut first if it is a super-packet), or drop it
     (and answer it with an ICMP error when it has no route)."""
     cdef virtio_net_hdr *vnet = NULL
@@ -245,28 +277,27 @@ cdef inline void queue_packet(TxLoop *loop, unsigned int *m, size_t *out_used, u
         pf_add(&loop.counters.drop_ttl, 1)
         return
     if gso_type == VIRTIO_NET_HDR_GSO_TCPV4:
-        queue_superpacket(loop, m, out_used, pkt, n, vnet.gso_size, entry)
+        queue_superpacket(loop, pkt, n, vnet.gso_size, entry)
         return
-    if m[0] == loop.vec.max_msgs:
-        send_vector(loop, m[0])
-        m[0] = 0
-        out_used[0] = 0
-    add_message(loop, m, pkt, n, entry, 0, 1)
+    reserve(loop, 1, 0)
+    loop.vec.iovs[loop.iovs_used].iov_base = pkt
+    loop.vec.iovs[loop.iovs_used].iov_len = n
+    add_message(loop, 1, entry, 0, 1)
 
 
 cdef void tx_run(TxLoop *loop) noexcept nogil:
     cdef PacketVector *vec = &loop.vec
-    cdef unsigned int got, queued
-    cdef size_t out_used
+    cdef unsigned int got
     cdef ssize_t n
     cdef uint8_t *buf
     cdef bint full = False
+    loop.queued = 0
+    loop.iovs_used = 0
+    loop.out_used = 0
     while not pf_load(loop.stop):
-        if not full and not wait_readable(loop.tun_fd, loop.wake_fd):
+        if not full and not wait_readable(loop.tun_fd, loop.wake_fd, loop.spin_ns):
             break
         got = 0
-        queued = 0
-        out_used = 0
         while got < vec.slots:
             buf = vec.data + got * vec.slot_size
             n = read(loop.tun_fd, buf, vec.slot_size)
@@ -275,12 +306,12 @@ cdef void tx_run(TxLoop *loop) noexcept nogil:
                     pf_add(&loop.counters.drop_read_error, 1)
                 break
             got += 1
-            queue_packet(loop, &queued, &out_used, buf, n)
+            queue_packet(loop, buf, n)
         full = got == vec.slots
         if got:
             count_batch(&loop.counters.batches, loop.counters.batch_sizes, got)
-        if queued:
-            send_vector(loop, queued)
+        if loop.queued:
+            send_vector(loop)
 
 
 # ---- UDP -> TUN ----------------------------------------------------------------------------------
@@ -290,10 +321,15 @@ cdef inline void flush(RxLoop *loop) noexcept nogil:
     cdef Coalescer *c = &loop.coalescer
     if c.len == 0:
         return
-    cdef uint64_t packets = c.merged + 1
-    cdef uint64_t inner_bytes = c.len + c.merged * c.hl
+    cdef uint64_t packets = c.iovcnt - 1
+    cdef uint64_t inner_bytes = c.len + (packets - 1) * c.hl
     cdef size_t total = gro_finish(c)
-    if write(loop.tun_fd, c.buf, total) == <ssize_t>total:
+    cdef ssize_t written
+    if loop.scatter:
+        written = writev(loop.tun_fd, c.iov, c.iovcnt)
+    else:
+        written = write(loop.tun_fd, loop.vec.out, gather(c.iov, c.iovcnt, loop.vec.out))
+    if written == <ssize_t>total:
         pf_add(&loop.counters.packets, packets)
         pf_add(&loop.counters.bytes, inner_bytes)
         pf_add(&loop.counters.coalesced, packets - 1)
@@ -303,7 +339,8 @@ cdef inline void flush(RxLoop *loop) noexcept nogil:
 
 cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n) noexcept nogil:
     """Check one datagram from the underlay and hand its packet to the TUN: merged with the held
-    TCP segment, held for the next, or written on its own."""
+    TCP segment, held for the next, or written on its own. What is held points into the receive
+    buffers, so the caller flushes before it receives into them again."""
     cdef Verdict verdict = check_ipv4(pkt, n, loop.mtu)
     if verdict == TOO_SHORT:
         pf_add(&loop.counters.drop_too_short, 1)
@@ -352,12 +389,13 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
     cdef size_t n, segment, offset, this, datagrams
     cdef uint8_t *data
     cdef bint full = False
-    loop.coalescer.buf = vec.out
     loop.coalescer.len = 0
     for i in range(vec.max_msgs):
+        vec.msgs[i].msg_hdr.msg_iov = &vec.iovs[i]
+        vec.msgs[i].msg_hdr.msg_iovlen = 1
         vec.iovs[i].iov_base = vec.data + i * vec.slot_size
     while not pf_load(loop.stop):
-        if not full and not wait_readable(loop.sock_fd, loop.wake_fd):
+        if not full and not wait_readable(loop.sock_fd, loop.wake_fd, loop.spin_ns):
             break
         for i in range(vec.max_msgs):
             vec.iovs[i].iov_len = vec.slot_size

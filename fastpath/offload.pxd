@@ -2,14 +2,18 @@
 #
 # With IFF_VNET_HDR and TUNSETOFFLOAD(CSUM | TSO4) the kernel hands the TUN reader TCP
 # "super-packets" of up to 64 KiB with a virtio_net_hdr in front, and packets whose L4 checksum
-# is left for us to finish. tso_split() cuts a super-packet into the MTU-sized IPv4 packets that go
-# on the wire (one UDP datagram each, as flanneld sends), laid end to end so one sendmsg with
-# UDP_SEGMENT sends them all. On the way in, UDP_GRO hands us many datagrams per receive; the
-# Coalescer merges consecutive segments of one TCP flow back into one super-packet for one TUN
-# write. All inline and GIL-free; offload.pyx wraps them for the table-driven tests.
+# is left for us to finish. A super-packet is cut into the MTU-sized IPv4 packets that go on the
+# wire (one UDP datagram each, as flanneld sends): tso_header() writes each segment's headers,
+# and the payloads stay where the TUN read put them, so one sendmsg with UDP_SEGMENT sends them
+# all from iovecs (header, payload, header, payload...). On the way in, UDP_GRO hands us many
+# datagrams per receive; the Coalescer merges consecutive segments of one TCP flow back into one
+# super-packet for one TUN write, again as iovecs into the receive buffer. gather() copies
+# iovecs into one buffer instead, for the copying variant (--fastpath-scatter=false).
+# All inline and GIL-free; offload.pyx wraps them for the table-driven tests.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.uio cimport iovec
 
 from fastpath.packet cimport IPV4_HEADER_LEN, checksum, fold, load16, load32, store16, sum16
 
@@ -70,62 +74,97 @@ cdef inline bint finish_checksum(uint8_t *pkt, size_t n, const virtio_net_hdr *h
     return True
 
 
-cdef inline int tso_split(const uint8_t *pkt, size_t n, uint16_t gso_size, uint8_t *out,
-                          size_t out_cap, size_t *seg_len) noexcept nogil:
-    """Cut a TCP/IPv4 super-packet into segments of gso_size payload bytes at out, each a
-    complete IPv4 packet (lengths, IDs, sequence numbers, flags and both checksums set), every one
-    seg_len bytes apart (the last may be shorter). Returns the count, or -1 if it cannot."""
+# How a TCP/IPv4 super-packet is cut: every segment carries gso_size payload bytes (the last one
+# what is left) behind a copy of the headers, with its own length, ID, sequence number, flags and
+# checksums.
+cdef struct TsoCut:
+    size_t iph          # IPv4 header length
+    size_t tcph         # TCP header length
+    size_t hl           # both
+    size_t payload      # payload bytes of the super-packet
+    size_t count        # segments
+    uint16_t gso_size
+    uint16_t ident
+    uint32_t seq
+    uint8_t flags
+
+
+cdef inline bint tso_plan(const uint8_t *pkt, size_t n, uint16_t gso_size,
+                          TsoCut *cut) noexcept nogil:
+    """Whether pkt is a TCP/IPv4 super-packet that can be cut into gso_size segments; fills cut."""
     if n < IPV4_HEADER_LEN or pkt[9] != IPPROTO_TCP or gso_size == 0:
-        return -1
-    cdef size_t iph = (pkt[0] & 0x0F) * 4
-    if iph < IPV4_HEADER_LEN or iph + 20 > n:
-        return -1
-    cdef size_t tcph = (pkt[iph + 12] >> 4) * 4
-    cdef size_t hl = iph + tcph
-    if tcph < 20 or hl >= n:
-        return -1
-    cdef size_t payload = n - hl
-    cdef size_t count = (payload + gso_size - 1) // gso_size
-    if count * hl + payload > out_cap:
-        return -1
-    cdef uint32_t seq = load32(pkt + iph + 4)
-    cdef uint16_t ident = load16(pkt + 4)
-    cdef uint8_t flags = pkt[iph + 13]
-    cdef size_t i, this
-    cdef uint8_t *o
-    cdef uint8_t f
-    for i in range(count):
-        this = payload - i * gso_size if i == count - 1 else gso_size
-        o = out + i * (hl + gso_size)
-        memcpy(o, pkt, hl)
-        memcpy(o + hl, pkt + hl + i * gso_size, this)
-        store16(o + 2, hl + this)
-        store16(o + 4, <uint16_t>(ident + i))
-        store16(o + 10, 0)
-        store16(o + 10, checksum(o, iph))
-        store32(o + iph + 4, seq + <uint32_t>(i * gso_size))
-        f = flags
-        if i != count - 1:
-            f &= ~(TCP_FIN | TCP_PSH)
-        if i != 0:
-            f &= ~TCP_CWR
-        o[iph + 13] = f
-        store16(o + iph + 16, 0)
-        store16(o + iph + 16, ~fold(sum16(o + iph, tcph + this,
-                                            pseudo_header(o, IPPROTO_TCP, tcph + this))) & 0xFFFF)
-    seg_len[0] = hl + gso_size
-    return <int>count
+        return False
+    cut.iph = (pkt[0] & 0x0F) * 4
+    if cut.iph < IPV4_HEADER_LEN or cut.iph + 20 > n:
+        return False
+    cut.tcph = (pkt[cut.iph + 12] >> 4) * 4
+    cut.hl = cut.iph + cut.tcph
+    if cut.tcph < 20 or cut.hl >= n:
+        return False
+    cut.payload = n - cut.hl
+    cut.count = (cut.payload + gso_size - 1) // gso_size
+    cut.gso_size = gso_size
+    cut.ident = load16(pkt + 4)
+    cut.seq = load32(pkt + cut.iph + 4)
+    cut.flags = pkt[cut.iph + 13]
+    return True
+
+
+cdef inline size_t tso_segment_len(const TsoCut *cut, size_t i) noexcept nogil:
+    """Payload bytes of segment i."""
+    return cut.payload - i * cut.gso_size if i == cut.count - 1 else cut.gso_size
+
+
+cdef inline void copy_words(uint8_t *o, const uint8_t *p, size_t n) noexcept nogil:
+    """Copy n bytes, n a multiple of 4 (IPv4 and TCP headers are): a few word moves, where a
+    memcpy of a length unknown at compile time became a slow-starting `rep movs`."""
+    cdef size_t k
+    for k in range(0, n, 4):
+        memcpy(o + k, p + k, 4)
+
+
+cdef inline void tso_header(const uint8_t *pkt, const TsoCut *cut, size_t i,
+                            uint8_t *o) noexcept nogil:
+    """Write segment i's headers (cut.hl bytes) at o, both checksums complete. The payload stays
+    where it is, at pkt + cut.hl + i * cut.gso_size: the TCP checksum is summed there."""
+    cdef size_t this = tso_segment_len(cut, i)
+    cdef size_t iph = cut.iph
+    copy_words(o, pkt, cut.hl)
+    store16(o + 2, cut.hl + this)
+    store16(o + 4, <uint16_t>(cut.ident + i))
+    store16(o + 10, 0)
+    store16(o + 10, checksum(o, iph))
+    store32(o + iph + 4, cut.seq + <uint32_t>(i * cut.gso_size))
+    cdef uint8_t f = cut.flags
+    if i != cut.count - 1:
+        f &= ~(TCP_FIN | TCP_PSH)
+    if i != 0:
+        f &= ~TCP_CWR
+    o[iph + 13] = f
+    store16(o + iph + 16, 0)
+    cdef uint64_t s = sum16(o + iph, cut.tcph, pseudo_header(o, IPPROTO_TCP, cut.tcph + this))
+    s = sum16(pkt + cut.hl + i * cut.gso_size, this, s)
+    store16(o + iph + 16, ~fold(s) & 0xFFFF)
 
 
 # ---- receive side: coalescing TCP segments into one TUN write --------------------------------
 
+cdef enum:
+    # A merged packet is written as iovecs: the virtio_net_hdr, the first segment, then the
+    # payload of each segment appended to it.
+    GRO_MAX_SEGMENTS = 64
+    GRO_MAX_IOVS = GRO_MAX_SEGMENTS + 1
+
+
 cdef struct Coalescer:
-    uint8_t *buf        # VNET_HDR_LEN + MAX_IPV4_PACKET bytes: the header, then the packet
+    uint8_t vnet[VNET_HDR_LEN]
+    iovec iov[GRO_MAX_IOVS]  # the header, the first segment (whose headers are rewritten on
+                             # finish), the payloads after it: all where they were received
+    size_t iovcnt
     size_t len          # bytes of packet held; 0: empty
     size_t hl           # IPv4 + TCP header length
     uint32_t next_seq   # the sequence number a following segment must carry
     uint16_t gso_size   # payload of the first segment: every other one is this or the last
-    uint16_t merged     # segments appended to the first
     bint closed         # PSH seen or a short segment appended: nothing more may follow
 
 
@@ -142,22 +181,28 @@ cdef inline size_t gro_header_len(const uint8_t *p, size_t n) noexcept nogil:
     return hl
 
 
-cdef inline void gro_start(Coalescer *c, const uint8_t *p, size_t n, size_t hl) noexcept nogil:
-    memcpy(c.buf + VNET_HDR_LEN, p, n)
+cdef inline void gro_start(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
+    """Hold p (not copied: it must stay in place until the finish) as the first segment."""
+    c.iov[0].iov_base = c.vnet
+    c.iov[0].iov_len = VNET_HDR_LEN
+    c.iov[1].iov_base = p
+    c.iov[1].iov_len = n
+    c.iovcnt = 2
     c.len = n
     c.hl = hl
     c.next_seq = load32(p + 24) + <uint32_t>(n - hl)
     c.gso_size = <uint16_t>(n - hl)
-    c.merged = 0
     c.closed = p[33] & TCP_PSH
 
 
-cdef inline bint gro_append(Coalescer *c, const uint8_t *p, size_t n, size_t hl) noexcept nogil:
-    """Append p's payload if it continues the held segment's flow exactly; False if not."""
-    cdef const uint8_t *h = c.buf + VNET_HDR_LEN
+cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
+    """Append p's payload (by reference) if it continues the held segment's flow exactly; False
+    if not."""
+    cdef uint8_t *h = <uint8_t *>c.iov[1].iov_base
     cdef size_t payload = n - hl
     if (c.len == 0 or c.closed or hl != c.hl or payload > c.gso_size
-            or c.len + payload > MAX_IPV4_PACKET or load32(p + 24) != c.next_seq):
+            or c.iovcnt == GRO_MAX_IOVS or c.len + payload > MAX_IPV4_PACKET
+            or load32(p + 24) != c.next_seq):
         return False
     # Same ToS, DF, TTL, protocol, addresses; same ports, ACK, header length, flags but PSH,
     # window and options. The IP length, ID, checksums and TCP sequence may differ.
@@ -166,12 +211,13 @@ cdef inline bint gro_append(Coalescer *c, const uint8_t *p, size_t n, size_t hl)
             or (h[33] | TCP_PSH) != (p[33] | TCP_PSH) or memcmp(h + 34, p + 34, 2)
             or memcmp(h + 40, p + 40, hl - 40)):
         return False
-    memcpy(c.buf + VNET_HDR_LEN + c.len, p + hl, payload)
+    c.iov[c.iovcnt].iov_base = p + hl
+    c.iov[c.iovcnt].iov_len = payload
+    c.iovcnt += 1
     c.len += payload
     c.next_seq += <uint32_t>payload
-    c.merged += 1
     if p[33] & TCP_PSH:
-        c.buf[VNET_HDR_LEN + 33] |= TCP_PSH
+        h[33] |= TCP_PSH
         c.closed = True
     if payload < c.gso_size:
         c.closed = True
@@ -179,12 +225,13 @@ cdef inline bint gro_append(Coalescer *c, const uint8_t *p, size_t n, size_t hl)
 
 
 cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
-    """Fill the virtio_net_hdr (and, for a merged packet, the IPv4 length and checksum and the
-    TCP pseudo-header sum the kernel completes); returns the bytes to write."""
-    cdef uint8_t *p = c.buf + VNET_HDR_LEN
-    cdef virtio_net_hdr *h = <virtio_net_hdr *>c.buf
-    memset(c.buf, 0, VNET_HDR_LEN)
-    if c.merged:
+    """Fill the virtio_net_hdr (and, for a merged packet, the first segment's IPv4 length and
+    checksum and the TCP pseudo-header sum the kernel completes); returns the bytes the iovecs
+    hold, ready to write, and empties the coalescer."""
+    cdef uint8_t *p = <uint8_t *>c.iov[1].iov_base
+    cdef virtio_net_hdr *h = <virtio_net_hdr *>c.vnet
+    memset(c.vnet, 0, VNET_HDR_LEN)
+    if c.iovcnt > 2:
         store16(p + 2, <uint16_t>c.len)
         store16(p + 10, 0)
         store16(p + 10, checksum(p, IPV4_HEADER_LEN))
@@ -198,3 +245,13 @@ cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
     cdef size_t total = VNET_HDR_LEN + c.len
     c.len = 0
     return total
+
+
+cdef inline size_t gather(const iovec *iov, size_t iovcnt, uint8_t *out) noexcept nogil:
+    """Copy what iovecs point at into one buffer (the copying alternative to handing the kernel
+    the iovecs); returns the bytes copied."""
+    cdef size_t i, n = 0
+    for i in range(iovcnt):
+        memcpy(out + n, iov[i].iov_base, iov[i].iov_len)
+        n += iov[i].iov_len
+    return n

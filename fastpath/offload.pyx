@@ -2,7 +2,6 @@
 
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
 
 
 def finish(const uint8_t[:] vnet, const uint8_t[:] packet) -> bytes:
@@ -17,44 +16,44 @@ def finish(const uint8_t[:] vnet, const uint8_t[:] packet) -> bytes:
 
 
 def split(const uint8_t[:] packet, unsigned int gso_size) -> list:
-    """A TCP/IPv4 super-packet cut into its segments, as the send loop cuts it."""
-    cdef size_t cap = packet.shape[0] + 128 * 60 + 1
-    cdef uint8_t *out = <uint8_t *>malloc(cap)
-    cdef size_t segment = 0
-    if out == NULL:
-        raise MemoryError()
-    try:
-        count = tso_split(&packet[0], packet.shape[0], gso_size, out, cap, &segment)
-        if count < 0:
-            raise ValueError("not a TCP/IPv4 super-packet that can be cut")
-        total = packet.shape[0] + (count - 1) * (segment - gso_size)
-        blob = bytes(out[:total])
-    finally:
-        free(out)
-    return [blob[i:i + segment] for i in range(0, total, segment)]
+    """A TCP/IPv4 super-packet cut into its segments, as the send loop cuts it: each segment's
+    headers from tso_header(), its payload where it lies in the super-packet."""
+    cdef TsoCut cut
+    if packet.shape[0] == 0 or not tso_plan(&packet[0], packet.shape[0], gso_size, &cut):
+        raise ValueError("not a TCP/IPv4 super-packet that can be cut")
+    cdef uint8_t header[120]
+    data = bytes(packet)
+    segments = []
+    for i in range(cut.count):
+        tso_header(&packet[0], &cut, i, header)
+        start = cut.hl + i * cut.gso_size
+        segments.append(bytes(header[:cut.hl]) + data[start:start + tso_segment_len(&cut, i)])
+    return segments
 
 
 def coalesce(packets) -> list:
     """What the receive loop writes into the TUN for these packets, in order:
-    (virtio_net_hdr, packet) pairs."""
+    (virtio_net_hdr, packet) pairs, each gathered from the coalescer's iovecs."""
     cdef Coalescer c
     cdef uint8_t *buf = <uint8_t *>malloc(VNET_HDR_LEN + MAX_IPV4_PACKET)
-    cdef const uint8_t[:] p
+    cdef uint8_t[:] p
     cdef size_t headers, total
     if buf == NULL:
         raise MemoryError()
-    c.buf = buf
     c.len = 0
     writes = []
+    # The coalescer holds packets by reference and rewrites the first one's headers in place,
+    # as it does in the receive buffers.
+    held = [bytearray(packet) for packet in packets]
 
     def flush_held():
-        nonlocal total
         if c.len:
             total = gro_finish(&c)
+            gather(c.iov, c.iovcnt, buf)
             writes.append((bytes(buf[:VNET_HDR_LEN]), bytes(buf[VNET_HDR_LEN:total])))
 
     try:
-        for packet in packets:
+        for packet in held:
             p = packet
             headers = gro_header_len(&p[0], p.shape[0])
             if headers and gro_append(&c, &p[0], p.shape[0], headers):

@@ -100,3 +100,10 @@ cdef extern from *:
     uint64_t pf_load(const uint64_t *p) nogil
     void pf_store(uint64_t *p, uint64_t v) nogil
     void pf_add(uint64_t *p, uint64_t v) nogil
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    # Names the calling thread for top -H, perf and /proc/PID/task/*/comm (15 bytes at most).
+    int pthread_setname_np(pthread_t thread, const char *name)
