@@ -58,6 +58,8 @@ cdef class FastPath:
     cdef readonly str offload_missing
     cdef readonly bint scatter
     cdef readonly int busy_poll_us
+    cdef readonly int nice
+    cdef readonly str nice_error
     cdef readonly str tun_name
     cdef str tun_pattern
     cdef int socket_buffer
@@ -71,7 +73,7 @@ cdef class FastPath:
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
-                  bint scatter=True, int busy_poll_us=0,
+                  bint scatter=True, int busy_poll_us=0, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
@@ -89,6 +91,10 @@ cdef class FastPath:
         self.offload_missing = ""
         self.scatter = scatter
         self.busy_poll_us = busy_poll_us
+        if not -20 <= nice <= 19:
+            raise ValueError(f"nice value {nice} must be in -20..19")
+        self.nice = nice
+        self.nice_error = ""
         self.socket_buffer = socket_buffer
         self.tun_fd = -1
         self.wake_fd = -1
@@ -149,24 +155,43 @@ cdef class FastPath:
         self.tx.offload = self.rx.offload = self.offload
         self.tx.scatter = self.rx.scatter = self.scatter
         self.tx.spin_ns = self.rx.spin_ns = <uint64_t>self.busy_poll_us * 1000
+        # Each thread passes the barrier once it has its priority, so nice_error is known
+        # when start() returns.
+        ready = threading.Barrier(3)
         self.threads = [
-            threading.Thread(target=self._run_tx, name="pyflannel-tx", daemon=True),
-            threading.Thread(target=self._run_rx, name="pyflannel-rx", daemon=True),
+            threading.Thread(target=self._run_tx, args=(ready,), name="pyflannel-tx",
+                             daemon=True),
+            threading.Thread(target=self._run_rx, args=(ready,), name="pyflannel-rx",
+                             daemon=True),
         ]
         for thread in self.threads:
             thread.start()
+        ready.wait()
 
     def _tx_arena_bytes(self) -> int:
         if not self.offload:
             return 1
         return self.batch * (HEADER_BYTES_PER_SLOT if self.scatter else COPY_BYTES_PER_SLOT)
 
-    def _run_tx(self):
+    def _prioritise(self, ready):
+        """Give the calling packet thread the asked nice value (Linux nice is per thread). The
+        kernel's own forwarding runs in softirq, ahead of every process; a packet thread that
+        waits behind the applications it carries for lets a standing queue build meanwhile."""
+        if self.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, self.nice)
+            except OSError as err:
+                self.nice_error = str(err)
+        ready.wait()
+
+    def _run_tx(self, ready):
+        self._prioritise(ready)
         with nogil:
             pthread_setname_np(pthread_self(), "pyflannel-tx")
             tx_run(&self.tx)
 
-    def _run_rx(self):
+    def _run_rx(self, ready):
+        self._prioritise(ready)
         with nogil:
             pthread_setname_np(pthread_self(), "pyflannel-rx")
             rx_run(&self.rx)

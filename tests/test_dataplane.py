@@ -73,8 +73,22 @@ def both_ways(pair: tuple[Node, Node]) -> list[tuple[Node, Node]]:
     return [(a, b), (b, a)]
 
 
-@pytest.mark.parametrize("levers", [{"scatter": False}, {"busy_poll_us": 200}],
-                         ids=["copying", "busy-poll"])
+def packet_thread_nice() -> dict[str, int]:
+    """The nice value of this process's threads named pyflannel-* whose nice is not 0."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            name = f.read().strip()
+        if name.startswith("pyflannel-"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                nice = int(f.read().rsplit(")", 1)[1].split()[16])
+            if nice:
+                found[name] = nice
+    return found
+
+
+@pytest.mark.parametrize("levers", [{"scatter": False}, {"busy_poll_us": 200, "nice": -5}],
+                         ids=["copying", "busy-poll-nice"])
 def test_every_lever_carries_tcp_intact_to_and_from_a_plain_peer(testbed: Testbed,
                                                                  levers: dict[str, int]) -> None:
     """The default levers run in `pair`; each other setting meets the per-packet baseline."""
@@ -89,6 +103,12 @@ def test_every_lever_carries_tcp_intact_to_and_from_a_plain_peer(testbed: Testbe
         tx, rx = a.fastpath.stats()["tx"], a.fastpath.stats()["rx"]
         assert tx["tso_superpackets"] > 0 and rx["coalesced"] > 0
         assert tx["drop_bad_offload"] == 0 and rx["drop_write_error"] == 0
+        if "nice" in levers:
+            assert a.fastpath.nice_error == ""
+            # a's two packet threads have the nice value asked for; any other fast path's
+            # threads in this process keep the default
+            assert sorted(packet_thread_nice().items()) == [("pyflannel-rx", -5),
+                                                            ("pyflannel-tx", -5)]
     finally:
         a.fastpath.stop()
         b.fastpath.stop()
