@@ -58,6 +58,7 @@ class Options:
     fastpath_batch: int
     fastpath_offload: bool
     fastpath_scatter: bool
+    fastpath_udp_coalesce: bool
     fastpath_busy_poll: int
     fastpath_nice: int
     v: int
@@ -159,6 +160,9 @@ FLAGS = [
          _go_bool, True, boolean=True),
     Flag("fastpath-scatter", "with offloads, hand segments to the kernel as iovecs where they "
          "lie instead of copying them into one buffer first (pyflannel)",
+         _go_bool, True, boolean=True),
+    Flag("fastpath-udp-coalesce", "with offloads, merge received UDP datagrams of one flow "
+         "into one TUN write that the kernel splits again (Linux 6.2+; pyflannel)",
          _go_bool, True, boolean=True),
     Flag("fastpath-busy-poll", "microseconds the fast path looks for more packets before it "
          "sleeps: lower latency for a busy core (pyflannel; 0 is off)",

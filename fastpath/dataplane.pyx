@@ -46,7 +46,8 @@ cdef class FastPath:
 
     The route table exists from construction, so routes may be set before start() and at any
     time while the loops run. With offload, start() falls back to the plain path on a kernel
-    that lacks what it needs, saying what in offload_missing (offload is then False).
+    that lacks what it needs, saying what in offload_missing (offload is then False); likewise
+    udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2.
     """
 
     cdef readonly RouteTable table
@@ -57,6 +58,7 @@ cdef class FastPath:
     cdef readonly bint offload
     cdef readonly str offload_missing
     cdef readonly bint scatter
+    cdef readonly bint udp_coalesce
     cdef readonly int busy_poll_us
     cdef readonly int nice
     cdef readonly str nice_error
@@ -73,7 +75,7 @@ cdef class FastPath:
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
-                  bint scatter=True, int busy_poll_us=0, int nice=0,
+                  bint scatter=True, bint udp_coalesce=True, int busy_poll_us=0, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
@@ -90,6 +92,7 @@ cdef class FastPath:
         self.offload = offload
         self.offload_missing = ""
         self.scatter = scatter
+        self.udp_coalesce = udp_coalesce
         self.busy_poll_us = busy_poll_us
         if not -20 <= nice <= 19:
             raise ValueError(f"nice value {nice} must be in -20..19")
@@ -127,10 +130,15 @@ cdef class FastPath:
                 if missing:
                     self.offload = False
                     self.offload_missing = " and ".join(missing)
-            self.tun_fd, self.tun_name, tun_offload = open_tun(self.tun_pattern, self.offload)
+            self.tun_fd, self.tun_name, tun_offload, tun_uso = open_tun(self.tun_pattern,
+                                                                        self.offload)
             if self.offload and not tun_offload:
                 self.offload = False
                 self.offload_missing = "TUN offloads (TUNSETOFFLOAD with TSO4)"
+            if self.udp_coalesce and not (self.offload and tun_uso):
+                self.udp_coalesce = False
+                if self.offload:
+                    self.offload_missing = "UDP segmentation for TUN (USO, Linux 6.2)"
             self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
@@ -154,6 +162,7 @@ cdef class FastPath:
         self.rx.mtu = self.mtu
         self.tx.offload = self.rx.offload = self.offload
         self.tx.scatter = self.rx.scatter = self.scatter
+        self.rx.udp_coalesce = self.udp_coalesce
         self.tx.spin_ns = self.rx.spin_ns = <uint64_t>self.busy_poll_us * 1000
         # Each thread passes the barrier once it has its priority, so nice_error is known
         # when start() returns.

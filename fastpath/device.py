@@ -19,6 +19,9 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO_ECN = 0x08
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+TSO_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 IFNAMSIZ = 16
 
 # Missing from Python's socket module: as root these lift the net.core.[rw]mem_max cap; UDP_GRO
@@ -43,27 +46,35 @@ def missing_udp_offloads() -> list[str]:
     return missing
 
 
-def open_tun(name: str, offload: bool) -> tuple[int, str, bool]:
+def open_tun(name: str, offload: bool) -> tuple[int, str, bool, bool]:
     """Open a TUN device (IFF_TUN | IFF_NO_PI: bare IP packets) named `name`, which may be a
     pattern such as "flannel%d" for the kernel to number. With offload, every packet comes and
     goes behind a virtio_net_hdr and the kernel may hand over TCP super-packets and unfinished
     checksums; a kernel that refuses those offloads gets a plain TUN instead. Returns
-    (non-blocking fd, actual name, whether the offloads are on). The device lives while the fd
-    is open."""
+    (non-blocking fd, actual name, whether the offloads are on, whether the kernel takes UDP
+    super-packets written to the TUN). The device lives while the fd is open."""
     if len(name.encode()) >= IFNAMSIZ:
         raise ValueError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     fd = os.open(TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+    uso = False
     try:
         ifreq = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if offload:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN)
+            # Linux 6.2+ knows UDP segmentation (USO) for TUN; a kernel that does not refuses
+            # the flags. Only writes use it: the reads go back to TCP super-packets alone.
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+                uso = True
+            except OSError:
+                pass
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS)
     except OSError:
         os.close(fd)
         if offload:
             return open_tun(name, False)
         raise
-    return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode(), offload
+    return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode(), offload, uso
 
 
 def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:

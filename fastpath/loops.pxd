@@ -92,6 +92,7 @@ cdef struct RxLoop:
     uint64_t spin_ns
     bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
     bint scatter               # merged packets are written as iovecs; False: gathered first
+    bint udp_coalesce          # UDP datagrams of one flow are merged too (USO)
     const uint64_t *stop
     size_t mtu
     PacketVector vec

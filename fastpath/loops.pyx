@@ -359,7 +359,7 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n) noexcept nogil:
         return
     cdef size_t headers = 0
     if loop.offload:
-        headers = gro_header_len(pkt, n)
+        headers = gro_header_len(pkt, n, loop.udp_coalesce)
         if headers and gro_append(&loop.coalescer, pkt, n, headers):
             return
         flush(loop)  # keeps the packets in the order they came

@@ -35,6 +35,11 @@ cdef extern from "<linux/virtio_net.h>" nogil:
 
 
 cdef enum:
+    # Linux 6.2's UDP segmentation offload for TUN (not in every libc's headers yet).
+    VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+
+
+cdef enum:
     VNET_HDR_LEN = 10           # sizeof(struct virtio_net_hdr)
     IPPROTO_TCP = 6
     IPPROTO_UDP = 17
@@ -162,16 +167,22 @@ cdef struct Coalescer:
                              # finish), the payloads after it: all where they were received
     size_t iovcnt
     size_t len          # bytes of packet held; 0: empty
-    size_t hl           # IPv4 + TCP header length
-    uint32_t next_seq   # the sequence number a following segment must carry
+    size_t hl           # IPv4 + TCP or UDP header length
+    uint8_t proto       # IPPROTO_TCP or IPPROTO_UDP
+    uint32_t next_seq   # TCP: the sequence number a following segment must carry
     uint16_t gso_size   # payload of the first segment: every other one is this or the last
     bint closed         # PSH seen or a short segment appended: nothing more may follow
 
 
-cdef inline size_t gro_header_len(const uint8_t *p, size_t n) noexcept nogil:
-    """IPv4 + TCP header length if p may be coalesced (TCP over IPv4 with no IP options and no
-    fragmenting, only ACK or ACK|PSH, some payload), else 0."""
-    if n < 40 or p[0] != 0x45 or p[9] != IPPROTO_TCP or (p[6] & 0x3F) or p[7]:
+cdef inline size_t gro_header_len(const uint8_t *p, size_t n, bint udp) noexcept nogil:
+    """IPv4 + L4 header length if p may be coalesced, else 0: TCP with only ACK or ACK|PSH and
+    some payload; with udp also UDP with DF set and some payload (the kernel segments a merged
+    UDP packet again where it is delivered, Linux 6.2+). Never IP options or fragments."""
+    if n < 28 or p[0] != 0x45 or (p[6] & 0x3F) or p[7]:
+        return 0
+    if udp and p[9] == IPPROTO_UDP:
+        return 28 if p[6] & 0x40 and n > 28 and load16(p + 24) == n - IPV4_HEADER_LEN else 0
+    if n < 40 or p[9] != IPPROTO_TCP:
         return 0
     cdef size_t hl = IPV4_HEADER_LEN + (p[32] >> 4) * 4
     if hl < 40 or hl >= n:
@@ -190,9 +201,13 @@ cdef inline void gro_start(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexce
     c.iovcnt = 2
     c.len = n
     c.hl = hl
-    c.next_seq = load32(p + 24) + <uint32_t>(n - hl)
+    c.proto = p[9]
     c.gso_size = <uint16_t>(n - hl)
-    c.closed = p[33] & TCP_PSH
+    if c.proto == IPPROTO_TCP:
+        c.next_seq = load32(p + 24) + <uint32_t>(n - hl)
+        c.closed = p[33] & TCP_PSH
+    else:
+        c.closed = False
 
 
 cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
@@ -200,25 +215,28 @@ cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexc
     if not."""
     cdef uint8_t *h = <uint8_t *>c.iov[1].iov_base
     cdef size_t payload = n - hl
-    if (c.len == 0 or c.closed or hl != c.hl or payload > c.gso_size
-            or c.iovcnt == GRO_MAX_IOVS or c.len + payload > MAX_IPV4_PACKET
-            or load32(p + 24) != c.next_seq):
+    if (c.len == 0 or c.closed or hl != c.hl or p[9] != c.proto or payload > c.gso_size
+            or c.iovcnt == GRO_MAX_IOVS or c.len + payload > MAX_IPV4_PACKET):
         return False
-    # Same ToS, DF, TTL, protocol, addresses; same ports, ACK, header length, flags but PSH,
-    # window and options. The IP length, ID, checksums and TCP sequence may differ.
+    # Same ToS, DF, TTL, protocol, addresses and ports. The IP length, ID and checksums may
+    # differ (they are rewritten, as the kernel's GRO does).
     if (h[1] != p[1] or h[6] != p[6] or h[8] != p[8] or memcmp(h + 12, p + 12, 8)
-            or memcmp(h + 20, p + 20, 4) or memcmp(h + 28, p + 28, 5)
-            or (h[33] | TCP_PSH) != (p[33] | TCP_PSH) or memcmp(h + 34, p + 34, 2)
-            or memcmp(h + 40, p + 40, hl - 40)):
+            or memcmp(h + 20, p + 20, 4)):
         return False
+    if c.proto == IPPROTO_TCP:
+        # And the same ACK, header length, flags but PSH, window and options, in sequence.
+        if (load32(p + 24) != c.next_seq or memcmp(h + 28, p + 28, 5)
+                or (h[33] | TCP_PSH) != (p[33] | TCP_PSH) or memcmp(h + 34, p + 34, 2)
+                or memcmp(h + 40, p + 40, hl - 40)):
+            return False
+        c.next_seq += <uint32_t>payload
+        if p[33] & TCP_PSH:
+            h[33] |= TCP_PSH
+            c.closed = True
     c.iov[c.iovcnt].iov_base = p + hl
     c.iov[c.iovcnt].iov_len = payload
     c.iovcnt += 1
     c.len += payload
-    c.next_seq += <uint32_t>payload
-    if p[33] & TCP_PSH:
-        h[33] |= TCP_PSH
-        c.closed = True
     if payload < c.gso_size:
         c.closed = True
     return True
@@ -231,17 +249,22 @@ cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
     cdef uint8_t *p = <uint8_t *>c.iov[1].iov_base
     cdef virtio_net_hdr *h = <virtio_net_hdr *>c.vnet
     memset(c.vnet, 0, VNET_HDR_LEN)
+    cdef size_t csum_offset = 16 if c.proto == IPPROTO_TCP else 6
     if c.iovcnt > 2:
         store16(p + 2, <uint16_t>c.len)
         store16(p + 10, 0)
         store16(p + 10, checksum(p, IPV4_HEADER_LEN))
-        store16(p + 36, fold(pseudo_header(p, IPPROTO_TCP, c.len - IPV4_HEADER_LEN)))
+        if c.proto == IPPROTO_UDP:
+            store16(p + 24, <uint16_t>(c.len - IPV4_HEADER_LEN))
+        store16(p + IPV4_HEADER_LEN + csum_offset,
+                fold(pseudo_header(p, c.proto, c.len - IPV4_HEADER_LEN)))
         h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
-        h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+        h.gso_type = (VIRTIO_NET_HDR_GSO_TCPV4 if c.proto == IPPROTO_TCP
+                      else VIRTIO_NET_HDR_GSO_UDP_L4)
         h.hdr_len = <uint16_t>c.hl
         h.gso_size = c.gso_size
         h.csum_start = IPV4_HEADER_LEN
-        h.csum_offset = 16
+        h.csum_offset = csum_offset
     cdef size_t total = VNET_HDR_LEN + c.len
     c.len = 0
     return total

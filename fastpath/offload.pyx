@@ -31,9 +31,10 @@ def split(const uint8_t[:] packet, unsigned int gso_size) -> list:
     return segments
 
 
-def coalesce(packets) -> list:
+def coalesce(packets, bint udp=False) -> list:
     """What the receive loop writes into the TUN for these packets, in order:
-    (virtio_net_hdr, packet) pairs, each gathered from the coalescer's iovecs."""
+    (virtio_net_hdr, packet) pairs, each gathered from the coalescer's iovecs; with udp, UDP
+    datagrams are merged too."""
     cdef Coalescer c
     cdef uint8_t *buf = <uint8_t *>malloc(VNET_HDR_LEN + MAX_IPV4_PACKET)
     cdef uint8_t[:] p
@@ -55,7 +56,7 @@ def coalesce(packets) -> list:
     try:
         for packet in held:
             p = packet
-            headers = gro_header_len(&p[0], p.shape[0])
+            headers = gro_header_len(&p[0], p.shape[0], udp)
             if headers and gro_append(&c, &p[0], p.shape[0], headers):
                 continue
             flush_held()

@@ -11,7 +11,7 @@ import pytest
 from fastpath import offload
 from tests.test_packet import reference_checksum
 
-NEEDS_CSUM, GSO_NONE, GSO_TCPV4 = 1, 0, 1
+NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = 1, 0, 1, 5
 FIN, PSH, ACK, CWR = 0x01, 0x08, 0x10, 0x80
 SRC, DST = "10.244.1.2", "10.244.2.2"
 
@@ -44,9 +44,9 @@ def tcp_packet(payload: bytes, *, seq: int = 1000, flags: int = ACK, options: by
     return packet[:36] + struct.pack("!H", checksum) + packet[38:]
 
 
-def udp_packet(payload: bytes) -> bytes:
-    udp = struct.pack("!HHHH", 5000, 53, 8 + len(payload), 0) + payload
-    packet = ip_header(20 + len(udp), socket.IPPROTO_UDP) + udp
+def udp_packet(payload: bytes, *, sport: int = 5000, **ip: object) -> bytes:
+    udp = struct.pack("!HHHH", sport, 53, 8 + len(payload), 0) + payload
+    packet = ip_header(20 + len(udp), socket.IPPROTO_UDP, **ip) + udp  # type: ignore[arg-type]
     checksum = reference_checksum(pseudo(packet) + udp) or 0xFFFF
     return packet[:26] + struct.pack("!H", checksum) + packet[28:]
 
@@ -190,3 +190,45 @@ def test_what_coalesces_and_what_does_not(packets: list[bytes],
 def test_unmerged_packets_are_written_unchanged() -> None:
     packets = [tcp_packet(A), udp_packet(b"u"), tcp_packet(B, seq=5000)]
     assert offload.coalesce(packets) == [plain(p) for p in packets]
+
+
+def udp_run(*packets: bytes) -> list[tuple[int, int, bytes]]:
+    """(gso_type, gso_size, UDP payload) per TUN write, UDP coalescing on."""
+    return [(header[1], struct.unpack("=H", header[4:6])[0], packet[28:])
+            for header, packet in offload.coalesce(list(packets), udp=True)]
+
+
+@pytest.mark.parametrize(("packets", "writes"), [
+    # one flow of equal datagrams, the last may be shorter: one write
+    ([udp_packet(A), udp_packet(B), udp_packet(b"s" * 40)], [(GSO_UDP_L4, 100, A + B + b"s" * 40)]),
+    # a longer one may not follow a shorter one
+    ([udp_packet(b"s" * 40), udp_packet(A)], [(GSO_NONE, 0, b"s" * 40), (GSO_NONE, 0, A)]),
+    # other ports, TTL, ToS: another flow
+    ([udp_packet(A), udp_packet(B, sport=5001)], [(GSO_NONE, 0, A), (GSO_NONE, 0, B)]),
+    ([udp_packet(A), udp_packet(B, ttl=1)], [(GSO_NONE, 0, A), (GSO_NONE, 0, B)]),
+    ([udp_packet(A), udp_packet(B, tos=4)], [(GSO_NONE, 0, A), (GSO_NONE, 0, B)]),
+    # TCP in between ends it; TCP and UDP never mix
+    ([udp_packet(A), tcp_packet(B), udp_packet(C)],
+     [(GSO_NONE, 0, A), (GSO_NONE, 0, tcp_packet(B)[28:]), (GSO_NONE, 0, C)]),
+])
+def test_what_udp_coalesces_and_what_does_not(packets: list[bytes],
+                                              writes: list[tuple[int, int, bytes]]) -> None:
+    assert udp_run(*packets) == writes
+
+
+def test_merged_udp_headers_leave_the_checksum_to_the_kernel() -> None:
+    (header, merged), = offload.coalesce([udp_packet(A), udp_packet(B)], udp=True)
+    assert struct.unpack("=BBHHHH", header) == (NEEDS_CSUM, GSO_UDP_L4, 28, 100, 20, 6)
+    assert reference_checksum(merged[:20]) == 0
+    assert struct.unpack("!H", merged[2:4])[0] == len(merged) == 228
+    assert struct.unpack("!H", merged[24:26])[0] == 208  # the UDP length covers both
+    # The checksum field holds the pseudo-header sum that the kernel completes per segment.
+    assert offload.finish(header, merged) == udp_packet(A + B)[:4] + merged[4:6] + \
+        udp_packet(A + B)[6:]
+
+
+def test_udp_without_dont_fragment_or_with_coalescing_off_is_written_as_it_is() -> None:
+    no_df = udp_packet(A)[:6] + b"\0\0" + udp_packet(A)[8:]
+    assert offload.coalesce([no_df, no_df], udp=True) == [plain(no_df), plain(no_df)]
+    assert offload.coalesce([udp_packet(A), udp_packet(B)]) == [plain(udp_packet(A)),
+                                                                 plain(udp_packet(B))]
