@@ -1,26 +1,18 @@
 """The host's network through netlink: finding the external interface, addressing and routing
 the TUN.
 
-Every pyroute2 call runs in one worker thread: pyroute2 0.9's sync IPRoute fails inside a running
-event loop and its AsyncIPRoute does not run on uvloop, so the loop hands calls to the thread.
+The calls run on the event loop itself, not in a worker thread: each is one rtnetlink request
+(rtnl.py) that the kernel answers before the call returns, made at start-up and when the lease
+moves.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import ipaddress
 import re
-import socket
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-T = TypeVar("T")
+from control.rtnl import RtNetlink
 
 
 class HostError(Exception):
@@ -37,40 +29,27 @@ class ExternalInterface:
 
 class Netlink:
     def __init__(self) -> None:
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyflanneld-netlink")
-        self._ipr: IPRoute | None = None
+        self._rtnl = RtNetlink()
 
-    async def _run(self, call: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, functools.partial(call, *args))
-
-    def _ip(self) -> IPRoute:
-        if self._ipr is None:  # created in the worker thread, used only there
-            self._ipr = IPRoute()
-        return self._ipr
-
-    async def external_interface(self, ifaces: list[str], iface_regexes: list[str]
-                                 ) -> ExternalInterface:
+    def external_interface(self, ifaces: list[str], iface_regexes: list[str]
+                           ) -> ExternalInterface:
         """flanneld's choice: the first --iface (a name or an IP) that exists; else the first
         --iface-regex that matches an IP, then a name; else the default route's interface."""
-        return await self._run(self._find_external, ifaces, iface_regexes)
-
-    def _find_external(self, ifaces: list[str], iface_regexes: list[str]) -> ExternalInterface:
-        ipr = self._ip()
-        links = {link["index"]: (link.get("ifname"), link.get("mtu"))
-                 for link in ipr.get_links()}
-        addresses = [(a["index"], ipaddress.IPv4Address(a.get("address")))
-                     for a in ipr.get_addr(family=socket.AF_INET)]
+        try:
+            links = {link.index: link for link in self._rtnl.links()}
+            addresses = self._rtnl.ipv4_addresses()
+        except OSError as err:
+            raise HostError(f"listing interfaces: {err}") from err
 
         def on(index: int, address: ipaddress.IPv4Address | None = None) -> ExternalInterface:
-            name, mtu = links[index]
+            link = links[index]
             if address is None:
                 address = next((a for i, a in addresses if i == index), None)
                 if address is None:
-                    raise HostError(f"interface {name} has no IPv4 address")
-            return ExternalInterface(name, index, address, mtu)
+                    raise HostError(f"interface {link.name} has no IPv4 address")
+            return ExternalInterface(link.name, index, address, link.mtu)
 
-        by_name = {name: index for index, (name, _) in links.items()}
+        by_name = {link.name: index for index, link in links.items()}
         for spec in ifaces:
             try:
                 wanted = ipaddress.IPv4Address(spec)
@@ -95,50 +74,42 @@ class Netlink:
         if iface_regexes:
             raise HostError(f"no interface matches --iface-regex {', '.join(iface_regexes)}")
 
-        for route in ipr.get_default_routes(family=socket.AF_INET):
-            if route.get("oif") in links:
-                return on(route.get("oif"))
+        try:
+            default_routes = self._rtnl.default_route_interfaces()
+        except OSError as err:
+            raise HostError(f"listing routes: {err}") from err
+        for index in default_routes:
+            if index in links:
+                return on(index)
         raise HostError("no default route to find the external interface: pass --iface")
 
-    async def configure_tun(self, name: str, subnet: ipaddress.IPv4Network,
-                            network: ipaddress.IPv4Network, mtu: int) -> None:
+    def configure_tun(self, name: str, subnet: ipaddress.IPv4Network,
+                      network: ipaddress.IPv4Network, mtu: int) -> None:
         """As flanneld: the subnet's address as a /32 (a source address for host-to-container
         traffic, with no broadcast routes), the MTU, up, and a route for the whole Network."""
-        await self._run(self._configure_tun, name, subnet, network, mtu)
-
-    def _configure_tun(self, name: str, subnet: ipaddress.IPv4Network,
-                       network: ipaddress.IPv4Network, mtu: int) -> None:
-        ipr = self._ip()
-        index = self._index(name)
         try:
-            ipr.addr("add", index=index, address=str(subnet.network_address), prefixlen=32)
-            ipr.link("set", index=index, mtu=mtu, state="up")
-            ipr.route("replace", dst=str(network), oif=index)
-        except NetlinkError as err:
+            index = self._index(name)
+            self._rtnl.add_address(index, subnet.network_address, 32)
+            self._rtnl.set_up(index, mtu)
+            self._rtnl.replace_route(network, index)
+        except OSError as err:
             raise HostError(f"configuring {name}: {err}") from err
 
-    async def readdress_tun(self, name: str, old: ipaddress.IPv4Network,
-                            new: ipaddress.IPv4Network) -> None:
+    def readdress_tun(self, name: str, old: ipaddress.IPv4Network,
+                      new: ipaddress.IPv4Network) -> None:
         """Move the TUN's /32 from the old lease to the new one."""
-        await self._run(self._readdress_tun, name, old, new)
-
-    def _readdress_tun(self, name: str, old: ipaddress.IPv4Network,
-                       new: ipaddress.IPv4Network) -> None:
-        ipr = self._ip()
-        index = self._index(name)
         try:
-            ipr.addr("add", index=index, address=str(new.network_address), prefixlen=32)
-            ipr.addr("del", index=index, address=str(old.network_address), prefixlen=32)
-        except NetlinkError as err:
+            index = self._index(name)
+            self._rtnl.add_address(index, new.network_address, 32)
+            self._rtnl.delete_address(index, old.network_address, 32)
+        except OSError as err:
             raise HostError(f"readdressing {name}: {err}") from err
 
     def _index(self, name: str) -> int:
-        found = self._ip().link_lookup(ifname=name)
+        found = [link.index for link in self._rtnl.links() if link.name == name]
         if not found:
             raise HostError(f"interface {name} does not exist")
         return found[0]
 
-    async def close(self) -> None:
-        if self._ipr is not None:
-            await self._run(self._ipr.close)
-        self._worker.shutdown(wait=True)
+    def close(self) -> None:
+        self._rtnl.close()

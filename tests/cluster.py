@@ -24,11 +24,13 @@ class Flanneld:
     """One pyflanneld process in a host's namespace, logging to a file of the testbed."""
 
     def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
-                 *extra: str, iface: str | None = "eth0") -> None:
+                 *extra: str, iface: str | None = "eth0",
+                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
+        """python_args: how Python runs pyflanneld (a test may wrap the entry point)."""
         self.host = host
         self.subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
         self.log_path = os.path.join(bed.workdir, f"{host.netns}.log")
-        self.command = ["ip", "netns", "exec", host.netns, sys.executable, "-m", "control",
+        self.command = ["ip", "netns", "exec", host.netns, sys.executable, *python_args,
                         "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
                         "--subnet-file", self.subnet_file, *etcd.client_flags(),
                         *(["--iface", iface] if iface else []), *extra]

@@ -1,0 +1,73 @@
+"""control.host's netlink in a test host's namespace: the external interface by each of
+flanneld's rules, and the TUN's address, MTU, state and route (on a TUN of its own here)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from control.host import HostError, Netlink
+from tests.testbed import Host, Testbed, inside
+
+NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
+SUBNET = ipaddress.IPv4Network("10.244.3.0/24")
+MOVED = ipaddress.IPv4Network("10.244.9.0/24")
+
+
+@pytest.fixture
+def host(testbed: Testbed) -> Host:
+    host = testbed.add_host()
+    host.ip("tuntap", "add", "dev", "tun0", "mode", "tun")
+    host.ip("link", "set", "eth0", "mtu", "1400")
+    return host
+
+
+@pytest.fixture
+def netlink(host: Host) -> Iterator[Netlink]:
+    with inside(host.netns):  # the netlink socket stays in this namespace
+        netlink = Netlink()
+    try:
+        yield netlink
+    finally:
+        netlink.close()
+
+
+def test_external_interface_by_name_address_regex_and_default_route(
+        host: Host, netlink: Netlink) -> None:
+    host.ip("link", "set", "tun0", "up")
+    # On a point-to-point address, this end's address is the interface's, not the peer's.
+    host.ip("addr", "add", "192.0.2.1", "peer", "192.0.2.2", "dev", "tun0")
+    eth0 = netlink.external_interface(["eth0"], [])
+    assert (eth0.name, str(eth0.address), eth0.mtu) == ("eth0", host.underlay_ip, 1400)
+    assert netlink.external_interface(["192.0.2.1"], []).name == "tun0"
+    assert netlink.external_interface(["nosuch0", "tun0"], []).name == "tun0"
+    assert netlink.external_interface([], [r"^192\.0\.2\."]).name == "tun0"
+    assert netlink.external_interface([], ["^tun"]).name == "tun0"
+    with pytest.raises(HostError, match="no default route"):
+        netlink.external_interface([], [])
+    host.ip("route", "add", "default", "dev", "tun0", "table", "100")  # not the main table
+    with pytest.raises(HostError, match="no default route"):
+        netlink.external_interface([], [])
+    host.ip("route", "add", "default", "via", "198.18.0.254", "dev", "eth0")
+    assert netlink.external_interface([], []) == eth0
+
+
+def test_tun_is_addressed_routed_and_readdressed_as_flanneld_does(
+        host: Host, netlink: Netlink) -> None:
+    netlink.configure_tun("tun0", SUBNET, NETWORK, 1372)
+    assert "inet 10.244.3.0/32 scope global tun0" in host.ip("-4", "addr", "show", "tun0").stdout
+    link = host.ip("link", "show", "tun0").stdout
+    assert "mtu 1372" in link and ",UP" in link
+    routes = host.ip("-d", "route", "show", "dev", "tun0").stdout
+    assert "unicast 10.244.0.0/16 proto static scope global" in routes
+    # Again: the route is replaced, the address already exists.
+    with pytest.raises(HostError, match="configuring tun0: .*File exists"):
+        netlink.configure_tun("tun0", SUBNET, NETWORK, 1372)
+
+    netlink.readdress_tun("tun0", SUBNET, MOVED)
+    addresses = host.ip("-4", "addr", "show", "tun0").stdout
+    assert "10.244.9.0/32" in addresses and "10.244.3.0" not in addresses
+    with pytest.raises(HostError, match="interface nosuch0 does not exist"):
+        netlink.configure_tun("nosuch0", SUBNET, NETWORK, 1372)
