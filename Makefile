@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
-# iperf3 and qperf.
+# iperf3 and qperf, and ethtool (make perf's wire regime).
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf
+	iperf3 qperf ethtool
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
 
@@ -34,10 +34,13 @@ API ?= v3
 demo: install
 	$(PY) -m tests.demo --etcd-api $(API)
 
-# The paper's Table 1 side by side (about 14 minutes); QUICK=1 for one short pass (about 2).
+# The paper's Table 1 side by side, in three regimes (under 30 minutes); QUICK=1 for one short
+# pass (about 4). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference
+# build beside the repository, when there is one; FLANNELD= leaves them out).
 QUICK ?=
+FLANNELD ?= $(wildcard $(abspath $(CURDIR)/../shared/reference/flanneld-v0.20.2))
 perf: install
-	$(PY) -m perf.bench $(if $(QUICK),--quick)
+	$(PY) -m perf.bench $(if $(QUICK),--quick) --flanneld '$(FLANNELD)'
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -160,7 +160,6 @@ class Daemon:
                                  offload=self.options.fastpath_offload,
                                  scatter=self.options.fastpath_scatter,
                                  udp_coalesce=self.options.fastpath_udp_coalesce,
-                                 busy_poll_us=self.options.fastpath_busy_poll,
                                  nice=self.options.fastpath_nice)
         try:
             self.fastpath.start()
@@ -175,10 +174,9 @@ class Daemon:
                         self.fastpath.offload_missing)
         fp = self.fastpath
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, busy poll %d us, nice %d", fp.tun_name, mtu, ext.address,
-                 config.port, fp.batch, "on" if fp.offload else "off",
-                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off",
-                 fp.busy_poll_us, fp.nice)
+                 "UDP coalescing %s, nice %d", fp.tun_name, mtu, ext.address, config.port,
+                 fp.batch, "on" if fp.offload else "off", "on" if fp.scatter else "off",
+                 "on" if fp.udp_coalesce else "off", fp.nice)
         return mtu
 
     def _iptables_rules(self, network: ipaddress.IPv4Network,

@@ -59,7 +59,6 @@ class Options:
     fastpath_offload: bool
     fastpath_scatter: bool
     fastpath_udp_coalesce: bool
-    fastpath_busy_poll: int
     fastpath_nice: int
     v: int
 
@@ -164,12 +163,9 @@ FLAGS = [
     Flag("fastpath-udp-coalesce", "with offloads, merge received UDP datagrams of one flow "
          "into one TUN write that the kernel splits again (Linux 6.2+; pyflannel)",
          _go_bool, True, boolean=True),
-    Flag("fastpath-busy-poll", "microseconds the fast path looks for more packets before it "
-         "sleeps: lower latency for a busy core (pyflannel; 0 is off)",
-         _bounded(int, 0, 1000), 0),
     Flag("fastpath-nice", "nice value of the fast path's packet threads, -20..19: below 0 they "
          "run ahead of the applications they carry for, as the kernel's forwarding does "
-         "(pyflannel)", _bounded(int, -20, 19), 0),
+         "(pyflannel)", _bounded(int, -20, 19), -10),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

@@ -59,7 +59,6 @@ cdef class FastPath:
     cdef readonly str offload_missing
     cdef readonly bint scatter
     cdef readonly bint udp_coalesce
-    cdef readonly int busy_poll_us
     cdef readonly int nice
     cdef readonly str nice_error
     cdef readonly str tun_name
@@ -75,12 +74,10 @@ cdef class FastPath:
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
-                  bint scatter=True, bint udp_coalesce=True, int busy_poll_us=0, int nice=0,
+                  bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
-        if busy_poll_us < 0:
-            raise ValueError(f"busy poll of {busy_poll_us} us must not be negative")
         if not 68 <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
         self.table = RouteTable(network, subnet_len)
@@ -93,7 +90,6 @@ cdef class FastPath:
         self.offload_missing = ""
         self.scatter = scatter
         self.udp_coalesce = udp_coalesce
-        self.busy_poll_us = busy_poll_us
         if not -20 <= nice <= 19:
             raise ValueError(f"nice value {nice} must be in -20..19")
         self.nice = nice
@@ -163,7 +159,6 @@ cdef class FastPath:
         self.tx.offload = self.rx.offload = self.offload
         self.tx.scatter = self.rx.scatter = self.scatter
         self.rx.udp_coalesce = self.udp_coalesce
-        self.tx.spin_ns = self.rx.spin_ns = <uint64_t>self.busy_poll_us * 1000
         # Each thread passes the barrier once it has its priority, so nice_error is known
         # when start() returns.
         ready = threading.Barrier(3)

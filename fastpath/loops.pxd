@@ -72,7 +72,6 @@ cdef struct TxLoop:
     int tun_fd
     int sock_fd
     int wake_fd                # readable once stop is asked
-    uint64_t spin_ns           # how long to look for more before sleeping (busy poll)
     bint offload               # the TUN has IFF_VNET_HDR with CSUM and TSO4
     bint scatter               # segments go out as iovecs; False: copied into `out` first
     const uint64_t *stop
@@ -89,7 +88,6 @@ cdef struct RxLoop:
     int tun_fd
     int sock_fd
     int wake_fd
-    uint64_t spin_ns
     bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
     bint scatter               # merged packets are written as iovecs; False: gathered first
     bint udp_coalesce          # UDP datagrams of one flow are merged too (USO)

@@ -14,7 +14,6 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from posix.uio cimport iovec, writev
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read, write
 
 from fastpath.offload cimport (
@@ -86,18 +85,9 @@ cdef inline void count_batch(uint64_t *batches, uint64_t *buckets, unsigned int 
     pf_add(&buckets[bucket], 1)
 
 
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec
-
-
-cdef inline bint wait_readable(int fd, int wake_fd, uint64_t spin_ns) noexcept nogil:
-    """Block until fd is readable; False once the loop is asked to stop. With spin_ns, look
-    without sleeping for that long first: what comes within the window skips the sleep and the
-    wake-up (microseconds each, more on a virtual machine) at the cost of a busy core meanwhile."""
+cdef inline bint wait_readable(int fd, int wake_fd) noexcept nogil:
+    """Block until fd is readable; False once the loop is asked to stop."""
     cdef pollfd fds[2]
-    cdef uint64_t deadline = now_ns() + spin_ns if spin_ns else 0
     fds[0].fd = fd
     fds[0].events = POLLIN
     fds[1].fd = wake_fd
@@ -105,7 +95,7 @@ cdef inline bint wait_readable(int fd, int wake_fd, uint64_t spin_ns) noexcept n
     while True:
         fds[0].revents = 0
         fds[1].revents = 0
-        if poll(fds, 2, 0 if deadline and now_ns() < deadline else -1) < 0 and errno != EINTR:
+        if poll(fds, 2, -1) < 0 and errno != EINTR:
             return False
         if fds[1].revents:
             return False
@@ -295,7 +285,7 @@ cdef void tx_run(TxLoop *loop) noexcept nogil:
     loop.iovs_used = 0
     loop.out_used = 0
     while not pf_load(loop.stop):
-        if not full and not wait_readable(loop.tun_fd, loop.wake_fd, loop.spin_ns):
+        if not full and not wait_readable(loop.tun_fd, loop.wake_fd):
             break
         got = 0
         while got < vec.slots:
@@ -395,7 +385,7 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
         vec.msgs[i].msg_hdr.msg_iovlen = 1
         vec.iovs[i].iov_base = vec.data + i * vec.slot_size
     while not pf_load(loop.stop):
-        if not full and not wait_readable(loop.sock_fd, loop.wake_fd, loop.spin_ns):
+        if not full and not wait_readable(loop.sock_fd, loop.wake_fd):
             break
         for i in range(vec.max_msgs):
             vec.iovs[i].iov_len = vec.slot_size

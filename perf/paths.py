@@ -1,31 +1,85 @@
-"""The benchmark's testbed: two hosts on a veth underlay, each with a container on a CNI bridge,
-pyflanneld on both, and every other path the paper compares set up beside it.
+"""The benchmark's testbed and its paths: two hosts on a veth underlay, each with a container on a
+CNI bridge, and every way of carrying the containers' traffic that the benchmark compares.
 
-Built from the tests' testbed, etcd and pyflanneld helpers. The container subnets are routed
-through flannel0 by pyflanneld's Network route; the VXLAN and host-gw paths take over by adding a
-more specific route for the peer's subnet, so switching paths never touches the containers.
+Built from the tests' testbed, etcd and pyflanneld helpers. The containers keep the subnets the
+first pyflanneld leased for them; every path carries traffic between those same subnets. The
+daemons of one row run at a time (pyflanneld's with a row's flags, or flanneld's own); the
+kernel's paths (vxlan, host-gw) add a route for the peer's subnet and run no daemon.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
+import time
 from dataclasses import dataclass
+from typing import Any
 
+from perf.flanneld import RealFlanneld
+from perf.proc import process_peak_rss_bytes
+from perf.underlay import REGIMES, Underlay
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
-from tests.testbed import Host, Testbed
+from tests.testbed import Host, Testbed, sh
 
-PATHS = ["direct", "pyflannel", "pyflannel-batch1", "vxlan", "host-gw"]
-REGIMES = ["shaped-100mbit", "unshaped"]
-API = "v3"
+# pyflanneld's rows: row name -> extra pyflanneld flags. The first row runs pyflanneld's
+# defaults and stands for the paper's udp row; add one row per switchable lever. A row's
+# --etcd-api also picks the etcd keyspace its config is put in.
+PYFLANNEL_ROWS: dict[str, list[str]] = {
+    "pyflannel": [],
+    "pyflannel-etcdv2": ["--etcd-api", "v2"],
+    # One lever off (or on) per row, each against the defaults row.
+    "pyflannel-copy": ["--fastpath-scatter=false"],
+    "pyflannel-no-udp-coalesce": ["--fastpath-udp-coalesce=false"],
+    "pyflannel-nice0": ["--fastpath-nice", "0"],
+    "pyflannel-nooffload": ["--fastpath-offload=false"],
+    # One read, one send per packet, no offloads: the shape of flanneld's C proxy.
+    "pyflannel-batch1": ["--fastpath-batch", "1", "--fastpath-offload=false"],
+}
+DEFAULT_ROW = next(iter(PYFLANNEL_ROWS))
+# flanneld's own rows (when a binary is given): row name -> the config's Backend.
+FLANNELD_ROWS: dict[str, dict[str, Any]] = {
+    "flanneld-udp": {"Type": "udp", "Port": 7890},  # FIGURE_2_CONFIG's, as pyflanneld's rows
+    "flanneld-vxlan": {"Type": "vxlan"},
+}
+# The paper's Table 1 row each path stands beside.
+PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "vxlan": "vxlan", "host-gw": "host-gw",
+              "flanneld-udp": "udp", "flanneld-vxlan": "vxlan"}
 VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
+REACH_TIMEOUT = 20.0
+FLANNELD_SETTLE, FLANNELD_RESTARTS = 5.0, 3
+
+
+def all_paths(with_flanneld: bool) -> list[str]:
+    return ["direct", *PYFLANNEL_ROWS, "vxlan", "host-gw",
+            *(FLANNELD_ROWS if with_flanneld else [])]
+
+
+def etcd_api(flags: list[str]) -> str:
+    """The etcd API pyflanneld's flags select (its default: v3)."""
+    for index, flag in enumerate(flags):
+        if flag == "--etcd-api":
+            return flags[index + 1]
+        if flag.startswith("--etcd-api="):
+            return flag.split("=", 1)[1]
+    return "v3"
+
+
+def describe(path: str) -> dict[str, Any]:
+    """What a path is, for the report: its kind, flags or backend, and its paper row."""
+    info: dict[str, Any] = {"paper": PAPER_ROWS.get(path)}
+    if path in PYFLANNEL_ROWS:
+        info.update(kind="pyflannel", flags=PYFLANNEL_ROWS[path],
+                    etcd_api=etcd_api(PYFLANNEL_ROWS[path]))
+    elif path in FLANNELD_ROWS:
+        info.update(kind="flanneld", backend=FLANNELD_ROWS[path], etcd_api="v3")
+    else:
+        info.update(kind="kernel")
+    return info
 
 
 @dataclass
 class Side:
     host: Host
-    daemon: Flanneld
     subnet: ipaddress.IPv4Network
     vtep_mac: str = ""
 
@@ -45,11 +99,20 @@ class Endpoints:
 
 
 class PerfBed:
-    def __init__(self) -> None:
+    """The testbed; sides[0] is the client (the sender of TCP), sides[1] the server."""
+
+    def __init__(self, flanneld: str | None = None) -> None:
+        self.flanneld_binary = flanneld
         self.bed = Testbed()
         self.etcd: EtcdServer | None = None
         self.sides: list[Side] = []
-        self.batch: int | None = None  # the daemons' --fastpath-batch; None: the default
+        self.underlay: Underlay | None = None
+        self.path: str | None = None
+        self.running: str | None = None  # the row whose daemons run
+        self.daemons: list[Flanneld | RealFlanneld] = []  # the client's, then the server's
+        self.keyspaces: set[str] = set()  # etcd APIs whose keyspace holds pyflanneld's config
+        # Each row's peak RSS (VmHWM) of the client's and the server's daemon, over the run.
+        self.peak_rss: dict[str, list[int]] = {}
         try:
             self._build()
         except BaseException:
@@ -58,16 +121,28 @@ class PerfBed:
 
     def _build(self) -> None:
         self.etcd = EtcdServer(self.bed)
-        put_config(self.etcd, API, FIGURE_2_CONFIG)
+        flags = PYFLANNEL_ROWS[DEFAULT_ROW]
+        api = etcd_api(flags)
+        self._put_config(api)
+        self.running = DEFAULT_ROW
+        daemons = []
         for _ in range(2):
             host = self.bed.add_host()
-            daemon = Flanneld(self.bed, host, self.etcd, API).start()
+            daemon = Flanneld(self.bed, host, self.etcd, api, *flags).start()
+            self.daemons.append(daemon)
+            daemons.append(daemon)
             subnet = daemon.wait_subnet()
             self.bed.add_container(host, str(subnet), int(daemon.subnet_env()["FLANNEL_MTU"]))
-            self.sides.append(Side(host, daemon, subnet))
-        for side in self.sides:
-            side.daemon.wait_log("subnet added")
+            self.sides.append(Side(host, subnet))
+        for daemon in daemons:
+            daemon.wait_log("subnet added")
         self._add_vxlan()
+        self.underlay = Underlay([side.host for side in self.sides], self.bed.underlay)
+
+    def _put_config(self, api: str) -> None:
+        assert self.etcd is not None
+        put_config(self.etcd, api, FIGURE_2_CONFIG)
+        self.keyspaces.add(api)
 
     def _add_vxlan(self) -> None:
         """flannel.1 as flannel's vxlan backend makes it; routes are added per path."""
@@ -81,27 +156,25 @@ class PerfBed:
             side.vtep_mac = link.split("link/ether ")[1].split()[0]
         for side, peer in self.pairs():
             side.host.ip("neigh", "replace", peer.vtep_ip, "lladdr", peer.vtep_mac, "dev",
-                          VXLAN_DEVICE, "nud", "permanent")
+                         VXLAN_DEVICE, "nud", "permanent")
             side.host.run("bridge", "fdb", "replace", peer.vtep_mac, "dev", VXLAN_DEVICE,
                           "dst", peer.host.underlay_ip, "self", "permanent")
+
+    def _remove_vxlan(self) -> None:
+        """Make way for flanneld's own flannel.1 (its neighbours and routes go with it)."""
+        for side in self.sides:
+            side.host.ip("link", "del", VXLAN_DEVICE)
 
     def pairs(self) -> list[tuple[Side, Side]]:
         a, b = self.sides
         return [(a, b), (b, a)]
 
-    def use_path(self, path: str) -> Endpoints:
-        """Route the peer's container subnet for `path` on both hosts; the endpoints to use."""
+    def set_regime(self, regime: str) -> None:
+        assert self.underlay is not None
+        self.underlay.enter(REGIMES[regime])
+
+    def endpoints(self, path: str) -> Endpoints:
         client, server = self.sides
-        for side, peer in self.pairs():
-            side.host.ip("route", "del", str(peer.subnet), check=False)
-            if path == "vxlan":
-                side.host.ip("route", "add", str(peer.subnet), "via", peer.vtep_ip, "dev",
-                              VXLAN_DEVICE, "onlink")
-            elif path == "host-gw":
-                side.host.ip("route", "add", str(peer.subnet), "via", peer.host.underlay_ip,
-                              "dev", "eth0")
-        if path.startswith("pyflannel"):
-            self._run_pyflanneld(batch=1 if path == "pyflannel-batch1" else None)
         if path == "direct":
             return Endpoints(client.host.netns, server.host.netns, server.host.underlay_ip)
         assert client.host.container_netns and server.host.container_netns
@@ -109,48 +182,144 @@ class PerfBed:
         return Endpoints(client.host.container_netns, server.host.container_netns,
                          server.host.container_ip)
 
-    def _run_pyflanneld(self, batch: int | None) -> None:
-        """(Re)start both daemons with the batch size asked for; they take their leases back."""
-        if batch == self.batch:
-            return
-        self.batch = batch
-        # The per-packet baseline: one read, one send, no offloads (flanneld's C proxy's shape).
-        flags = [] if batch is None else ["--fastpath-batch", str(batch),
-                                          "--fastpath-offload=false"]
-        stop_all([side.daemon for side in self.sides])
-        for side in self.sides:
-            side.daemon = Flanneld(self.bed, side.host, self.etcd, API, *flags).start()
-        for side in self.sides:
-            side.daemon.wait_log("subnet added")
+    def use_path(self, path: str) -> Endpoints:
+        """Carry the containers' traffic over `path` (its daemons running, the others not), and
+        check it does; the endpoints to measure between."""
+        endpoints = self.endpoints(path)
+        if path == self.path:
+            return endpoints
+        self.path = None
+        for side, peer in self.pairs():
+            side.host.ip("route", "del", str(peer.subnet), check=False)
+        self._run_row(path if path in PYFLANNEL_ROWS or path in FLANNELD_ROWS else None)
+        for side, peer in self.pairs():
+            if path == "vxlan":
+                side.host.ip("route", "add", str(peer.subnet), "via", peer.vtep_ip, "dev",
+                             VXLAN_DEVICE, "onlink")
+            elif path == "host-gw":
+                side.host.ip("route", "add", str(peer.subnet), "via", peer.host.underlay_ip,
+                             "dev", "eth0")
+        if not self._reachable(endpoints, REACH_TIMEOUT):
+            logs = "".join(f"\n--- {daemon.log_path}:\n{daemon.log()[-2000:]}"
+                           for daemon in self.daemons)
+            raise RuntimeError(f"{path}: {endpoints.server_ip} not reachable from "
+                               f"{endpoints.client_netns} in {REACH_TIMEOUT}s{logs}")
+        self.path = path
+        return endpoints
 
-    def shape(self, rate: str | None) -> None:
-        """Shape each host's underlay egress to `rate` (tc tbf), or remove the shaping."""
+    def _run_row(self, row: str | None) -> None:
+        if row == self.running:
+            return
+        self._stop_daemons()
+        self.running = row  # before they start: stopped by the next switch even if they fail
+        if row in PYFLANNEL_ROWS:
+            self._start_pyflanneld(row)
+        elif row in FLANNELD_ROWS:
+            self._start_flanneld(row)
+
+    def _start_pyflanneld(self, row: str) -> None:
+        """Both daemons with the row's flags; they take the containers' subnets back (from etcd,
+        or from their subnet files on a keyspace they have not used yet)."""
+        assert self.etcd is not None
+        flags = PYFLANNEL_ROWS[row]
+        api = etcd_api(flags)
+        if api not in self.keyspaces:
+            self._put_config(api)
+        daemons = [Flanneld(self.bed, side.host, self.etcd, api, *flags) for side in self.sides]
+        self.daemons = list(daemons)
+        for daemon in daemons:
+            daemon.start()
+        for side, daemon in zip(self.sides, daemons, strict=True):
+            daemon.wait_log("subnet added")
+            self._check_subnet(row, side, daemon)
+
+    def _start_flanneld(self, row: str) -> None:
+        """flanneld on both hosts with the row's backend, one host after the other. Each finds
+        the lease that carries its PublicIP and keeps that subnet.
+
+        The second learns the first's lease from its listing at start. flanneld v0.20.2 can
+        miss the first's event of the second's lease (it reads one event per watch and may
+        re-watch from the current revision), so if the hosts cannot reach each other the
+        first is restarted: its listing then has the second's lease."""
+        assert self.etcd is not None and self.flanneld_binary
+        backend = FLANNELD_ROWS[row]
+        put_config(self.etcd, "v3", {**FIGURE_2_CONFIG, "Backend": backend})
+        if backend["Type"] == "vxlan":
+            self._remove_vxlan()
         for side in self.sides:
-            side.host.run("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
-            if rate:
-                side.host.run("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
-                              "burst", "64kb", "latency", "50ms")
+            daemon = RealFlanneld(self.flanneld_binary, self.bed, side.host, self.etcd)
+            self.daemons.append(daemon)
+            self._check_subnet(row, side, daemon.start())
+        first = self.daemons[0]
+        assert isinstance(first, RealFlanneld)
+        for _ in range(FLANNELD_RESTARTS):
+            if self._reachable(self.endpoints(row), FLANNELD_SETTLE):
+                return
+            print(f"{row}: {first.host.netns} missed the other host's lease; restarting it",
+                  flush=True)
+            self._record_peaks(row, self.daemons)
+            first.stop()
+            self._check_subnet(row, self.sides[0], first.start())
+
+    @staticmethod
+    def _check_subnet(row: str, side: Side, daemon: Flanneld | RealFlanneld) -> None:
+        """The subnet the daemon wrote to its subnet file must be the container's."""
+        subnet = daemon.wait_subnet()
+        if subnet != side.subnet:
+            raise RuntimeError(f"{row} on {side.host.netns} took {subnet}, but the container "
+                               f"is on {side.subnet}; {daemon.log_path}:\n{daemon.log()[-2000:]}")
+
+    def _stop_daemons(self) -> None:
+        """Stop the running row's daemons (noting their peak RSS first) and undo what they
+        changed."""
+        row, daemons = self.running, self.daemons
+        self.running, self.daemons = None, []
+        self._record_peaks(row, daemons)
+        if row in FLANNELD_ROWS:
+            assert self.etcd is not None
+            vxlan = FLANNELD_ROWS[row]["Type"] == "vxlan"
+            for daemon in daemons:
+                assert isinstance(daemon, RealFlanneld)
+                daemon.stop()
+                daemon.clean(VXLAN_DEVICE if vxlan else None)
+            put_config(self.etcd, "v3", FIGURE_2_CONFIG)
+            if vxlan:
+                self._add_vxlan()
+        else:
+            stop_all([d for d in daemons if isinstance(d, Flanneld)])
+
+    def _record_peaks(self, row: str | None, daemons: list[Flanneld | RealFlanneld]) -> None:
+        if row is None:
+            return
+        peaks = self.peak_rss.setdefault(row, [0] * len(daemons))
+        for index, daemon in enumerate(daemons):
+            if daemon.process is not None and daemon.process.poll() is None:
+                peaks[index] = max(peaks[index], process_peak_rss_bytes(daemon.process.pid))
+
+    @staticmethod
+    def _reachable(endpoints: Endpoints, timeout: float) -> bool:
+        """Whether a ping from the client gets its answer within `timeout`: both hosts route
+        the other's subnet."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sh("ip", "netns", "exec", endpoints.client_netns, "ping", "-c", "1", "-W", "1",
+                  endpoints.server_ip, check=False).returncode == 0:
+                return True
+            time.sleep(0.1)
+        return False
 
     def daemon_pids(self) -> list[int]:
-        return [side.daemon.process.pid for side in self.sides if side.daemon.process]
+        """The running daemons' PIDs, the client's (TCP sender's) first."""
+        return [daemon.process.pid for daemon in self.daemons if daemon.process is not None]
 
     def close(self) -> None:
-        stop_all([side.daemon for side in self.sides])
-        if self.etcd is not None:
-            self.etcd.stop()
-        self.bed.close()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+        try:
+            self._stop_daemons()
+        finally:
+            try:
+                if self.underlay is not None:
+                    self.underlay.leave()
+            finally:
+                if self.etcd is not None:
+                    self.etcd.stop()
+                self.bed.close()

@@ -1,30 +1,61 @@
-"""The benchmark's table (stdout and RESULTS.md) and chart (results.png) from its samples."""
+"""The benchmark's tables (stdout and RESULTS.md) and chart (results.png), from results.json's
+meta, samples and peak RSS alone."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
 from collections.abc import Callable
 from typing import Any
 
-# The paper's Table 1 (flannel v0.7.0, two hosts on a 100 Mbit NIC, iperf TCP), Mbit/s; its udp
-# row is flanneld's udp backend, the row pyflannel replaces.
-PAPER_MBPS = {"direct": 94.3, "pyflannel": 92.7, "vxlan": 91.2, "host-gw": 94.3}
-# flanneld v0.20.2's udp backend measured on this kind of machine (../shared/flannel-compat.md),
-# not in this run: no flanneld binary can be installed here.
-FLANNELD_UNSHAPED = "TCP 1 stream 360 Mbit/s, 64 B UDP 27 kpps (64 % lost), 132 us one way"
+# The paper's Table 1 (flannel v0.7.0, two hosts on a 100 Mbit NIC, iperf TCP), Mbit/s, by its
+# rows; meta["paths"][path]["paper"] says which row a path stands beside.
+PAPER_MBPS = {"direct": 94.3, "udp": 92.7, "vxlan": 91.2, "host-gw": 94.3}
+# Ratios are to the kernel's VXLAN, as flannel's vxlan backend sets it up: the issue's targets
+# are such ratios, measured within one run.
+BASELINE = "vxlan"
+DAEMON_CPU_LIMIT_PERCENT = 10  # flannel's DaemonSet: cpu 100m
 
 Sample = dict[str, Any]
+Metric = Callable[[Sample], float | None]
 
 
-def _values(samples: list[Sample], regime: str, path: str, workload: str,
-            metric: Callable[[Sample], float]) -> list[float]:
-    return [metric(s) for s in samples if (s["regime"], s["path"], s["workload"]) ==
-            (regime, path, workload) and "error" not in s]
+def _mbps(s: Sample) -> float:
+    return s["bits_per_second"] / 1e6
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def _kpps(s: Sample) -> float:
+    return s["zero_loss_pps"] / 1e3
+
+
+def _field(name: str, scale: float = 1.0, index: int | None = None) -> Metric:
+    """A sample's field (an item of it, for lists), scaled; None where the sample has none."""
+    def get(s: Sample) -> float | None:
+        value = s.get(name)
+        if value is not None and index is not None:
+            value = value[index]
+        return None if value is None else value * scale
+    return get
+
+
+class Results:
+    def __init__(self, meta: dict[str, Any], samples: list[Sample],
+                 peaks: dict[str, dict[str, int]]) -> None:
+        self.meta, self.samples, self.peaks = meta, samples, peaks
+        self.paths = list(meta["paths"])
+        self.regimes = list(meta["regimes"])
+        self.shaped = [r for r in self.regimes if meta["regimes"][r]["rate"]]
+
+    def values(self, regime: str, path: str, workload: str, metric: Metric) -> list[float]:
+        found = (metric(s) for s in self.samples if "error" not in s and
+                 (s["regime"], s["path"], s["workload"]) == (regime, path, workload))
+        return [value for value in found if value is not None]
+
+    def median(self, regime: str, path: str, workload: str, metric: Metric) -> float | None:
+        values = self.values(regime, path, workload, metric)
+        return statistics.median(values) if values else None
 
 
 def _cell(values: list[float], digits: int = 1) -> str:
@@ -41,39 +72,87 @@ def _ratio(value: float | None, base: float | None) -> str:
     return "-" if value is None or not base else f"{value / base:.2f}"
 
 
-def table(samples: list[Sample]) -> str:
-    paths = list(dict.fromkeys(s["path"] for s in samples))
-    regimes = list(dict.fromkeys(s["regime"] for s in samples))
-    mbps = lambda s: s["bits_per_second"] / 1e6  # noqa: E731
-    kpps = lambda s: s["packets_per_second"] / 1e3  # noqa: E731
-    lines = []
-    for regime in regimes:
-        lines += [f"### {regime}", "",
-                  "| path | TCP 1 stream, Mbit/s | / direct | / vxlan | TCP 4 streams, Mbit/s "
-                  "| / direct | / vxlan | UDP 64 B, kpps received | lost % | one way, us "
-                  "| pyflanneld CPU s/GB | RSS MB | paper, Mbit/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        base = {w: {p: _median(_values(samples, regime, p, w, mbps)) for p in ("direct", "vxlan")}
-                for w in ("tcp1", "tcp4")}
-        for path in paths:
-            row = [path]
-            for workload in ("tcp1", "tcp4"):
-                values = _values(samples, regime, path, workload, mbps)
-                median = _median(values)
-                row += [_cell(values), _ratio(median, base[workload]["direct"]),
-                        _ratio(median, base[workload]["vxlan"])]
-            row += [_cell(_values(samples, regime, path, "udp64", kpps)),
-                    _cell(_values(samples, regime, path, "udp64", lambda s: s["lost_percent"])),
-                    _cell(_values(samples, regime, path, "latency", lambda s: s["one_way_us"])),
-                    _cell([s["cpu_seconds_per_gb"] for s in samples if s["regime"] == regime
-                           and s["path"] == path and "cpu_seconds_per_gb" in s], 2),
-                    _cell([s["rss_bytes"] / 2**20 for s in samples if s["regime"] == regime
-                           and s["path"] == path and "rss_bytes" in s], 0),
-                    f"{PAPER_MBPS[path]}" if regime.startswith("shaped") and path in PAPER_MBPS
-                    else ""]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    errors = [s for s in samples if "error" in s]
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(names: list[str]) -> list[str]:
+    return [_row(names), _row(["---"] * len(names))]
+
+
+def _with_ratio(results: Results, regime: str, path: str, workload: str, metric: Metric,
+                digits: int = 1) -> list[str]:
+    """The cell and its ratio to the baseline's median."""
+    values = results.values(regime, path, workload, metric)
+    median = statistics.median(values) if values else None
+    return [_cell(values, digits),
+            _ratio(median, results.median(regime, BASELINE, workload, metric))]
+
+
+def _daemon_percent(results: Results, regime: str, path: str, workload: str) -> str:
+    """Medians of the sender's and the receiver's daemon CPU, % of one core."""
+    sender = results.median(regime, path, workload, _field("daemon_cpu_percent", index=0))
+    receiver = results.median(regime, path, workload, _field("daemon_cpu_percent", index=1))
+    return "-" if sender is None or receiver is None else f"{sender:.1f} / {receiver:.1f}"
+
+
+def _zero_loss_cells(results: Results, regime: str, path: str) -> list[str]:
+    cells = _with_ratio(results, regime, path, "udp64", _kpps)
+    lossy = results.values(regime, path, "udp64", _field("lowest_lossy_pps", 1e-3))
+    if results.values(regime, path, "udp64", _kpps) == [0.0] and lossy:  # every trial lost
+        cells[0] = f"< {lossy[0]:.1f}"
+    return cells
+
+
+def regime_tables(results: Results, regime: str) -> list[str]:
+    machine = _field("machine_cpu_s_per_gb")
+    lines = [f"### {regime}", "", "Throughput and CPU (TCP, container to container):", ""]
+    lines += _header(["path", "TCP 1 stream, Mbit/s", "/ vxlan", "TCP 4 streams, Mbit/s",
+                      "/ vxlan", "machine CPU s/GB, TCP 1", "/ vxlan", "machine CPU s/GB, TCP 4",
+                      "/ vxlan", "daemons' CPU s/GB, TCP 1", "daemon % of a core, send / recv, "
+                      "TCP 1", "TCP 4", "paper, Mbit/s"])
+    for path in results.paths:
+        paper = results.meta["paths"][path]["paper"]
+        lines.append(_row(
+            [path, *_with_ratio(results, regime, path, "tcp1", _mbps),
+             *_with_ratio(results, regime, path, "tcp4", _mbps),
+             *_with_ratio(results, regime, path, "tcp1", machine, 2),
+             *_with_ratio(results, regime, path, "tcp4", machine, 2),
+             _cell(results.values(regime, path, "tcp1", _field("daemon_cpu_s_per_gb")), 2),
+             _daemon_percent(results, regime, path, "tcp1"),
+             _daemon_percent(results, regime, path, "tcp4"),
+             f"{PAPER_MBPS[paper]}" if regime in results.shaped and paper else ""]))
+    lines += ["", "Latency (qperf udp_lat, one way) and 64-byte UDP:", ""]
+    lines += _header(["path", "unloaded, us", "/ vxlan", "under a bulk TCP flow, us", "/ vxlan",
+                      f"64 B zero-loss rate (< {results.meta['loss_limit_percent']} % lost), "
+                      "kpps", "/ vxlan"])
+    for path in results.paths:
+        lines.append(_row(
+            [path, *_with_ratio(results, regime, path, "latency", _field("one_way_us")),
+             *_with_ratio(results, regime, path, "loaded-latency", _field("one_way_us")),
+             *_zero_loss_cells(results, regime, path)]))
+    return lines + [""]
+
+
+def memory_table(results: Results) -> list[str]:
+    lines = ["### daemons' peak RSS over the whole run (VmHWM)", ""]
+    lines += _header(["path", "etcd API", "sender, MiB", "receiver, MiB"])
+    for path in results.paths:
+        if path in results.peaks:
+            peak = results.peaks[path]
+            lines.append(_row([path, results.meta["paths"][path]["etcd_api"],
+                               f"{peak['sender'] / 2**20:.1f}",
+                               f"{peak['receiver'] / 2**20:.1f}"]))
+    return lines + [""]
+
+
+def tables(results: Results) -> str:
+    lines: list[str] = []
+    for regime in results.regimes:
+        lines += regime_tables(results, regime)
+    if results.peaks:
+        lines += memory_table(results)
+    errors = [s for s in results.samples if "error" in s]
     if errors:
         lines += ["Failed measurements:", ""]
         lines += [f"- {s['regime']} {s['path']} {s['workload']} #{s['rep']}: {s['error']}"
@@ -82,71 +161,169 @@ def table(samples: list[Sample]) -> str:
     return "\n".join(lines)
 
 
-def chart(samples: list[Sample], path: str) -> None:
+def _bars(ax: Any, labels: list[str], series: list[tuple[str, list[float | None]]],
+          title: str, ylabel: str, log: bool = False, colors: dict[str, str] | None = None
+          ) -> None:
+    """Grouped bars: one group per label, one bar per series (its colour from `colors`, by
+    name, when given); nothing where a value is None."""
+    width = 0.8 / max(1, len(series))
+    for index, (name, values) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(labels))],
+               [math.nan if v is None else v for v in values], width, label=name,
+               color=(colors or {}).get(name, f"C{index}"))
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize="small")
+    ax.set_title(title, fontsize="medium")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    if len(series) > 1:  # below the tick labels, clear of the bars
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.32),
+                  ncol=min(4, len(series)))
+
+
+def chart(results: Results, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = list(dict.fromkeys(s["path"] for s in samples))
-    regimes = list(dict.fromkeys(s["regime"] for s in samples))
-    mbps = lambda s: s["bits_per_second"] / 1e6  # noqa: E731
-    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(5 * (len(regimes) + 1), 5))
-    width = 0.4
-    for ax, regime in zip(axes, regimes, strict=False):
-        for offset, workload in ((-width / 2, "tcp1"), (width / 2, "tcp4")):
-            medians = [_median(_values(samples, regime, p, workload, mbps)) or 0 for p in paths]
-            ax.bar([i + offset for i in range(len(paths))], medians, width,
-                   label="TCP 1 stream" if workload == "tcp1" else "TCP 4 streams")
-        ax.set_xticks(range(len(paths)), paths, rotation=30, ha="right")
-        ax.set_ylabel("Mbit/s (median)")
-        ax.set_title(f"throughput, {regime}")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small")
-    ax = axes[-1]
-    pyflannel = [p for p in paths if p.startswith("pyflannel")]
-    for index, regime in enumerate(regimes):
-        values = [_median([s["cpu_seconds_per_gb"] for s in samples if s["regime"] == regime
-                           and s["path"] == p and "cpu_seconds_per_gb" in s]) or 0
-                  for p in pyflannel]
-        ax.bar([i + (index - 0.5) * width for i in range(len(pyflannel))], values, width,
-               label=regime)
-    ax.set_xticks(range(len(pyflannel)), pyflannel)
-    ax.set_ylabel("CPU seconds per GB, both pyflanneld")
-    ax.set_title("pyflanneld CPU (TCP runs)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize="small")
+    paths, regimes = results.paths, results.regimes
+    machine = _field("machine_cpu_s_per_gb")
+    latency = _field("one_way_us")
+    by_regime = {regime: f"C{index}" for index, regime in enumerate(regimes)}  # same everywhere
+
+    def per_regime(workload: str, metric: Metric, among: list[str] = regimes
+                   ) -> list[tuple[str, list[float | None]]]:
+        return [(regime, [results.median(regime, p, workload, metric) for p in paths])
+                for regime in among
+                if any(results.values(regime, p, workload, metric) for p in paths)]
+
+    panels: list[Callable[[Any], None]] = []
+    for regime in results.shaped:
+        papers = [results.meta["paths"][p]["paper"] for p in paths]
+        panels.append(lambda ax, regime=regime, papers=papers: _bars(
+            ax, paths, [(f"{regime}, TCP 1 stream (median)",
+                         [results.median(regime, p, "tcp1", _mbps) for p in paths]),
+                        ("the paper's Table 1", [PAPER_MBPS.get(row) if row else None
+                                                 for row in papers])],
+            "the paper's Table 1 beside this run", "Mbit/s"))
+    for regime in regimes:
+        panels.append(lambda ax, regime=regime: _bars(
+            ax, paths, [(f"TCP {n} stream{'s' if n > 1 else ''}",
+                         [results.median(regime, p, f"tcp{n}", _mbps) for p in paths])
+                        for n in (1, 4)], f"throughput, {regime}", "Mbit/s (median)"))
+    # Shaped, a GB takes minutes and every background cost dwarfs the path's own.
+    unshaped = [r for r in regimes if r not in results.shaped]
+    panels.append(lambda ax: _bars(ax, paths, per_regime("tcp1", machine, unshaped),
+                                   "whole machine CPU per GB, TCP 1 stream", "CPU s/GB",
+                                   colors=by_regime))
+    daemons = [p for p in paths if any(results.values(r, p, "tcp1",
+                                                      _field("daemon_cpu_percent", index=0))
+                                       for r in regimes)]
+    for regime in results.shaped if daemons else []:
+        def daemon_panel(ax: Any, regime: str = regime) -> None:
+            _bars(ax, daemons, [(f"{role}, TCP {n}", [results.median(
+                regime, p, f"tcp{n}", _field("daemon_cpu_percent", index=index))
+                for p in daemons]) for n in (1, 4) for index, role in
+                enumerate(("sender", "receiver"))],
+                f"each daemon's CPU, {regime}", "% of one core (median)")
+            ax.axhline(DAEMON_CPU_LIMIT_PERCENT, color="black", linewidth=0.8, linestyle="--")
+        panels.append(daemon_panel)
+    panels.append(lambda ax: _bars(ax, paths, per_regime("latency", latency),
+                                   "one-way latency, unloaded", "us (median)",
+                                   colors=by_regime))
+    panels.append(lambda ax: _bars(ax, paths, per_regime("loaded-latency", latency),
+                                   "one-way latency under a bulk TCP flow", "us (median)",
+                                   log=True, colors=by_regime))
+    panels.append(lambda ax: _bars(ax, paths, per_regime("udp64", _kpps),
+                                   "64-byte UDP, highest rate with "
+                                   f"< {results.meta['loss_limit_percent']} % lost", "kpps",
+                                   colors=by_regime))
+    columns = 3
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 5.5 * rows), squeeze=False)
+    for ax, draw in zip(axes.flat, panels, strict=False):
+        draw(ax)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def write_report(meta: dict[str, Any], samples: list[Sample], out_dir: str) -> str:
-    """Write RESULTS.md and results.png; returns the table."""
-    body = table(samples)
+def _path_lines(meta: dict[str, Any]) -> list[str]:
+    kernel = {"direct": "host to host on the underlay, no overlay",
+              "vxlan": "the kernel's VXLAN set up as flannel's vxlan backend does (flannel.1, "
+                       "VNI 1, port 8472, MTU 1450)",
+              "host-gw": "a route to the peer's subnet via its underlay address"}
+    lines = []
+    for name, info in meta["paths"].items():
+        if info["kind"] == "pyflannel":
+            flags = " ".join(info["flags"]) or "its defaults"
+            lines.append(f"  - `{name}`: pyflanneld with {flags}")
+        elif info["kind"] == "flanneld":
+            lines.append(f"  - `{name}`: {os.path.basename(meta['flanneld'])} with Backend "
+                         f"`{json.dumps(info['backend'])}`, etcd v3 API")
+        else:
+            lines.append(f"  - `{name}`: {kernel.get(name, name)}")
+    if not meta["flanneld"]:
+        lines.append("  - flanneld's own udp and vxlan rows are left out: no flanneld binary "
+                     "was given. `make perf FLANNELD=/path/to/flanneld` (v0.20.2, or any with "
+                     "the etcd v3 API) adds them.")
+    return lines
+
+
+def _regime_lines(meta: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, regime in meta["regimes"].items():
+        if regime["rate"]:
+            what = f"tc tbf at {regime['rate']} on each host's underlay egress (the paper's NIC)"
+        elif regime["wire"]:
+            what = ("underlay veths with TSO and GSO off and GRO on at both ends: 1500-byte "
+                    "frames on the underlay, as on a NIC's wire")
+        else:
+            what = "plain veths, which carry 64 KB GSO frames: this machine's ceiling"
+        skip = "" if regime["udp_search"] else "; no 64-byte search"
+        lines.append(f"  - `{name}`: {what}{skip}")
+    return lines
+
+
+def write_report(meta: dict[str, Any], samples: list[Sample],
+                 peaks: dict[str, dict[str, int]], out_dir: str) -> str:
+    """Write RESULTS.md and results.png; returns the tables."""
+    results = Results(meta, samples, peaks)
+    body = tables(results)
     m = meta["machine"]
+    before, after = meta["background_busy_percent"]
     header = "\n".join([
         "# pyflannel performance: the paper's Table 1, side by side", "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}, {meta['wall_seconds']} s",
         f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, "
-        f"Python {m['python']}",
-        f"- {meta['reps']} repetition(s) of each measurement, as median [min-max]; "
-        f"measurement lengths in seconds: {meta['seconds']}",
+        f"Python {m['python']}; CPU vulnerabilities: {m['vulnerabilities']}",
+        f"- background: the machine was {before} % busy before the run and {after} % after "
+        "it, with nothing of the benchmark running; machine CPU figures include such load.",
+        f"- {meta['reps']} repetition(s) of each measurement, as median [min-max]; lengths in "
+        f"seconds: {meta['seconds']}; up to {meta['udp_rates']} rates per 64-byte search",
         "- testbed: two hosts in network namespaces on a veth underlay through a bridge, each "
-        "with a container attached by the CNI bridge plugin; etcd v3. Paths: `direct` host to "
-        "host on the underlay; `pyflannel` container to container through pyflanneld with its "
-        "defaults (vectors of 64 packets, TUN offloads with UDP GSO/GRO); `pyflannel-batch1` "
-        "the same with --fastpath-batch 1 --fastpath-offload=false (one read, one send per "
-        "packet: the shape of flanneld's C proxy); `vxlan` the kernel's VXLAN set up as "
-        "flannel's vxlan backend does; `host-gw` a route via the peer's underlay address.",
-        f"- regimes: `shaped-100mbit` tc tbf at {meta['shaped_rate']} on each host's underlay "
-        "egress (the paper's 100 Mbit NIC), `unshaped` this machine's ceiling.",
-        "- UDP: 64-byte payloads offered at 2 Gbit/s by iperf3; latency: qperf udp_lat, half "
-        "the request/response round trip. CPU: user + system seconds of both pyflanneld "
-        "processes during the TCP runs, per GB received; RSS: the larger of the two.",
-        f"- for reference, not measured in this run: flanneld v0.20.2's udp backend, unshaped, "
-        f"on this kind of machine: {FLANNELD_UNSHAPED} (../shared/flannel-compat.md).",
-        "", "![throughput and CPU](results.png)", ""])
+        "with a container attached by the CNI bridge plugin; etcd 3.4. TCP goes from the first "
+        "host's container (the sender) to the second's (the receiver). Paths:",
+        *_path_lines(meta),
+        "- regimes:", *_regime_lines(meta),
+        "- TCP: iperf3. Machine CPU: busy time of all cores (/proc/stat, all but idle and "
+        "iowait) during the transfer, per GB received, whatever ran: other load on the "
+        "machine counts too. Daemons' CPU: user + system time of both daemons, per GB, and "
+        "each one's as % of one core.",
+        "- latency: qperf udp_lat, half the request/response round trip; under load, while "
+        "one bulk iperf3 TCP flow runs between the same containers.",
+        f"- 64-byte UDP: iperf3, the highest rate offered with < {meta['loss_limit_percent']} "
+        "% lost (RFC 2544's search: one trial as fast as iperf3 sends, then bisection, a "
+        "lossy rate tried twice); `< x` when every rate lost packets, x the lowest tried.",
+        "- peak RSS: each daemon's VmHWM, read before it is stopped.",
+        f"- ratios (`/ vxlan`) are to the `{BASELINE}` row's median in the same regime.",
+        "", "![throughput, CPU, latency and 64-byte UDP](results.png)", ""])
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(header + "\n" + body)
-    chart(samples, os.path.join(out_dir, "results.png"))
+    chart(results, os.path.join(out_dir, "results.png"))
     return body

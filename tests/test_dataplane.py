@@ -87,8 +87,8 @@ def packet_thread_nice() -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("levers", [{"scatter": False}, {"busy_poll_us": 200, "nice": -5}],
-                         ids=["copying", "busy-poll-nice"])
+@pytest.mark.parametrize("levers", [{"scatter": False}, {"udp_coalesce": False, "nice": -5}],
+                         ids=["copying", "no-udp-coalescing-nice"])
 def test_every_lever_carries_tcp_intact_to_and_from_a_plain_peer(testbed: Testbed,
                                                                  levers: dict[str, int]) -> None:
     """The default levers run in `pair`; each other setting meets the per-packet baseline."""

@@ -1,32 +1,57 @@
-"""The benchmark harness cannot rot: its smallest piece, one 2-second TCP measurement over each
-path, runs end to end. This checks the shape of what it writes, never the speed."""
+"""The benchmark harness cannot rot: a short run of every kind of measurement over a pyflannel row
+on each etcd API, the kernel's VXLAN and (when the reference flanneld is there) flanneld's vxlan
+row, in the wire regime. This checks the shape of what it writes, never the speed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from perf.paths import PATHS
+from perf.bench import DEFAULT_FLANNELD, WORKLOADS
+from perf.paths import DEFAULT_ROW, PYFLANNEL_ROWS, etcd_api
 from tests.conftest import require_host_network_tools
 
 
-def test_one_short_measurement_over_every_path(tmp_path: Path) -> None:
+def test_every_kind_of_measurement(tmp_path: Path) -> None:
     require_host_network_tools()
+    v2_row = next(row for row, flags in PYFLANNEL_ROWS.items() if etcd_api(flags) == "v2")
+    flanneld = DEFAULT_FLANNELD if os.path.exists(DEFAULT_FLANNELD) else ""
+    paths = [DEFAULT_ROW, v2_row, "vxlan", *(["flanneld-vxlan"] if flanneld else [])]
     result = subprocess.run(
-        [sys.executable, "-m", "perf.bench", "--regimes", "unshaped", "--workloads", "tcp1",
-         "--reps", "1", "--seconds", "2", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "perf.bench", "--paths", *paths, "--regimes", "wire",
+         "--reps", "1", "--seconds", "1", "--udp-rates", "2", "--flanneld", flanneld,
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {"command", "date", "machine", "reps", "seconds"} <= set(data["meta"])
+    meta = data["meta"]
+    assert {"command", "date", "machine", "reps", "seconds", "udp_rates", "paths",
+            "regimes", "flanneld"} <= set(meta)
+    assert "vulnerabilities" in meta["machine"]
     samples = data["samples"]
-    assert [s["path"] for s in samples] == PATHS
+    assert [(s["path"], s["workload"]) for s in samples] == \
+        [(path, w.name) for path in paths for w in WORKLOADS]
     for sample in samples:
         assert "error" not in sample, sample
-        assert (sample["regime"], sample["workload"], sample["rep"]) == ("unshaped", "tcp1", 1)
-        assert sample["bits_per_second"] > 0 and sample["bytes"] > 0
-        assert ("cpu_seconds_per_gb" in sample) == sample["path"].startswith("pyflannel")
-        assert ("rss_bytes" in sample) == sample["path"].startswith("pyflannel")
+        assert (sample["regime"], sample["rep"]) == ("wire", 1)
+        with_daemons = meta["paths"][sample["path"]]["kind"] != "kernel"
+        if sample["workload"].startswith("tcp"):
+            assert sample["bits_per_second"] > 0 and sample["bytes"] > 0
+            assert sample["machine_cpu_s_per_gb"] > 0
+            assert ("daemon_cpu_s_per_gb" in sample) == with_daemons
+            if with_daemons:
+                assert len(sample["daemon_cpu_percent"]) == 2
+                assert all(percent >= 0 for percent in sample["daemon_cpu_percent"])
+        elif sample["workload"].endswith("latency"):
+            assert sample["one_way_us"] > 0
+        else:
+            assert sample["workload"] == "udp64"
+            assert 1 <= len(sample["trials"]) <= 3 and sample["zero_loss_pps"] >= 0
+            assert all({"sent_pps", "lost_percent"} <= set(t) for t in sample["trials"])
+    peaks = data["peak_rss_bytes"]
+    assert set(peaks) == {p for p in paths if meta["paths"][p]["kind"] != "kernel"}
+    assert all(peak["sender"] > 0 and peak["receiver"] > 0 for peak in peaks.values())
     report = (tmp_path / "RESULTS.md").read_text()
-    assert all(f"| {path} |" in report for path in PATHS)
+    assert "### wire" in report and all(f"| {path} |" in report for path in paths)
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
