@@ -5,13 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
-# iperf3 and qperf, and ethtool (make perf's wire regime).
+# iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`.
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool
+	iperf3 qperf ethtool linux-perf
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
 
-.PHONY: install deb demo test perf lint clean
+.PHONY: install deb demo test perf profile lint clean
 
 install: deb $(STAMP)
 
@@ -41,6 +41,10 @@ QUICK ?=
 FLANNELD ?= $(wildcard $(abspath $(CURDIR)/../shared/reference/flanneld-v0.20.2))
 perf: install
 	$(PY) -m perf.bench $(if $(QUICK),--quick) --flanneld '$(FLANNELD)'
+
+# Where one TCP stream spends the machine over pyflannel and over kernel VXLAN (perf/PROFILE.md).
+profile: install
+	$(PY) -m perf.profile
 
 lint: install
 	$(VENV)/bin/ruff check .

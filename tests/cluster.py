@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Self
 
 from tests.etcd import EtcdServer
 from tests.testbed import Host, Testbed
@@ -20,27 +21,22 @@ FIGURE_2_CONFIG = {"Network": "10.0.0.0/8", "SubnetLen": 20, "SubnetMin": "10.10
                    "SubnetMax": "10.99.0.0", "Backend": {"Type": "udp", "Port": 7890}}
 
 
-class Flanneld:
-    """One pyflanneld process in a host's namespace, logging to a file of the testbed."""
+class LoggedDaemon:
+    """A daemon process in a host's namespace that logs to a file of the testbed and writes a
+    subnet.env: what pyflanneld and flanneld have in common here."""
 
-    def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
-                 *extra: str, iface: str | None = "eth0",
-                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
-        """python_args: how Python runs pyflanneld (a test may wrap the entry point)."""
+    def __init__(self, host: Host, subnet_file: str, log_path: str, command: list[str]) -> None:
         self.host = host
-        self.subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
-        self.log_path = os.path.join(bed.workdir, f"{host.netns}.log")
-        self.command = ["ip", "netns", "exec", host.netns, sys.executable, *python_args,
-                        "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
-                        "--subnet-file", self.subnet_file, *etcd.client_flags(),
-                        *(["--iface", iface] if iface else []), *extra]
+        self.subnet_file = subnet_file
+        self.log_path = log_path
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
-    def start(self) -> Flanneld:
+    def start(self) -> Self:
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            # `ip netns exec` execs the command, so this PID is pyflanneld's own.
+            # `ip netns exec` execs the command, so this PID is the daemon's own.
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         return self
 
@@ -49,6 +45,37 @@ class Flanneld:
         with open(self.log_path, "rb") as f:
             f.seek(self._log_offset)
             return f.read().decode(errors="replace")
+
+    def subnet_env(self) -> dict[str, str]:
+        with open(self.subnet_file) as f:
+            return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+
+    def wait_subnet(self, timeout: float = 20.0) -> ipaddress.IPv4Network:
+        """The subnet this daemon leased, once its subnet.env is written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(self.subnet_file) and "FLANNEL_SUBNET" in self.subnet_env():
+                return ipaddress.IPv4Network(self.subnet_env()["FLANNEL_SUBNET"], strict=False)
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.host.netns}: no subnet.env after {timeout}s; "
+                             f"{self.log_path}:\n{self.log()[-3000:]}")
+
+
+class Flanneld(LoggedDaemon):
+    """One pyflanneld process."""
+
+    def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
+                 *extra: str, iface: str | None = "eth0",
+                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
+        """python_args: how Python runs pyflanneld (a test may wrap the entry point)."""
+        subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
+        super().__init__(host, subnet_file, os.path.join(bed.workdir, f"{host.netns}.log"),
+                         ["ip", "netns", "exec", host.netns, sys.executable, *python_args,
+                          "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
+                          "--subnet-file", subnet_file, *etcd.client_flags(),
+                          *(["--iface", iface] if iface else []), *extra])
 
     def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
@@ -60,22 +87,6 @@ class Flanneld:
             time.sleep(0.05)
         raise AssertionError(f"{self.host.netns}: {text!r} not logged {count} time(s) in "
                              f"{timeout}s; log:\n{self.log()[-3000:]}")
-
-    def subnet_env(self) -> dict[str, str]:
-        with open(self.subnet_file) as f:
-            return dict(line.split("=", 1) for line in f.read().splitlines())
-
-    def wait_subnet(self, timeout: float = 20.0) -> ipaddress.IPv4Network:
-        """The subnet this daemon leased, once its subnet.env is written."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self.subnet_file):
-                return ipaddress.IPv4Network(self.subnet_env()["FLANNEL_SUBNET"], strict=False)
-            if self.process is not None and self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{self.host.netns}: no subnet.env after {timeout}s; log:\n"
-                             f"{self.log()[-3000:]}")
 
     def terminate(self) -> None:
         """Send SIGTERM by PID; stop() then waits."""

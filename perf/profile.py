@@ -1,0 +1,130 @@
+"""`make profile`: where one TCP stream spends the machine over pyflannel, beside kernel VXLAN.
+
+Builds the benchmark's testbed, runs one iperf3 TCP stream over each path while linux-perf samples
+every CPU (`perf record -a -g -e cpu-clock`), and writes perf/PROFILE.md: the share of the
+machine each thread took (pyflannel's packet threads are named pyflannel-tx and pyflannel-rx) and
+what it went on: payload copies between the kernel and user space, the fast path's own code, the
+rest of the kernel (the network stacks, TUN, scheduling) and the rest of user space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+from perf.bench import IPERF_PORT, Servers
+from perf.paths import DEFAULT_ROW, PerfBed
+from perf.proc import machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHS = [DEFAULT_ROW, "vxlan"]
+WARMUP_SECONDS = 2
+CATEGORIES = ["payload copies", "fast path code", "kernel, other", "user space, other"]
+# Where the kernel and libc move payload bytes.
+COPY_SYMBOLS = re.compile(
+    r"_copy_(to|from)_iter|copy_user|rep_movs|memmove|memcpy|csum_partial_copy")
+# A perf report line: "  12.49%  pyflannel-tx  [k] _copy_to_iter"
+REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[([k.])\]\s+(\S+)")
+
+
+def category(symbol: str, kernel: bool) -> str:
+    if COPY_SYMBOLS.search(symbol):
+        return "payload copies"
+    if symbol.startswith("__pyx_f_8fastpath"):
+        return "fast path code"
+    return "kernel, other" if kernel else "user space, other"
+
+
+def thread_kind(comm: str) -> str:
+    """Group the threads: the packet threads by name, the rest by program."""
+    if comm == "swapper":
+        return "idle"
+    if comm.startswith(("pyflannel-", "iperf3", "ksoftirqd")):
+        return comm.split("/")[0]
+    return "other"
+
+
+def profile(endpoints_netns: str, server_ip: str, seconds: int) -> tuple[float, dict]:
+    """One TCP stream for `seconds` with perf sampling the middle of it: (Mbit/s, shares)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "perf.data")
+        flow = subprocess.Popen(
+            ["ip", "netns", "exec", endpoints_netns, "iperf3", "-c", server_ip, "-p",
+             str(IPERF_PORT), "-t", str(seconds + 2 * WARMUP_SECONDS), "-J"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.run(["sleep", str(WARMUP_SECONDS)], check=True)
+        subprocess.run(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-o", data, "--",
+                        "sleep", str(seconds)], check=True, capture_output=True)
+        out, _ = flow.communicate(timeout=seconds + 60)
+        report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort",
+                                 "comm,sym", "-g", "none", "--percent-limit", "0", "--stdio"],
+                                check=True, capture_output=True, text=True).stdout
+    mbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    shares: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(CATEGORIES, 0.0))
+    for line in report.splitlines():
+        found = REPORT_LINE.match(line)
+        if found:
+            percent, comm, space, symbol = found.groups()
+            kind = thread_kind(comm)
+            shares[kind][category(symbol, space == "k") if kind != "idle" else
+                         "kernel, other"] += float(percent)
+    return mbps, shares
+
+
+def write(results: dict[str, tuple[float, dict]], seconds: int, out: str) -> str:
+    m = machine()
+    lines = ["# Where one TCP stream spends the machine: pyflannel beside kernel VXLAN", "",
+             f"- command: `make profile` (`python -m perf.profile --seconds {seconds}`)",
+             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+             f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}",
+             "- `perf record -a -g -e cpu-clock` over both cores while one iperf3 TCP stream runs "
+             "container to container on `make perf`'s testbed (unshaped); each cell is a share "
+             "of all samples of both cores (200 % would be both cores for the whole time).", ""]
+    for path, (mbps, shares) in results.items():
+        lines += [f"## {path}: {mbps / 1000:.1f} Gbit/s", "",
+                  "| thread | all | " + " | ".join(CATEGORIES) + " |",
+                  "|---|---|" + "---|" * len(CATEGORIES)]
+        for kind in sorted(shares, key=lambda k: -sum(shares[k].values())):
+            row = shares[kind]
+            total = sum(row.values())
+            if total < 0.5:
+                continue
+            cells = [f"{2 * row[c]:.1f} %" for c in CATEGORIES]
+            lines.append(f"| {kind} | {2 * total:.1f} % | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(out, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="length of each recording")
+    parser.add_argument("--out", default=os.path.join(REPO, "perf", "PROFILE.md"))
+    args = parser.parse_args(argv)
+    bed = PerfBed()
+    servers = Servers([bed.sides[1].host.container_netns or ""])
+    results = {}
+    try:
+        bed.set_regime("unshaped")
+        for path in PATHS:
+            endpoints = bed.use_path(path)
+            results[path] = profile(endpoints.client_netns, endpoints.server_ip, args.seconds)
+            print(f"{path}: {results[path][0]:.0f} Mbit/s", flush=True)
+    finally:
+        servers.close()
+        bed.close()
+    print(write(results, args.seconds, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
