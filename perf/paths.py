@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from perf.flanneld import RealFlanneld
 from perf.proc import process_peak_rss_bytes
 from perf.underlay import REGIMES, Underlay
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
+from tests.flanneld import RealFlanneld
 from tests.testbed import Host, Testbed, sh
 
 # pyflanneld's rows: row name -> extra pyflanneld flags. The first row runs pyflanneld's

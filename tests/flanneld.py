@@ -1,5 +1,6 @@
-"""flanneld itself (a binary the user gives, e.g. ../shared/reference/flanneld-v0.20.2) on a
-testbed host, for the rows that measure flanneld's own backends beside pyflannel.
+"""flanneld itself (the reference build in ../shared/reference/, or a binary the user gives) on a
+testbed host: a real peer for the compatibility tests, and the rows of `make perf` that measure
+flanneld's own backends beside pyflannel.
 
 Quirks of flanneld v0.20.2 this works around: it can miss the lease events of a host that joins
 at the same moment (so the caller starts one host at a time and checks the routes), it panics on
@@ -17,6 +18,10 @@ from tests.etcd import EtcdServer
 from tests.testbed import Host, Testbed
 
 FORWARD_CHAIN, FORWARD_COMMENT = "FLANNEL-FWD", "flanneld forward"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Present on CI and the developers' machines, absent on a user's: the tests that need it skip.
+REFERENCE_FLANNELD = os.path.join(os.path.dirname(REPO), "shared", "reference",
+                                  "flanneld-v0.20.2")
 
 
 class RealFlanneld(LoggedDaemon):
