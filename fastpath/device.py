@@ -95,3 +95,15 @@ def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def kernel_features() -> dict[str, bool]:
+    """What the fast path's offloads need, as this kernel offers it: a TUN is opened for a
+    moment to ask (and is gone when closed), a socket probed; nothing else is touched."""
+    missing = missing_udp_offloads()
+    fd, _, tun_offload, tun_uso = open_tun("pfprobe%d", True)
+    os.close(fd)
+    return {"TUN offloads (IFF_VNET_HDR, TSO4)": tun_offload,
+            "UDP_SEGMENT (send many datagrams at once, Linux 4.18)": "UDP_SEGMENT" not in missing,
+            "UDP_GRO (receive many datagrams at once, Linux 5.0)": "UDP_GRO" not in missing,
+            "UDP segmentation for TUN (USO, Linux 6.2)": tun_uso}

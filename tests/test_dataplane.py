@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,18 @@ def pair(testbed: Testbed) -> Iterator[tuple[Node, Node]]:
 def both_ways(pair: tuple[Node, Node]) -> list[tuple[Node, Node]]:
     a, b = pair
     return [(a, b), (b, a)]
+
+
+def test_python_m_fastpath_reports_the_kernel_features_and_leaves_nothing(
+        testbed: Testbed) -> None:
+    host = testbed.add_host()
+    result = host.run(sys.executable, "-m", "fastpath", check=False)
+    # Every kernel this project is tested on has them all (Linux 6.2+).
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("yes  ") for line in lines)
+    assert "UDP_GRO" in result.stdout and "USO" in result.stdout
+    assert "pfprobe" not in host.ip("-o", "link").stdout
 
 
 def packet_thread_nice() -> dict[str, int]:
