@@ -26,6 +26,7 @@ from control.iptables import (
 from control.lease import LeaseKeeper, OutOfSubnetsError, encode_lease
 from control.options import Options
 from control.registry import Registry, RegistryError
+from control.sdnotify import notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.watch import SubnetWatcher
 from fastpath import FastPath
@@ -128,6 +129,7 @@ class Daemon:
         self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
         write_subnet_env(options.subnet_file, self.subnet_env)
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
+        notify(f"READY=1\nSTATUS={self._status()}")
 
         watcher = SubnetWatcher(self.registry, config, self.fastpath,
                                 own_subnet=lambda: keeper.subnet,
@@ -144,6 +146,9 @@ class Daemon:
             tasks.append(self.iptables.keep())
         if options.healthz_port:
             tasks.append(serve_healthz(options.healthz_ip, options.healthz_port))
+        period = watchdog_period()
+        if period is not None:
+            tasks.append(self._ping_watchdog(period))
         log.info("running: watching %s/subnets/", options.etcd_prefix.rstrip("/"))
         async with asyncio.TaskGroup() as group:
             for task in tasks:
@@ -188,6 +193,19 @@ class Daemon:
             rules += forward_rules(network)
         return rules
 
+    def _status(self) -> str:
+        """systemd's one-line status: what this host serves."""
+        assert self.subnet_env is not None
+        env = self.subnet_env
+        backend = f"udp on {self.fastpath.tun_name}" if self.fastpath else "alloc"
+        return f"subnet {env.subnet} of {env.network}, {backend}, MTU {env.mtu}"
+
+    async def _ping_watchdog(self, period: float) -> None:
+        """WATCHDOG=1 while the event loop turns: a hung control plane gets restarted."""
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(period)
+
     async def _move_to(self, new: ipaddress.IPv4Network) -> None:
         """The lease came back as another subnet: readdress the TUN and rewrite subnet.env.
         Containers addressed from the old subnet must be re-addressed, as after a flanneld
@@ -199,6 +217,7 @@ class Daemon:
             self.netlink.readdress_tun(self.fastpath.tun_name, old, new)
         self.subnet_env = dataclasses.replace(self.subnet_env, subnet=new)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
+        notify(f"STATUS={self._status()}")
         if self.options.ip_masq:
             try:
                 await self.iptables.replace(self._iptables_rules(self.subnet_env.network, new))
@@ -241,6 +260,7 @@ async def run_daemon(options: Options) -> int:
         await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if signalled.done():
             log.info("got %s: stopping", signalled.result().name)
+            notify("STOPPING=1")
             serving.cancel()
             await asyncio.wait({serving}, timeout=STOP_GRACE_SECONDS)
             if not serving.done():

@@ -8,8 +8,10 @@ flanneld. A bad flag or value exits with status 2 and one line naming it.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import ipaddress
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -194,7 +196,18 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(*spellings, **kwargs)
     parser.add_argument("--version", "-version", action="version",
                         version=f"pyflanneld {VERSION} (flanneld {FLANNEL_COMPAT} compatible)")
+    parser.add_argument("--print-systemd-unit", action=_PrintSystemdUnit, nargs=0,
+                        help="print a systemd unit for pyflanneld (Type=notify) and exit")
     return parser
+
+
+class _PrintSystemdUnit(argparse.Action):
+    """Print the unit shipped in the package as it is (argparse's version action rewraps)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        unit = importlib.resources.files("control") / "pyflanneld.service"
+        sys.stdout.write(unit.read_text())
+        parser.exit(0)
 
 
 def parse_args(argv: Sequence[str] | None = None,

@@ -25,11 +25,14 @@ class LoggedDaemon:
     """A daemon process in a host's namespace that logs to a file of the testbed and writes a
     subnet.env: what pyflanneld and flanneld have in common here."""
 
-    def __init__(self, host: Host, subnet_file: str, log_path: str, command: list[str]) -> None:
+    def __init__(self, host: Host, subnet_file: str, log_path: str, command: list[str],
+                 environ: dict[str, str] | None = None) -> None:
+        """environ: variables added to this process's environment for the daemon."""
         self.host = host
         self.subnet_file = subnet_file
         self.log_path = log_path
         self.command = command
+        self.environ = {**os.environ, **(environ or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -37,7 +40,8 @@ class LoggedDaemon:
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
             # `ip netns exec` execs the command, so this PID is the daemon's own.
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environ)
         return self
 
     def log(self) -> str:
@@ -68,14 +72,16 @@ class Flanneld(LoggedDaemon):
 
     def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
                  *extra: str, iface: str | None = "eth0",
-                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
-        """python_args: how Python runs pyflanneld (a test may wrap the entry point)."""
+                 python_args: tuple[str, ...] = ("-m", "control"),
+                 environ: dict[str, str] | None = None) -> None:
+        """python_args: how Python runs pyflanneld (a test may wrap the entry point); environ:
+        variables for it (FLANNELD_*, NOTIFY_SOCKET...)."""
         subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
         super().__init__(host, subnet_file, os.path.join(bed.workdir, f"{host.netns}.log"),
                          ["ip", "netns", "exec", host.netns, sys.executable, *python_args,
                           "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
                           "--subnet-file", subnet_file, *etcd.client_flags(),
-                          *(["--iface", iface] if iface else []), *extra])
+                          *(["--iface", iface] if iface else []), *extra], environ)
 
     def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
