@@ -104,7 +104,8 @@ cdef inline bint tso_plan(const uint8_t *pkt, size_t n, uint16_t gso_size,
         return False
     cut.tcph = (pkt[cut.iph + 12] >> 4) * 4
     cut.hl = cut.iph + cut.tcph
-    if cut.tcph < 20 or cut.hl >= n:
+    # A segment must fit one datagram: a larger gso_size would leave no segment per message.
+    if cut.tcph < 20 or cut.hl >= n or cut.hl + gso_size > UDP_MAX_PAYLOAD:
         return False
     cut.payload = n - cut.hl
     cut.count = (cut.payload + gso_size - 1) // gso_size

@@ -112,10 +112,13 @@ def test_split_makes_valid_consecutive_segments(payload_len: int, gso_size: int,
     assert b"".join(tcp_fields(s)[3] for s in segments) == payload
 
 
-@pytest.mark.parametrize("packet", [udp_packet(bytes(3000)), tcp_packet(b"")])
-def test_split_refuses_what_is_not_a_tcp_super_packet(packet: bytes) -> None:
+@pytest.mark.parametrize(("packet", "gso_size"), [
+    (udp_packet(bytes(3000)), 1000), (tcp_packet(b""), 1000),
+    (tcp_packet(bytes(3000)), 0), (tcp_packet(bytes(3000)), 65500),  # no segment fits a datagram
+])
+def test_split_refuses_what_is_not_a_tcp_super_packet(packet: bytes, gso_size: int) -> None:
     with pytest.raises(ValueError):
-        offload.split(packet, 1000)
+        offload.split(packet, gso_size)
 
 
 def test_coalescing_undoes_splitting() -> None:
