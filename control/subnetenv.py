@@ -38,22 +38,31 @@ def write_subnet_env(path: str, env: SubnetEnv) -> None:
     os.rename(temp, path)
 
 
+def read_variables(path: str) -> dict[str, str]:
+    """The KEY=VALUE lines of a subnet.env (quotes around a value dropped, as a shell that
+    sources it would); raises OSError when it cannot be read."""
+    variables = {}
+    with open(path) as f:
+        for line in f.read().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() and not key.lstrip().startswith("#"):
+                variables[key.strip()] = value.strip().strip("\"'")
+    return variables
+
+
 def read_previous_subnet(path: str) -> ipaddress.IPv4Network | None:
     """The subnet a previous run wrote as FLANNEL_SUBNET, or None (no file, or unreadable)."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        value = read_variables(path).get("FLANNEL_SUBNET")
     except FileNotFoundError:
         return None
     except OSError as err:
         log.warning("cannot read the previous subnet from %s: %s", path, err)
         return None
-    for line in lines:
-        key, _, value = line.partition("=")
-        if key.strip() == "FLANNEL_SUBNET":
-            try:
-                return ipaddress.IPv4Network(value.strip().strip("\"'"), strict=False)
-            except ValueError:
-                log.warning("%s: FLANNEL_SUBNET=%s is not a subnet; ignoring it", path, value)
-                return None
-    return None
+    if value is None:
+        return None
+    try:
+        return ipaddress.IPv4Network(value, strict=False)
+    except ValueError:
+        log.warning("%s: FLANNEL_SUBNET=%s is not a subnet; ignoring it", path, value)
+        return None
