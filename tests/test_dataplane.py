@@ -149,6 +149,20 @@ def test_tcp_transfer_both_ways_runs_through_the_fast_path(pair: tuple[Node, Nod
         assert tx["packets"] - before_tx["packets"] > moved // MTU
 
 
+def settled_stats(*nodes: Node) -> list[dict]:
+    """The nodes' counters once nothing has moved for 0.2 s: the packets of an earlier test
+    (a TCP connection's last ACKs) must not land inside this one's window."""
+    stats = [node.fastpath.stats() for node in nodes]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = [node.fastpath.stats() for node in nodes]
+        if now == stats:
+            break
+        stats = now
+    return stats
+
+
 def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
     a, b = pair
     count, size = 300, 1000
@@ -159,7 +173,7 @@ def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
     with inside(a.host.container_netns):
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.settimeout(5)
-    before_a, before_b = a.fastpath.stats(), b.fastpath.stats()
+    before_a, before_b = settled_stats(a, b)
     with sender, receiver:
         for i in range(count):
             sender.sendto(i.to_bytes(4, "big") * (size // 4), receiver.getsockname())
@@ -190,7 +204,7 @@ def test_udp_datagrams_merged_into_one_tun_write_arrive_one_by_one_intact(
     with inside(b.host.container_netns):
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.settimeout(5)
-    before = a.fastpath.stats()["rx"]
+    before = settled_stats(a)[0]["rx"]
     # Equal datagrams with a shorter one now and then (which ends a merged write), sent in
     # bursts so that the receiving loop finds several of one flow at once.
     sent = [i.to_bytes(4, "big") * (25 if i % 7 else 3) for i in range(count)]
