@@ -13,7 +13,7 @@ import os
 import signal
 
 from control.config import ConfigError, NetworkConfig, parse_config
-from control.healthz import serve_healthz
+from control.endpoints import healthz_page, serve_http
 from control.host import ExternalInterface, HostError, Netlink
 from control.iptables import (
     IPTablesError,
@@ -145,7 +145,15 @@ class Daemon:
         if self.iptables.rules:
             tasks.append(self.iptables.keep())
         if options.healthz_port:
-            tasks.append(serve_healthz(options.healthz_ip, options.healthz_port))
+            tasks.append(serve_http(options.healthz_ip, options.healthz_port,
+                                    {b"/healthz": healthz_page(lambda: keeper.held)}, "healthz"))
+        if options.metrics_port:
+            # prometheus_client costs memory: only a daemon that serves metrics imports it.
+            from control.metrics import DaemonCollector, metrics_page
+
+            page = metrics_page(DaemonCollector(keeper, watcher, self.fastpath))
+            tasks.append(serve_http(options.metrics_ip, options.metrics_port,
+                                    {b"/metrics": page}, "metrics"))
         period = watchdog_period()
         if period is not None:
             tasks.append(self._ping_watchdog(period))

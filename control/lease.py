@@ -160,6 +160,16 @@ class LeaseKeeper:
         self._lost = asyncio.Event()
         self.subnet: ipaddress.IPv4Network | None = None
         self._renew_at = 0.0  # time.monotonic()
+        self.errors = 0  # failed attempts to take or renew the lease
+
+    @property
+    def held(self) -> bool:
+        return self.subnet is not None and not self._lost.is_set()
+
+    def expires_in(self) -> float:
+        """Seconds until the lease expires if it is not renewed (renewal comes renew_margin
+        before that)."""
+        return max(self._renew_at + self._renew_margin - time.monotonic(), 0.0)
 
     def lost(self) -> None:
         """Called when the watch sees this host's key deleted or taken over."""
@@ -171,6 +181,7 @@ class LeaseKeeper:
             try:
                 subnet = await self._try_acquire()
             except RegistryError as err:
+                self.errors += 1
                 log.error("taking a lease failed, trying again in %gs: %s", RETRY_SECONDS, err)
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
@@ -227,6 +238,7 @@ class LeaseKeeper:
             renewed = await self._registry.update_subnet(
                 subnet_name(self.subnet), self._value, self._ttl, self._value)
         except RegistryError as err:
+            self.errors += 1
             retry = min(60.0, max(1.0, self._renew_margin / 4))
             log.error("renewing lease %s failed, trying again in %gs: %s", self.subnet, retry,
                       err)

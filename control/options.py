@@ -57,6 +57,8 @@ class Options:
     iptables_forward_rules: bool
     healthz_ip: str
     healthz_port: int
+    metrics_ip: str
+    metrics_port: int
     fastpath_batch: int
     fastpath_offload: bool
     fastpath_scatter: bool
@@ -154,6 +156,10 @@ FLAGS = [
     Flag("healthz-ip", "the IP address for healthz server to listen", default="0.0.0.0"),
     Flag("healthz-port", "the port for healthz server to listen (0 to disable)",
          _bounded(int, 0, 65535), 0),
+    Flag("metrics-ip", "the IP address for the metrics server to listen (pyflannel)",
+         default="0.0.0.0"),
+    Flag("metrics-port", "the port for the Prometheus metrics server, GET /metrics (pyflannel; "
+         "0 to disable)", _bounded(int, 0, 65535), 0),
     Flag("fastpath-batch", "packets moved per wake-up by the fast path; 1 is per-packet "
          "(pyflannel)", _bounded(int, 1, 1024), DEFAULT_BATCH),
     Flag("fastpath-offload", "TUN offloads: TCP super-packets cut into UDP GSO sends, UDP GRO "

@@ -45,6 +45,8 @@ class SubnetWatcher:
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
         self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        self.events_applied = 0
+        self.restarts = {"history_lost": 0, "error": 0}  # why the watch started again
 
     async def run(self) -> None:
         """List and watch until cancelled."""
@@ -54,9 +56,11 @@ class SubnetWatcher:
             try:
                 await self._cycle
             except HistoryLostError as err:
+                self.restarts["history_lost"] += 1
                 log.warning("%s; listing the leases again", err)
                 revision = None
             except RegistryError as err:
+                self.restarts["error"] += 1
                 log.error("watching leases failed, resuming in %gs: %s", RETRY_SECONDS, err)
                 revision = self._revision
                 await asyncio.sleep(RETRY_SECONDS)
@@ -79,6 +83,7 @@ class SubnetWatcher:
         self._revision = revision
         async for change in self._registry.watch_subnets(revision):
             self._apply(change)
+            self.events_applied += 1
             self._revision = change.revision
 
     def _reconcile(self, entries: list[Entry]) -> None:

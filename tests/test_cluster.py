@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from control.endpoints import healthz_page
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, stop_all
 from tests.conftest import require_host_network_tools
 from tests.etcd import EtcdServer
@@ -353,18 +354,88 @@ def test_no_usable_interface_exits_non_zero(cluster: Cluster, flags: list[str],
     assert reason in daemon.log()
 
 
+# Fetches each URL inside a host's namespace; prints [status, body] per URL as JSON.
+FETCH = """import json, sys, urllib.request, urllib.error
+out = []
+for url in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen(url) as r:
+            out.append([r.status, r.read().decode()])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, e.read().decode()])
+print(json.dumps(out))
+"""
+
+
+def fetch(daemon: Flanneld, *urls: str) -> list[tuple[int, str]]:
+    result = daemon.host.run(sys.executable, "-c", FETCH, *urls)
+    return [(status, body) for status, body in json.loads(result.stdout)]
+
+
 def test_healthz(cluster: Cluster) -> None:
     cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
     daemon = cluster.daemon("--healthz-port", "8471", "--healthz-ip", "127.0.0.1")
     daemon.wait_subnet()
     daemon.wait_log("healthz server listening")
-    fetch = ("import sys, urllib.request, urllib.error\n"
-             "print(urllib.request.urlopen(sys.argv[1]).read().decode())\n"
-             "try: urllib.request.urlopen(sys.argv[2])\n"
-             "except urllib.error.HTTPError as e: print(e.code)\n")
-    result = daemon.host.run(sys.executable, "-c", fetch, "http://127.0.0.1:8471/healthz",
-                             "http://127.0.0.1:8471/other")
-    assert result.stdout.splitlines() == ["flanneld is running", "404"]
+    assert fetch(daemon, "http://127.0.0.1:8471/healthz", "http://127.0.0.1:8471/other") == [
+        (200, "flanneld is running"), (404, "404 page not found\n")]
+
+
+def scrape(daemon: Flanneld, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's metrics: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (status, body), = fetch(daemon, f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def test_metrics_count_what_crossed_the_fast_path(cluster: Cluster) -> None:
+    cluster.config(FIGURE_2_CONFIG)
+    a = cluster.daemon("--metrics-port", "9125", "--metrics-ip", "127.0.0.1")
+    b = cluster.daemon()
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in (a, b):
+        daemon.wait_log("subnet added")
+    a.wait_log("metrics server listening")
+    assert b.host.container_ip
+    before = scrape(a, 9125)
+    count = 20
+    result = a.host.in_container("ping", "-c", str(count), "-i", "0.05", "-W", "2",
+                                 b.host.container_ip, check=False)
+    assert f"{count} received" in result.stdout, result.stdout
+    after = scrape(a, 9125)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    echo = 20 + 8 + 56  # IPv4 + ICMP headers + ping's default payload
+    assert moved("pyflannel_fastpath_packets_total", direction="tx") == count
+    assert moved("pyflannel_fastpath_bytes_total", direction="tx") == count * echo
+    assert moved("pyflannel_fastpath_packets_total", direction="rx") == count
+    assert moved("pyflannel_fastpath_bytes_total", direction="rx") == count * echo
+    assert moved("pyflannel_fastpath_drops_total", direction="rx", reason="ttl") == 0
+    assert after[("pyflannel_routes", ())] == 1
+    assert after[("pyflannel_lease_held", ())] == 1
+    assert 0 < after[("pyflannel_lease_expiry_seconds", ())] <= 24 * 3600
+    # A lease that comes while the daemon runs arrives through the watch.
+    cluster.put("/subnets/10.99.0.0-20", '{"PublicIP":"198.18.0.250","PublicIPv6":null}')
+    a.wait_log("subnet added: 10.99.0.0/20")
+    later = scrape(a, 9125)
+    assert later[("pyflannel_routes", ())] == 2
+    assert later[("pyflannel_watch_events_total", ())] == after[
+        ("pyflannel_watch_events_total", ())] + 1
+
+
+def test_healthz_page_follows_the_lease() -> None:
+    held = [True]
+    page = healthz_page(lambda: held[0])
+    assert page() == (b"200 OK", b"text/plain; charset=utf-8", b"flanneld is running")
+    held[0] = False
+    assert page()[0] == b"503 Service Unavailable"
 
 
 def test_ip_masq_rules_let_containers_reach_the_underlay_and_go_on_exit(

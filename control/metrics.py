@@ -1,0 +1,103 @@
+"""GET /metrics in Prometheus' text format (through prometheus_client, imported only when
+--metrics-port asks for it). Everything is read at scrape time from where it is already kept:
+the fast path's counters, the watcher's routes and event counts, the lease keeper's state. No
+second bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from control.endpoints import Page
+
+if TYPE_CHECKING:
+    from control.lease import LeaseKeeper
+    from control.watch import SubnetWatcher
+    from fastpath import FastPath
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# The fast path's wake-ups are counted in power-of-two buckets of packets moved.
+BATCH_BUCKETS = ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
+# Counters of the fast path that are drops, by the reason in their name.
+DROP_PREFIX = "drop_"
+
+
+class DaemonCollector:
+    """A prometheus_client collector over one daemon's state."""
+
+    def __init__(self, keeper: LeaseKeeper, watcher: SubnetWatcher,
+                 fastpath: FastPath | None) -> None:
+        self.keeper = keeper
+        self.watcher = watcher
+        self.fastpath = fastpath
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pyflannel_lease_held", "1 while this host holds its lease",
+                                value=float(self.keeper.held))
+        yield GaugeMetricFamily("pyflannel_lease_expiry_seconds",
+                                "seconds until this host's lease expires unless renewed",
+                                value=self.keeper.expires_in())
+        yield CounterMetricFamily("pyflannel_lease_errors_total",
+                                  "failed attempts to take or renew the lease",
+                                  value=self.keeper.errors)
+        yield GaugeMetricFamily("pyflannel_routes", "other hosts' subnets routed",
+                                value=len(self.watcher.peers))
+        yield CounterMetricFamily("pyflannel_watch_events_total",
+                                  "lease changes from etcd applied to the routes",
+                                  value=self.watcher.events_applied)
+        restarts = CounterMetricFamily("pyflannel_watch_restarts_total",
+                                       "times the lease watch started again", labels=["reason"])
+        for reason, count in sorted(self.watcher.restarts.items()):
+            restarts.add_metric([reason], count)
+        yield restarts
+        if self.fastpath is not None:
+            yield from fastpath_metrics(self.fastpath.stats())
+
+
+def fastpath_metrics(stats: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """The fast path's counters: tx is TUN -> UDP, rx UDP -> TUN."""
+    families = {
+        "packets": CounterMetricFamily("pyflannel_fastpath_packets_total",
+                                       "IPv4 packets carried", labels=["direction"]),
+        "bytes": CounterMetricFamily("pyflannel_fastpath_bytes_total",
+                                     "bytes of IPv4 packets carried", labels=["direction"]),
+        "batches": CounterMetricFamily("pyflannel_fastpath_wakeups_total",
+                                       "wake-ups that moved packets", labels=["direction"]),
+    }
+    batch_sizes = CounterMetricFamily("pyflannel_fastpath_wakeups_by_size_total",
+                                      "wake-ups by how many packets they moved",
+                                      labels=["direction", "packets"])
+    drops = CounterMetricFamily("pyflannel_fastpath_drops_total", "packets dropped",
+                                labels=["direction", "reason"])
+    for direction, counters in stats.items():
+        for name, family in families.items():
+            family.add_metric([direction], counters[name])
+        for bucket, count in zip(BATCH_BUCKETS, counters["batch_sizes"], strict=True):
+            batch_sizes.add_metric([direction, bucket], count)
+        for name, count in counters.items():
+            if name.startswith(DROP_PREFIX):
+                drops.add_metric([direction, name.removeprefix(DROP_PREFIX)], count)
+    yield from families.values()
+    yield batch_sizes
+    yield drops
+    yield CounterMetricFamily("pyflannel_fastpath_tso_superpackets_total",
+                              "TCP super-packets from the TUN cut into segments",
+                              value=stats["tx"]["tso_superpackets"])
+    yield CounterMetricFamily("pyflannel_fastpath_coalesced_packets_total",
+                              "received packets merged into the one before them",
+                              value=stats["rx"]["coalesced"])
+    yield CounterMetricFamily("pyflannel_fastpath_icmp_unreachable_total",
+                              "ICMP net unreachable written back for packets without route",
+                              value=stats["tx"]["icmp_unreachable"])
+
+
+def metrics_page(collector: DaemonCollector) -> Page:
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]  # a collector needs only collect()
+
+    def page() -> tuple[bytes, bytes, bytes]:
+        return b"200 OK", CONTENT_TYPE, generate_latest(registry)
+    return page
