@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.etcd import EtcdServer
 from tests.testbed import Testbed
 
 
@@ -31,3 +32,15 @@ def testbed() -> Iterator[Testbed]:
     require_host_network_tools()
     with Testbed() as bed:
         yield bed
+
+
+@pytest.fixture(scope="module")
+def bed_and_etcd() -> Iterator[tuple[Testbed, EtcdServer]]:
+    """A fresh underlay with a real etcd on it (both APIs) for the module's tests."""
+    require_host_network_tools()
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        try:
+            yield bed, etcd
+        finally:
+            etcd.stop()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster import FIGURE_2_CONFIG, Flanneld
-from tests.conftest import require_host_network_tools
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed
 
@@ -35,17 +33,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[tuple[Testbed, EtcdServer]]:
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            yield bed, etcd
-        finally:
-            etcd.stop()
-
-
 def status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -56,8 +43,8 @@ def status_kib(pid: int, field: str) -> int:
 
 @pytest.mark.parametrize("api", ["v3", "v2"])
 def test_only_the_client_of_the_api_in_use_is_loaded_and_idle_rss_is_small(
-        shared: tuple[Testbed, EtcdServer], api: str) -> None:
-    bed, etcd = shared
+        bed_and_etcd: tuple[Testbed, EtcdServer], api: str) -> None:
+    bed, etcd = bed_and_etcd
     prefix = f"/footprint-{api}/network"
     etcd.put(f"{prefix}/config", json.dumps(FIGURE_2_CONFIG), api)
     # A peer's lease, so that the daemon also routes: nothing is ever sent to it.

@@ -9,13 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from control.sdnotify import notify, watchdog_period
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
-from tests.conftest import require_host_network_tools
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed, inside
 
@@ -60,18 +58,6 @@ def test_the_printed_unit_is_a_notify_service_that_restarts_on_failure() -> None
         assert line in lines
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[Testbed, EtcdServer]]:
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            put_config(etcd, "v3", FIGURE_2_CONFIG)
-            yield bed, etcd
-        finally:
-            etcd.stop()
-
-
 def messages(sock: socket.socket, until: str) -> list[str]:
     """The datagrams received up to and with the first that holds `until`."""
     got = []
@@ -82,8 +68,9 @@ def messages(sock: socket.socket, until: str) -> list[str]:
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_pyflanneld_is_ready_once_it_serves_feeds_the_watchdog_and_says_it_stops(
-        cluster: tuple[Testbed, EtcdServer], abstract: bool) -> None:
-    bed, etcd = cluster
+        bed_and_etcd: tuple[Testbed, EtcdServer], abstract: bool) -> None:
+    bed, etcd = bed_and_etcd
+    put_config(etcd, "v3", FIGURE_2_CONFIG)
     host = bed.add_host()
     # An abstract name belongs to a network namespace: listen in the daemon's.
     address = (f"@pf-notify-{host.netns}" if abstract
