@@ -15,7 +15,6 @@ import pytest
 
 from fastpath.device import SO_RCVBUFFORCE
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
-from tests.conftest import require_host_network_tools
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
 from tests.testbed import Host, Testbed, inside, tcp_transfer
@@ -41,37 +40,34 @@ def wait_reachable(src: Host, dst: Host) -> bool:
 
 
 @pytest.fixture(scope="module")
-def mixed() -> Iterator[tuple[Host, Host]]:
+def mixed(bed_and_etcd: tuple[Testbed, EtcdServer]) -> Iterator[tuple[Host, Host]]:
     """(flanneld's host, pyflanneld's host), each with a container on its subnet."""
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        flanneld: RealFlanneld | None = None
-        pyflanneld: Flanneld | None = None
-        try:
-            put_config(etcd, "v3", FIGURE_2_CONFIG)
-            f_host = bed.add_host()
-            flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd).start()
-            subnet = flanneld.wait_subnet()
-            bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
-            p_host = bed.add_host()
-            pyflanneld = Flanneld(bed, p_host, etcd, "v3").start()
-            subnet = pyflanneld.wait_subnet()
-            bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
-            pyflanneld.wait_log("subnet added")
-            if not wait_reachable(f_host, p_host):
-                # flanneld v0.20.2 can miss a lease event (its watch keeps only a response's
-                # first event); after a restart its listing holds the lease.
-                flanneld.stop()
-                flanneld.start()
-                assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
-            yield f_host, p_host
-        finally:
-            if pyflanneld is not None:
-                pyflanneld.stop()
-            if flanneld is not None:
-                flanneld.stop()
-            etcd.stop()
+    bed, etcd = bed_and_etcd
+    flanneld: RealFlanneld | None = None
+    pyflanneld: Flanneld | None = None
+    try:
+        put_config(etcd, "v3", FIGURE_2_CONFIG)
+        f_host = bed.add_host()
+        flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd).start()
+        subnet = flanneld.wait_subnet()
+        bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
+        p_host = bed.add_host()
+        pyflanneld = Flanneld(bed, p_host, etcd, "v3").start()
+        subnet = pyflanneld.wait_subnet()
+        bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
+        pyflanneld.wait_log("subnet added")
+        if not wait_reachable(f_host, p_host):
+            # flanneld v0.20.2 can miss a lease event (its watch keeps only a response's first
+            # event); after a restart its listing holds the lease.
+            flanneld.stop()
+            flanneld.start()
+            assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
+        yield f_host, p_host
+    finally:
+        if pyflanneld is not None:
+            pyflanneld.stop()
+        if flanneld is not None:
+            flanneld.stop()
 
 
 def test_ping_both_ways(mixed: tuple[Host, Host]) -> None:
