@@ -8,7 +8,7 @@ import threading
 
 from libc.stdint cimport uint64_t
 
-from fastpath.device import missing_udp_offloads, open_tun, open_udp
+from fastpath.device import TUN_OFFLOADS, TUN_USO, missing_udp_offloads, open_tun, open_udp
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
 from fastpath.offload cimport MAX_IPV4_PACKET, UDP_MAX_SEGMENTS, VNET_HDR_LEN
@@ -130,11 +130,11 @@ cdef class FastPath:
                                                                         self.offload)
             if self.offload and not tun_offload:
                 self.offload = False
-                self.offload_missing = "TUN offloads (TUNSETOFFLOAD with TSO4)"
+                self.offload_missing = TUN_OFFLOADS
             if self.udp_coalesce and not (self.offload and tun_uso):
                 self.udp_coalesce = False
                 if self.offload:
-                    self.offload_missing = "UDP segmentation for TUN (USO, Linux 6.2)"
+                    self.offload_missing = TUN_USO
             self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:

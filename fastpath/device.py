@@ -34,6 +34,12 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 
 
+# What the offloaded path needs, by the names the log, FastPath.offload_missing and
+# `python -m fastpath` give them.
+TUN_OFFLOADS = "TUN offloads (IFF_VNET_HDR, TSO4)"
+TUN_USO = "UDP segmentation for TUN (USO, Linux 6.2)"
+
+
 def missing_udp_offloads() -> list[str]:
     """The UDP socket options the offloaded path needs that this kernel lacks (none on 5.0+)."""
     missing = []
@@ -103,7 +109,7 @@ def kernel_features() -> dict[str, bool]:
     missing = missing_udp_offloads()
     fd, _, tun_offload, tun_uso = open_tun("pfprobe%d", True)
     os.close(fd)
-    return {"TUN offloads (IFF_VNET_HDR, TSO4)": tun_offload,
+    return {TUN_OFFLOADS: tun_offload,
             "UDP_SEGMENT (send many datagrams at once, Linux 4.18)": "UDP_SEGMENT" not in missing,
             "UDP_GRO (receive many datagrams at once, Linux 5.0)": "UDP_GRO" not in missing,
-            "UDP segmentation for TUN (USO, Linux 6.2)": tun_uso}
+            TUN_USO: tun_uso}

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Self
 
+from control.subnetenv import read_variables
 from tests.etcd import EtcdServer
 from tests.testbed import Host, Testbed
 
@@ -51,8 +52,7 @@ class LoggedDaemon:
             return f.read().decode(errors="replace")
 
     def subnet_env(self) -> dict[str, str]:
-        with open(self.subnet_file) as f:
-            return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+        return read_variables(self.subnet_file)
 
     def wait_subnet(self, timeout: float = 20.0) -> ipaddress.IPv4Network:
         """The subnet this daemon leased, once its subnet.env is written."""
