@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
-# iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`.
+# iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`; clang and
+# libbpf's headers build the kernel path's tc programs, libbpf1 loads them.
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool linux-perf
+	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py)
+SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
 .PHONY: install deb demo test perf profile lint clean
 
@@ -53,4 +54,4 @@ test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastpath/*.c fastpath/*.so
+	rm -rf $(VENV) build *.egg-info $(filter-out %.bpf.c,$(wildcard fastpath/*.c)) fastpath/*.so fastpath/*.bpf.o

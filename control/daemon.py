@@ -173,7 +173,8 @@ class Daemon:
                                  offload=self.options.fastpath_offload,
                                  scatter=self.options.fastpath_scatter,
                                  udp_coalesce=self.options.fastpath_udp_coalesce,
-                                 nice=self.options.fastpath_nice)
+                                 nice=self.options.fastpath_nice,
+                                 kernel=self.options.fastpath_kernel, underlay=ext.name)
         try:
             self.fastpath.start()
             self.netlink.configure_tun(self.fastpath.tun_name, subnet, config.network, mtu)
@@ -182,14 +183,18 @@ class Daemon:
         if self.fastpath.nice_error:
             log.warning("udp backend: cannot give the packet threads nice %d: %s",
                         self.fastpath.nice, self.fastpath.nice_error)
+        if self.fastpath.kernel_missing:
+            log.warning("udp backend: the kernel path cannot run here (%s): the loops carry "
+                        "everything", self.fastpath.kernel_missing)
         if self.fastpath.offload_missing:
             log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
                         self.fastpath.offload_missing)
         fp = self.fastpath
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, nice %d", fp.tun_name, mtu, ext.address, config.port,
-                 fp.batch, "on" if fp.offload else "off", "on" if fp.scatter else "off",
-                 "on" if fp.udp_coalesce else "off", fp.nice)
+                 "UDP coalescing %s, nice %d, kernel path %s", fp.tun_name, mtu, ext.address,
+                 config.port, fp.batch, "on" if fp.offload else "off",
+                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
+                 fp.kernel)
         return mtu
 
     def _iptables_rules(self, network: ipaddress.IPv4Network,

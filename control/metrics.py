@@ -57,7 +57,7 @@ class DaemonCollector:
             yield from fastpath_metrics(self.fastpath.stats())
 
 
-def fastpath_metrics(stats: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+def fastpath_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     """The fast path's counters: tx is TUN -> UDP, rx UDP -> TUN."""
     families = {
         "packets": CounterMetricFamily("pyflannel_fastpath_packets_total",
@@ -72,7 +72,8 @@ def fastpath_metrics(stats: dict[str, dict[str, Any]]) -> Iterator[Metric]:
                                       labels=["direction", "packets"])
     drops = CounterMetricFamily("pyflannel_fastpath_drops_total", "packets dropped",
                                 labels=["direction", "reason"])
-    for direction, counters in stats.items():
+    for direction in ("tx", "rx"):
+        counters = stats[direction]
         for name, family in families.items():
             family.add_metric([direction], counters[name])
         for bucket, count in zip(BATCH_BUCKETS, counters["batch_sizes"], strict=True):
@@ -92,6 +93,22 @@ def fastpath_metrics(stats: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     yield CounterMetricFamily("pyflannel_fastpath_icmp_unreachable_total",
                               "ICMP net unreachable written back for packets without route",
                               value=stats["tx"]["icmp_unreachable"])
+    if "kernel" in stats:
+        yield from kernel_path_metrics(stats["kernel"])
+
+
+def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
+    """The tc programs' counters (--fastpath-kernel): what they carried never reached the loops
+    counted above, and what they passed on did."""
+    for name, help_text in (("packets", "IPv4 packets carried by the kernel path"),
+                            ("bytes", "bytes of IPv4 packets carried by the kernel path"),
+                            ("superpackets", "GSO super-packets among them, carried whole"),
+                            ("passed", "packets the kernel path left to the loops")):
+        family = CounterMetricFamily(f"pyflannel_kernelpath_{name}_total", help_text,
+                                     labels=["direction"])
+        for direction in ("tx", "rx"):
+            family.add_metric([direction], counters[f"{direction}_{name}"])
+        yield family
 
 
 def metrics_page(collector: DaemonCollector) -> Page:

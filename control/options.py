@@ -21,6 +21,7 @@ from control.lease import SUBNET_TTL
 from control.registry import DEFAULT_PREFIX
 from control.subnetenv import DEFAULT_SUBNET_FILE
 from fastpath import DEFAULT_BATCH
+from fastpath.udp_tc import KERNEL_MODES
 
 VERSION = "0.1.0"
 FLANNEL_COMPAT = "v0.20.2"
@@ -64,6 +65,7 @@ class Options:
     fastpath_scatter: bool
     fastpath_udp_coalesce: bool
     fastpath_nice: int
+    fastpath_kernel: str
     v: int
 
 
@@ -86,6 +88,14 @@ def _go_bool(text: str) -> bool:
     if text in ("0", "f", "F", "FALSE", "false", "False"):
         return False
     raise ValueError(f"{text!r} is not a boolean")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return convert
 
 
 def _bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
@@ -174,6 +184,10 @@ FLAGS = [
     Flag("fastpath-nice", "nice value of the fast path's packet threads, -20..19: below 0 they "
          "run ahead of the applications they carry for, as the kernel's forwarding does "
          "(pyflannel)", _bounded(int, -20, 19), -10),
+    Flag("fastpath-kernel", "carry the common case in the kernel with two tc-BPF programs, "
+         "the rest still through the loops: off; rx, decapsulate in the kernel (safe with any "
+         "peer); on, also encapsulate (every peer must run rx or on, unless the underlay is a "
+         "NIC) (pyflannel)", _one_of(KERNEL_MODES), "off"),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

@@ -3,12 +3,14 @@ threads without the GIL, change routes while they run, read their counters, stop
 
 import ipaddress
 import os
+import socket
 import sys
 import threading
 
 from libc.stdint cimport uint64_t
 
 from fastpath.device import TUN_OFFLOADS, TUN_USO, missing_udp_offloads, open_tun, open_udp
+from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underlay
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
 from fastpath.offload cimport MAX_IPV4_PACKET, UDP_MAX_SEGMENTS, VNET_HDR_LEN
@@ -62,6 +64,10 @@ cdef class FastPath:
     cdef readonly int nice
     cdef readonly str nice_error
     cdef readonly str tun_name
+    cdef readonly str kernel
+    cdef readonly str kernel_missing
+    cdef readonly str underlay
+    cdef object udp_tc
     cdef str tun_pattern
     cdef int socket_buffer
     cdef TxLoop tx
@@ -75,7 +81,7 @@ cdef class FastPath:
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
-                  int socket_buffer=DEFAULT_SOCKET_BUFFER):
+                  int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay=""):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -83,7 +89,7 @@ cdef class FastPath:
         self.table = RouteTable(network, subnet_len)
         self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
         self.port = port
-        self.tun_pattern = tun
+        self.underlay = underlay
         self.mtu = mtu
         self.batch = batch
         self.offload = offload
@@ -95,6 +101,14 @@ cdef class FastPath:
         self.nice = nice
         self.nice_error = ""
         self.socket_buffer = socket_buffer
+        if kernel not in KERNEL_MODES:
+            raise ValueError(f"kernel path {kernel!r} is not one of {', '.join(KERNEL_MODES)}")
+        if kernel != "off" and not underlay:
+            raise ValueError("the kernel path needs the underlay interface's name")
+        self.kernel = kernel
+        self.kernel_missing = ""
+        self.udp_tc = None
+        self.tun_pattern = tun
         self.tun_fd = -1
         self.wake_fd = -1
         self.threads = []
@@ -110,10 +124,14 @@ cdef class FastPath:
     def set_route(self, subnet, ip, int port):
         """Send packets for `subnet` (e.g. "10.244.3.0/24") to UDP ip:port."""
         self.table.set(subnet, ip, port)
+        if self.udp_tc is not None:
+            self.udp_tc.set_route(subnet, ip, port)
 
     def del_route(self, subnet):
         """Stop routing `subnet`; its packets then get ICMP net unreachable."""
         self.table.delete(subnet)
+        if self.udp_tc is not None:
+            self.udp_tc.del_route(subnet)
 
     def start(self):
         """Open the TUN and the UDP socket (in the calling thread's network namespace) and start
@@ -136,6 +154,7 @@ cdef class FastPath:
                 if self.offload:
                     self.offload_missing = TUN_USO
             self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
+            self._start_kernel_path()
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
                 raise OSError("eventfd failed")
@@ -171,6 +190,30 @@ cdef class FastPath:
         for thread in self.threads:
             thread.start()
         ready.wait()
+
+    def _start_kernel_path(self):
+        """Attach the tc programs (udp_tc) beside the loops, with the routes set so far. A host
+        where they cannot run keeps the loops alone and says why in kernel_missing. With the
+        kernel path off, a filter that a killed daemon left on the underlay is removed."""
+        if not self.underlay:
+            return
+        underlay = socket.if_nametoindex(self.underlay)
+        if self.kernel == "off":
+            detach_underlay(underlay)
+            return
+        udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
+                       socket.if_nametoindex(self.tun_name), underlay, egress=self.kernel == "on")
+        try:
+            udp_tc.start()
+            for subnet, (ip, port) in self.table.routes():
+                udp_tc.set_route(subnet, ip, port)
+        except UdpTcUnavailable as err:
+            udp_tc.stop()
+            self.kernel_missing = str(err)
+            self.kernel = "off"
+            detach_underlay(underlay)
+            return
+        self.udp_tc = udp_tc
 
     def _tx_arena_bytes(self) -> int:
         if not self.offload:
@@ -213,6 +256,9 @@ cdef class FastPath:
         self._close()
 
     def _close(self):
+        if self.udp_tc is not None:
+            self.udp_tc.stop()
+            self.udp_tc = None
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
@@ -228,12 +274,16 @@ cdef class FastPath:
     def stats(self) -> dict:
         """The loops' counters: {"tx": {...}, "rx": {...}}. tx counts TUN -> UDP, rx UDP -> TUN;
         batch_sizes counts wake-ups that moved 1, 2-3, 4-7, ... 128+ reads (tx) or datagrams
-        (rx)."""
+        (rx). With the kernel path, "kernel" has its counters (udp_tc.COUNTER_NAMES): what it
+        carried never reaches the loops."""
         cdef TxCounters tx
         cdef RxCounters rx
         snapshot(<uint64_t *>&self.tx.counters, <uint64_t *>&tx, sizeof(TxCounters))
         snapshot(<uint64_t *>&self.rx.counters, <uint64_t *>&rx, sizeof(RxCounters))
-        return {"tx": tx, "rx": rx}
+        stats = {"tx": tx, "rx": rx}
+        if self.udp_tc is not None:
+            stats["kernel"] = self.udp_tc.counters()
+        return stats
 
     def __enter__(self):
         self.start()

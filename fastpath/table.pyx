@@ -62,6 +62,23 @@ cdef class RouteTable:
         """Forget the route to `subnet`; a subnet with no route is fine."""
         pf_store(&self.table.entries[self._index(subnet)], 0)
 
+    def routes(self) -> list:
+        """Every route as (subnet, (ip, port)), in subnet order."""
+        cdef uint32_t index
+        cdef uint64_t entry
+        found = []
+        for index in range(self.table.size):
+            entry = self.table.entries[index]
+            if entry:
+                found.append((index, entry))
+        prefix = f"/{self.subnet_len}"
+        return [
+            (str(ipaddress.IPv4Address(self.table.network + (index << self.table.shift))) + prefix,
+             (socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
+              entry & 0xFFFF))
+            for index, entry in found
+        ]
+
     def lookup(self, dst):
         """(ip, port) for destination address `dst`, or None: the loops' lookup, from Python."""
         cdef uint64_t entry = table_lookup(&self.table, int(ipaddress.IPv4Address(dst)))

@@ -21,7 +21,7 @@ from control.endpoints import healthz_page
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, stop_all
 from tests.conftest import require_host_network_tools
 from tests.etcd import EtcdServer
-from tests.testbed import Testbed
+from tests.testbed import Testbed, tcp_transfer
 
 
 class Cluster:
@@ -487,3 +487,36 @@ def test_etcd_over_tls_with_client_certificates(cluster: Cluster, tls_etcd: Etcd
     cluster.daemons.append(refused.start())
     refused.wait_log("reading config", count=2, timeout=20)
     assert refused.process is not None and refused.process.poll() is None
+
+
+def test_kernel_path_carries_the_cluster_and_its_metrics_count_it(cluster: Cluster) -> None:
+    cluster.config(FIGURE_2_CONFIG)
+    a = cluster.daemon("--fastpath-kernel", "on", "--metrics-port", "9126",
+                       "--metrics-ip", "127.0.0.1")
+    b = cluster.daemon("--fastpath-kernel", "rx")
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in (a, b):
+        daemon.wait_log("subnet added")
+    a.wait_log("metrics server listening")
+    assert "kernel path on" in a.log() and "kernel path rx" in b.log()
+    assert b.host.container_ip and a.host.container_ip
+    before = scrape(a, 9126)
+    count = 20
+    result = a.host.in_container("ping", "-c", str(count), "-i", "0.05", "-W", "2",
+                                 b.host.container_ip, check=False)
+    assert f"{count} received" in result.stdout, result.stdout
+    after = scrape(a, 9126)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    # a sends in the kernel, b answers through its loops, a receives in the kernel: the
+    # routes came from the watch into both tables.
+    assert moved("pyflannel_kernelpath_packets_total", direction="tx") == count
+    assert moved("pyflannel_kernelpath_packets_total", direction="rx") == count
+    assert moved("pyflannel_fastpath_packets_total", direction="tx") == 0
+    assert moved("pyflannel_fastpath_packets_total", direction="rx") == 0
+    assert tcp_transfer(b.host.container_netns, b.host.container_ip, a.host.container_netns,
+                        nbytes=4 << 20) == 4 << 20

@@ -1,0 +1,272 @@
+"""The udp backend in the kernel: loads udp_tc.bpf.o (see its comment) through libbpf, attaches
+its two programs with tc, and keeps its route table equal to the fast path's.
+
+Setup and table writes only, run from the control plane; packets never reach this module. The
+programs pass everything unusual to the fast path's own loops, so those keep running beside it.
+libbpf is found at run time (Debian's libbpf1): a host without it, or a kernel that refuses the
+programs, keeps the loops alone and says why (UdpTcUnavailable).
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import importlib.resources
+import ipaddress
+import os
+import socket
+import struct
+
+OBJECT_NAME = "udp_tc.bpf.o"
+# What `tc filter show` names our filters by: their priority is the udp backend's port.
+FILTER_PRIORITY = 8285
+FILTER_HANDLE = 1
+# The daemon's --fastpath-kernel: off; rx, the receive side only (safe with any peer); on, both
+# sides (every peer must run rx or better, unless the underlay is a NIC: see udp_tc.bpf.c).
+KERNEL_MODES = ("off", "rx", "on")
+# One route entry per subnet; past this a kernel array would be a lot of locked memory for a
+# Network nobody fills (the loops' table takes up to 2**24).
+MAX_KERNEL_SUBNETS = 1 << 20
+
+NETLINK_ROUTE = 0
+RTM_DELTFILTER = 45
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+TCA_KIND = 1
+ETH_P_ALL = 0x0003
+TC_INGRESS_PARENT = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+NLMSGHDR = struct.Struct("=IHHII")
+TCMSG = struct.Struct("=B3xiIII")  # family, ifindex, handle, parent, info (prio << 16 | proto)
+
+BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
+BPF_TC_F_REPLACE = 1
+BPF_ANY = 0
+
+# The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
+COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
+                 "tx_superpackets", "rx_superpackets")
+
+
+class UdpTcUnavailable(Exception):
+    """The kernel path cannot run here; the message says what is missing."""
+
+
+class _TcHook(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int),
+                ("attach_point", ctypes.c_int), ("parent", ctypes.c_uint32)]
+
+
+class _TcOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32)]
+
+
+_libbpf: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libbpf
+    if _libbpf is None:
+        path = ctypes.util.find_library("bpf")
+        if path is None:
+            raise UdpTcUnavailable("libbpf (Debian: libbpf1) is not installed")
+        lib = ctypes.CDLL(path, use_errno=True)
+        vp = ctypes.c_void_p
+        for name, restype, argtypes in (
+            ("bpf_object__open_file", vp, [ctypes.c_char_p, vp]),
+            ("bpf_object__find_map_by_name", vp, [vp, ctypes.c_char_p]),
+            ("bpf_object__find_program_by_name", vp, [vp, ctypes.c_char_p]),
+            ("bpf_map__set_max_entries", ctypes.c_int, [vp, ctypes.c_uint32]),
+            ("bpf_map__fd", ctypes.c_int, [vp]),
+            ("bpf_program__fd", ctypes.c_int, [vp]),
+            ("bpf_object__load", ctypes.c_int, [vp]),
+            ("bpf_object__close", None, [vp]),
+            ("bpf_map_update_elem", ctypes.c_int, [ctypes.c_int, vp, vp, ctypes.c_uint64]),
+            ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, vp, vp]),
+            ("bpf_tc_hook_create", ctypes.c_int, [vp]),
+            ("bpf_tc_attach", ctypes.c_int, [vp, vp]),
+            ("libbpf_set_print", vp, [vp]),
+        ):
+            function = getattr(lib, name)
+            function.restype = restype
+            function.argtypes = argtypes
+        lib.libbpf_set_print(None)  # its errors come back to us as return codes
+        _libbpf = lib
+    return _libbpf
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        raise UdpTcUnavailable(f"{what}: {os.strerror(-result)}")
+    return result
+
+
+def _hook(ifindex: int, point: int) -> _TcHook:
+    return _TcHook(ctypes.sizeof(_TcHook), ifindex, point, 0)
+
+
+def _opts(prog_fd: int, flags: int) -> _TcOpts:
+    return _TcOpts(ctypes.sizeof(_TcOpts), prog_fd, flags, 0, FILTER_HANDLE, FILTER_PRIORITY)
+
+
+def _netlink() -> socket.socket:
+    """A route netlink socket: it stays in the network namespace it was opened in."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    sock.bind((0, 0))
+    return sock
+
+
+def detach_underlay(ifindex: int, sock: socket.socket | None = None) -> bool:
+    """Remove our filter from the underlay's ingress (one a killed daemon left there points at
+    a TUN that is gone), through `sock` or a new socket in the calling thread's namespace.
+    Returns whether there was one."""
+    owned = sock is None
+    sock = sock or _netlink()
+    try:
+        body = TCMSG.pack(socket.AF_UNSPEC, ifindex, FILTER_HANDLE, TC_INGRESS_PARENT,
+                          FILTER_PRIORITY << 16 | socket.htons(ETH_P_ALL))
+        kind = b"bpf\0"
+        body += struct.pack("=HH", 4 + len(kind), TCA_KIND) + kind
+        sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_DELTFILTER,
+                                NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body)
+        reply = sock.recv(65536)
+        error = struct.unpack_from("=i", reply, NLMSGHDR.size)[0]
+        return error == 0
+    finally:
+        if owned:
+            sock.close()
+
+
+def _int(address: ipaddress.IPv4Address | str) -> int:
+    """An IPv4 address as the u32 that holds its network-order bytes in host memory."""
+    return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")
+
+
+class UdpTc:
+    """The two programs, their maps and their filters, for one TUN and one underlay interface.
+
+    set_route/del_route take the same subnets as the fast path's table and may be called while
+    packets flow; each is one map write.
+    """
+
+    def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
+                 local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
+                 underlay_ifindex: int, egress: bool) -> None:
+        self.network = ipaddress.IPv4Network(network)
+        self.subnet_len = subnet_len
+        self.size = 1 << (subnet_len - self.network.prefixlen)
+        if self.size > MAX_KERNEL_SUBNETS:
+            raise UdpTcUnavailable(f"{self.network} cut into /{subnet_len} is {self.size} "
+                                   f"subnets, more than the kernel path's {MAX_KERNEL_SUBNETS}")
+        self.underlay_ifindex = underlay_ifindex
+        self.tun_ifindex = tun_ifindex
+        self._config = struct.pack(
+            "=IIIIIHHII", _int(self.network.network_address), _int(self.network.netmask),
+            32 - subnet_len, self.size, _int(local_ip), _port(port), 0, underlay_ifindex,
+            tun_ifindex)
+        self.egress = egress
+        self._obj: int | None = None
+        self._ingress_attached = False
+        self._netlink: socket.socket | None = None
+
+    def start(self) -> None:
+        """Load the programs and attach them; on any failure nothing is left behind."""
+        lib = _lib()
+        path = importlib.resources.files("fastpath") / OBJECT_NAME
+        if not path.is_file():
+            raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
+        try:
+            self._netlink = _netlink()  # detaches in this namespace, whichever thread stops
+            self._load(lib, str(path).encode())
+            if self.egress:
+                self._attach(lib, self.tun_ifindex, BPF_TC_EGRESS, "tun_egress")
+            self._attach(lib, self.underlay_ifindex, BPF_TC_INGRESS, "udp_ingress")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _load(self, lib: ctypes.CDLL, path: bytes) -> None:
+        obj = lib.bpf_object__open_file(path, None)
+        if not obj:
+            raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
+        self._obj = obj
+        routes = lib.bpf_object__find_map_by_name(obj, b"routes")
+        _check(lib.bpf_map__set_max_entries(routes, self.size), "sizing the route map")
+        _check(lib.bpf_object__load(obj), "loading the tc programs (needs root and Linux 5.10+)")
+        self._routes_fd = lib.bpf_map__fd(routes)
+        self._counters_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"counters"))
+        config_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"config"))
+        self._update(config_fd, 0, self._config)
+
+    def _attach(self, lib: ctypes.CDLL, ifindex: int, point: int, program: str) -> None:
+        hook = _hook(ifindex, point)
+        created = lib.bpf_tc_hook_create(ctypes.byref(hook))
+        if created < 0 and created != -errno.EEXIST:
+            _check(created, f"adding the clsact qdisc to interface {ifindex}")
+        prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(self._obj,
+                                                                           program.encode()))
+        _check(lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(_opts(prog_fd,
+                                                                        BPF_TC_F_REPLACE))),
+               f"attaching {program} to interface {ifindex}")
+        self._ingress_attached |= point == BPF_TC_INGRESS
+
+    def stop(self) -> None:
+        """Detach the filters and free the programs (the TUN's filter goes with the TUN)."""
+        if self._netlink is not None:
+            if self._ingress_attached:
+                detach_underlay(self.underlay_ifindex, self._netlink)
+            self._netlink.close()
+            self._netlink = None
+        self._ingress_attached = False
+        if self._obj is not None:
+            _lib().bpf_object__close(self._obj)
+            self._obj = None
+
+    def _index(self, subnet: ipaddress.IPv4Network | str) -> int:
+        sub = ipaddress.IPv4Network(subnet)
+        if sub.prefixlen != self.subnet_len or not sub.subnet_of(self.network):
+            raise ValueError(f"{sub} is not a /{self.subnet_len} subnet of {self.network}")
+        return (int(sub.network_address) - int(self.network.network_address)) >> (
+            32 - self.subnet_len)
+
+    def _update(self, fd: int, key: int, value: bytes) -> None:
+        k = ctypes.c_uint32(key)
+        v = ctypes.create_string_buffer(value, len(value))
+        if _lib().bpf_map_update_elem(fd, ctypes.byref(k), v, BPF_ANY) < 0:
+            raise OSError(ctypes.get_errno(), f"bpf map update: {os.strerror(ctypes.get_errno())}")
+
+    def set_route(self, subnet: ipaddress.IPv4Network | str,
+                  ip: ipaddress.IPv4Address | str, port: int) -> None:
+        self._update(self._routes_fd, self._index(subnet),
+                     struct.pack("=IHH", _int(ip), _port(port), 0))
+
+    def del_route(self, subnet: ipaddress.IPv4Network | str) -> None:
+        self._update(self._routes_fd, self._index(subnet), bytes(8))
+
+    def counters(self) -> dict[str, int]:
+        """The programs' counters, summed over the CPUs."""
+        cpus = _possible_cpus()
+        values = (ctypes.c_uint64 * cpus)()
+        result = {}
+        for key, name in enumerate(COUNTER_NAMES):
+            k = ctypes.c_uint32(key)
+            if _lib().bpf_map_lookup_elem(self._counters_fd, ctypes.byref(k), values) < 0:
+                raise OSError(ctypes.get_errno(), "bpf counter lookup")
+            result[name] = sum(values)
+        return result
+
+
+def _port(port: int) -> int:
+    """A UDP port as the u16 that holds its network-order bytes in host memory."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def _possible_cpus() -> int:
+    """How many slots a per-CPU map has: the kernel's possible CPUs (e.g. "0-3")."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    count = 0
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count

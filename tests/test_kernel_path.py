@@ -1,0 +1,199 @@
+"""The kernel path (fastpath/udp_tc.bpf.c): tc programs beside the loops, between test hosts in
+namespaces. What they carry must be what the loops would have carried, on the same wire format;
+what they pass on must still reach the loops; a host with only the receive side must work with
+any peer."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fastpath import FastPath
+from fastpath.udp_tc import FILTER_PRIORITY
+from tests.test_dataplane import (
+    NETWORK,
+    PORT,
+    SUBNET_LEN,
+    Node,
+    capture,
+    find,
+    link,
+    settled_stats,
+    start_node,
+)
+from tests.testbed import Testbed, inside, tcp_transfer
+
+
+@pytest.fixture(scope="module")
+def trio(testbed: Testbed) -> Iterator[tuple[Node, Node, Node]]:
+    # a and b run both programs; c receives in the kernel but sends through its loops, with
+    # neither offloads nor batching: a peer as plain as flanneld's proxy on its sending side.
+    a = start_node(testbed, "10.244.1.0/24", kernel="on", underlay="eth0")
+    b = start_node(testbed, "10.244.2.0/24", kernel="on", underlay="eth0")
+    c = start_node(testbed, "10.244.3.0/24", batch=1, offload=False, kernel="rx",
+                   underlay="eth0")
+    link(a, b, c)
+    try:
+        yield a, b, c
+    finally:
+        for node in (a, b, c):
+            node.fastpath.stop()
+
+
+def kernel(node: Node) -> dict[str, int]:
+    return node.fastpath.stats()["kernel"]
+
+
+def tc_filters(node: Node, *where: str) -> str:
+    return node.host.run("tc", "filter", "show", "dev", *where).stdout
+
+
+def test_the_programs_are_attached_where_the_mode_says(trio: tuple[Node, Node, Node]) -> None:
+    a, _, c = trio
+    for node in (a, c):
+        assert node.fastpath.kernel_missing == ""
+        assert "udp_ingress" in tc_filters(node, "eth0", "ingress")
+    assert "tun_egress" in tc_filters(a, a.fastpath.tun_name, "egress")
+    assert c.fastpath.kernel == "rx"
+    assert "tun_egress" not in tc_filters(c, c.fastpath.tun_name, "egress")
+
+
+def test_tcp_both_ways_is_carried_in_the_kernel_and_not_by_the_loops(
+        trio: tuple[Node, Node, Node]) -> None:
+    a, b, _ = trio
+    for src, dst in ((a, b), (b, a)):
+        before_src, before_dst = settled_stats(src, dst)
+        moved = tcp_transfer(dst.host.container_netns, dst.host.container_ip,
+                             src.host.container_netns, nbytes=20 << 20)
+        after_src, after_dst = src.fastpath.stats(), dst.fastpath.stats()
+        sent = {k: after_src["kernel"][k] - before_src["kernel"][k] for k in after_src["kernel"]}
+        got = {k: after_dst["kernel"][k] - before_dst["kernel"][k] for k in after_dst["kernel"]}
+        assert sent["tx_bytes"] > moved and got["rx_bytes"] > moved
+        # TCP's super-packets crossed the veth underlay whole and were taken apart whole.
+        assert sent["tx_superpackets"] > 0 and got["rx_superpackets"] > 0
+        # The loops saw none of it.
+        assert after_src["tx"]["bytes"] - before_src["tx"]["bytes"] < moved // 100
+        assert after_dst["rx"]["bytes"] - before_dst["rx"]["bytes"] < moved // 100
+
+
+def test_a_receive_only_host_works_with_a_peer_that_sends_from_its_loops(
+        trio: tuple[Node, Node, Node]) -> None:
+    a, _, c = trio
+    for src, dst in ((a, c), (c, a)):
+        result = src.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2",
+                                       dst.host.container_ip, check=False)
+        assert "2 received" in result.stdout, result.stdout + result.stderr
+    before_c = settled_stats(c)[0]
+    moved = tcp_transfer(c.host.container_netns, c.host.container_ip, a.host.container_netns,
+                         nbytes=8 << 20)
+    moved += tcp_transfer(a.host.container_netns, a.host.container_ip, c.host.container_netns,
+                          nbytes=8 << 20)
+    after_c = c.fastpath.stats()
+    # c sent through its loops (one datagram per packet) and received in the kernel.
+    assert after_c["tx"]["bytes"] - before_c["tx"]["bytes"] > 8 << 20
+    assert after_c["kernel"]["rx_bytes"] - before_c["kernel"]["rx_bytes"] > 8 << 20
+    assert after_c["kernel"]["tx_packets"] == 0
+    assert moved == 16 << 20
+
+
+def test_wire_format_is_flanneld_s_with_the_inner_ttl_one_lower(
+        trio: tuple[Node, Node, Node]) -> None:
+    a, b, _ = trio
+    marker = b"kernel-path-" + str(time.monotonic_ns()).encode()
+    wire_tap = capture(b.host.netns, "eth0")
+    with wire_tap:
+        with inside(a.host.container_netns):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sender.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 30)
+        with sender:
+            sender.sendto(marker, (b.host.container_ip, 9))
+        outer = find(wire_tap, marker, socket.PACKET_HOST, time.monotonic() + 5)
+    version_ihl, _, total, ident, frag, ttl, proto, _ = struct.unpack("!BBHHHBBH", outer[:12])
+    src_port, dst_port, udp_len, udp_sum = struct.unpack("!HHHH", outer[20:28])
+    inner = outer[28:]
+    # What flanneld's socket sends: no options, DF, TTL 64, UDP from our port to the peer's.
+    assert (version_ihl, frag, ttl, proto) == (0x45, 0x4000, 64, socket.IPPROTO_UDP)
+    assert outer[12:16] == socket.inet_aton(a.host.underlay_ip)
+    assert outer[16:20] == socket.inet_aton(b.host.underlay_ip)
+    assert (src_port, dst_port) == (PORT, PORT)
+    assert total == len(outer) and udp_len == len(outer) - 20
+    assert udp_sum == 0  # optional for UDP over IPv4; the inner packet has its own
+    # The payload is the inner packet: the container's TTL 30, less one for each host's
+    # forwarding into flannel0 and one for the sending side of the backend, as flanneld does.
+    assert inner[9] == socket.IPPROTO_UDP and inner[8] == 30 - 2
+    assert inner[12:16] == socket.inet_aton(a.host.container_ip)
+    assert inner[16:20] == socket.inet_aton(b.host.container_ip)
+    assert inner.endswith(marker)
+
+
+def test_what_the_programs_pass_on_still_gets_the_loops_answer(
+        trio: tuple[Node, Node, Node]) -> None:
+    a, b, _ = trio
+    before = settled_stats(a)[0]
+    result = a.host.in_container("ping", "-c", "1", "-W", "2", "10.244.99.5", check=False)
+    assert "Destination Net Unreachable" in result.stdout, result.stdout
+    # TTL 2: one left after a's forwarding, which the backend may not spend.
+    a.host.in_container("ping", "-c", "1", "-W", "1", "-t", "2", b.host.container_ip,
+                        check=False)
+    after = a.fastpath.stats()
+    assert after["kernel"]["tx_passed"] - before["kernel"]["tx_passed"] == 2
+    assert after["tx"]["icmp_unreachable"] - before["tx"]["icmp_unreachable"] == 1
+    assert after["tx"]["drop_ttl"] - before["tx"]["drop_ttl"] == 1
+
+
+def test_a_route_removed_and_set_again_takes_effect_in_the_kernel(
+        trio: tuple[Node, Node, Node]) -> None:
+    a, b, _ = trio
+    a.fastpath.del_route(b.subnet)
+    try:
+        result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
+                                     check=False)
+        assert "Destination Net Unreachable" in result.stdout, result.stdout
+    finally:
+        a.fastpath.set_route(b.subnet, b.host.underlay_ip, PORT)
+    result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
+                                 check=False)
+    assert "1 received" in result.stdout, result.stdout
+
+
+def test_a_filter_left_by_a_killed_daemon_is_removed_and_stop_leaves_none(
+        testbed: Testbed) -> None:
+    node = start_node(testbed, "10.244.9.0/24")
+    host = node.host
+    try:
+        # What a SIGKILLed daemon leaves: its ingress filter, pointing at a TUN that is gone.
+        killed = host.run(sys.executable, "-c", (
+            "import os, signal; from fastpath import FastPath; "
+            f"FastPath({NETWORK!r}, {SUBNET_LEN}, {host.underlay_ip!r}, {PORT + 1}, "
+            "kernel='rx', underlay='eth0').start(); os.kill(os.getpid(), signal.SIGKILL)"),
+            check=False)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert f"pref {FILTER_PRIORITY}" in tc_filters(node, "eth0", "ingress")
+        restarted = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, underlay="eth0")
+        with inside(host.netns):
+            restarted.start()
+        restarted.stop()
+        assert f"pref {FILTER_PRIORITY}" not in tc_filters(node, "eth0", "ingress")
+        # And a kernel-path fast path takes its filter away when it stops.
+        kernel_path = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, kernel="rx",
+                               underlay="eth0")
+        with inside(host.netns):
+            kernel_path.start()
+        assert f"pref {FILTER_PRIORITY}" in tc_filters(node, "eth0", "ingress")
+        kernel_path.stop()
+        assert f"pref {FILTER_PRIORITY}" not in tc_filters(node, "eth0", "ingress")
+    finally:
+        node.fastpath.stop()
+
+
+def test_the_kernel_path_needs_the_underlay_and_a_known_mode() -> None:
+    with pytest.raises(ValueError, match="underlay"):
+        FastPath(NETWORK, SUBNET_LEN, "198.18.0.1", PORT, kernel="on")
+    with pytest.raises(ValueError, match="off, rx, on"):
+        FastPath(NETWORK, SUBNET_LEN, "198.18.0.1", PORT, kernel="yes", underlay="eth0")
