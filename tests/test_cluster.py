@@ -391,26 +391,36 @@ def scrape(daemon: Flanneld, port: int) -> dict[tuple[str, tuple[tuple[str, str]
             for family in text_string_to_metric_families(body) for sample in family.samples}
 
 
-def test_metrics_count_what_crossed_the_fast_path(cluster: Cluster) -> None:
+def pinged_with_metrics(cluster: Cluster, count: int, port: int, a_flags: list[str],
+                       b_flags: list[str]) -> tuple[Flanneld, Flanneld,
+                                                    Callable[..., float], dict]:
+    """Two daemons with containers, a serving metrics on `port`; a's container pings b's
+    `count` times. Returns a, b, moved(name, **labels) (how far a metric moved during the
+    pings) and the metrics after them."""
     cluster.config(FIGURE_2_CONFIG)
-    a = cluster.daemon("--metrics-port", "9125", "--metrics-ip", "127.0.0.1")
-    b = cluster.daemon()
+    a = cluster.daemon("--metrics-port", str(port), "--metrics-ip", "127.0.0.1", *a_flags)
+    b = cluster.daemon(*b_flags)
     for daemon in (a, b):
         cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
     for daemon in (a, b):
         daemon.wait_log("subnet added")
     a.wait_log("metrics server listening")
     assert b.host.container_ip
-    before = scrape(a, 9125)
-    count = 20
+    before = scrape(a, port)
     result = a.host.in_container("ping", "-c", str(count), "-i", "0.05", "-W", "2",
                                  b.host.container_ip, check=False)
     assert f"{count} received" in result.stdout, result.stdout
-    after = scrape(a, 9125)
+    after = scrape(a, port)
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return after[key] - before[key]
+    return a, b, moved, after
+
+
+def test_metrics_count_what_crossed_the_fast_path(cluster: Cluster) -> None:
+    count = 20
+    a, b, moved, after = pinged_with_metrics(cluster, count, 9125, [], [])
 
     echo = 20 + 8 + 56  # IPv4 + ICMP headers + ping's default payload
     assert moved("pyflannel_fastpath_packets_total", direction="tx") == count
@@ -490,33 +500,16 @@ def test_etcd_over_tls_with_client_certificates(cluster: Cluster, tls_etcd: Etcd
 
 
 def test_kernel_path_carries_the_cluster_and_its_metrics_count_it(cluster: Cluster) -> None:
-    cluster.config(FIGURE_2_CONFIG)
-    a = cluster.daemon("--fastpath-kernel", "on", "--metrics-port", "9126",
-                       "--metrics-ip", "127.0.0.1")
-    b = cluster.daemon("--fastpath-kernel", "rx")
-    for daemon in (a, b):
-        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
-    for daemon in (a, b):
-        daemon.wait_log("subnet added")
-    a.wait_log("metrics server listening")
-    assert "kernel path on" in a.log() and "kernel path rx" in b.log()
-    assert b.host.container_ip and a.host.container_ip
-    before = scrape(a, 9126)
     count = 20
-    result = a.host.in_container("ping", "-c", str(count), "-i", "0.05", "-W", "2",
-                                 b.host.container_ip, check=False)
-    assert f"{count} received" in result.stdout, result.stdout
-    after = scrape(a, 9126)
-
-    def moved(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after[key] - before[key]
-
+    a, b, moved, _ = pinged_with_metrics(cluster, count, 9126, ["--fastpath-kernel", "on"],
+                                         ["--fastpath-kernel", "rx"])
+    assert "kernel path on" in a.log() and "kernel path rx" in b.log()
     # a sends in the kernel, b answers through its loops, a receives in the kernel: the
     # routes came from the watch into both tables.
     assert moved("pyflannel_kernelpath_packets_total", direction="tx") == count
     assert moved("pyflannel_kernelpath_packets_total", direction="rx") == count
     assert moved("pyflannel_fastpath_packets_total", direction="tx") == 0
     assert moved("pyflannel_fastpath_packets_total", direction="rx") == 0
+    assert b.host.container_ip and a.host.container_ip
     assert tcp_transfer(b.host.container_netns, b.host.container_ip, a.host.container_netns,
                         nbytes=4 << 20) == 4 << 20
