@@ -185,9 +185,8 @@ FLAGS = [
          "run ahead of the applications they carry for, as the kernel's forwarding does "
          "(pyflannel)", _bounded(int, -20, 19), -10),
     Flag("fastpath-kernel", "carry the common case in the kernel with two tc-BPF programs, "
-         "the rest still through the loops: off; rx, decapsulate in the kernel (safe with any "
-         "peer); on, also encapsulate (every peer must run rx or on, unless the underlay is a "
-         "NIC) (pyflannel)", _one_of(KERNEL_MODES), "off"),
+         "the rest still through the loops: off; rx, decapsulate in the kernel; on, also "
+         "encapsulate; both safe with any peer (pyflannel)", _one_of(KERNEL_MODES), "off"),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

@@ -202,7 +202,8 @@ cdef class FastPath:
             detach_underlay(underlay)
             return
         udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
-                       socket.if_nametoindex(self.tun_name), underlay, egress=self.kernel == "on")
+                       socket.if_nametoindex(self.tun_name), self.underlay,
+                       egress=self.kernel == "on")
         try:
             udp_tc.start()
             for subnet, (ip, port) in self.table.routes():

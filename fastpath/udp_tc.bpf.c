@@ -13,13 +13,14 @@
  * The outer UDP checksum is left 0 (legal for IPv4, and what every receiver accepts): the
  * inner packet keeps its own checksums end to end.
  *
- * udp_ingress is safe with any peer: what it takes are flanneld's own datagrams. What
- * tun_egress sends is too, once a NIC has finished it: a TCP super-packet leaves as a
- * UDP-tunnel super-packet that the NIC (or the kernel's GSO in front of it) cuts into one
- * datagram per segment, and checksums the stack left to the hardware are filled in there. A
- * veth finishes neither: it hands both to the peer's stack as they are, where only another
- * udp_ingress takes them (flanneld's socket would read a 64 KB datagram, or a TCP
- * checksum never computed). So the daemon attaches tun_egress only when told to (mode "on").
+ * udp_ingress is safe with any peer: what it takes are flanneld's own datagrams. So is what
+ * tun_egress sends. Behind a NIC, a TCP super-packet leaves as a UDP-tunnel super-packet that
+ * the NIC (or the kernel's GSO in front of it) cuts into one datagram per segment, and
+ * checksums the stack left to the hardware are filled in there. A veth does neither: it hands
+ * both to the peer's stack as they are, where a flanneld socket would read one 64 KB datagram
+ * or a TCP checksum never computed. So on a veth underlay super-packets go the loops' way (they
+ * cut them), and so do the following packets of their flow for BULK_HOLD_NS, lest one overtake
+ * those queued there; checksums are finished here.
  *
  * Everything unusual is passed on (TC_ACT_OK) to the daemon's own loops, which already handle
  * it: non-IPv4, no route (ICMP net unreachable), TTL expiry (counted), malformed packets
@@ -34,6 +35,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -42,6 +44,9 @@
 #define OUTER_TTL 64
 #define IP_DF 0x4000
 #define IP_FRAGMENT 0x3fff /* MF and the offset: any piece of a fragmented datagram */
+#define BULK_HOLD_NS (100 * 1000 * 1000ULL)
+#define CSUM_CHUNK 128
+#define CSUM_CHUNKS 12 /* L4 lengths up to 1536 bytes: any MTU-sized packet */
 
 struct udp_tc_config {
 	__be32 network;    /* the flannel Network, network byte order */
@@ -53,6 +58,8 @@ struct udp_tc_config {
 	__u16 pad;
 	__u32 underlay_ifindex;
 	__u32 tun_ifindex;
+	/* The underlay is a veth: what tun_egress sends reaches the peer's stack as it is. */
+	__u32 underlay_is_veth;
 };
 
 struct udp_tc_route {
@@ -86,6 +93,21 @@ struct {
 	__type(key, __u32);
 	__type(value, struct udp_tc_route);
 } routes SEC(".maps");
+
+struct flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be32 ports; /* source and destination port as they lie in the header */
+	__u32 protocol;
+};
+
+/* Flows that sent a super-packet lately (veth underlay): when, in bpf_ktime_get_ns(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow);
+	__type(value, __u64);
+} bulk_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -130,6 +152,108 @@ static __always_inline __sum16 ip_checksum(const struct iphdr *ip)
 	return (__sum16)~sum;
 }
 
+static __always_inline __u32 fold(__u64 sum)
+{
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u32)((sum & 0xffff) + (sum >> 16));
+}
+
+/* The ones'-complement sum of the len bytes at off (an odd tail padded with zero, as RFC 1071
+ * says), in the byte order they lie in; -1 if they cannot be read. */
+static __always_inline __s64 sum_bytes(struct __sk_buff *skb, __u32 off, __u32 len)
+{
+	if (off > 60 || bpf_skb_pull_data(skb, off + len))
+		return -1;
+	__u8 *p = (void *)(long)skb->data + off;
+	__u8 *end = (void *)(long)skb->data + off + len;
+	__u8 *data_end = (void *)(long)skb->data_end;
+	__u64 sum = 0;
+
+	if (end > data_end)
+		return -1;
+	for (int i = 0; i < CSUM_CHUNKS; i++) {
+		if (p + CSUM_CHUNK > end || p + CSUM_CHUNK > data_end)
+			break;
+		sum += (__u32)bpf_csum_diff(NULL, 0, (__be32 *)p, CSUM_CHUNK, 0);
+		p += CSUM_CHUNK;
+	}
+	for (int i = 0; i < CSUM_CHUNK / 2; i++) {
+		if (p + 2 > end || p + 2 > data_end)
+			break;
+		sum += *(__u16 *)p;
+		p += 2;
+	}
+	if (p + 1 <= end && p + 1 <= data_end)
+		sum += *p; /* the padded word's first byte, where a 16-bit load puts it */
+	return fold(sum);
+}
+
+/* Fill in a TCP or UDP checksum that the stack left for hardware (CHECKSUM_PARTIAL: the field
+ * holds the pseudo-header's sum); one that checks out is left alone. -1: cannot tell. */
+static __always_inline int finish_checksum(struct __sk_buff *skb, struct iphdr *ip)
+{
+	__u32 hl = ip->ihl * 4;
+	__u32 l4_len = bpf_ntohs(ip->tot_len) - hl;
+	__u8 protocol = ip->protocol; /* ip is gone once sum_bytes pulls the packet */
+	__u32 field;
+
+	if (protocol == IPPROTO_TCP)
+		field = hl + offsetof(struct tcphdr, check);
+	else if (protocol == IPPROTO_UDP)
+		field = hl + offsetof(struct udphdr, check);
+	else
+		return 0; /* ICMP and the rest: summed in software, always complete */
+	if (ip->frag_off & bpf_htons(IP_FRAGMENT) || l4_len > CSUM_CHUNK * CSUM_CHUNKS ||
+	    bpf_ntohs(ip->tot_len) != skb->len)
+		return -1;
+	struct {
+		__be32 saddr;
+		__be32 daddr;
+		__u8 zero;
+		__u8 protocol;
+		__be16 len;
+	} pseudo = {ip->saddr, ip->daddr, 0, protocol, bpf_htons(l4_len)};
+	__u16 check;
+
+	if (bpf_skb_load_bytes(skb, field, &check, sizeof(check)))
+		return -1;
+	if (protocol == IPPROTO_UDP && check == 0)
+		return 0; /* sent without a checksum */
+	__s64 data = sum_bytes(skb, hl, l4_len);
+
+	if (data < 0)
+		return -1;
+	if (fold((__u64)data + (__u32)bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo),
+						    0)) == 0xffff)
+		return 0;
+	/* As the hardware would: the sum over the L4 bytes, the pseudo-header's in the field. */
+	check = ~fold(data);
+	if (protocol == IPPROTO_UDP && check == 0)
+		check = 0xffff;
+	return bpf_skb_store_bytes(skb, field, &check, sizeof(check), 0) ? -1 : 0;
+}
+
+/* On a veth underlay: whether this packet may go out as it is (see the top of this file). */
+static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct flow flow = {ip->saddr, ip->daddr, 0, ip->protocol};
+	__u64 now = bpf_ktime_get_ns();
+
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
+		bpf_skb_load_bytes(skb, ip->ihl * 4, &flow.ports, sizeof(flow.ports));
+	if (skb->gso_size) {
+		bpf_map_update_elem(&bulk_flows, &flow, &now, BPF_ANY);
+		return 0;
+	}
+	__u64 *bulk = bpf_map_lookup_elem(&bulk_flows, &flow);
+
+	if (bulk && now - *bulk < BULK_HOLD_NS)
+		return 0;
+	return finish_checksum(skb, ip) == 0;
+}
+
 SEC("tc")
 int tun_egress(struct __sk_buff *skb)
 {
@@ -157,6 +281,18 @@ int tun_egress(struct __sk_buff *skb)
 		count(TX_PASSED, 1);
 		return TC_ACT_OK;
 	}
+	if (cfg->underlay_is_veth) {
+		if (!fit_for_any_peer(skb, inner)) {
+			count(TX_PASSED, 1);
+			return TC_ACT_OK;
+		}
+		/* finishing a checksum may have moved the packet */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		inner = data;
+		if ((void *)(inner + 1) > data_end)
+			return TC_ACT_OK;
+	}
 	__be32 peer = route->ip;
 	__be16 peer_port = route->port;
 	__u32 inner_len = skb->len;
@@ -166,7 +302,11 @@ int tun_egress(struct __sk_buff *skb)
 	/* FIXED_GSO: the inner MSS stays what TCP chose for flannel0's MTU, which already leaves
 	 * room for these 28 bytes. The ENCAP flags make a super-packet a UDP-tunnel one, cut by
 	 * the underlay's device (or its GSO) into datagrams each carrying one whole inner packet. */
+	/* On a veth no super-packet gets here, and the ENCAP flags would mark the packet as
+	 * encapsulated for good: the peer's kernel path takes the outer header off but not that
+	 * mark, and its bridge would then compute again a checksum finished above. */
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				cfg->underlay_is_veth ? BPF_F_ADJ_ROOM_FIXED_GSO :
 				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
 				BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return TC_ACT_SHOT; /* TTL already spent: no second path for this one */

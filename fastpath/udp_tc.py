@@ -10,6 +10,7 @@ programs, keeps the loops alone and says why (UdpTcUnavailable).
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import importlib.resources
 import ipaddress
 import os
@@ -20,8 +21,8 @@ OBJECT_NAME = "udp_tc.bpf.o"
 # What `tc filter show` names our filters by: their priority is the udp backend's port.
 FILTER_PRIORITY = 8285
 FILTER_HANDLE = 1
-# The daemon's --fastpath-kernel: off; rx, the receive side only (safe with any peer); on, both
-# sides (every peer must run rx or better, unless the underlay is a NIC: see udp_tc.bpf.c).
+# The daemon's --fastpath-kernel: off; rx, the receive side only; on, both sides. Both are safe
+# with any peer (see udp_tc.bpf.c).
 KERNEL_MODES = ("off", "rx", "on")
 # One route entry per subnet; past this a kernel array would be a lot of locked memory for a
 # Network nobody fills (the loops' table takes up to 2**24).
@@ -35,6 +36,10 @@ ETH_P_ALL = 0x0003
 TC_INGRESS_PARENT = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 NLMSGHDR = struct.Struct("=IHHII")
 TCMSG = struct.Struct("=B3xiIII")  # family, ifindex, handle, parent, info (prio << 16 | proto)
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GDRVINFO = 0x03
+ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's name in 32 bytes
 
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
@@ -137,13 +142,28 @@ def detach_underlay(ifindex: int, sock: socket.socket | None = None) -> bool:
             sock.close()
 
 
+def driver(ifname: str) -> str:
+    """The interface's driver ("veth", "virtio_net", "mlx5_core"...), by ethtool's ioctl in the
+    calling thread's namespace; "" when it has none to tell."""
+    info = ctypes.create_string_buffer(struct.pack("=I", ETHTOOL_GDRVINFO),
+                                       ETHTOOL_DRVINFO_SIZE)
+    ifreq = struct.pack("16sP16x", ifname.encode(), ctypes.addressof(info))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
+        except OSError:
+            return ""
+    return info.raw[4:36].split(b"\0", 1)[0].decode()
+
+
 def _int(address: ipaddress.IPv4Address | str) -> int:
     """An IPv4 address as the u32 that holds its network-order bytes in host memory."""
     return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")
 
 
 class UdpTc:
-    """The two programs, their maps and their filters, for one TUN and one underlay interface.
+    """The two programs, their maps and their filters, for one TUN and one underlay interface
+    (named; a veth gets tun_egress's care for peers that take frames as they come).
 
     set_route/del_route take the same subnets as the fast path's table and may be called while
     packets flow; each is one map write.
@@ -151,19 +171,20 @@ class UdpTc:
 
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
-                 underlay_ifindex: int, egress: bool) -> None:
+                 underlay: str, egress: bool) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
         if self.size > MAX_KERNEL_SUBNETS:
             raise UdpTcUnavailable(f"{self.network} cut into /{subnet_len} is {self.size} "
                                    f"subnets, more than the kernel path's {MAX_KERNEL_SUBNETS}")
-        self.underlay_ifindex = underlay_ifindex
+        self.underlay_ifindex = socket.if_nametoindex(underlay)
+        self.underlay_is_veth = driver(underlay) == "veth"
         self.tun_ifindex = tun_ifindex
         self._config = struct.pack(
-            "=IIIIIHHII", _int(self.network.network_address), _int(self.network.netmask),
-            32 - subnet_len, self.size, _int(local_ip), _port(port), 0, underlay_ifindex,
-            tun_ifindex)
+            "=IIIIIHHIII", _int(self.network.network_address), _int(self.network.netmask),
+            32 - subnet_len, self.size, _int(local_ip), _port(port), 0, self.underlay_ifindex,
+            tun_ifindex, self.underlay_is_veth)
         self.egress = egress
         self._obj: int | None = None
         self._ingress_attached = False

@@ -39,9 +39,12 @@ def wait_reachable(src: Host, dst: Host) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def mixed(bed_and_etcd: tuple[Testbed, EtcdServer]) -> Iterator[tuple[Host, Host]]:
-    """(flanneld's host, pyflanneld's host), each with a container on its subnet."""
+@pytest.fixture(scope="module", params=[[], ["--fastpath-kernel", "on"]],
+                ids=["loops", "kernel-path"])
+def mixed(bed_and_etcd: tuple[Testbed, EtcdServer], request: pytest.FixtureRequest
+          ) -> Iterator[tuple[Host, Host]]:
+    """(flanneld's host, pyflanneld's host), each with a container on its subnet; pyflanneld
+    with its loops alone, then with the kernel path as well."""
     bed, etcd = bed_and_etcd
     flanneld: RealFlanneld | None = None
     pyflanneld: Flanneld | None = None
@@ -52,7 +55,7 @@ def mixed(bed_and_etcd: tuple[Testbed, EtcdServer]) -> Iterator[tuple[Host, Host
         subnet = flanneld.wait_subnet()
         bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
         p_host = bed.add_host()
-        pyflanneld = Flanneld(bed, p_host, etcd, "v3").start()
+        pyflanneld = Flanneld(bed, p_host, etcd, "v3", *request.param).start()
         subnet = pyflanneld.wait_subnet()
         bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
         pyflanneld.wait_log("subnet added")
