@@ -12,7 +12,7 @@ DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client container
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
-.PHONY: install deb demo test perf profile lint clean
+.PHONY: install deb demo test perf profile lint clean wheel
 
 install: deb $(STAMP)
 
@@ -47,6 +47,16 @@ perf: install
 profile: install
 	$(PY) -m perf.profile
 
+# The sdist and a manylinux wheel (auditwheel; see the README) into $(DIST). The wheel is built
+# in an isolated environment from PyPI's setuptools and Cython, not from the venv's.
+DIST ?= dist
+wheel: install
+	rm -rf build/wheel $(DIST)/pyflannel-*
+	$(PY) -m build --sdist --outdir $(DIST) .
+	$(PY) -m build --wheel --outdir build/wheel .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir $(DIST) \
+		build/wheel/pyflannel-*.whl
+
 lint: install
 	$(VENV)/bin/ruff check .
 
@@ -54,4 +64,4 @@ test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(filter-out %.bpf.c,$(wildcard fastpath/*.c)) fastpath/*.so fastpath/*.bpf.o
+	rm -rf $(VENV) build dist *.egg-info $(filter-out %.bpf.c,$(wildcard fastpath/*.c)) fastpath/*.so fastpath/*.bpf.o

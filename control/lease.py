@@ -226,9 +226,21 @@ class LeaseKeeper:
                     continue
             old = self.subnet
             log.warning("lease %s was lost; taking one again", old)
-            new = await self.acquire()
+            new = await self._reacquire()
             if new != old:
                 await on_change(new)
+
+    async def _reacquire(self) -> ipaddress.IPv4Network:
+        """acquire(), but a full Network is waited out (leases expire, hosts leave): at start
+        it is fatal, here the daemon keeps forwarding for the routes it has, unhealthy."""
+        while True:
+            try:
+                return await self.acquire()
+            except OutOfSubnetsError as err:
+                self.errors += 1
+                log.error("taking a lease again failed, trying again in %gs: %s",
+                          RETRY_SECONDS, err)
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _renew(self) -> bool:
         """Renew the lease; False when it is no longer ours."""

@@ -73,12 +73,15 @@ class Flanneld(LoggedDaemon):
     def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
                  *extra: str, iface: str | None = "eth0",
                  python_args: tuple[str, ...] = ("-m", "control"),
+                 program: list[str] | None = None,
                  environ: dict[str, str] | None = None) -> None:
-        """python_args: how Python runs pyflanneld (a test may wrap the entry point); environ:
-        variables for it (FLANNELD_*, NOTIFY_SOCKET...)."""
+        """python_args: how Python runs pyflanneld (a test may wrap the entry point); program:
+        another pyflanneld command altogether (an installed one); environ: variables for it
+        (FLANNELD_*, NOTIFY_SOCKET...)."""
         subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
         super().__init__(host, subnet_file, os.path.join(bed.workdir, f"{host.netns}.log"),
-                         ["ip", "netns", "exec", host.netns, sys.executable, *python_args,
+                         ["ip", "netns", "exec", host.netns,
+                          *(program or [sys.executable, *python_args]),
                           "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
                           "--subnet-file", subnet_file, *etcd.client_flags(),
                           *(["--iface", iface] if iface else []), *extra], environ)

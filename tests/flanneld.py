@@ -19,9 +19,10 @@ from tests.testbed import Host, Testbed
 
 FORWARD_CHAIN, FORWARD_COMMENT = "FLANNEL-FWD", "flanneld forward"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Present on CI and the developers' machines, absent on a user's: the tests that need it skip.
-REFERENCE_FLANNELD = os.path.join(os.path.dirname(REPO), "shared", "reference",
-                                  "flanneld-v0.20.2")
+# Present on CI and the developers' machines, absent on a user's: the tests that need them skip.
+REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
+REFERENCE_FLANNELD = os.path.join(REFERENCE, "flanneld-v0.20.2")
+REFERENCE_CNI = os.path.join(REFERENCE, "flannel-cni-v1.1.0")
 
 
 class RealFlanneld(LoggedDaemon):

@@ -381,6 +381,27 @@ def test_healthz(cluster: Cluster) -> None:
         (200, "flanneld is running"), (404, "404 page not found\n")]
 
 
+def test_healthz_is_unhealthy_while_the_lease_is_lost(cluster: Cluster) -> None:
+    # /30s: 10.244.0.4, .8 and .12; other hosts hold the first two, this one gets the last.
+    cluster.config({"Network": "10.244.0.0/28", "Backend": {"Type": "alloc"}})
+    for third in ("4", "8"):
+        cluster.put(f"/subnets/10.244.0.{third}-30", '{"PublicIP":"198.18.0.250"}')
+    daemon = cluster.daemon("--healthz-port", "8472", "--healthz-ip", "127.0.0.1")
+    assert str(daemon.wait_subnet()) == "10.244.0.12/30"
+    daemon.wait_log("healthz server listening")
+    url = "http://127.0.0.1:8472/healthz"
+    assert fetch(daemon, url)[0][0] == 200
+    # Another host takes the last subnet over: the lease is lost and cannot be taken again.
+    cluster.put("/subnets/10.244.0.12-30", '{"PublicIP":"198.18.0.251","PublicIPv6":null}')
+    daemon.wait_log("lease 10.244.0.12/30 was lost")
+    daemon.wait_log("taking a lease again failed")
+    assert fetch(daemon, url)[0][0] == 503
+    # It frees up: the daemon takes it again and is healthy.
+    cluster.etcd.delete(f"{cluster.prefix}/subnets/10.244.0.12-30", cluster.api)
+    wait_for(lambda: fetch(daemon, url)[0][0] == 200, 10, "healthy again")
+    assert daemon.process is not None and daemon.process.poll() is None
+
+
 def scrape(daemon: Flanneld, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The daemon's metrics: (sample name, sorted labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -1,9 +1,10 @@
 """Test hosts in network namespaces: the one testbed the tests and perf/ build on.
 
 An underlay namespace holds a bridge; each host namespace joins it by a veth pair and gets an
-address from 198.18.0.0/15. A host may carry a container namespace, wired by the real CNI `bridge`
-plugin with `host-local` IPAM on the host's subnet: what flannel's CNI plugin delegates to. Every
-name starts with a per-run prefix, and Testbed.close() deletes exactly the namespaces it made.
+address from 198.18.0.0/15. A host may carry a container namespace, added by pyflannel's `flannel`
+CNI plugin, which delegates to the real `bridge` plugin with `host-local` IPAM on the host's
+subnet, as flannel's does. Every name starts with a per-run prefix, and Testbed.close() deletes
+exactly the namespaces it made.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 CLONE_NEWNET = 0x40000000
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
 CNI_PATH = "/usr/lib/cni"
+# pyflannel's CNI plugin, installed beside the interpreter (the venv's bin/).
+FLANNEL_CNI = os.path.join(os.path.dirname(sys.executable), "flannel")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -112,26 +116,32 @@ class Testbed:
         self.hosts.append(host)
         return host
 
-    def add_container(self, host: Host, subnet: str, mtu: int) -> str:
-        """A container namespace on `host`, attached as flannel's CNI plugin attaches one: the
-        CNI bridge plugin (cni0 as gateway at the subnet's first address) with host-local IPAM
-        on the subnet and the flannel MTU. Returns the container's address."""
+    def add_container(self, host: Host, subnet: str, mtu: int,
+                      network: str = "10.0.0.0/8") -> str:
+        """A container namespace on `host`, added as a runtime adds one: the `flannel` CNI
+        plugin reads a subnet.env for the host's subnet, MTU and Network (FLANNEL_IPMASQ=true,
+        as flannel's manifest runs flanneld with --ip-masq, so the bridge does not masquerade)
+        and delegates to `bridge` (cni0 as gateway) with host-local IPAM. A default route is
+        added to the plugin's Network route. Returns the container's address."""
         host.container_netns = self._netns(host.netns.removeprefix(self.prefix + "-") + "c")
-        network = ipaddress.IPv4Network(subnet, strict=False)
+        lease = ipaddress.IPv4Network(subnet, strict=False)
+        subnet_env = os.path.join(self.workdir, f"{host.netns}-cni-subnet.env")
+        with open(subnet_env, "w") as f:
+            f.write(f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={lease.network_address + 1}/"
+                    f"{lease.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
         conf = {
-            "cniVersion": "0.4.0", "name": "pyflannel", "type": "bridge", "bridge": "cni0",
-            "isGateway": True, "ipMasq": False, "mtu": mtu,
-            "ipam": {"type": "host-local", "subnet": str(network),
-                     "routes": [{"dst": "0.0.0.0/0"}],
+            "cniVersion": "1.0.0", "name": "pyflannel", "type": "flannel",
+            "subnetFile": subnet_env, "dataDir": os.path.join(self.workdir, "cni-flannel"),
+            "ipam": {"routes": [{"dst": "0.0.0.0/0"}],
                      "dataDir": os.path.join(self.workdir, "cni", host.netns)},
         }
         env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": host.container_netns,
                "CNI_NETNS": f"/run/netns/{host.container_netns}", "CNI_IFNAME": "eth0",
                "CNI_PATH": CNI_PATH}
-        result = subprocess.run(["ip", "netns", "exec", host.netns, f"{CNI_PATH}/bridge"],
+        result = subprocess.run(["ip", "netns", "exec", host.netns, FLANNEL_CNI],
                                 input=json.dumps(conf), env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"CNI bridge ADD on {host.netns} failed: {result.stdout}"
+            raise RuntimeError(f"CNI flannel ADD on {host.netns} failed: {result.stdout}"
                                f"{result.stderr}")
         address = json.loads(result.stdout)["ips"][0]["address"]
         host.container_ip = address.split("/")[0]
