@@ -186,7 +186,7 @@ FLAGS = [
          "(pyflannel)", _bounded(int, -20, 19), -10),
     Flag("fastpath-kernel", "carry the common case in the kernel with two tc-BPF programs, "
          "the rest still through the loops: off; rx, decapsulate in the kernel; on, also "
-         "encapsulate; both safe with any peer (pyflannel)", _one_of(KERNEL_MODES), "off"),
+         "encapsulate; both safe with any peer (pyflannel)", _one_of(KERNEL_MODES), "on"),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

@@ -32,12 +32,12 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     "pyflannel-no-udp-coalesce": ["--fastpath-udp-coalesce=false"],
     "pyflannel-nice0": ["--fastpath-nice", "0"],
     "pyflannel-nooffload": ["--fastpath-offload=false"],
-    # The tc programs beside the loops: receive side only (safe with any peer), and both sides
-    # (every host of this testbed runs it, as the veth underlay needs: see udp_tc.bpf.c).
+    # The kernel path (tc programs beside the loops): on by default; receive side only; none.
     "pyflannel-kernel-rx": ["--fastpath-kernel", "rx"],
-    "pyflannel-kernel": ["--fastpath-kernel", "on"],
-    # One read, one send per packet, no offloads: the shape of flanneld's C proxy.
-    "pyflannel-batch1": ["--fastpath-batch", "1", "--fastpath-offload=false"],
+    "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
+    # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.
+    "pyflannel-batch1": ["--fastpath-kernel", "off", "--fastpath-batch", "1",
+                         "--fastpath-offload=false"],
 }
 DEFAULT_ROW = next(iter(PYFLANNEL_ROWS))
 # flanneld's own rows (when a binary is given): row name -> the config's Backend.
