@@ -163,16 +163,24 @@ def settled_stats(*nodes: Node) -> list[dict]:
     return stats
 
 
+def container_udp(src: Host, dst: Host) -> tuple[socket.socket, socket.socket]:
+    """(a UDP socket in src's container, one bound in dst's container whose buffer holds a
+    whole test's burst, with a 5 s timeout)."""
+    assert src.container_netns and dst.container_netns and dst.container_ip
+    with inside(dst.container_netns):
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        receiver.bind((dst.container_ip, 0))
+    with inside(src.container_netns):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.settimeout(5)
+    return sender, receiver
+
+
 def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
     a, b = pair
     count, size = 300, 1000
-    with inside(b.host.container_netns):
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)  # holds all of them
-        receiver.bind((b.host.container_ip, 0))
-    with inside(a.host.container_netns):
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.settimeout(5)
+    sender, receiver = container_udp(a.host, b.host)
     before_a, before_b = settled_stats(a, b)
     with sender, receiver:
         for i in range(count):
@@ -197,13 +205,7 @@ def test_udp_datagrams_merged_into_one_tun_write_arrive_one_by_one_intact(
     a, b = pair
     assert a.fastpath.udp_coalesce, f"this kernel lacks {a.fastpath.offload_missing}"
     count = 400
-    with inside(a.host.container_netns):
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-        receiver.bind((a.host.container_ip, 0))
-    with inside(b.host.container_netns):
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.settimeout(5)
+    sender, receiver = container_udp(b.host, a.host)
     before = settled_stats(a)[0]["rx"]
     # Equal datagrams with a shorter one now and then (which ends a merged write), sent in
     # bursts so that the receiving loop finds several of one flow at once.

@@ -7,17 +7,16 @@ is absent (a user's machine)."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from fastpath.device import SO_RCVBUFFORCE
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
-from tests.testbed import Host, Testbed, inside, tcp_transfer
+from tests.test_dataplane import container_udp
+from tests.testbed import Host, Testbed, tcp_transfer
 
 pytestmark = pytest.mark.skipif(not os.path.exists(REFERENCE_FLANNELD),
                                 reason=f"no reference flanneld at {REFERENCE_FLANNELD}")
@@ -92,13 +91,7 @@ def test_tcp_arrives_intact_both_ways(mixed: tuple[Host, Host]) -> None:
 def test_udp_datagrams_arrive_one_by_one_intact_both_ways(mixed: tuple[Host, Host]) -> None:
     for src, dst in (mixed, mixed[::-1]):
         assert dst.container_netns and dst.container_ip and src.container_netns
-        with inside(dst.container_netns):
-            receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)  # holds them all
-            receiver.bind((dst.container_ip, 0))
-        with inside(src.container_netns):
-            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        receiver.settimeout(5)
+        sender, receiver = container_udp(src, dst)
         sent = [i.to_bytes(4, "big") * (100 if i % 9 else 7) for i in range(300)]
         with sender, receiver:
             for i, datagram in enumerate(sent):

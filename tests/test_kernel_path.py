@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from fastpath import FastPath
-from fastpath.device import SO_RCVBUFFORCE
 from fastpath.udp_tc import FILTER_PRIORITY
 from tests.test_dataplane import (
     NETWORK,
@@ -23,6 +22,7 @@ from tests.test_dataplane import (
     SUBNET_LEN,
     Node,
     capture,
+    container_udp,
     find,
     link,
     settled_stats,
@@ -70,13 +70,7 @@ def test_the_programs_are_attached_where_the_mode_says(trio: tuple[Node, Node, N
 
 def udp_burst(src: Node, dst: Node, count: int = 300, size: int = 1000) -> list[bytes]:
     """count datagrams from src's container to dst's; returns what dst's container got."""
-    with inside(dst.host.container_netns):
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-        receiver.bind((dst.host.container_ip, 0))
-    with inside(src.host.container_netns):
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.settimeout(3)
+    sender, receiver = container_udp(src.host, dst.host)
     got = []
     with sender, receiver:
         for i in range(count):
