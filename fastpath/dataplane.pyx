@@ -201,15 +201,17 @@ cdef class FastPath:
         if self.kernel == "off":
             detach_underlay(underlay)
             return
-        udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
-                       socket.if_nametoindex(self.tun_name), self.underlay,
-                       egress=self.kernel == "on")
+        udp_tc = None
         try:
+            udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
+                           socket.if_nametoindex(self.tun_name), self.underlay,
+                           egress=self.kernel == "on")
             udp_tc.start()
             for subnet, (ip, port) in self.table.routes():
                 udp_tc.set_route(subnet, ip, port)
         except UdpTcUnavailable as err:
-            udp_tc.stop()
+            if udp_tc is not None:
+                udp_tc.stop()
             self.kernel_missing = str(err)
             self.kernel = "off"
             detach_underlay(underlay)

@@ -237,6 +237,19 @@ def test_a_filter_left_by_a_killed_daemon_is_removed_and_stop_leaves_none(
         node.fastpath.stop()
 
 
+def test_a_network_too_big_for_the_kernel_path_keeps_the_loops(testbed: Testbed) -> None:
+    host = testbed.add_host()
+    # 10.0.0.0/8 in /30s: 4 M subnets, more than the kernel path's route array takes.
+    fp = FastPath("10.0.0.0/8", 30, host.underlay_ip, PORT, kernel="on", underlay="eth0")
+    with inside(host.netns):
+        fp.start()
+    try:
+        assert fp.kernel == "off" and "more than the kernel path" in fp.kernel_missing
+        assert fp.running and "kernel" not in fp.stats()
+    finally:
+        fp.stop()
+
+
 def test_the_kernel_path_needs_the_underlay_and_a_known_mode() -> None:
     with pytest.raises(ValueError, match="underlay"):
         FastPath(NETWORK, SUBNET_LEN, "198.18.0.1", PORT, kernel="on")
