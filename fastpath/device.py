@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 
+from fastpath.udp_tc import KERNEL_PATH, unavailable
+
 TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -104,12 +106,14 @@ def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:
 
 
 def kernel_features() -> dict[str, bool]:
-    """What the fast path's offloads need, as this kernel offers it: a TUN is opened for a
-    moment to ask (and is gone when closed), a socket probed; nothing else is touched."""
+    """What the fast path's offloads and its kernel path need, as this host offers it: a TUN is
+    opened for a moment to ask (and is gone when closed), a socket probed, the tc programs
+    loaded and freed; nothing else is touched."""
     missing = missing_udp_offloads()
     fd, _, tun_offload, tun_uso = open_tun("pfprobe%d", True)
     os.close(fd)
     return {TUN_OFFLOADS: tun_offload,
             "UDP_SEGMENT (send many datagrams at once, Linux 4.18)": "UDP_SEGMENT" not in missing,
             "UDP_GRO (receive many datagrams at once, Linux 5.0)": "UDP_GRO" not in missing,
-            TUN_USO: tun_uso}
+            TUN_USO: tun_uso,
+            KERNEL_PATH: not unavailable()}

@@ -24,6 +24,8 @@ FILTER_HANDLE = 1
 # The daemon's --fastpath-kernel: off; rx, the receive side only; on, both sides. Both are safe
 # with any peer (see udp_tc.bpf.c).
 KERNEL_MODES = ("off", "rx", "on")
+# Its name in `python -m fastpath`'s report.
+KERNEL_PATH = "the kernel path (tc-BPF programs through libbpf1, Linux 5.10+)"
 # One route entry per subnet; past this a kernel array would be a lot of locked memory for a
 # Network nobody fills (the loops' table takes up to 2**24).
 MAX_KERNEL_SUBNETS = 1 << 20
@@ -156,6 +158,36 @@ def driver(ifname: str) -> str:
     return info.raw[4:36].split(b"\0", 1)[0].decode()
 
 
+def _load(lib: ctypes.CDLL, routes: int) -> int:
+    """Open the object and load its programs (the verifier checks them here) with a route map
+    of `routes` entries; returns the bpf_object, which the caller closes."""
+    path = importlib.resources.files("fastpath") / OBJECT_NAME
+    if not path.is_file():
+        raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
+    obj = lib.bpf_object__open_file(str(path).encode(), None)
+    if not obj:
+        raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
+    try:
+        _check(lib.bpf_map__set_max_entries(lib.bpf_object__find_map_by_name(obj, b"routes"),
+                                            routes), "sizing the route map")
+        _check(lib.bpf_object__load(obj), "loading the tc programs (needs root and Linux 5.10+)")
+    except UdpTcUnavailable:
+        lib.bpf_object__close(obj)
+        raise
+    return obj
+
+
+def unavailable() -> str:
+    """Why the kernel path cannot run here, "" when it can: its programs are loaded and freed
+    again; nothing is attached."""
+    try:
+        lib = _lib()
+        lib.bpf_object__close(_load(lib, 1))
+    except UdpTcUnavailable as err:
+        return str(err)
+    return ""
+
+
 def _int(address: ipaddress.IPv4Address | str) -> int:
     """An IPv4 address as the u32 that holds its network-order bytes in host memory."""
     return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")
@@ -193,12 +225,9 @@ class UdpTc:
     def start(self) -> None:
         """Load the programs and attach them; on any failure nothing is left behind."""
         lib = _lib()
-        path = importlib.resources.files("fastpath") / OBJECT_NAME
-        if not path.is_file():
-            raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
         try:
             self._netlink = _netlink()  # detaches in this namespace, whichever thread stops
-            self._load(lib, str(path).encode())
+            self._load(lib)
             if self.egress:
                 self._attach(lib, self.tun_ifindex, BPF_TC_EGRESS, "tun_egress")
             self._attach(lib, self.underlay_ifindex, BPF_TC_INGRESS, "udp_ingress")
@@ -206,15 +235,9 @@ class UdpTc:
             self.stop()
             raise
 
-    def _load(self, lib: ctypes.CDLL, path: bytes) -> None:
-        obj = lib.bpf_object__open_file(path, None)
-        if not obj:
-            raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
-        self._obj = obj
-        routes = lib.bpf_object__find_map_by_name(obj, b"routes")
-        _check(lib.bpf_map__set_max_entries(routes, self.size), "sizing the route map")
-        _check(lib.bpf_object__load(obj), "loading the tc programs (needs root and Linux 5.10+)")
-        self._routes_fd = lib.bpf_map__fd(routes)
+    def _load(self, lib: ctypes.CDLL) -> None:
+        self._obj = obj = _load(lib, self.size)
+        self._routes_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"routes"))
         self._counters_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"counters"))
         config_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"config"))
         self._update(config_fd, 0, self._config)
