@@ -254,15 +254,25 @@ static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr 
 	return finish_checksum(skb, ip) == 0;
 }
 
-SEC("tc")
-int tun_egress(struct __sk_buff *skb)
+/* The config, for an IPv4 packet whose first `headers` bytes are now in the linear part; NULL
+ * for anything else (the programs then leave the packet alone). */
+static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, __u32 headers)
 {
 	__u32 key = 0;
 	struct udp_tc_config *cfg = bpf_map_lookup_elem(&config, &key);
 
-	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	if (bpf_skb_pull_data(skb, sizeof(struct iphdr)))
+	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP) || bpf_skb_pull_data(skb, headers))
+		return NULL;
+	return cfg;
+}
+
+SEC("tc")
+int tun_egress(struct __sk_buff *skb)
+{
+	struct udp_tc_config *cfg = ipv4_config(skb, sizeof(struct iphdr));
+	__u32 key;
+
+	if (!cfg)
 		return TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;
@@ -348,12 +358,9 @@ int tun_egress(struct __sk_buff *skb)
 SEC("tc")
 int udp_ingress(struct __sk_buff *skb)
 {
-	__u32 key = 0;
-	struct udp_tc_config *cfg = bpf_map_lookup_elem(&config, &key);
+	struct udp_tc_config *cfg = ipv4_config(skb, ETH_HLEN + ENCAP_LEN + sizeof(struct iphdr));
 
-	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	if (bpf_skb_pull_data(skb, ETH_HLEN + ENCAP_LEN + sizeof(struct iphdr)))
+	if (!cfg)
 		return TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;

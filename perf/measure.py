@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from perf.proc import machine_busy_seconds, process_cpu_seconds
+from tests.testbed import end_process
 
 UDP_PAYLOAD = 64
 # "As fast as iperf3 sends": far more than any path here carries.
@@ -110,12 +111,7 @@ def loaded_latency(server: str, port: int, duration: float) -> dict[str, Any]:
             raise RuntimeError(f"the bulk flow ended during qperf: {flow.stderr.read()}")
     finally:
         # SIGINT: iperf3 tells its server the test is over, so the server is ready for the next.
-        flow.send_signal(signal.SIGINT)
-        try:
-            flow.wait(10)
-        except subprocess.TimeoutExpired:
-            flow.kill()
-            flow.wait()
+        end_process(flow, signal.SIGINT)
     return sample
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from tests.testbed import Host, Testbed, sh
+from tests.testbed import Host, Testbed, end_process, sh
 
 CLIENT_PORT = 2379
 
@@ -107,13 +106,8 @@ class EtcdServer:
 
     def stop(self) -> None:
         """End the etcd this fixture started, by its PID."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            end_process(self.process)
         self.process = None
 
     def restart(self) -> None:

@@ -10,12 +10,10 @@ behind (so clean() removes them)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 
 from tests.cluster import PREFIX, LoggedDaemon
 from tests.etcd import EtcdServer
-from tests.testbed import Host, Testbed
+from tests.testbed import Host, Testbed, end_process
 
 FORWARD_CHAIN, FORWARD_COMMENT = "FLANNEL-FWD", "flanneld forward"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,14 +44,8 @@ class RealFlanneld(LoggedDaemon):
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it hangs; its exit status is ignored (it panics)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            end_process(process)
 
     def clean(self, device: str | None) -> None:
         """Remove what flanneld leaves behind: its FORWARD rules and chain, and `device`."""

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +159,19 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def end_process(process: subprocess.Popen, sig: int = signal.SIGTERM,
+                timeout: float = 10.0) -> None:
+    """Send `sig` to a process we started (by PID), wait, and SIGKILL it if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def configure_tun(host: Host, tun: str, subnet: str, network: str, mtu: int) -> None:
