@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
 # iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`; clang and
-# libbpf's headers build the kernel path's tc programs, libbpf1 loads them.
+# libbpf's headers build the kernel path's tc programs, libbpf1 loads them; curl and systemd
+# (systemd-analyze, systemctl) for the README's metrics and systemd blocks (tests/test_readme.py).
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1
+	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 curl systemd
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
@@ -30,10 +31,12 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API.
+# A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API,
+# BACKEND=vxlan or host-gw for those backends.
 API ?= v3
+BACKEND ?= udp
 demo: install
-	$(PY) -m tests.demo --etcd-api $(API)
+	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND)
 
 # The paper's Table 1 side by side, in three regimes (under 30 minutes); QUICK=1 for one short
 # pass (about 4). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference

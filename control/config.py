@@ -20,11 +20,23 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_UDP_PORT = 8285
-SERVED_BACKENDS = ("udp", "alloc")
+SERVED_BACKENDS = ("udp", "vxlan", "host-gw", "alloc")
+MAX_VNI = (1 << 24) - 1  # a VXLAN network identifier has 24 bits
 
 
 class ConfigError(ValueError):
     """The config cannot be used; the message says why, in flanneld's words where it has some."""
+
+
+@dataclass(frozen=True)
+class VxlanConfig:
+    """flanneld v0.20.2's vxlan Backend keys (others, MTU and MacPrefix included, came later
+    and are ignored as Go's decoder ignores unknown keys)."""
+    vni: int = 1
+    port: int = 0  # 0: the kernel's default, 8472
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,8 @@ class NetworkConfig:
     subnet_min: ipaddress.IPv4Address
     subnet_max: ipaddress.IPv4Address
     backend_type: str
-    port: int  # the udp backend's Backend.Port; unused by alloc
+    port: int  # the udp backend's Backend.Port
+    vxlan: VxlanConfig | None = None  # the vxlan backend's keys
 
     def subnet_fits(self, subnet: ipaddress.IPv4Network) -> bool:
         """flanneld's isSubnetConfigCompat: right length and inside [SubnetMin, SubnetMax]."""
@@ -125,25 +138,59 @@ def _bool(value: Any, name: str, default: bool) -> bool:
     return value
 
 
-def _backend(fields: dict[str, Any]) -> tuple[str, int]:
-    """(type, udp port) as flanneld's parseBackendType and udp backend read them: no Backend
+def _backend(fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(type, the Backend's other fields) as flanneld's parseBackendType reads them: no Backend
     means udp; a Backend (even null or {}) without a Type has type "", which no one serves."""
     if "backend" not in fields:
-        return "udp", DEFAULT_UDP_PORT
+        return "udp", {}
     if fields["backend"] is None:
-        return "", DEFAULT_UDP_PORT
+        return "", {}
     fields = _fields(fields["backend"], "Backend (error decoding Backend property of config)")
     backend_type = fields.get("type")
     if backend_type is None:
         backend_type = ""
     elif not isinstance(backend_type, str):
         raise ConfigError("error decoding Backend property of config: Type must be a string")
-    port = fields.get("port")
+    return backend_type.lower(), fields
+
+
+def _int(value: Any, name: str, backend: str) -> int:
+    """A Go int field of a backend's config struct: null leaves it alone (None here)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not -(1 << 63) <= value < 1 << 63):
+        raise ConfigError(f"error decoding {backend} backend config: cannot unmarshal "
+                          f"{_json_kind(value)} {value!r} into Go struct field {name} of type "
+                          "int")
+    return value
+
+
+def _udp_port(fields: dict[str, Any]) -> int:
+    port = _int(fields.get("port"), "Port", "UDP")
     if port is None:
-        port = DEFAULT_UDP_PORT
-    elif isinstance(port, bool) or not isinstance(port, int):
-        raise ConfigError(f"error decoding UDP backend config: Port {port!r} is not an integer")
-    return backend_type.lower(), port
+        return DEFAULT_UDP_PORT
+    if not 0 < port < 65536:
+        raise ConfigError(f"Backend.Port {port} is not a UDP port (1..65535)")
+    return port
+
+
+def _vxlan(fields: dict[str, Any]) -> VxlanConfig:
+    """flanneld decodes the Backend object into {VNI, Port int; GBP, Learning, DirectRouting
+    bool}; the kernel then refuses a VNI or port out of range when it makes the device, which
+    is checked here instead so the log says which key is wrong."""
+    vni = _int(fields.get("vni"), "VNI", "VXLAN")
+    port = _int(fields.get("port"), "Port", "VXLAN")
+    try:
+        flags = {name: _bool(fields.get(name.lower()), name, False)
+                 for name in ("GBP", "Learning", "DirectRouting")}
+    except ConfigError as err:
+        raise ConfigError(f"error decoding VXLAN backend config: {err}") from None
+    vni = 1 if vni is None else vni
+    if not 0 <= vni <= MAX_VNI:
+        raise ConfigError(f"Backend.VNI {vni} is out of range (0..{MAX_VNI})")
+    port = port or 0
+    if not 0 <= port < 65536:
+        raise ConfigError(f"Backend.Port {port} is not a UDP port (1..65535)")
+    return VxlanConfig(vni, port, flags["GBP"], flags["Learning"], flags["DirectRouting"])
 
 
 def parse_config(text: str | bytes) -> NetworkConfig:
@@ -196,10 +243,10 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if int(subnet_max) % size:
         raise ConfigError(f"SubnetMax is not on a SubnetLen boundary: {subnet_max}")
 
-    backend_type, port = _backend(fields)
+    backend_type, backend = _backend(fields)
     if backend_type not in SERVED_BACKENDS:
-        raise ConfigError(f"backend type {backend_type!r} is not served: pyflanneld serves only "
-                          + " and ".join(SERVED_BACKENDS))
-    if backend_type == "udp" and not 0 < port < 65536:
-        raise ConfigError(f"Backend.Port {port} is not a UDP port (1..65535)")
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, port)
+        raise ConfigError(f"backend type {backend_type!r} is not served: pyflanneld serves "
+                          + ", ".join(SERVED_BACKENDS))
+    port = _udp_port(backend) if backend_type == "udp" else DEFAULT_UDP_PORT
+    vxlan = _vxlan(backend) if backend_type == "vxlan" else None
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, port, vxlan)

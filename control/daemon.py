@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+from control.backend import Backend, BackendError, clear_other_backends, make_backend
 from control.config import ConfigError, NetworkConfig, parse_config
 from control.endpoints import healthz_page, serve_http
 from control.host import ExternalInterface, HostError, Netlink
@@ -23,20 +24,17 @@ from control.iptables import (
     masq_rules,
     supports_random_fully,
 )
-from control.lease import LeaseKeeper, OutOfSubnetsError, encode_lease
+from control.lease import LeaseKeeper, OutOfSubnetsError
 from control.options import Options
 from control.registry import Registry, RegistryError
 from control.sdnotify import notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.watch import SubnetWatcher
-from fastpath import FastPath
-from fastpath.table import MAX_SUBNETS
 
 log = logging.getLogger("pyflanneld")
 
 CONFIG_RETRY_SECONDS = 1.0
 STOP_GRACE_SECONDS = 2.0  # a stop waits this long for the tasks to wind down
-UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
 
 
 class Fatal(Exception):
@@ -66,9 +64,12 @@ def open_registry(options: Options) -> Registry:
                           password=options.etcd_password, tls=tls)
 
 
-async def wait_for_config(registry: Registry, options: Options) -> NetworkConfig:
-    """Read <prefix>/config until it is there and usable, logging why not every second, as
-    flanneld does: daemons may start before the operator writes it."""
+async def wait_for_config(registry: Registry, options: Options, netlink: Netlink,
+                          ext: ExternalInterface, public_ip: ipaddress.IPv4Address
+                          ) -> tuple[NetworkConfig, Backend]:
+    """Read <prefix>/config until it is there and its backend can run here, logging why not
+    every second, as flanneld does: daemons may start before the operator writes it. The
+    backend is prepared (the vxlan device made) but holds no lease yet."""
     key = f"{options.etcd_prefix.rstrip('/')}/config"
     while True:
         try:
@@ -77,16 +78,18 @@ async def wait_for_config(registry: Registry, options: Options) -> NetworkConfig
                 raise ConfigError("flannel config not found in etcd store. Did you create your "
                                   f"config using etcd{options.etcd_api} API?")
             config = parse_config(raw)
-            subnets = 1 << (config.subnet_len - config.network.prefixlen)
-            if config.backend_type == "udp" and subnets > MAX_SUBNETS:
-                raise ConfigError(f"{subnets} subnets are more than the fast path's table holds "
-                                  f"({MAX_SUBNETS}): use a longer SubnetLen")
-            return config
-        except ConfigError as err:
+            backend = make_backend(config, netlink, ext, public_ip, options)
+            backend.prepare()
+            clear_other_backends(config, netlink.rtnl, ext, backend.device)
+            return config, backend
+        except (ConfigError, BackendError) as err:
             log.error("config %s: %s; trying again in %gs", key, err, CONFIG_RETRY_SECONDS)
         except RegistryError as err:
             log.error("reading config %s failed: %s; trying again in %gs", key, err,
                       CONFIG_RETRY_SECONDS)
+        except OSError as err:
+            log.error("config %s: clearing an earlier backend's devices failed: %s; trying "
+                      "again in %gs", key, err, CONFIG_RETRY_SECONDS)
         await asyncio.sleep(CONFIG_RETRY_SECONDS)
 
 
@@ -95,7 +98,7 @@ class Daemon:
         self.options = options
         self.netlink = Netlink()
         self.registry = open_registry(options)
-        self.fastpath: FastPath | None = None
+        self.backend: Backend | None = None
         self.subnet_env: SubnetEnv | None = None
         self.iptables = RuleKeeper(options.iptables_resync)
         self.random_fully = False
@@ -110,13 +113,14 @@ class Daemon:
         log.info("using interface %s (%s, MTU %d), public IP %s", ext.name, ext.address,
                  ext.mtu, public_ip)
 
-        config = await wait_for_config(self.registry, options)
+        config, self.backend = await wait_for_config(self.registry, options, self.netlink, ext,
+                                                     public_ip)
         log.info("config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                  config.network, config.subnet_len, config.subnet_min, config.subnet_max,
                  config.backend_type, f" port {config.port}" if config.backend_type == "udp"
                  else "")
 
-        keeper = LeaseKeeper(self.registry, config, public_ip,
+        keeper = LeaseKeeper(self.registry, config, public_ip, self.backend.lease_value(),
                              read_previous_subnet(options.subnet_file),
                              ttl=options.subnet_lease_ttl,
                              renew_margin=options.subnet_lease_renew_margin * 60)
@@ -125,15 +129,18 @@ class Daemon:
         except OutOfSubnetsError as err:
             raise Fatal(str(err)) from err
 
-        mtu = await self._start_backend(config, ext, subnet)
+        try:
+            mtu = self.backend.start(subnet)
+        except BackendError as err:
+            raise Fatal(str(err)) from err
         self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
         write_subnet_env(options.subnet_file, self.subnet_env)
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
         notify(f"READY=1\nSTATUS={self._status()}")
 
-        watcher = SubnetWatcher(self.registry, config, self.fastpath,
+        watcher = SubnetWatcher(self.registry, config, self.backend,
                                 own_subnet=lambda: keeper.subnet,
-                                own_value=encode_lease(public_ip), on_own_lost=keeper.lost)
+                                own_value=self.backend.lease_value(), on_own_lost=keeper.lost)
 
         async def on_new_subnet(new: ipaddress.IPv4Network) -> None:
             await self._move_to(new)
@@ -150,8 +157,10 @@ class Daemon:
         if options.metrics_port:
             # prometheus_client costs memory: only a daemon that serves metrics imports it.
             from control.metrics import DaemonCollector, metrics_page
+            from control.udp import UdpBackend
 
-            page = metrics_page(DaemonCollector(keeper, watcher, self.fastpath))
+            fastpath = self.backend.fastpath if isinstance(self.backend, UdpBackend) else None
+            page = metrics_page(DaemonCollector(keeper, watcher, fastpath))
             tasks.append(serve_http(options.metrics_ip, options.metrics_port,
                                     {b"/metrics": page}, "metrics"))
         period = watchdog_period()
@@ -161,41 +170,6 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             for task in tasks:
                 group.create_task(task)
-
-    async def _start_backend(self, config: NetworkConfig, ext: ExternalInterface,
-                             subnet: ipaddress.IPv4Network) -> int:
-        """Start the udp fast path (alloc has none); returns the MTU for subnet.env."""
-        if config.backend_type != "udp":
-            return ext.mtu
-        mtu = ext.mtu - UDP_ENCAP_OVERHEAD
-        self.fastpath = FastPath(config.network, config.subnet_len, str(ext.address),
-                                 config.port, mtu=mtu, batch=self.options.fastpath_batch,
-                                 offload=self.options.fastpath_offload,
-                                 scatter=self.options.fastpath_scatter,
-                                 udp_coalesce=self.options.fastpath_udp_coalesce,
-                                 nice=self.options.fastpath_nice,
-                                 kernel=self.options.fastpath_kernel, underlay=ext.name)
-        try:
-            self.fastpath.start()
-            self.netlink.configure_tun(self.fastpath.tun_name, subnet, config.network, mtu)
-        except (OSError, HostError) as err:
-            raise Fatal(f"starting the udp backend on {ext.address}:{config.port}: {err}") from err
-        if self.fastpath.nice_error:
-            log.warning("udp backend: cannot give the packet threads nice %d: %s",
-                        self.fastpath.nice, self.fastpath.nice_error)
-        if self.fastpath.kernel_missing:
-            log.warning("udp backend: the kernel path cannot run here (%s): the loops carry "
-                        "everything", self.fastpath.kernel_missing)
-        if self.fastpath.offload_missing:
-            log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
-                        self.fastpath.offload_missing)
-        fp = self.fastpath
-        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, nice %d, kernel path %s", fp.tun_name, mtu, ext.address,
-                 config.port, fp.batch, "on" if fp.offload else "off",
-                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
-                 fp.kernel)
-        return mtu
 
     def _iptables_rules(self, network: ipaddress.IPv4Network,
                         subnet: ipaddress.IPv4Network) -> list[Rule]:
@@ -209,9 +183,9 @@ class Daemon:
     def _status(self) -> str:
         """systemd's one-line status: what this host serves."""
         assert self.subnet_env is not None
+        assert self.backend is not None
         env = self.subnet_env
-        backend = f"udp on {self.fastpath.tun_name}" if self.fastpath else "alloc"
-        return f"subnet {env.subnet} of {env.network}, {backend}, MTU {env.mtu}"
+        return f"subnet {env.subnet} of {env.network}, {self.backend.status()}, MTU {env.mtu}"
 
     async def _ping_watchdog(self, period: float) -> None:
         """WATCHDOG=1 while the event loop turns: a hung control plane gets restarted."""
@@ -226,8 +200,11 @@ class Daemon:
         assert self.subnet_env is not None
         old = self.subnet_env.subnet
         log.warning("this host's subnet moved from %s to %s", old, new)
-        if self.fastpath is not None:
-            self.netlink.readdress_tun(self.fastpath.tun_name, old, new)
+        assert self.backend is not None
+        try:
+            self.backend.move(old, new)
+        except (BackendError, HostError) as err:
+            log.error("readdressing for %s: %s", new, err)
         self.subnet_env = dataclasses.replace(self.subnet_env, subnet=new)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
         notify(f"STATUS={self._status()}")
@@ -238,11 +215,8 @@ class Daemon:
                 log.error("iptables: %s", err)
 
     async def close(self) -> None:
-        if self.fastpath is not None:
-            self.fastpath.stop()
-            stats = self.fastpath.stats()
-            log.info("fast path stopped: %d packets sent, %d received",
-                     stats["tx"]["packets"], stats["rx"]["packets"])
+        if self.backend is not None:
+            self.backend.stop()
         await self.registry.close()
         self.netlink.close()
 

@@ -29,15 +29,15 @@ class ExternalInterface:
 
 class Netlink:
     def __init__(self) -> None:
-        self._rtnl = RtNetlink()
+        self.rtnl = RtNetlink()  # for the backends' own requests
 
     def external_interface(self, ifaces: list[str], iface_regexes: list[str]
                            ) -> ExternalInterface:
         """flanneld's choice: the first --iface (a name or an IP) that exists; else the first
         --iface-regex that matches an IP, then a name; else the default route's interface."""
         try:
-            links = {link.index: link for link in self._rtnl.links()}
-            addresses = self._rtnl.ipv4_addresses()
+            links = {link.index: link for link in self.rtnl.links()}
+            addresses = self.rtnl.ipv4_addresses()
         except OSError as err:
             raise HostError(f"listing interfaces: {err}") from err
 
@@ -75,7 +75,7 @@ class Netlink:
             raise HostError(f"no interface matches --iface-regex {', '.join(iface_regexes)}")
 
         try:
-            default_routes = self._rtnl.default_route_interfaces()
+            default_routes = self.rtnl.default_route_interfaces()
         except OSError as err:
             raise HostError(f"listing routes: {err}") from err
         for index in default_routes:
@@ -89,9 +89,9 @@ class Netlink:
         traffic, with no broadcast routes), the MTU, up, and a route for the whole Network."""
         try:
             index = self._index(name)
-            self._rtnl.add_address(index, subnet.network_address, 32)
-            self._rtnl.set_up(index, mtu)
-            self._rtnl.replace_route(network, index)
+            self.rtnl.add_address(index, subnet.network_address, 32)
+            self.rtnl.set_up(index, mtu)
+            self.rtnl.replace_route(network, index)
         except OSError as err:
             raise HostError(f"configuring {name}: {err}") from err
 
@@ -100,16 +100,16 @@ class Netlink:
         """Move the TUN's /32 from the old lease to the new one."""
         try:
             index = self._index(name)
-            self._rtnl.add_address(index, new.network_address, 32)
-            self._rtnl.delete_address(index, old.network_address, 32)
+            self.rtnl.add_address(index, new.network_address, 32)
+            self.rtnl.delete_address(index, old.network_address, 32)
         except OSError as err:
             raise HostError(f"readdressing {name}: {err}") from err
 
     def _index(self, name: str) -> int:
-        found = [link.index for link in self._rtnl.links() if link.name == name]
+        found = [link.index for link in self.rtnl.links() if link.name == name]
         if not found:
             raise HostError(f"interface {name} does not exist")
         return found[0]
 
     def close(self) -> None:
-        self._rtnl.close()
+        self.rtnl.close()

@@ -51,15 +51,29 @@ def parse_subnet_name(name: str) -> ipaddress.IPv4Network:
         raise LeaseError(f"subnet key {name!r}: {err}") from None
 
 
-def encode_lease(public_ip: ipaddress.IPv4Address) -> bytes:
-    """The value flanneld's udp backend writes, byte for byte."""
-    return json.dumps({"PublicIP": str(public_ip), "PublicIPv6": None},
-                      separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class PeerLease:
+    """What a lease value says about its host."""
+    public_ip: ipaddress.IPv4Address
+    backend_type: str  # "" from flanneld's udp backend, which writes none
+    backend_data: str | None = None  # BackendData as compact JSON text; None when absent
 
 
-def decode_lease(value: bytes) -> ipaddress.IPv4Address:
-    """The PublicIP of a lease value from any backend (keys match case-insensitively, as Go's
-    decoder does; unknown fields are ignored)."""
+def encode_lease(public_ip: ipaddress.IPv4Address, backend_type: str = "",
+                 backend_data: str | None = None) -> bytes:
+    """The value flanneld writes, byte for byte: Go's encoding of its LeaseAttrs struct, where
+    BackendType and BackendData are left out when empty (the udp backend sets neither)."""
+    text = json.dumps({"PublicIP": str(public_ip), "PublicIPv6": None}, separators=(",", ":"))
+    if backend_type:
+        text = text[:-1] + f',"BackendType":{json.dumps(backend_type)}}}'
+    if backend_data is not None:
+        text = text[:-1] + f',"BackendData":{backend_data}}}'
+    return text.encode()
+
+
+def decode_lease(value: bytes) -> PeerLease:
+    """A lease value from any backend (keys match case-insensitively, as Go's decoder does;
+    unknown fields are ignored)."""
     try:
         attrs = json.loads(value)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -76,7 +90,14 @@ def decode_lease(value: bytes) -> ipaddress.IPv4Address:
         raise LeaseError(f"lease PublicIP {public_ip!r} is not an IPv4 address") from None
     if address == ipaddress.IPv4Address(0):
         raise LeaseError("lease PublicIP is 0.0.0.0")
-    return address
+    backend_type = found.get("backendtype")
+    if backend_type is None:
+        backend_type = ""
+    elif not isinstance(backend_type, str):
+        raise LeaseError(f"lease BackendType {backend_type!r} is not a string")
+    data = found.get("backenddata")
+    return PeerLease(address, backend_type,
+                     None if data is None else json.dumps(data, separators=(",", ":")))
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,7 @@ def readable_leases(entries: Iterable[tuple[str, bytes]]
         except LeaseError:
             continue
         try:
-            leases.append((subnet, decode_lease(value)))
+            leases.append((subnet, decode_lease(value).public_ip))
         except LeaseError:
             leases.append((subnet, None))
     return leases
@@ -146,9 +167,9 @@ class LeaseKeeper:
     when that gives a different subnet. The lease is kept on exit, as flanneld does."""
 
     def __init__(self, registry: Registry, config: NetworkConfig,
-                 public_ip: ipaddress.IPv4Address, previous: ipaddress.IPv4Network | None,
-                 *, ttl: int = SUBNET_TTL, renew_margin: float = 3600.0,
-                 rng: random.Random | None = None) -> None:
+                 public_ip: ipaddress.IPv4Address, value: bytes,
+                 previous: ipaddress.IPv4Network | None, *, ttl: int = SUBNET_TTL,
+                 renew_margin: float = 3600.0, rng: random.Random | None = None) -> None:
         self._registry = registry
         self._config = config
         self._public_ip = public_ip
@@ -156,7 +177,7 @@ class LeaseKeeper:
         self._ttl = ttl
         self._renew_margin = renew_margin
         self._rng = rng or random.Random()
-        self._value = encode_lease(public_ip)
+        self._value = value  # the backend's lease value for this host
         self._lost = asyncio.Event()
         self.subnet: ipaddress.IPv4Network | None = None
         self._renew_at = 0.0  # time.monotonic()

@@ -221,11 +221,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _PrintSystemdUnit(argparse.Action):
-    """Print the unit shipped in the package as it is (argparse's version action rewraps)."""
+    """Print the unit shipped in the package (argparse's version action would rewrap it), its
+    ExecStart the full path of this pyflanneld: systemd looks a bare command up only in
+    /usr/local/bin, /usr/bin and the like, never in a venv."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
-        unit = importlib.resources.files("control") / "pyflanneld.service"
-        sys.stdout.write(unit.read_text())
+        unit = (importlib.resources.files("control") / "pyflanneld.service").read_text()
+        command = os.path.abspath(sys.argv[0])
+        if os.path.basename(command) == "pyflanneld" and os.access(command, os.X_OK):
+            unit = unit.replace("\nExecStart=pyflanneld\n", f"\nExecStart={command}\n")
+        sys.stdout.write(unit)
         parser.exit(0)
 
 

@@ -1,9 +1,10 @@
-"""Keeps the fast path's route table equal to the leases in etcd, and never loses an event.
+"""Keeps the backend's routes equal to the leases in etcd, and never loses an event.
 
 List <prefix>/subnets/ once, then watch from the listing's revision + 1 on one stream. When the
 stream breaks (etcd restarted, connection lost) resume after the last revision seen; when etcd no
 longer has that history (compaction, v2 index cleared) list again and reconcile. Each listing
-reconciles the whole table, so a route can only be missing for as long as etcd is unreachable.
+reconciles every route, and lets the backend remove what no lease explains (in the kernel,
+from an earlier run), so a route can only be missing or stale while etcd is unreachable.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
+from control.backend import Backend
 from control.config import NetworkConfig
-from control.lease import LeaseError, decode_lease, parse_subnet_name
+from control.lease import LeaseError, PeerLease, decode_lease, parse_subnet_name
 from control.registry import Change, Entry, HistoryLostError, Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.watch")
@@ -23,28 +24,20 @@ log = logging.getLogger("pyflanneld.watch")
 RETRY_SECONDS = 1.0
 
 
-class Routes(Protocol):
-    """Where routes go: the fast path (udp backend). alloc has none."""
-
-    def set_route(self, subnet: ipaddress.IPv4Network, ip: str, port: int) -> None: ...
-
-    def del_route(self, subnet: ipaddress.IPv4Network) -> None: ...
-
-
 class SubnetWatcher:
-    def __init__(self, registry: Registry, config: NetworkConfig, routes: Routes | None,
+    def __init__(self, registry: Registry, config: NetworkConfig, backend: Backend,
                  own_subnet: Callable[[], ipaddress.IPv4Network | None],
                  own_value: bytes, on_own_lost: Callable[[], None]) -> None:
         self._registry = registry
         self._config = config
-        self._routes = routes
+        self._backend = backend
         self._own_subnet = own_subnet
         self._own_value = own_value
         self._on_own_lost = on_own_lost
         self._cycle: asyncio.Future[None] | None = None
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
-        self.peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        self.peers: dict[ipaddress.IPv4Network, PeerLease] = {}  # the routed ones
         self.events_applied = 0
         self.restarts = {"history_lost": 0, "error": 0}  # why the watch started again
 
@@ -88,7 +81,7 @@ class SubnetWatcher:
 
     def _reconcile(self, entries: list[Entry]) -> None:
         own = self._own_subnet()
-        wanted: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        wanted: dict[ipaddress.IPv4Network, PeerLease] = {}
         own_seen = False
         for entry in entries:
             subnet = self._subnet(entry.name)
@@ -105,6 +98,7 @@ class SubnetWatcher:
                 self._remove(subnet)
         for subnet, peer in wanted.items():
             self._add(subnet, peer)
+        self._backend.prune(self.peers)
         if own is not None and not own_seen:
             self._on_own_lost()
 
@@ -135,29 +129,30 @@ class SubnetWatcher:
             return None
         return subnet
 
-    def _peer(self, subnet: ipaddress.IPv4Network, value: bytes
-              ) -> ipaddress.IPv4Address | None:
+    def _peer(self, subnet: ipaddress.IPv4Network, value: bytes) -> PeerLease | None:
         try:
             return decode_lease(value)
         except LeaseError as err:
             log.warning("ignoring lease %s: %s (value %r)", subnet, err, value[:200])
             return None
 
-    def _add(self, subnet: ipaddress.IPv4Network, peer: ipaddress.IPv4Address) -> None:
+    def _add(self, subnet: ipaddress.IPv4Network, peer: PeerLease) -> None:
         old = self.peers.get(subnet)
         if old == peer:
             return
-        self.peers[subnet] = peer
-        if self._routes is not None:
-            self._routes.set_route(subnet, str(peer), self._config.port)
-        if old is None:
-            log.info("subnet added: %s via %s", subnet, peer)
-        else:
-            log.info("subnet changed: %s via %s (was %s)", subnet, peer, old)
+        if self._backend.add_peer(subnet, peer, old):
+            self.peers[subnet] = peer
+            if old is None:
+                log.info("subnet added: %s via %s", subnet, peer.public_ip)
+            else:
+                log.info("subnet changed: %s via %s (was %s)", subnet, peer.public_ip,
+                         old.public_ip)
+        elif old is not None:  # the new value cannot be routed: neither can the old one stay
+            self._remove(subnet)
 
     def _remove(self, subnet: ipaddress.IPv4Network) -> None:
-        if self.peers.pop(subnet, None) is None:
+        peer = self.peers.pop(subnet, None)
+        if peer is None:
             return
-        if self._routes is not None:
-            self._routes.del_route(subnet)
+        self._backend.remove_peer(subnet, peer)
         log.info("subnet removed: %s", subnet)

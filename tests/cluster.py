@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Self
 
 from control.subnetenv import read_variables
@@ -132,3 +133,39 @@ def stop_all(daemons: list[Flanneld]) -> None:
 def put_config(etcd: EtcdServer, api: str, config: dict[str, object] | str) -> None:
     text = config if isinstance(config, str) else json.dumps(config)
     etcd.put(f"{PREFIX}/config", text, api)
+
+
+class Cluster:
+    """A test's view of the shared testbed and etcd: its own prefix, its own daemons."""
+
+    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, prefix: str) -> None:
+        self.bed, self.etcd, self.api, self.prefix = bed, etcd, api, prefix
+        self.daemons: list[Flanneld] = []
+
+    def put(self, key: str, value: str) -> None:
+        self.etcd.put(self.prefix + key, value, self.api)
+
+    def config(self, config: dict[str, object] | str) -> None:
+        self.put("/config", config if isinstance(config, str) else json.dumps(config))
+
+    def leases(self) -> dict[str, str]:
+        return self.etcd.get_prefix(self.prefix + "/subnets/", self.api)
+
+    def daemon(self, *extra: str, start: bool = True, iface: str | None = "eth0") -> Flanneld:
+        daemon = Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api,
+                          "--etcd-prefix", self.prefix, *extra, iface=iface)
+        self.daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def key_of(subnet: ipaddress.IPv4Network, prefix: str) -> str:
+    return f"{prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"

@@ -4,11 +4,13 @@ reason; they never skip it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from tests.cluster import Cluster, stop_all
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed
 
@@ -44,3 +46,26 @@ def bed_and_etcd() -> Iterator[tuple[Testbed, EtcdServer]]:
             yield bed, etcd
         finally:
             etcd.stop()
+
+
+@pytest.fixture(scope="module", params=["v3", "v2"])
+def shared(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, EtcdServer, str]]:
+    require_host_network_tools()
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        try:
+            yield bed, etcd, request.param
+        finally:
+            etcd.stop()
+
+
+@pytest.fixture
+def cluster(shared: tuple[Testbed, EtcdServer, str], request: pytest.FixtureRequest
+            ) -> Iterator[Cluster]:
+    bed, etcd, api = shared
+    cluster = Cluster(bed, etcd, api, "/" + re.sub(r"[^\w.-]", "-", request.node.name)
+                      + "/network")
+    try:
+        yield cluster
+    finally:
+        stop_all(cluster.daemons)

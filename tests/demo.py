@@ -1,6 +1,7 @@
 """`make demo`: a three-host pyflannel cluster in network namespaces, with traffic across it.
 
-etcd on its own host, the paper's Figure 2 config, pyflanneld on three hosts, and on each host a
+etcd on its own host, the paper's Figure 2 config (its udp backend, or --backend vxlan or
+host-gw), pyflanneld on three hosts, and on each host a
 container attached by the real CNI bridge plugin from its FLANNEL_SUBNET, as flannel's CNI plugin
 does. Then every container pings every other, iperf3 runs between two of them, and the leases in
 etcd and each subnet.env are shown. Everything is torn down at the end, also on failure.
@@ -47,8 +48,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--etcd-api", choices=["v3", "v2"], default="v3")
     parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"], default="udp")
     args = parser.parse_args()
     api = args.etcd_api
+    config = FIGURE_2_CONFIG
+    if args.backend != "udp":
+        config = {**FIGURE_2_CONFIG, "Backend": {"Type": args.backend}}
 
     started = time.monotonic()
     with Testbed() as bed:
@@ -57,8 +62,8 @@ def main() -> int:
         daemons: list[Flanneld] = []
         try:
             say(f"etcd {api} API on {etcd.endpoint} (host {etcd.host.netns})")
-            put_config(etcd, api, FIGURE_2_CONFIG)
-            say(f"config at {PREFIX}/config: {json.dumps(FIGURE_2_CONFIG)}")
+            put_config(etcd, api, config)
+            say(f"config at {PREFIX}/config: {json.dumps(config)}")
 
             for _ in range(args.hosts):
                 host = bed.add_host()
@@ -88,7 +93,7 @@ def main() -> int:
                           f"{'ok ' if ok else 'FAIL'} {summary}")
 
             say(f"iperf3, 3 s of TCP from {daemons[0].host.container_ip} to "
-                f"{daemons[1].host.container_ip}, through pyflannel's fast path")
+                f"{daemons[1].host.container_ip}, through pyflannel's {args.backend} backend")
             print(f"    {iperf3(daemons[1], daemons[0], 3):.2f} Gbit/s")
 
             say(f"leases in etcd ({api} keyspace)")

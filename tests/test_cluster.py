@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,73 +17,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from control.endpoints import healthz_page
-from tests.cluster import FIGURE_2_CONFIG, Flanneld, stop_all
-from tests.conftest import require_host_network_tools
+from tests.cluster import FIGURE_2_CONFIG, Cluster, Flanneld, key_of, wait_for
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed, tcp_transfer
 
 
-class Cluster:
-    """A test's view of the shared testbed and etcd: its own prefix, its own daemons."""
-
-    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, prefix: str) -> None:
-        self.bed, self.etcd, self.api, self.prefix = bed, etcd, api, prefix
-        self.daemons: list[Flanneld] = []
-
-    def put(self, key: str, value: str) -> None:
-        self.etcd.put(self.prefix + key, value, self.api)
-
-    def config(self, config: dict[str, object] | str) -> None:
-        self.put("/config", config if isinstance(config, str) else json.dumps(config))
-
-    def leases(self) -> dict[str, str]:
-        return self.etcd.get_prefix(self.prefix + "/subnets/", self.api)
-
-    def daemon(self, *extra: str, start: bool = True, iface: str | None = "eth0") -> Flanneld:
-        daemon = Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api,
-                          "--etcd-prefix", self.prefix, *extra, iface=iface)
-        self.daemons.append(daemon)
-        return daemon.start() if start else daemon
-
-
-@pytest.fixture(scope="module", params=["v3", "v2"])
-def shared(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, EtcdServer, str]]:
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            yield bed, etcd, request.param
-        finally:
-            etcd.stop()
-
-
-@pytest.fixture
-def cluster(shared: tuple[Testbed, EtcdServer, str], request: pytest.FixtureRequest
-            ) -> Iterator[Cluster]:
-    bed, etcd, api = shared
-    cluster = Cluster(bed, etcd, api, "/" + re.sub(r"[^\w.-]", "-", request.node.name)
-                      + "/network")
-    try:
-        yield cluster
-    finally:
-        stop_all(cluster.daemons)
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout}s")
-
-
 def expected_value(daemon: Flanneld) -> str:
     return f'{{"PublicIP":"{daemon.host.underlay_ip}","PublicIPv6":null}}'
-
-
-def key_of(subnet: ipaddress.IPv4Network, prefix: str) -> str:
-    return f"{prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
 
 
 def test_ten_daemons_at_once_get_ten_subnets_and_route_to_all_others(cluster: Cluster) -> None:
@@ -184,8 +123,10 @@ def test_bad_config_is_logged_and_retried_until_fixed(cluster: Cluster) -> None:
     daemon.wait_log(f"config {key}: invalid JSON", count=2)
     cluster.config('{"SubnetLen": 24}')
     daemon.wait_log(f"config {key}: please define a correct Network", count=2)
-    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
-    daemon.wait_log("only udp and alloc", count=2)
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}})
+    daemon.wait_log(f"config {key}: backend type 'ipip' is not served", count=2)
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1 << 24}})
+    daemon.wait_log(f"config {key}: Backend.VNI 16777216 is out of range", count=2)
     assert daemon.process is not None and daemon.process.poll() is None
     cluster.config({"Network": "10.244.0.0/16"})
     assert daemon.wait_subnet().prefixlen == 24

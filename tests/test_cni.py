@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import FIGURE_2_CONFIG, stop_all
+from tests.cluster import FIGURE_2_CONFIG, Cluster, stop_all
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_CNI
-from tests.test_cluster import Cluster
 from tests.testbed import CNI_PATH, FLANNEL_CNI, Testbed
 
 PLUGIN = FLANNEL_CNI

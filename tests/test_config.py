@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from control.config import ConfigError, parse_config
+from control.config import ConfigError, VxlanConfig, parse_config
 
 
 def net(text: str) -> ipaddress.IPv4Network:
@@ -65,6 +65,26 @@ def test_alloc_backend_is_served() -> None:
                         ).backend_type == "alloc"
 
 
+def test_vxlan_keys_and_their_defaults() -> None:
+    config = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "VXLAN"}}')
+    assert config.backend_type == "vxlan"
+    assert config.vxlan == VxlanConfig(vni=1, port=0, gbp=False, learning=False,
+                                       direct_routing=False)
+    # Go's decoder: any case, null leaves the default, unknown keys (later flannels' MTU and
+    # MacPrefix among them) are ignored.
+    config = parse_config('{"Network": "10.244.0.0/16", "Backend": {"type": "vxlan", "vni": 42,'
+                          ' "PORT": 4789, "GBP": true, "Learning": null, "directrouting": true,'
+                          ' "MTU": 1400, "MacPrefix": "0E:6A"}}')
+    assert config.vxlan == VxlanConfig(vni=42, port=4789, gbp=True, learning=False,
+                                       direct_routing=True)
+
+
+def test_host_gw_has_no_keys_of_its_own() -> None:
+    config = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw",'
+                          ' "Port": "ignored"}}')
+    assert (config.backend_type, config.vxlan) == ("host-gw", None)
+
+
 def test_subnets_are_listed_lazily_in_order() -> None:
     config = parse_config('{"Network": "10.0.0.0/8", "SubnetLen": 30}')
     subnets = config.subnets()
@@ -104,14 +124,25 @@ def test_subnets_are_listed_lazily_in_order() -> None:
     ('{"Network": "10.244.0.0/16", "EnableIPv6": true}', "IPv4 only"),
     ('{"Network": "10.244.0.0/16", "EnableIPv4": false}', "IPv4 only"),
     ('{"Network": "10.244.0.0/16", "EnableIPv4": "yes"}', "into bool"),
-    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}', "only udp and alloc"),
-    ('{"Network": "10.244.0.0/16", "Backend": {"Port": 7890}}', "only udp and alloc"),
-    ('{"Network": "10.244.0.0/16", "Backend": {}}', "only udp and alloc"),
-    ('{"Network": "10.244.0.0/16", "Backend": null}', "only udp and alloc"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}', "'ipip' is not served"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Port": 7890}}', "is not served"),
+    ('{"Network": "10.244.0.0/16", "Backend": {}}', "is not served"),
+    ('{"Network": "10.244.0.0/16", "Backend": null}', "is not served"),
     ('{"Network": "10.244.0.0/16", "Backend": "udp"}', "error decoding Backend"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": 1}}', "error decoding Backend"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": "80"}}',
      "error decoding UDP backend config"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": "1"}}',
+     "error decoding VXLAN backend config: cannot unmarshal string"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1.5}}',
+     "error decoding VXLAN backend config"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}',
+     "VNI 16777216 is out of range"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": -1}}', "out of range"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "Port": 70000}}',
+     "not a UDP port"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "GBP": "yes"}}',
+     "error decoding VXLAN backend config: GBP"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 0}}', "not a UDP port"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 65536}}', "not a UDP port"),
 ])

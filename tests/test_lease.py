@@ -9,6 +9,7 @@ from control.config import parse_config
 from control.lease import (
     LeaseError,
     OutOfSubnetsError,
+    PeerLease,
     choose_subnet,
     decode_lease,
     encode_lease,
@@ -27,8 +28,13 @@ def net(text: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(text)
 
 
-def test_value_is_flanneld_udp_byte_for_byte() -> None:
+def test_values_are_flanneld_s_byte_for_byte() -> None:
     assert encode_lease(ME) == b'{"PublicIP":"198.18.0.41","PublicIPv6":null}'
+    assert encode_lease(ME, "host-gw") == (
+        b'{"PublicIP":"198.18.0.41","PublicIPv6":null,"BackendType":"host-gw"}')
+    assert encode_lease(ME, "vxlan", '{"VNI":1,"VtepMAC":"1a:fd:f4:c0:3d:3b"}') == (
+        b'{"PublicIP":"198.18.0.41","PublicIPv6":null,"BackendType":"vxlan",'
+        b'"BackendData":{"VNI":1,"VtepMAC":"1a:fd:f4:c0:3d:3b"}}')
 
 
 @pytest.mark.parametrize("value", [
@@ -38,12 +44,20 @@ def test_value_is_flanneld_udp_byte_for_byte() -> None:
     b'{"publicip":"198.18.0.41","SomethingNew":true}',
 ])
 def test_values_of_every_backend_are_read(value: bytes) -> None:
-    assert decode_lease(value) == ME
+    assert decode_lease(value).public_ip == ME
+
+
+def test_the_backend_s_fields_are_kept() -> None:
+    assert decode_lease(b'{"PublicIP":"198.18.0.41","PublicIPv6":null}') == PeerLease(ME, "")
+    assert decode_lease(b'{"publicIP":"198.18.0.41","backendtype":"vxlan","BackendData":'
+                        b'{"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"}}') == PeerLease(
+        ME, "vxlan", '{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}')
 
 
 @pytest.mark.parametrize("value", [
     b"not json", b"[1]", b"{}", b'{"PublicIP":"banana"}', b'{"PublicIP":"0.0.0.0"}',
-    b'{"PublicIP":null}', b'{"PublicIP":7}', b"\xff"])
+    b'{"PublicIP":null}', b'{"PublicIP":7}', b"\xff",
+    b'{"PublicIP":"198.18.0.41","BackendType":7}'])
 def test_malformed_values_are_refused(value: bytes) -> None:
     with pytest.raises(LeaseError):
         decode_lease(value)

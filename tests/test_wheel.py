@@ -18,20 +18,8 @@ import pytest
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
 from tests.flanneld import REPO
+from tests.readme import readme_block
 from tests.testbed import Testbed, tcp_transfer
-
-
-def readme_block(heading: str) -> str:
-    """The first indented code block under a README heading: what a user copies."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split(f"\n## {heading}\n", 1)[1]
-    lines: list[str] = []
-    for line in section.splitlines()[1:]:
-        if line.startswith("    "):
-            lines.append(line[4:])
-        elif lines:
-            break
-    return "\n".join(lines)
 
 
 @pytest.fixture(scope="module")

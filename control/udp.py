@@ -1,0 +1,100 @@
+"""flannel's udp backend: the fast path (fastpath/) between flannel0 and UDP port Backend.Port,
+its route table kept equal to the leases. Leases of any type are routed, as flanneld's udp
+backend routes them."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from control.backend import BackendError
+from control.config import NetworkConfig
+from control.host import ExternalInterface, HostError, Netlink
+from control.lease import PeerLease, encode_lease
+from control.options import Options
+from fastpath import FastPath
+from fastpath.table import MAX_SUBNETS
+
+log = logging.getLogger("pyflanneld.udp")
+
+UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
+
+
+class UdpBackend:
+    kind = ""  # flanneld's udp backend writes no BackendType
+    device = None
+
+    def __init__(self, config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
+                 public_ip: ipaddress.IPv4Address, options: Options) -> None:
+        self._config = config
+        self._netlink = netlink
+        self._ext = ext
+        self._public_ip = public_ip
+        self._options = options
+        self.fastpath: FastPath | None = None
+
+    def prepare(self) -> None:
+        subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)
+        if subnets > MAX_SUBNETS:
+            raise BackendError(f"{subnets} subnets are more than the fast path's table holds "
+                               f"({MAX_SUBNETS}): use a longer SubnetLen")
+
+    def lease_value(self) -> bytes:
+        return encode_lease(self._public_ip)
+
+    def start(self, subnet: ipaddress.IPv4Network) -> int:
+        config, ext, options = self._config, self._ext, self._options
+        mtu = ext.mtu - UDP_ENCAP_OVERHEAD
+        self.fastpath = fp = FastPath(
+            config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
+            batch=options.fastpath_batch, offload=options.fastpath_offload,
+            scatter=options.fastpath_scatter, udp_coalesce=options.fastpath_udp_coalesce,
+            nice=options.fastpath_nice, kernel=options.fastpath_kernel, underlay=ext.name)
+        try:
+            fp.start()
+            self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
+        except (OSError, HostError) as err:
+            raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
+                               f"{err}") from err
+        if fp.nice_error:
+            log.warning("udp backend: cannot give the packet threads nice %d: %s", fp.nice,
+                        fp.nice_error)
+        if fp.kernel_missing:
+            log.warning("udp backend: the kernel path cannot run here (%s): the loops carry "
+                        "everything", fp.kernel_missing)
+        if fp.offload_missing:
+            log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
+                        fp.offload_missing)
+        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
+                 "UDP coalescing %s, nice %d, kernel path %s", fp.tun_name, mtu, ext.address,
+                 config.port, fp.batch, "on" if fp.offload else "off",
+                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
+                 fp.kernel)
+        return mtu
+
+    def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
+        assert self.fastpath is not None
+        self._netlink.readdress_tun(self.fastpath.tun_name, old, new)
+
+    def add_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease,
+                 old: PeerLease | None) -> bool:
+        assert self.fastpath is not None
+        self.fastpath.set_route(subnet, str(lease.public_ip), self._config.port)
+        return True
+
+    def remove_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease) -> None:
+        assert self.fastpath is not None
+        self.fastpath.del_route(subnet)
+
+    def prune(self, peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
+        """Nothing outlives the process: the table starts empty with each run."""
+
+    def status(self) -> str:
+        return f"udp on {self.fastpath.tun_name}" if self.fastpath else "udp"
+
+    def stop(self) -> None:
+        if self.fastpath is not None:
+            self.fastpath.stop()
+            stats = self.fastpath.stats()
+            log.info("fast path stopped: %d packets sent, %d received",
+                     stats["tx"]["packets"], stats["rx"]["packets"])
