@@ -38,15 +38,24 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.
     "pyflannel-batch1": ["--fastpath-kernel", "off", "--fastpath-batch", "1",
                          "--fastpath-offload=false"],
+    # pyflanneld's other backends: the kernel forwards, pyflanneld sets it up.
+    "pyflannel-vxlan": [],
+    "pyflannel-host-gw": [],
 }
 DEFAULT_ROW = next(iter(PYFLANNEL_ROWS))
+# The config's Backend of pyflanneld's rows that do not run FIGURE_2_CONFIG's udp one.
+PYFLANNEL_BACKENDS: dict[str, dict[str, Any]] = {
+    "pyflannel-vxlan": {"Type": "vxlan"},
+    "pyflannel-host-gw": {"Type": "host-gw"},
+}
 # flanneld's own rows (when a binary is given): row name -> the config's Backend.
 FLANNELD_ROWS: dict[str, dict[str, Any]] = {
     "flanneld-udp": {"Type": "udp", "Port": 7890},  # FIGURE_2_CONFIG's, as pyflanneld's rows
     "flanneld-vxlan": {"Type": "vxlan"},
 }
 # The paper's Table 1 row each path stands beside.
-PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "vxlan": "vxlan", "host-gw": "host-gw",
+PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "pyflannel-vxlan": "vxlan",
+              "pyflannel-host-gw": "host-gw", "vxlan": "vxlan", "host-gw": "host-gw",
               "flanneld-udp": "udp", "flanneld-vxlan": "vxlan"}
 VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
 REACH_TIMEOUT = 20.0
@@ -73,7 +82,8 @@ def describe(path: str) -> dict[str, Any]:
     info: dict[str, Any] = {"paper": PAPER_ROWS.get(path)}
     if path in PYFLANNEL_ROWS:
         info.update(kind="pyflannel", flags=PYFLANNEL_ROWS[path],
-                    etcd_api=etcd_api(PYFLANNEL_ROWS[path]))
+                    etcd_api=etcd_api(PYFLANNEL_ROWS[path]),
+                    backend=PYFLANNEL_BACKENDS.get(path, FIGURE_2_CONFIG["Backend"]))
     elif path in FLANNELD_ROWS:
         info.update(kind="flanneld", backend=FLANNELD_ROWS[path], etcd_api="v3")
     else:
@@ -114,7 +124,6 @@ class PerfBed:
         self.path: str | None = None
         self.running: str | None = None  # the row whose daemons run
         self.daemons: list[Flanneld | RealFlanneld] = []  # the client's, then the server's
-        self.keyspaces: set[str] = set()  # etcd APIs whose keyspace holds pyflanneld's config
         # Each row's peak RSS (VmHWM) of the client's and the server's daemon, over the run.
         self.peak_rss: dict[str, list[int]] = {}
         try:
@@ -127,7 +136,7 @@ class PerfBed:
         self.etcd = EtcdServer(self.bed)
         flags = PYFLANNEL_ROWS[DEFAULT_ROW]
         api = etcd_api(flags)
-        self._put_config(api)
+        put_config(self.etcd, api, FIGURE_2_CONFIG)
         self.running = DEFAULT_ROW
         daemons = []
         for _ in range(2):
@@ -140,22 +149,20 @@ class PerfBed:
             self.sides.append(Side(host, subnet))
         for daemon in daemons:
             daemon.wait_log("subnet added")
-        self._add_vxlan()
         self.underlay = Underlay([side.host for side in self.sides], self.bed.underlay)
 
-    def _put_config(self, api: str) -> None:
-        assert self.etcd is not None
-        put_config(self.etcd, api, FIGURE_2_CONFIG)
-        self.keyspaces.add(api)
-
     def _add_vxlan(self) -> None:
-        """flannel.1 as flannel's vxlan backend makes it; routes are added per path."""
+        """flannel.1 as flannel's vxlan backend makes it, with its neighbour and forwarding
+        entries; routes are added per path. A flannel.1 that pyflanneld's vxlan row made is
+        the same device and is kept (pyflanneld's other rows delete it, as a backend change
+        should)."""
         for side in self.sides:
-            side.host.ip("link", "add", VXLAN_DEVICE, "type", "vxlan", "id", str(VXLAN_VNI),
-                         "local", side.host.underlay_ip, "dev", "eth0",
-                         "dstport", str(VXLAN_PORT), "nolearning")
+            if side.host.ip("link", "show", VXLAN_DEVICE, check=False).returncode != 0:
+                side.host.ip("link", "add", VXLAN_DEVICE, "type", "vxlan", "id",
+                             str(VXLAN_VNI), "local", side.host.underlay_ip, "dev", "eth0",
+                             "dstport", str(VXLAN_PORT), "nolearning")
             side.host.ip("link", "set", VXLAN_DEVICE, "mtu", str(VXLAN_MTU), "up")
-            side.host.ip("addr", "add", f"{side.vtep_ip}/32", "dev", VXLAN_DEVICE)
+            side.host.ip("addr", "replace", f"{side.vtep_ip}/32", "dev", VXLAN_DEVICE)
             link = side.host.ip("-o", "link", "show", VXLAN_DEVICE).stdout
             side.vtep_mac = link.split("link/ether ")[1].split()[0]
         for side, peer in self.pairs():
@@ -167,7 +174,7 @@ class PerfBed:
     def _remove_vxlan(self) -> None:
         """Make way for flanneld's own flannel.1 (its neighbours and routes go with it)."""
         for side in self.sides:
-            side.host.ip("link", "del", VXLAN_DEVICE)
+            side.host.ip("link", "del", VXLAN_DEVICE, check=False)
 
     def pairs(self) -> list[tuple[Side, Side]]:
         a, b = self.sides
@@ -196,6 +203,8 @@ class PerfBed:
         for side, peer in self.pairs():
             side.host.ip("route", "del", str(peer.subnet), check=False)
         self._run_row(path if path in PYFLANNEL_ROWS or path in FLANNELD_ROWS else None)
+        if path == "vxlan":
+            self._add_vxlan()
         for side, peer in self.pairs():
             if path == "vxlan":
                 side.host.ip("route", "add", str(peer.subnet), "via", peer.vtep_ip, "dev",
@@ -227,8 +236,9 @@ class PerfBed:
         assert self.etcd is not None
         flags = PYFLANNEL_ROWS[row]
         api = etcd_api(flags)
-        if api not in self.keyspaces:
-            self._put_config(api)
+        put_config(self.etcd, api, {**FIGURE_2_CONFIG,
+                                    "Backend": PYFLANNEL_BACKENDS.get(row,
+                                                                      FIGURE_2_CONFIG["Backend"])})
         daemons = [Flanneld(self.bed, side.host, self.etcd, api, *flags) for side in self.sides]
         self.daemons = list(daemons)
         for daemon in daemons:
@@ -287,13 +297,11 @@ class PerfBed:
                 daemon.stop()
                 daemon.clean(VXLAN_DEVICE if vxlan else None)
             put_config(self.etcd, "v3", FIGURE_2_CONFIG)
-            if vxlan:
-                self._add_vxlan()
         else:
             stop_all([d for d in daemons if isinstance(d, Flanneld)])
 
     def _record_peaks(self, row: str | None, daemons: list[Flanneld | RealFlanneld]) -> None:
-        if row is None:
+        if row is None or not daemons:  # none started (the row's setup failed)
             return
         peaks = self.peak_rss.setdefault(row, [0] * len(daemons))
         for index, daemon in enumerate(daemons):

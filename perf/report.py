@@ -254,14 +254,18 @@ def chart(results: Results, path: str) -> None:
 
 def _path_lines(meta: dict[str, Any]) -> list[str]:
     kernel = {"direct": "host to host on the underlay, no overlay",
-              "vxlan": "the kernel's VXLAN set up as flannel's vxlan backend does (flannel.1, "
-                       "VNI 1, port 8472, MTU 1450)",
-              "host-gw": "a route to the peer's subnet via its underlay address"}
+              "vxlan": "the kernel's VXLAN set up by hand as flannel's vxlan backend does "
+                       "(flannel.1, VNI 1, port 8472, MTU 1450), for reference",
+              "host-gw": "a route to the peer's subnet via its underlay address (by hand, for "
+                         "reference)"}
     lines = []
     for name, info in meta["paths"].items():
         if info["kind"] == "pyflannel":
             flags = " ".join(info["flags"]) or "its defaults"
-            lines.append(f"  - `{name}`: pyflanneld with {flags}")
+            backend = info.get("backend", {}).get("Type", "udp")
+            lines.append(f"  - `{name}`: pyflanneld with {flags}"
+                         + (f", Backend `{json.dumps(info['backend'])}`" if backend != "udp"
+                            else ""))
         elif info["kind"] == "flanneld":
             lines.append(f"  - `{name}`: {os.path.basename(meta['flanneld'])} with Backend "
                          f"`{json.dumps(info['backend'])}`, etcd v3 API")

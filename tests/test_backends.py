@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from control.lease import PeerLease
+from control.vxlan import vtep_mac
 from tests.cluster import Cluster, Flanneld, key_of, put_config, wait_for
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
@@ -21,8 +23,10 @@ from tests.testbed import Host, Testbed, inside, tcp_transfer
 
 VXLAN = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
 HOST_GW = {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}
-CONFIGS = {"vxlan": VXLAN, "host-gw": HOST_GW}
-MTU = {"vxlan": 1450, "host-gw": 1500}  # the underlay's 1500 less VXLAN's 50, or all of it
+VXLAN_DIRECT = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}
+CONFIGS = {"vxlan": VXLAN, "host-gw": HOST_GW, "vxlan-direct": VXLAN_DIRECT}
+# The underlay's 1500 less VXLAN's 50, or all of it.
+MTU = {"vxlan": 1450, "host-gw": 1500, "vxlan-direct": 1450}
 
 
 def link_json(host: Host, device: str) -> dict:
@@ -161,6 +165,40 @@ def test_changing_backend_between_runs_clears_the_previous_one(cluster: Cluster)
                "host-gw backend")
     wait_for(lambda: "dev flannel0" in routed(a.host, "10.244.0.0/16"), 5, "udp's route")
     assert not routed(a.host, b_subnet)
+
+
+def test_vxlan_direct_routing_takes_a_peer_on_the_same_network_around_the_device(
+        cluster: Cluster) -> None:
+    (a, a_subnet), (b, b_subnet) = start_hosts(cluster, "vxlan-direct", 2)
+    for daemon, peer, peer_subnet in ((a, b, b_subnet), (b, a, a_subnet)):
+        wait_for(lambda d=daemon, s=peer_subnet: routed(d.host, s), 2, "the peer routed")
+        assert routed(daemon.host, peer_subnet).split()[:5] == [
+            str(peer_subnet), "via", peer.host.underlay_ip, "dev", "eth0"]
+        assert daemon.host.ip("neigh", "show", "dev", "flannel.1").stdout.strip() == ""
+    assert reaches(a.host, b.host) and reaches(b.host, a.host)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (None, "not an object"), ("[1]", "not an object"), ('{"VNI":1}', "not a MAC"),
+    ('{"VtepMAC":"1a:fd:f4:c0:3d"}', "not a MAC"), ('{"VtepMAC":7}', "not a MAC"),
+    ('{"VtepMAC":"1a:fd:f4:c0:3d:zz"}', "not a MAC")])
+def test_a_vxlan_lease_without_a_vtep_mac_is_refused(data: str | None, reason: str) -> None:
+    lease = PeerLease(ipaddress.IPv4Address("198.18.0.9"), "vxlan", data)
+    with pytest.raises(ValueError, match=reason):
+        vtep_mac(lease)
+    assert vtep_mac(PeerLease(lease.public_ip, "vxlan", '{"vtepmac":"1A:FD:F4:C0:3D:3B"}')
+                    ) == "1a:fd:f4:c0:3d:3b"
+
+
+def test_a_malformed_vxlan_lease_of_another_host_is_logged_and_the_rest_routed(
+        cluster: Cluster) -> None:
+    cluster.config(VXLAN)
+    cluster.put("/subnets/10.244.200.0-24",
+                '{"PublicIP":"198.18.0.250","BackendType":"vxlan","BackendData":{"VNI":1}}')
+    (a, _), (b, b_subnet) = start_hosts(cluster, "vxlan", 2)
+    a.wait_log("ignoring lease 10.244.200.0/24: VtepMAC None is not a MAC address")
+    wait_for(lambda: reaches(a.host, b.host), 5, "the good peer reached")
+    assert not routed(a.host, "10.244.200.0/24")
 
 
 def test_a_vxlan_port_that_is_taken_is_logged_and_retried(cluster: Cluster) -> None:
