@@ -66,6 +66,7 @@ class Options:
     fastpath_udp_coalesce: bool
     fastpath_nice: int
     fastpath_kernel: str
+    fastpath_verify_source: bool
     v: int
 
 
@@ -187,6 +188,9 @@ FLAGS = [
     Flag("fastpath-kernel", "carry the common case in the kernel with two tc-BPF programs, "
          "the rest still through the loops: off; rx, decapsulate in the kernel; on, also "
          "encapsulate; both safe with any peer (pyflannel)", _one_of(KERNEL_MODES), "on"),
+    Flag("fastpath-verify-source", "deliver a received packet only when its source lies in "
+         "the subnet leased to the host that sent the datagram; false where hosts reach each "
+         "other through NAT (pyflannel)", _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

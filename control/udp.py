@@ -49,7 +49,8 @@ class UdpBackend:
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
             batch=options.fastpath_batch, offload=options.fastpath_offload,
             scatter=options.fastpath_scatter, udp_coalesce=options.fastpath_udp_coalesce,
-            nice=options.fastpath_nice, kernel=options.fastpath_kernel, underlay=ext.name)
+            nice=options.fastpath_nice, kernel=options.fastpath_kernel, underlay=ext.name,
+            verify_source=options.fastpath_verify_source)
         try:
             fp.start()
             self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
@@ -66,10 +67,10 @@ class UdpBackend:
             log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
                         fp.offload_missing)
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, nice %d, kernel path %s", fp.tun_name, mtu, ext.address,
-                 config.port, fp.batch, "on" if fp.offload else "off",
+                 "UDP coalescing %s, nice %d, kernel path %s, source check %s", fp.tun_name, mtu,
+                 ext.address, config.port, fp.batch, "on" if fp.offload else "off",
                  "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
-                 fp.kernel)
+                 fp.kernel, "on" if fp.verify_source else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:

@@ -49,7 +49,9 @@ cdef class FastPath:
     The route table exists from construction, so routes may be set before start() and at any
     time while the loops run. With offload, start() falls back to the plain path on a kernel
     that lacks what it needs, saying what in offload_missing (offload is then False); likewise
-    udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2.
+    udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2. With
+    verify_source (the default) a received packet is delivered only when its source lies in the
+    subnet routed to the datagram's sender: anyone else's is dropped and counted.
     """
 
     cdef readonly RouteTable table
@@ -61,6 +63,7 @@ cdef class FastPath:
     cdef readonly str offload_missing
     cdef readonly bint scatter
     cdef readonly bint udp_coalesce
+    cdef readonly bint verify_source
     cdef readonly int nice
     cdef readonly str nice_error
     cdef readonly str tun_name
@@ -81,7 +84,8 @@ cdef class FastPath:
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
-                  int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay=""):
+                  int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
+                  bint verify_source=True):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -96,6 +100,7 @@ cdef class FastPath:
         self.offload_missing = ""
         self.scatter = scatter
         self.udp_coalesce = udp_coalesce
+        self.verify_source = verify_source
         if not -20 <= nice <= 19:
             raise ValueError(f"nice value {nice} must be in -20..19")
         self.nice = nice
@@ -173,7 +178,8 @@ cdef class FastPath:
         self.tx.sock_fd = self.rx.sock_fd = self.sock.fileno()
         self.tx.wake_fd = self.rx.wake_fd = self.wake_fd
         self.tx.stop = self.rx.stop = &self.stop_flag
-        self.tx.table = &self.table.table
+        self.tx.table = self.rx.table = &self.table.table
+        self.rx.verify_source = self.verify_source
         self.rx.mtu = self.mtu
         self.tx.offload = self.rx.offload = self.offload
         self.tx.scatter = self.rx.scatter = self.scatter
@@ -205,7 +211,7 @@ cdef class FastPath:
         try:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
-                           egress=self.kernel == "on")
+                           egress=self.kernel == "on", verify_source=self.verify_source)
             udp_tc.start()
             for subnet, (ip, port) in self.table.routes():
                 udp_tc.set_route(subnet, ip, port)

@@ -66,6 +66,9 @@ cdef struct RxCounters:
     uint64_t drop_ttl
     uint64_t drop_write_error
     uint64_t drop_recv_error
+    # Source verification: the inner source must lie in the subnet leased to the outer source.
+    uint64_t drop_spoof_unrouted_source  # in no other host's subnet (nor outside the Network)
+    uint64_t drop_spoof_wrong_sender     # in another host's subnet than the sender's
 
 
 cdef struct TxLoop:
@@ -91,7 +94,9 @@ cdef struct RxLoop:
     bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
     bint scatter               # merged packets are written as iovecs; False: gathered first
     bint udp_coalesce          # UDP datagrams of one flow are merged too (USO)
+    bint verify_source         # deliver only what the sender's own subnet sends
     const uint64_t *stop
+    const route_table_t *table
     size_t mtu
     PacketVector vec
     Coalescer coalescer

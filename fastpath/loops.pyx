@@ -327,10 +327,25 @@ cdef inline void flush(RxLoop *loop) noexcept nogil:
         pf_add(&loop.counters.drop_write_error, packets)
 
 
-cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n) noexcept nogil:
-    """Check one datagram from the underlay and hand its packet to the TUN: merged with the held
-    TCP segment, held for the next, or written on its own. What is held points into the receive
-    buffers, so the caller flushes before it receives into them again."""
+cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noexcept nogil:
+    """Whether the packet's source lies outside the subnet leased to `sender` (host order), the
+    datagram's outer source; counted by reason. One lookup in the route table, as for sending:
+    the subnet of the inner source must route to the sender."""
+    cdef uint64_t entry = table_lookup(loop.table, load32(pkt + 12))
+    if entry == 0:
+        pf_add(&loop.counters.drop_spoof_unrouted_source, 1)
+        return True
+    if <uint32_t>(entry >> ENTRY_ADDR_SHIFT) != sender:
+        pf_add(&loop.counters.drop_spoof_wrong_sender, 1)
+        return True
+    return False
+
+
+cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:
+    """Check one datagram from `sender` (its outer source, host order) and hand its packet to
+    the TUN: merged with the held TCP segment, held for the next, or written on its own. What is
+    held points into the receive buffers, so the caller flushes before it receives into them
+    again."""
     cdef Verdict verdict = check_ipv4(pkt, n, loop.mtu)
     if verdict == TOO_SHORT:
         pf_add(&loop.counters.drop_too_short, 1)
@@ -343,6 +358,8 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n) noexcept nogil:
         return
     if verdict == TOO_BIG:
         pf_add(&loop.counters.drop_too_big, 1)
+        return
+    if loop.verify_source and spoofed(loop, pkt, sender):
         return
     if not decrement_ttl(pkt):
         pf_add(&loop.counters.drop_ttl, 1)
@@ -377,6 +394,7 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
     cdef PacketVector *vec = &loop.vec
     cdef int got, i
     cdef size_t n, segment, offset, this, datagrams
+    cdef uint32_t sender
     cdef uint8_t *data
     cdef bint full = False
     loop.coalescer.len = 0
@@ -384,11 +402,13 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
         vec.msgs[i].msg_hdr.msg_iov = &vec.iovs[i]
         vec.msgs[i].msg_hdr.msg_iovlen = 1
         vec.iovs[i].iov_base = vec.data + i * vec.slot_size
+        vec.msgs[i].msg_hdr.msg_name = &vec.addrs[i]  # the sender, for verify_source
     while not pf_load(loop.stop):
         if not full and not wait_readable(loop.sock_fd, loop.wake_fd):
             break
         for i in range(vec.max_msgs):
             vec.iovs[i].iov_len = vec.slot_size
+            vec.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
             if loop.offload:
                 vec.msgs[i].msg_hdr.msg_control = vec.control + i * CONTROL_LEN
                 vec.msgs[i].msg_hdr.msg_controllen = CONTROL_LEN
@@ -409,10 +429,12 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
             segment = gro_segment(&vec.msgs[i].msg_hdr, n) if loop.offload else n
             if segment == 0 or segment > n:
                 segment = n
+            # UDP GRO merges only datagrams of one flow: one sender for all of them.
+            sender = load32(<const uint8_t *>&vec.addrs[i].sin_addr)
             offset = 0
             while True:  # each datagram of the receive, once even when it is empty
                 this = segment if offset + segment <= n else n - offset
-                deliver(loop, data + offset, this)
+                deliver(loop, data + offset, this, sender)
                 datagrams += 1
                 offset += this
                 if offset >= n:

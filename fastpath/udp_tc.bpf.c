@@ -24,7 +24,8 @@
  *
  * Everything unusual is passed on (TC_ACT_OK) to the daemon's own loops, which already handle
  * it: non-IPv4, no route (ICMP net unreachable), TTL expiry (counted), malformed packets
- * (counted), fragments, datagrams merged by UDP GRO. So a packet either takes this path or the
+ * (counted), fragments, datagrams merged by UDP GRO, a source that is not the sender's own
+ * (dropped and counted, with verify_source). So a packet either takes this path or the
  * one it took before, and the counters below say how many took this one.
  *
  * The route table has the layout of fastpath/table.pxd (one entry per subnet of the Network,
@@ -60,6 +61,9 @@ struct udp_tc_config {
 	__u32 tun_ifindex;
 	/* The underlay is a veth: what tun_egress sends reaches the peer's stack as it is. */
 	__u32 underlay_is_veth;
+	/* Take only packets whose source lies in the subnet routed to the datagram's sender; the
+	 * loops drop the others and count them by reason. */
+	__u32 verify_source;
 };
 
 struct udp_tc_route {
@@ -74,7 +78,8 @@ enum udp_tc_counter {
 	TX_PASSED,  /* IPv4 left to the daemon (no route, TTL, too long) */
 	RX_PACKETS, /* decapsulated and received on the TUN */
 	RX_BYTES,
-	RX_PASSED,  /* datagrams to our port left to the daemon (malformed, TTL, merged, fragments) */
+	RX_PASSED,  /* datagrams to our port left to the daemon (malformed, TTL, merged, fragments,
+		     * a source that is not the sender's) */
 	TX_SUPERPACKETS, /* GSO super-packets among TX_PACKETS, sent whole to the underlay */
 	RX_SUPERPACKETS, /* and among RX_PACKETS, received whole from a peer over a veth */
 	COUNTERS,
@@ -254,6 +259,19 @@ static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr 
 	return finish_checksum(skb, ip) == 0;
 }
 
+/* Whether `source` lies in the subnet routed to `sender`: the one route lookup of the loops'
+ * source check (fastpath/loops.pyx), which also counts what fails it. */
+static __always_inline int senders_own(const struct udp_tc_config *cfg, __be32 source,
+				       __be32 sender)
+{
+	if ((source & cfg->netmask) != cfg->network)
+		return 0;
+	__u32 key = (bpf_ntohl(source) - bpf_ntohl(cfg->network)) >> cfg->shift;
+	struct udp_tc_route *route = bpf_map_lookup_elem(&routes, &key);
+
+	return route && route->ip == sender;
+}
+
 /* The config, for an IPv4 packet whose first `headers` bytes are now in the linear part; NULL
  * for anything else (the programs then leave the packet alone). */
 static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, __u32 headers)
@@ -381,6 +399,10 @@ int udp_ingress(struct __sk_buff *skb)
 	 * packet that is as long as the whole. */
 	if (outer->frag_off & bpf_htons(IP_FRAGMENT) || inner->version != 4 || inner->ihl < 5 ||
 	    bpf_ntohs(inner->tot_len) != skb->len - ETH_HLEN - ENCAP_LEN || inner->ttl <= 1) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	if (cfg->verify_source && !senders_own(cfg, inner->saddr, outer->saddr)) {
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}

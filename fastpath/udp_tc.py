@@ -203,7 +203,7 @@ class UdpTc:
 
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
-                 underlay: str, egress: bool) -> None:
+                 underlay: str, egress: bool, verify_source: bool = True) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -214,9 +214,9 @@ class UdpTc:
         self.underlay_is_veth = driver(underlay) == "veth"
         self.tun_ifindex = tun_ifindex
         self._config = struct.pack(
-            "=IIIIIHHIII", _int(self.network.network_address), _int(self.network.netmask),
+            "=IIIIIHHIIII", _int(self.network.network_address), _int(self.network.netmask),
             32 - subnet_len, self.size, _int(local_ip), _port(port), 0, self.underlay_ifindex,
-            tun_ifindex, self.underlay_is_veth)
+            tun_ifindex, self.underlay_is_veth, verify_source)
         self.egress = egress
         self._obj: int | None = None
         self._ingress_attached = False

@@ -35,6 +35,8 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     # The kernel path (tc programs beside the loops): on by default; receive side only; none.
     "pyflannel-kernel-rx": ["--fastpath-kernel", "rx"],
     "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
+    # Source verification (on by default): what it costs.
+    "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.
     "pyflannel-batch1": ["--fastpath-kernel", "off", "--fastpath-batch", "1",
                          "--fastpath-offload=false"],
