@@ -26,7 +26,7 @@ from control.iptables import (
 )
 from control.lease import LeaseKeeper, OutOfSubnetsError
 from control.options import Options
-from control.registry import Registry, RegistryError
+from control.registry import Registry, RegistryError, answering_first
 from control.sdnotify import notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.watch import SubnetWatcher
@@ -41,10 +41,11 @@ class Fatal(Exception):
     """Ends the daemon with status 1, as the same problem ends flanneld."""
 
 
-def open_registry(options: Options) -> Registry:
-    """The registry for --etcd-api. Only that API's client is imported: the other one would
-    cost 7 MiB (python-etcd) to 13 MiB (aetcd with gRPC) of the 50Mi flannel gives flanneld."""
-    endpoints = [(e.host, e.port) for e in options.etcd_endpoints]
+async def open_registry(options: Options) -> Registry:
+    """The registry for --etcd-api, on the endpoints in the order that answers first. Only that
+    API's client is imported: the other one would cost 7 MiB (python-etcd) to 13 MiB (aetcd
+    with gRPC) of the 50Mi flannel gives flanneld."""
+    endpoints = await answering_first([(e.host, e.port) for e in options.etcd_endpoints])
     if options.etcd_api == "v2":
         from control.etcdv2 import EtcdV2Registry
 
@@ -97,7 +98,7 @@ class Daemon:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.netlink = Netlink()
-        self.registry = open_registry(options)
+        self.registry: Registry | None = None  # opened by serve(), which may wait for it
         self.backend: Backend | None = None
         self.subnet_env: SubnetEnv | None = None
         self.iptables = RuleKeeper(options.iptables_resync)
@@ -105,6 +106,7 @@ class Daemon:
 
     async def serve(self) -> None:
         options = self.options
+        self.registry = registry = await open_registry(options)
         try:
             ext = self.netlink.external_interface(options.iface, options.iface_regex)
         except HostError as err:
@@ -113,14 +115,14 @@ class Daemon:
         log.info("using interface %s (%s, MTU %d), public IP %s", ext.name, ext.address,
                  ext.mtu, public_ip)
 
-        config, self.backend = await wait_for_config(self.registry, options, self.netlink, ext,
+        config, self.backend = await wait_for_config(registry, options, self.netlink, ext,
                                                      public_ip)
         log.info("config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                  config.network, config.subnet_len, config.subnet_min, config.subnet_max,
                  config.backend_type, f" port {config.port}" if config.backend_type == "udp"
                  else "")
 
-        keeper = LeaseKeeper(self.registry, config, public_ip, self.backend.lease_value(),
+        keeper = LeaseKeeper(registry, config, public_ip, self.backend.lease_value(),
                              read_previous_subnet(options.subnet_file),
                              ttl=options.subnet_lease_ttl,
                              renew_margin=options.subnet_lease_renew_margin * 60)
@@ -138,7 +140,7 @@ class Daemon:
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
         notify(f"READY=1\nSTATUS={self._status()}")
 
-        watcher = SubnetWatcher(self.registry, config, self.backend,
+        watcher = SubnetWatcher(registry, config, self.backend,
                                 own_subnet=lambda: keeper.subnet,
                                 own_value=self.backend.lease_value(), on_own_lost=keeper.lost)
 
@@ -217,7 +219,8 @@ class Daemon:
     async def close(self) -> None:
         if self.backend is not None:
             self.backend.stop()
-        await self.registry.close()
+        if self.registry is not None:
+            await self.registry.close()
         self.netlink.close()
 
 

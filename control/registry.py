@@ -4,11 +4,47 @@ lease.py and the route keeping in watch.py, written once against this interface.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 DEFAULT_PREFIX = "/coreos.com/network"
+PROBE_SECONDS = 2.0  # how long start-up waits for some endpoint to take a connection
+
+
+async def answering_first(endpoints: list[tuple[str, int]],
+                          timeout: float = PROBE_SECONDS) -> list[tuple[str, int]]:
+    """The endpoints, the first to take a TCP connection moved to the front. Both clients try
+    their endpoints in order, each one that is down costing a timeout (5 s for an address that
+    does not answer at all); asking all of them at once costs one round trip. Unchanged when
+    none answers within `timeout` (the clients then say what is wrong)."""
+    if len(endpoints) < 2:
+        return endpoints
+
+    async def probe(index: int) -> int:
+        _, writer = await asyncio.open_connection(*endpoints[index])
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return index
+
+    probes = [asyncio.ensure_future(probe(index)) for index in range(len(endpoints))]
+    try:
+        for finished in asyncio.as_completed(probes, timeout=timeout):
+            try:
+                first = await finished
+            except TimeoutError:  # an OSError too: caught first
+                break
+            except OSError:  # refused, unreachable, no such name: the next one
+                continue
+            return [endpoints[first], *endpoints[:first], *endpoints[first + 1:]]
+    finally:
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+    return endpoints
 
 
 class RegistryError(Exception):

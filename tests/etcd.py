@@ -53,14 +53,25 @@ def make_certificates(directory: str, server_ip: str) -> Certificates:
                         path("client.pem"), path("client.key"))
 
 
+PEER_PORT = 2380
+
+
 class EtcdServer:
-    def __init__(self, bed: Testbed, tls: bool = False) -> None:
-        """With tls, etcd serves https only and asks clients for a certificate from its CA."""
+    def __init__(self, bed: Testbed, tls: bool = False, *, host: Host | None = None,
+                 name: str = "test", initial_cluster: str | None = None) -> None:
+        """With tls, etcd serves https only and asks clients for a certificate from its CA.
+        Alone, it runs on a new host and is started at once; as `name` in `initial_cluster`
+        (EtcdCluster's, on `host`), launch() and wait_healthy() start it once its peers are
+        launched too."""
         for tool in ("etcd", "etcdctl"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"'{tool}' is missing (make install installs etcd-server, "
                                    "etcd-client)")
-        self.host: Host = bed.add_host("etcd-tls" if tls else "etcd")
+        self.host: Host = host or bed.add_host("etcd-tls" if tls else "etcd")
+        self.name = name
+        self.peer_url = (f"http://{self.host.underlay_ip}:{PEER_PORT}" if initial_cluster
+                         else f"http://127.0.0.1:{PEER_PORT}")
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         scheme = "https" if tls else "http"
         self.endpoint = f"{scheme}://{self.host.underlay_ip}:{CLIENT_PORT}"
         self.certificates = (make_certificates(os.path.join(bed.workdir, "pki"),
@@ -68,7 +79,8 @@ class EtcdServer:
         self.data_dir = os.path.join(bed.workdir, self.host.netns + "-data")
         self.log_path = os.path.join(bed.workdir, self.host.netns + ".log")
         self.process: subprocess.Popen[bytes] | None = None
-        self.start()
+        if initial_cluster is None:
+            self.start()
 
     def _tls_flags(self, server: bool) -> list[str]:
         c = self.certificates
@@ -86,15 +98,22 @@ class EtcdServer:
                                      "--etcd-keyfile", c.client_key]
 
     def start(self) -> None:
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.host.netns, "etcd", "--name", "test",
+                ["ip", "netns", "exec", self.host.netns, "etcd", "--name", self.name,
                  "--data-dir", self.data_dir, "--enable-v2=true",
                  "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-                 "--listen-peer-urls", "http://127.0.0.1:2380",
-                 "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                 "--initial-cluster", "test=http://127.0.0.1:2380", *self._tls_flags(True)],
+                 "--listen-peer-urls", self.peer_url,
+                 "--initial-advertise-peer-urls", self.peer_url,
+                 "--initial-cluster", self.initial_cluster, *self._tls_flags(True)],
                 stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -167,3 +186,41 @@ class EtcdServer:
                   "    urllib.request.urlopen(urllib.request.Request(\n"
                   "        sys.argv[1], data=f'value={i}'.encode(), method='PUT')).read()\n")
         self.host.run(sys.executable, "-c", script, f"{self.endpoint}/v2/keys{key}", str(count))
+
+
+class EtcdCluster:
+    """`size` etcd members, each on its own host of the testbed; `members[0]` is the `etcd`
+    the single-server helpers (put, get_prefix...) read and write through."""
+
+    def __init__(self, bed: Testbed, size: int = 3) -> None:
+        hosts = [bed.add_host(f"etcd{i}") for i in range(size)]
+        initial = ",".join(f"m{i}=http://{host.underlay_ip}:{PEER_PORT}"
+                           for i, host in enumerate(hosts))
+        self.members = [EtcdServer(bed, host=host, name=f"m{i}", initial_cluster=initial)
+                        for i, host in enumerate(hosts)]
+        try:
+            for member in self.members:
+                member.launch()
+            for member in self.members:
+                member.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [member.endpoint for member in self.members]
+
+    def leader(self) -> EtcdServer:
+        for member in self.members:
+            if member.process is None:
+                continue
+            status = member.ctl("endpoint", "status", "-w", "fields", check=False).stdout
+            fields = dict(line.split(" : ", 1) for line in status.splitlines() if " : " in line)
+            if fields.get('"Leader"') == fields.get('"MemberID"'):
+                return member
+        raise RuntimeError("no etcd member is the leader")
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()

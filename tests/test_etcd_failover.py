@@ -1,0 +1,139 @@
+"""pyflanneld against a 3-member etcd cluster (real members, each on its own host), on both
+APIs, with every member's endpoint given: it starts with the first member down, and when the
+member it talks to dies, and then the leader, packets keep flowing, a host that joins meanwhile
+is routed and the lease keeps being renewed."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import Flanneld, stop_all, wait_for
+from tests.conftest import require_host_network_tools
+from tests.etcd import CLIENT_PORT, EtcdCluster, EtcdServer
+from tests.testbed import Host, Testbed
+
+START_BOUND = 2.0  # generous; the figures are printed and kept in perf/SCALE.md
+ROUTE_BOUND = 10.0
+LEASE_FLAGS = ("--subnet-lease-ttl", "20", "--subnet-lease-renew-margin", "0.25")
+
+
+@pytest.fixture(scope="module", params=["v3", "v2"])
+def etcd3(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, EtcdCluster, str]]:
+    require_host_network_tools()
+    with Testbed() as bed:
+        cluster = EtcdCluster(bed)
+        try:
+            yield bed, cluster, request.param
+        finally:
+            cluster.stop()
+
+
+class Setup:
+    def __init__(self, bed: Testbed, etcd: EtcdCluster, api: str, name: str) -> None:
+        self.bed, self.etcd, self.api = bed, etcd, api
+        self.prefix = f"/{name}-{api}/network"
+        self.daemons: list[Flanneld] = []
+
+    def live(self) -> EtcdServer:
+        return next(member for member in self.etcd.members if member.process is not None)
+
+    def config(self) -> None:
+        self.live().put(f"{self.prefix}/config", '{"Network": "10.244.0.0/16"}', self.api)
+
+    def daemon(self) -> Flanneld:
+        daemon = Flanneld(self.bed, self.bed.add_host(), self.live(), self.api,
+                          "--etcd-prefix", self.prefix, *LEASE_FLAGS,
+                          "--etcd-endpoints", ",".join(self.etcd.endpoints))
+        self.daemons.append(daemon)
+        return daemon.start()
+
+
+@pytest.fixture
+def setup(etcd3: tuple[Testbed, EtcdCluster, str], request: pytest.FixtureRequest
+          ) -> Iterator[Setup]:
+    bed, etcd, api = etcd3
+    setup = Setup(bed, etcd, api, re.sub(r"[^\w]", "-", request.node.originalname))
+    try:
+        yield setup
+    finally:
+        stop_all(setup.daemons)
+        for member in etcd.members:  # every member up again for the next test
+            if member.process is None:
+                member.start()
+
+
+def talks_to(host: Host, etcd: EtcdCluster) -> EtcdServer:
+    """The member whose client port the host's pyflanneld has a connection to."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        out = host.run("ss", "-Htn", "state", "established",
+                       f"( dport = :{CLIENT_PORT} )").stdout
+        for member in etcd.members:
+            ip = member.host.underlay_ip  # gRPC's sockets show it IPv4-mapped: [::ffff:ip]
+            if f"{ip}:{CLIENT_PORT}" in out or f"{ip}]:{CLIENT_PORT}" in out:
+                return member
+        time.sleep(0.1)
+    raise AssertionError(f"{host.netns}: no connection to an etcd member:\n"
+                         + host.run("ss", "-tna").stdout)
+
+
+def routed(daemon: Flanneld, subnet: ipaddress.IPv4Network) -> bool:
+    """Whether the daemon put subnet in its fast path's table (the udp backend routes the
+    whole Network to flannel0 in the kernel, each subnet in that table)."""
+    return f"subnet added: {subnet} via" in daemon.log()
+
+
+def test_starts_promptly_with_the_first_member_down(setup: Setup) -> None:
+    setup.etcd.members[0].stop()
+    setup.config()
+    started = time.monotonic()
+    daemon = setup.daemon()
+    daemon.wait_subnet(timeout=30)
+    took = time.monotonic() - started
+    print(f"\n{setup.api}: first of 3 members down: lease held {took:.2f} s after start")
+    assert took <= START_BOUND, daemon.log()[-3000:]
+
+
+def test_members_dying_stop_nothing(setup: Setup) -> None:
+    setup.config()
+    a, b = setup.daemon(), setup.daemon()
+    a_subnet, b_subnet = a.wait_subnet(), b.wait_subnet()
+    for daemon, subnet in ((a, a_subnet), (b, b_subnet)):
+        setup.bed.add_container(daemon.host, str(subnet), 1472)
+    wait_for(lambda: routed(a, b_subnet) and routed(b, a_subnet), ROUTE_BOUND, "a and b routed")
+    assert b.host.container_ip
+    # One ping every 50 ms from a's container to b's for the whole failover.
+    pinger = subprocess.Popen(["ip", "netns", "exec", str(a.host.container_netns), "ping",
+                               "-i", "0.05", "-W", "1", b.host.container_ip],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for victim in ("the member a talks to", "the leader"):
+            member = talks_to(a.host, setup.etcd) if victim != "the leader" else \
+                setup.etcd.leader()
+            member.stop()
+            print(f"\n{setup.api}: stopped {member.name}, {victim}")
+            joined = setup.daemon()
+            subnet = joined.wait_subnet(timeout=30)
+            killed = time.monotonic()
+            wait_for(lambda s=subnet: routed(a, s) and routed(b, s), ROUTE_BOUND,
+                     f"a host that joined after {victim} stopped routed")
+            print(f"{setup.api}: a host that joined was routed on both "
+                  f"{time.monotonic() - killed:.2f} s after its lease")
+            renewals = a.log().count("renewed lease")
+            wait_for(lambda n=renewals: a.log().count("renewed lease") > n, 15,
+                     f"a's lease renewed after {victim} stopped")
+            member.start()
+    finally:
+        pinger.send_signal(signal.SIGINT)  # ping prints its summary on SIGINT
+        out, _ = pinger.communicate()
+    sent, received = (int(n) for n in re.search(r"(\d+) packets transmitted, (\d+) received",
+                                                 out).groups())
+    print(f"{setup.api}: {sent - received} of {sent} pings lost across both failovers")
+    assert sent > 50 and sent - received <= 1
