@@ -1,6 +1,6 @@
 """The registry on etcd's v2 API (flanneld v0.17 and older), through python-etcd.
 
-python-etcd blocks, so every call runs in a worker thread (asyncio.to_thread). Leases are key
+python-etcd blocks, so every call runs in a thread of its own (in_thread). Leases are key
 TTLs; creation is a write with prevExist=false, as flanneld's. A watch is a chain of long polls
 with waitIndex, so no change between two polls is missed while etcd keeps its event history.
 """
@@ -9,18 +9,51 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import etcd
 import urllib3.exceptions
 
 from control.registry import Change, Entry, HistoryLostError, RegistryError
 
-# A long poll returns at least this often, so a stopped daemon is not held up by a worker thread.
+# A long poll returns at least this often: a watch restarted from elsewhere (a resync) does
+# not leave many threads waiting.
 WATCH_POLL_SECONDS = 2.0
 CALL_TIMEOUT = 5
 DELETE_ACTIONS = {"delete", "expire", "compareAndDelete"}
+
+T = TypeVar("T")
+
+
+async def in_thread(call: Callable[[], T]) -> T:
+    """call() in a daemon thread. Not asyncio.to_thread: at exit asyncio joins its executor's
+    threads, and one of them may sit in a long poll for WATCH_POLL_SECONDS after the fast path
+    has stopped, which a restart would add to its stall. A daemon thread is left behind."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            outcome: tuple[T | None, BaseException | None] = (call(), None)
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (None, err)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: the daemon is exiting, no one waits
+            pass
+
+    threading.Thread(target=run, name="pyflannel-etcdv2", daemon=True).start()
+    return await done
+
 
 class EtcdV2Registry:
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str, protocol: str = "http",
@@ -51,7 +84,7 @@ class EtcdV2Registry:
             return getattr(self._connected(), method)(*args, **kwargs)
 
         try:
-            return await asyncio.to_thread(call)
+            return await in_thread(call)
         except etcd.EtcdWatchTimedOut:
             raise  # a long poll that saw no change: not a failure
         except (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,

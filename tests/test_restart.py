@@ -1,0 +1,97 @@
+"""How long a running TCP flow between two containers stalls while the sending host's pyflanneld
+restarts, after SIGTERM and after SIGKILL, on both etcd APIs. Only a generous bound is asserted;
+the figures are printed (`pytest -s`) and kept in perf/SCALE.md."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.cluster import Cluster, wait_for
+from tests.testbed import Host, inside
+
+BOUND_SECONDS = 2.0
+CHUNK = 16 << 10
+
+
+class Flow:
+    """One TCP connection from src's container to dst's, kept busy; the receiver notes when
+    each read returned, so the longest gap is the flow's longest stall."""
+
+    def __init__(self, src: Host, dst: Host) -> None:
+        assert src.container_netns and dst.container_netns and dst.container_ip
+        with inside(dst.container_netns):
+            listener = socket.create_server((dst.container_ip, 0))
+        with inside(src.container_netns):
+            self.out = socket.create_connection(listener.getsockname(), timeout=10)
+        self.into, _ = listener.accept()
+        listener.close()
+        self.reads: list[float] = []
+        self.running = True
+        self.threads = [threading.Thread(target=self._send), threading.Thread(target=self._recv)]
+        for thread in self.threads:
+            thread.start()
+
+    def _send(self) -> None:
+        data = bytes(CHUNK)
+        while self.running:
+            try:
+                self.out.sendall(data)
+            except OSError:
+                return
+
+    def _recv(self) -> None:
+        self.into.settimeout(30)
+        while self.running:
+            try:
+                if not self.into.recv(1 << 20):
+                    return
+            except OSError:
+                return
+            self.reads.append(time.monotonic())
+
+    def longest_gap(self, since: float) -> float:
+        times = [since, *(t for t in self.reads if t > since)]
+        return max(b - a for a, b in zip(times, times[1:], strict=False)) if len(times) > 1 \
+            else float("inf")
+
+    def close(self) -> None:
+        self.running = False
+        self.out.close()
+        self.into.close()
+        for thread in self.threads:
+            thread.join()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_restart_stalls_a_running_flow_briefly(cluster: Cluster, how: str) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    a, b = cluster.daemon(), cluster.daemon()
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in (a, b):
+        daemon.wait_log("subnet added")
+    flow = Flow(a.host, b.host)
+    try:
+        wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
+        restarted = time.monotonic()
+        if how == "SIGTERM":
+            a.stop()
+        else:
+            assert a.process is not None
+            a.process.kill()
+            a.process.wait()
+            a.process = None
+        a.start()
+        a.wait_log("subnet added")
+        wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
+                 "the flow running again")
+        time.sleep(1)
+        stall = flow.longest_gap(restarted)
+    finally:
+        flow.close()
+    print(f"\n{cluster.api}, {how}: the flow's longest stall across the restart: {stall:.2f} s")
+    assert stall <= BOUND_SECONDS
