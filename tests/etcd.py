@@ -211,6 +211,15 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [member.endpoint for member in self.members]
 
+    def start_stopped(self) -> None:
+        """Start every stopped member: all launched before any is waited for, since a member
+        alone has no quorum to be healthy with."""
+        stopped = [member for member in self.members if member.process is None]
+        for member in stopped:
+            member.launch()
+        for member in stopped:
+            member.wait_healthy()
+
     def leader(self) -> EtcdServer:
         for member in self.members:
             if member.process is None:
