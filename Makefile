@@ -13,7 +13,7 @@ DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client container
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
-.PHONY: install deb demo test perf profile lint clean wheel
+.PHONY: install deb demo test perf scale profile lint clean wheel
 
 install: deb $(STAMP)
 
@@ -45,6 +45,12 @@ QUICK ?=
 FLANNELD ?= $(wildcard $(abspath $(CURDIR)/../shared/reference/flanneld-v0.20.2))
 perf: install
 	$(PY) -m perf.bench $(if $(QUICK),--quick) --flanneld '$(FLANNELD)'
+
+# HOSTS pyflanneld hosts started at once on one etcd: lease and route times, duplicates, CPU,
+# RSS and etcd's request rate at steady state (a Markdown table for perf/SCALE.md).
+HOSTS ?= 100
+scale: install
+	$(PY) -m perf.scale --hosts $(HOSTS)
 
 # Where one TCP stream spends the machine over pyflannel and over kernel VXLAN (perf/PROFILE.md).
 profile: install
