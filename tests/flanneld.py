@@ -10,6 +10,7 @@ behind (so clean() removes them)."""
 from __future__ import annotations
 
 import os
+import time
 
 from tests.cluster import PREFIX, LoggedDaemon
 from tests.etcd import EtcdServer
@@ -55,3 +56,31 @@ class RealFlanneld(LoggedDaemon):
         self.host.run("iptables", "-X", FORWARD_CHAIN, check=False)
         if device:
             self.host.ip("link", "del", device, check=False)
+
+
+REACH_SECONDS = 10.0
+
+
+def reaches(src: Host, dst: Host) -> bool:
+    """Whether a ping from src's container gets dst's container's answer within 1 s."""
+    assert dst.container_ip
+    return src.in_container("ping", "-c", "1", "-W", "1", dst.container_ip,
+                            check=False).returncode == 0
+
+
+def wait_reachable(src: Host, dst: Host) -> bool:
+    deadline = time.monotonic() + REACH_SECONDS
+    while time.monotonic() < deadline:
+        if reaches(src, dst) and reaches(dst, src):
+            return True
+    return False
+
+
+def reach_beside(flanneld: RealFlanneld, f_host: Host, p_host: Host) -> None:
+    """Wait until flanneld's host's container and another's reach each other. flanneld v0.20.2
+    can miss a lease event (its watch keeps only a response's first event); after a restart
+    its listing holds the lease."""
+    if not wait_reachable(f_host, p_host):
+        flanneld.stop()
+        flanneld.start()
+        assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]

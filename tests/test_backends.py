@@ -9,7 +9,6 @@ import ipaddress
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +17,7 @@ from control.lease import PeerLease
 from control.vxlan import vtep_mac
 from tests.cluster import Cluster, Flanneld, key_of, put_config, wait_for
 from tests.etcd import EtcdServer
-from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
+from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld, reach_beside, reaches
 from tests.testbed import Host, Testbed, inside, tcp_transfer
 
 VXLAN = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -39,12 +38,6 @@ def expected_value(host: Host, backend: str) -> str:
     mac = link_json(host, "flannel.1")["address"]
     return (f'{{"PublicIP":"{host.underlay_ip}","PublicIPv6":null,"BackendType":"vxlan",'
             f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
-
-
-def reaches(src: Host, dst: Host) -> bool:
-    assert dst.container_ip
-    return src.in_container("ping", "-c", "1", "-W", "1", dst.container_ip,
-                            check=False).returncode == 0
 
 
 def routed(host: Host, subnet: ipaddress.IPv4Network | str) -> str:
@@ -238,15 +231,7 @@ def mixed(request: pytest.FixtureRequest) -> Iterator[tuple[Host, Host]]:
             assert pyflanneld.subnet_env()["FLANNEL_MTU"] == flanneld.subnet_env()["FLANNEL_MTU"]
             bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
             pyflanneld.wait_log("subnet added")
-            deadline = time.monotonic() + 10
-            while not (reaches(f_host, p_host) and reaches(p_host, f_host)):
-                if time.monotonic() > deadline:
-                    # flanneld v0.20.2 can miss a lease event; its listing after a restart
-                    # holds the lease.
-                    flanneld.stop()
-                    flanneld.start()
-                    deadline = time.monotonic() + 10 ** 6
-                    wait_for(lambda: reaches(f_host, p_host), 10, flanneld.log()[-3000:])
+            reach_beside(flanneld, f_host, p_host)
             yield f_host, p_host
         finally:
             if pyflanneld is not None:

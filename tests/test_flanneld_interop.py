@@ -14,29 +14,12 @@ import pytest
 
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
 from tests.etcd import EtcdServer
-from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
+from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld, reach_beside
 from tests.test_dataplane import container_udp
 from tests.testbed import Host, Testbed, tcp_transfer
 
 pytestmark = pytest.mark.skipif(not os.path.exists(REFERENCE_FLANNELD),
                                 reason=f"no reference flanneld at {REFERENCE_FLANNELD}")
-
-REACH_SECONDS = 10.0
-
-
-def reaches(src: Host, dst: Host) -> bool:
-    assert dst.container_ip
-    return src.in_container("ping", "-c", "1", "-W", "1", dst.container_ip,
-                            check=False).returncode == 0
-
-
-def wait_reachable(src: Host, dst: Host) -> bool:
-    deadline = time.monotonic() + REACH_SECONDS
-    while time.monotonic() < deadline:
-        if reaches(src, dst) and reaches(dst, src):
-            return True
-    return False
-
 
 @pytest.fixture(scope="module", params=[[], ["--fastpath-kernel", "on"]],
                 ids=["loops", "kernel-path"])
@@ -58,12 +41,7 @@ def mixed(bed_and_etcd: tuple[Testbed, EtcdServer], request: pytest.FixtureReque
         subnet = pyflanneld.wait_subnet()
         bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
         pyflanneld.wait_log("subnet added")
-        if not wait_reachable(f_host, p_host):
-            # flanneld v0.20.2 can miss a lease event (its watch keeps only a response's first
-            # event); after a restart its listing holds the lease.
-            flanneld.stop()
-            flanneld.start()
-            assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
+        reach_beside(flanneld, f_host, p_host)
         yield f_host, p_host
     finally:
         if pyflanneld is not None:
