@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from tests.cluster import PREFIX, LoggedDaemon
+from tests.cluster import PREFIX, Flanneld, LoggedDaemon
 from tests.etcd import EtcdServer
 from tests.testbed import Host, Testbed, end_process
 
@@ -76,11 +78,35 @@ def wait_reachable(src: Host, dst: Host) -> bool:
     return False
 
 
-def reach_beside(flanneld: RealFlanneld, f_host: Host, p_host: Host) -> None:
-    """Wait until flanneld's host's container and another's reach each other. flanneld v0.20.2
-    can miss a lease event (its watch keeps only a response's first event); after a restart
-    its listing holds the lease."""
-    if not wait_reachable(f_host, p_host):
-        flanneld.stop()
-        flanneld.start()
-        assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
+@contextmanager
+def beside_flanneld(bed: Testbed, etcd: EtcdServer, *flags: str,
+                    device: str | None = None) -> Iterator[tuple[Host, Host]]:
+    """(flanneld's host, pyflanneld's host with `flags`) in one cluster on the config already
+    in etcd's v3 keyspace, each with a container on its subnet, once they reach each other.
+    flanneld v0.20.2 can miss a lease event (its watch keeps only a response's first event);
+    after a restart its listing holds the lease. Both stop on exit, and flanneld's leftovers
+    (`device` among them) are removed."""
+    flanneld: RealFlanneld | None = None
+    pyflanneld: Flanneld | None = None
+    try:
+        f_host = bed.add_host()
+        flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd).start()
+        subnet = flanneld.wait_subnet()
+        bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
+        p_host = bed.add_host()
+        pyflanneld = Flanneld(bed, p_host, etcd, "v3", *flags).start()
+        subnet = pyflanneld.wait_subnet()
+        assert pyflanneld.subnet_env()["FLANNEL_MTU"] == flanneld.subnet_env()["FLANNEL_MTU"]
+        bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
+        pyflanneld.wait_log("subnet added")
+        if not wait_reachable(f_host, p_host):
+            flanneld.stop()
+            flanneld.start()
+            assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
+        yield f_host, p_host
+    finally:
+        if pyflanneld is not None:
+            pyflanneld.stop()
+        if flanneld is not None:
+            flanneld.stop()
+            flanneld.clean(device)

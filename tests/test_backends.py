@@ -17,7 +17,7 @@ from control.lease import PeerLease
 from control.vxlan import vtep_mac
 from tests.cluster import Cluster, Flanneld, key_of, put_config, wait_for
 from tests.etcd import EtcdServer
-from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld, reach_beside, reaches
+from tests.flanneld import REFERENCE_FLANNELD, beside_flanneld, reaches
 from tests.testbed import Host, Testbed, inside, tcp_transfer
 
 VXLAN = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -217,28 +217,11 @@ def mixed(request: pytest.FixtureRequest) -> Iterator[tuple[Host, Host]]:
         pytest.skip(f"no reference flanneld at {REFERENCE_FLANNELD}")
     with Testbed() as bed:
         etcd = EtcdServer(bed)
-        flanneld: RealFlanneld | None = None
-        pyflanneld: Flanneld | None = None
         try:
             put_config(etcd, "v3", CONFIGS[request.param])
-            f_host = bed.add_host()
-            flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd).start()
-            subnet = flanneld.wait_subnet()
-            bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
-            p_host = bed.add_host()
-            pyflanneld = Flanneld(bed, p_host, etcd, "v3").start()
-            subnet = pyflanneld.wait_subnet()
-            assert pyflanneld.subnet_env()["FLANNEL_MTU"] == flanneld.subnet_env()["FLANNEL_MTU"]
-            bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
-            pyflanneld.wait_log("subnet added")
-            reach_beside(flanneld, f_host, p_host)
-            yield f_host, p_host
+            with beside_flanneld(bed, etcd, device="flannel.1") as hosts:
+                yield hosts
         finally:
-            if pyflanneld is not None:
-                pyflanneld.stop()
-            if flanneld is not None:
-                flanneld.stop()
-                flanneld.clean("flannel.1")
             etcd.stop()
 
 

@@ -12,14 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
+from tests.cluster import FIGURE_2_CONFIG, put_config
 from tests.etcd import EtcdServer
-from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld, reach_beside
+from tests.flanneld import REFERENCE_FLANNELD, beside_flanneld
 from tests.test_dataplane import container_udp
 from tests.testbed import Host, Testbed, tcp_transfer
 
 pytestmark = pytest.mark.skipif(not os.path.exists(REFERENCE_FLANNELD),
                                 reason=f"no reference flanneld at {REFERENCE_FLANNELD}")
+
 
 @pytest.fixture(scope="module", params=[[], ["--fastpath-kernel", "on"]],
                 ids=["loops", "kernel-path"])
@@ -28,26 +29,9 @@ def mixed(bed_and_etcd: tuple[Testbed, EtcdServer], request: pytest.FixtureReque
     """(flanneld's host, pyflanneld's host), each with a container on its subnet; pyflanneld
     with its loops alone, then with the kernel path as well."""
     bed, etcd = bed_and_etcd
-    flanneld: RealFlanneld | None = None
-    pyflanneld: Flanneld | None = None
-    try:
-        put_config(etcd, "v3", FIGURE_2_CONFIG)
-        f_host = bed.add_host()
-        flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd).start()
-        subnet = flanneld.wait_subnet()
-        bed.add_container(f_host, str(subnet), int(flanneld.subnet_env()["FLANNEL_MTU"]))
-        p_host = bed.add_host()
-        pyflanneld = Flanneld(bed, p_host, etcd, "v3", *request.param).start()
-        subnet = pyflanneld.wait_subnet()
-        bed.add_container(p_host, str(subnet), int(pyflanneld.subnet_env()["FLANNEL_MTU"]))
-        pyflanneld.wait_log("subnet added")
-        reach_beside(flanneld, f_host, p_host)
-        yield f_host, p_host
-    finally:
-        if pyflanneld is not None:
-            pyflanneld.stop()
-        if flanneld is not None:
-            flanneld.stop()
+    put_config(etcd, "v3", FIGURE_2_CONFIG)
+    with beside_flanneld(bed, etcd, *request.param) as hosts:
+        yield hosts
 
 
 def test_ping_both_ways(mixed: tuple[Host, Host]) -> None:
