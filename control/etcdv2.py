@@ -155,7 +155,8 @@ class EtcdV2Registry:
             if event.dir or not event.key.startswith(prefix):
                 continue
             value = None if event.action in DELETE_ACTIONS else event.value.encode()
-            yield Change(event.key[len(prefix):], value, int(event.modifiedIndex))
+            yield Change(event.key[len(prefix):], value, int(event.modifiedIndex),
+                         expired=event.action == "expire")
 
     async def close(self) -> None:
         if self._client is not None:

@@ -66,11 +66,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Change:
-    """A watched change to <prefix>/subnets/<name>: value None means the key is gone."""
+    """A watched change to <prefix>/subnets/<name>: value None means the key is gone, and
+    expired that its TTL ran out (only v2 says so)."""
 
     name: str
     value: bytes | None
     revision: int
+    expired: bool = False
 
 
 class Registry(Protocol):

@@ -22,6 +22,11 @@ from control.registry import Change, Entry, HistoryLostError, Registry, Registry
 log = logging.getLogger("pyflanneld.watch")
 
 RETRY_SECONDS = 1.0
+# A v2 lease that expired stays routed this long. When etcd comes back from an outage longer than
+# the TTL it expires every lease at once, and each owner takes its subnet again within moments:
+# removing the route at once would drop that host's traffic meanwhile. A host that is really gone
+# loses nothing by it; a new lease for the subnet replaces the route as soon as it comes.
+EXPIRED_GRACE_SECONDS = 10.0
 
 
 class SubnetWatcher:
@@ -38,6 +43,7 @@ class SubnetWatcher:
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
         self.peers: dict[ipaddress.IPv4Network, PeerLease] = {}  # the routed ones
+        self._expiring: dict[ipaddress.IPv4Network, asyncio.TimerHandle] = {}
         self.events_applied = 0
         self.restarts = {"history_lost": 0, "error": 0}  # why the watch started again
 
@@ -110,6 +116,13 @@ class SubnetWatcher:
             if change.value != self._own_value:
                 self._on_own_lost()
             return
+        if change.expired and subnet in self.peers:
+            if subnet not in self._expiring:
+                log.info("lease %s expired; keeping its route for %gs unless it comes back",
+                         subnet, EXPIRED_GRACE_SECONDS)
+                self._expiring[subnet] = asyncio.get_running_loop().call_later(
+                    EXPIRED_GRACE_SECONDS, self._remove, subnet)
+            return
         peer = None if change.value is None else self._peer(subnet, change.value)
         if peer is None:
             self._remove(subnet)
@@ -137,6 +150,7 @@ class SubnetWatcher:
             return None
 
     def _add(self, subnet: ipaddress.IPv4Network, peer: PeerLease) -> None:
+        self._keep(subnet)
         old = self.peers.get(subnet)
         if old == peer:
             return
@@ -151,8 +165,15 @@ class SubnetWatcher:
             self._remove(subnet)
 
     def _remove(self, subnet: ipaddress.IPv4Network) -> None:
+        self._keep(subnet)
         peer = self.peers.pop(subnet, None)
         if peer is None:
             return
         self._backend.remove_peer(subnet, peer)
         log.info("subnet removed: %s", subnet)
+
+    def _keep(self, subnet: ipaddress.IPv4Network) -> None:
+        """Cancel the pending removal of an expired lease's route, if any."""
+        pending = self._expiring.pop(subnet, None)
+        if pending is not None:
+            pending.cancel()

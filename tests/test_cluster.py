@@ -189,6 +189,36 @@ def test_watch_resumes_after_etcd_restart(cluster: Cluster) -> None:
     daemon.wait_log("subnet removed: 10.244.210.0/24", timeout=15)
 
 
+def put_with_ttl(cluster: Cluster, key: str, value: str, ttl: int) -> None:
+    if cluster.api == "v2":
+        cluster.etcd.ctl("set", "--ttl", str(ttl), "--", key, value, api="v2")
+        return
+    lease = cluster.etcd.ctl("lease", "grant", str(ttl)).stdout.split()[1]
+    cluster.etcd.ctl("put", f"--lease={lease}", key, "--", value)
+
+
+def test_an_expired_lease_stays_routed_for_a_grace_on_v2_unless_it_comes_back(
+        cluster: Cluster) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    daemon = cluster.daemon()
+    daemon.wait_subnet()
+    for n in (240, 241):
+        put_with_ttl(cluster, f"{cluster.prefix}/subnets/10.244.{n}.0-24",
+                     '{"PublicIP":"198.18.0.250"}', 2)
+    daemon.wait_log("subnet added: 10.244.241.0/24")
+    if cluster.api == "v3":  # v3 reports an expired lease as a plain delete: unrouted at once
+        daemon.wait_log("subnet removed: 10.244.241.0/24", timeout=15)
+        assert "expired; keeping its route" not in daemon.log()
+        return
+    daemon.wait_log("lease 10.244.240.0/24 expired; keeping its route", timeout=15)
+    daemon.wait_log("lease 10.244.241.0/24 expired; keeping its route", timeout=15)
+    expired = time.monotonic()
+    cluster.put("/subnets/10.244.240.0-24", '{"PublicIP":"198.18.0.250"}')  # its owner is back
+    daemon.wait_log("subnet removed: 10.244.241.0/24", timeout=30)
+    assert time.monotonic() - expired > 5, "the expired lease was unrouted without a grace"
+    assert "subnet removed: 10.244.240.0/24" not in daemon.log()
+
+
 def cut_off(cluster: Cluster, daemon: Flanneld) -> None:
     """Abort the daemon's TCP connections to etcd from etcd's side."""
     cluster.etcd.host.run("ss", "-K", "dst", daemon.host.underlay_ip)

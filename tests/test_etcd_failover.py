@@ -177,6 +177,6 @@ def test_etcd_gone_for_longer_than_the_lease_keeps_packets_flowing(setup: Setup)
     sent, received = (int(n) for n in re.search(r"(\d+) packets transmitted, (\d+) received",
                                                  out).groups())
     print(f"{setup.api}: {sent - received} of {sent} pings lost while etcd was gone")
-    # On v2 the expired keys are deleted when etcd comes back, and a peer unroutes a host for
-    # the moment until that host's new lease arrives: a ping may fall into it.
-    assert sent > 150 and sent - received <= 2
+    # On v2 etcd expires every lease when it comes back; the peers keep the routes for a grace
+    # (control/watch.py) while the owners take their subnets again, so nothing falls in between.
+    assert sent > 150 and sent - received <= 1
