@@ -3,8 +3,9 @@ the daemon and the watch never ask which one runs.
 
 A backend's life: `prepare` (before the lease: what the lease value needs, such as the vxlan
 device whose MAC it carries), `lease_value`, `start` on the leased subnet (returns the MTU for
-subnet.env), then `add_peer`/`remove_peer` for every other host's lease and `prune` after each
-full listing, `move` if this host's subnet changes, and `stop`.
+subnet.env; it takes over what it can use of the descriptors an earlier run kept, and names
+those the next run should get in `kept`), then `add_peer`/`remove_peer` for every other host's
+lease and `prune` after each full listing, `move` if this host's subnet changes, and `stop`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ class Backend(Protocol):
 
     def lease_value(self) -> bytes: ...
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int: ...
+    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
+        """handed: the earlier run's kept descriptors; the backend pops those it takes."""
+        ...
+
+    def kept(self) -> dict[str, int]: ...
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None: ...
 

@@ -27,7 +27,7 @@ from control.iptables import (
 from control.lease import LeaseKeeper, OutOfSubnetsError
 from control.options import Options
 from control.registry import Registry, RegistryError, answering_first
-from control.sdnotify import notify, watchdog_period
+from control.sdnotify import handed_fds, notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.watch import SubnetWatcher
 
@@ -94,6 +94,18 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
         await asyncio.sleep(CONFIG_RETRY_SECONDS)
 
 
+def keep_for_next_run(kept: dict[str, int], unused: dict[str, int]) -> None:
+    """Hand systemd's fd store (FileDescriptorStoreMax in the unit) what the backend keeps for
+    the next run, and take out what an earlier run kept and this one has no use for: a TUN
+    held there would otherwise outlive a backend change."""
+    for name, fd in unused.items():
+        log.info("dropping %s, handed over by the previous run and of no use now", name)
+        os.close(fd)
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    for name, fd in kept.items():
+        notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+
+
 class Daemon:
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -106,6 +118,7 @@ class Daemon:
 
     async def serve(self) -> None:
         options = self.options
+        handed = handed_fds()
         self.registry = registry = await open_registry(options)
         try:
             ext = self.netlink.external_interface(options.iface, options.iface_regex)
@@ -132,9 +145,10 @@ class Daemon:
             raise Fatal(str(err)) from err
 
         try:
-            mtu = self.backend.start(subnet)
+            mtu = self.backend.start(subnet, handed)
         except BackendError as err:
             raise Fatal(str(err)) from err
+        keep_for_next_run(self.backend.kept(), handed)
         self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
         write_subnet_env(options.subnet_file, self.subnet_env)
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)

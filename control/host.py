@@ -86,10 +86,11 @@ class Netlink:
     def configure_tun(self, name: str, subnet: ipaddress.IPv4Network,
                       network: ipaddress.IPv4Network, mtu: int) -> None:
         """As flanneld: the subnet's address as a /32 (a source address for host-to-container
-        traffic, with no broadcast routes), the MTU, up, and a route for the whole Network."""
+        traffic, with no broadcast routes), the MTU, up, and a route for the whole Network. A
+        TUN kept from the previous run may have all of it already."""
         try:
             index = self._index(name)
-            self.rtnl.add_address(index, subnet.network_address, 32)
+            self.rtnl.set_only_address(index, subnet.network_address, 32)
             self.rtnl.set_up(index, mtu)
             self.rtnl.replace_route(network, index)
         except OSError as err:

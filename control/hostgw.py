@@ -36,7 +36,7 @@ class HostGwBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip, self.kind)
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int:
+    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
         return self._ext.mtu  # nothing is added to the packets
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
@@ -74,6 +74,9 @@ class HostGwBackend:
                     self._rtnl.delete_route(destination, self._ext.index, gateway)
         except OSError as err:
             log.error("removing stale routes from %s: %s", self._ext.name, err)
+
+    def kept(self) -> dict[str, int]:
+        return {}  # the kernel's devices and routes outlive the process by themselves
 
     def status(self) -> str:
         return f"host-gw on {self._ext.name}"

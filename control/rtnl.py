@@ -294,6 +294,17 @@ class RtNetlink:
                        prefixlen: int) -> None:
         self._address(RTM_DELADDR, 0, index, address, prefixlen)
 
+    def set_only_address(self, index: int, address: ipaddress.IPv4Address,
+                         prefixlen: int) -> None:
+        """Make `address` the link's one IPv4 address: a device kept from an earlier run may
+        have it already, or another lease's."""
+        present = [a for i, a in self.ipv4_addresses() if i == index]
+        if address not in present:
+            self.add_address(index, address, prefixlen)
+        for other in present:
+            if other != address:
+                self.delete_address(index, other, prefixlen)
+
     def set_up(self, index: int, mtu: int) -> None:
         """Set the link's MTU and bring it up."""
         body = (IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)

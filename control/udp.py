@@ -18,6 +18,11 @@ from fastpath.table import MAX_SUBNETS
 log = logging.getLogger("pyflanneld.udp")
 
 UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
+# The fast path's descriptors a restart goes on with, as named in systemd's fd store: the TUN
+# and the socket (whose queues hold the packets that come while no process reads them) and the
+# route table (so the next run forwards before it has read etcd).
+KEPT_PREFIX = "udp-"
+KEPT = ("tun", "socket", "routes")
 
 
 class UdpBackend:
@@ -42,15 +47,17 @@ class UdpBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip)
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int:
+    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
         config, ext, options = self._config, self._ext, self._options
         mtu = ext.mtu - UDP_ENCAP_OVERHEAD
+        ours = {name: handed.pop(f"{KEPT_PREFIX}{name}") for name in KEPT
+                if f"{KEPT_PREFIX}{name}" in handed}
         self.fastpath = fp = FastPath(
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
             batch=options.fastpath_batch, offload=options.fastpath_offload,
             scatter=options.fastpath_scatter, udp_coalesce=options.fastpath_udp_coalesce,
             nice=options.fastpath_nice, kernel=options.fastpath_kernel, underlay=ext.name,
-            verify_source=options.fastpath_verify_source)
+            verify_source=options.fastpath_verify_source, handed=ours)
         try:
             fp.start()
             self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
@@ -66,6 +73,10 @@ class UdpBackend:
         if fp.offload_missing:
             log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
                         fp.offload_missing)
+        if ours:
+            went_on = [name for name, fd in fp.kept().items() if ours.get(name) == fd]
+            log.info("udp backend: went on with the previous run's %s (of %s handed over)",
+                     ", ".join(went_on) or "nothing", ", ".join(ours))
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s", fp.tun_name, mtu,
                  ext.address, config.port, fp.batch, "on" if fp.offload else "off",
@@ -88,7 +99,17 @@ class UdpBackend:
         self.fastpath.del_route(subnet)
 
     def prune(self, peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
-        """Nothing outlives the process: the table starts empty with each run."""
+        """A table taken over from the previous run may hold routes no lease explains now."""
+        assert self.fastpath is not None
+        for subnet, _ in self.fastpath.table.routes():
+            if ipaddress.IPv4Network(subnet) not in peers:
+                log.info("removing route %s, which no lease explains", subnet)
+                self.fastpath.del_route(subnet)
+
+    def kept(self) -> dict[str, int]:
+        if self.fastpath is None or not self.fastpath.running:
+            return {}
+        return {f"{KEPT_PREFIX}{name}": fd for name, fd in self.fastpath.kept().items()}
 
     def status(self) -> str:
         return f"udp on {self.fastpath.tun_name}" if self.fastpath else "udp"

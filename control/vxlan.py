@@ -129,7 +129,7 @@ class VxlanBackend:
                           separators=(",", ":"))
         return encode_lease(self._public_ip, self.kind, data)
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int:
+    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
         """The subnet's address as a /32 (a source for host-to-container traffic, no broadcast
         routes) and nothing else of the Network on the device; MTU for subnet.env."""
         self._readdress(subnet)
@@ -139,12 +139,7 @@ class VxlanBackend:
         assert self._link is not None
         index = self._link.index
         try:
-            present = [a for i, a in self._rtnl.ipv4_addresses() if i == index]
-            if subnet.network_address not in present:
-                self._rtnl.add_address(index, subnet.network_address, 32)
-            for address in present:
-                if address != subnet.network_address:
-                    self._rtnl.delete_address(index, address, 32)
+            self._rtnl.set_only_address(index, subnet.network_address, 32)
         except OSError as err:
             raise BackendError(f"addressing {self.device}: {err}") from err
 
@@ -232,6 +227,9 @@ class VxlanBackend:
                     rtnl.delete_fdb(index, mac, dst)
         except OSError as err:
             log.error("removing stale entries from %s: %s", self.device, err)
+
+    def kept(self) -> dict[str, int]:
+        return {}  # the kernel's devices and routes outlive the process by themselves
 
     def status(self) -> str:
         return f"vxlan on {self.device}"

@@ -51,7 +51,9 @@ cdef class FastPath:
     that lacks what it needs, saying what in offload_missing (offload is then False); likewise
     udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2. With
     verify_source (the default) a received packet is delivered only when its source lies in the
-    subnet routed to the datagram's sender: anyone else's is dropped and counted.
+    subnet routed to the datagram's sender: anyone else's is dropped and counted. `handed`
+    holds descriptors an earlier run kept (`kept()`: "tun", "socket", "routes"), taken over
+    where they fit this run's settings.
     """
 
     cdef readonly RouteTable table
@@ -80,17 +82,19 @@ cdef class FastPath:
     cdef int wake_fd
     cdef object sock
     cdef list threads
+    cdef dict handed
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
-                  bint verify_source=True):
+                  bint verify_source=True, dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
-        self.table = RouteTable(network, subnet_len)
+        self.handed = dict(handed or {})
+        self.table = RouteTable(network, subnet_len, self.handed.pop("routes", -1))
         self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
         self.port = port
         self.underlay = underlay
@@ -149,8 +153,8 @@ cdef class FastPath:
                 if missing:
                     self.offload = False
                     self.offload_missing = " and ".join(missing)
-            self.tun_fd, self.tun_name, tun_offload, tun_uso = open_tun(self.tun_pattern,
-                                                                        self.offload)
+            self.tun_fd, self.tun_name, tun_offload, tun_uso = open_tun(
+                self.tun_pattern, self.offload, self.handed.pop("tun", -1))
             if self.offload and not tun_offload:
                 self.offload = False
                 self.offload_missing = TUN_OFFLOADS
@@ -158,7 +162,8 @@ cdef class FastPath:
                 self.udp_coalesce = False
                 if self.offload:
                     self.offload_missing = TUN_USO
-            self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload)
+            self.sock = open_udp(self.bind_ip, self.port, self.socket_buffer, self.offload,
+                                 self.handed.pop("socket", -1))
             self._start_kernel_path()
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
@@ -251,6 +256,11 @@ cdef class FastPath:
         with nogil:
             pthread_setname_np(pthread_self(), "pyflannel-rx")
             rx_run(&self.rx)
+
+    def kept(self) -> dict:
+        """The fds that let the next run go on where this one stops, by name (for `handed`):
+        the TUN and the socket, whose queues hold what comes meanwhile, and the route table."""
+        return {"tun": self.tun_fd, "socket": self.sock.fileno(), "routes": self.table.fd}
 
     def stop(self):
         """Stop both loops, wait for their threads and close the TUN (which removes it), the

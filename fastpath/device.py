@@ -14,6 +14,7 @@ from fastpath.udp_tc import KERNEL_PATH, unavailable
 TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -54,41 +55,97 @@ def missing_udp_offloads() -> list[str]:
     return missing
 
 
-def open_tun(name: str, offload: bool) -> tuple[int, str, bool, bool]:
+def open_tun(name: str, offload: bool, handed: int = -1) -> tuple[int, str, bool, bool]:
     """Open a TUN device (IFF_TUN | IFF_NO_PI: bare IP packets) named `name`, which may be a
     pattern such as "flannel%d" for the kernel to number. With offload, every packet comes and
     goes behind a virtio_net_hdr and the kernel may hand over TCP super-packets and unfinished
     checksums; a kernel that refuses those offloads gets a plain TUN instead. Returns
     (non-blocking fd, actual name, whether the offloads are on, whether the kernel takes UDP
-    super-packets written to the TUN). The device lives while the fd is open."""
+    super-packets written to the TUN). The device lives while the fd is open.
+
+    `handed`: the fd of a TUN an earlier run kept open (its queue held what was sent to it
+    meanwhile), taken instead of a new one when it matches `name` and the offload setting.
+    It is closed when it does not."""
     if len(name.encode()) >= IFNAMSIZ:
         raise ValueError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    if handed >= 0:
+        adopted = adopt_tun(handed, name, offload)
+        if adopted is not None:
+            return adopted
     fd = os.open(TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
-    uso = False
     try:
         ifreq = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
-        if offload:
-            # Linux 6.2+ knows UDP segmentation (USO) for TUN; a kernel that does not refuses
-            # the flags. Only writes use it: the reads go back to TCP super-packets alone.
-            try:
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
-                uso = True
-            except OSError:
-                pass
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS)
+        return offloaded(fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode(), offload)
     except OSError:
         os.close(fd)
         if offload:
             return open_tun(name, False)
         raise
-    return fd, ifreq[:IFNAMSIZ].rstrip(b"\0").decode(), offload, uso
 
 
-def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:
+def adopt_tun(fd: int, name: str, offload: bool) -> tuple[int, str, bool, bool] | None:
+    """open_tun's answer for a handed-over TUN fd, or None (fd closed) when it does not fit."""
+    try:
+        ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+        actual = ifreq[:IFNAMSIZ].rstrip(b"\0").decode()
+        flags = struct.unpack_from("H", ifreq, IFNAMSIZ)[0]
+        fits = (flags & (IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+                == IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+                and (actual == name or ("%d" in name and actual.startswith(name.split("%d")[0]))))
+        if fits:
+            os.set_inheritable(fd, False)
+            os.set_blocking(fd, False)
+            return offloaded(fd, actual, offload)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def offloaded(fd: int, name: str, offload: bool) -> tuple[int, str, bool, bool]:
+    """Turn the TUN's offloads on (when asked; raises when the kernel refuses): open_tun's
+    answer."""
+    uso = False
+    if offload:
+        # Linux 6.2+ knows UDP segmentation (USO) for TUN; a kernel that does not refuses
+        # the flags. Only writes use it: the reads go back to TCP super-packets alone.
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+            uso = True
+        except OSError:
+            pass
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS)
+    return fd, name, offload, uso
+
+
+def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool, handed: int = -1
+             ) -> socket.socket:
     """A UDP socket bound to ip:port with send and receive buffers of buffer_bytes (forced past
-    the system cap when we may, as root), receiving with UDP_GRO if asked."""
+    the system cap when we may, as root), receiving with UDP_GRO if asked. `handed`: the fd of
+    a socket an earlier run kept open (what arrived meanwhile waits in it), taken when it is
+    bound to ip:port, closed when not."""
+    if handed >= 0:
+        sock = socket.socket(fileno=handed)
+        if sock.type == socket.SOCK_DGRAM and sock.getsockname() == (ip, port):
+            sock.set_inheritable(False)
+            sock.setblocking(True)
+            if not gro:  # the earlier run may have had it on
+                sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            return configured(sock, buffer_bytes, gro)
+        sock.close()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        configured(sock, buffer_bytes, gro)
+        sock.bind((ip, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def configured(sock: socket.socket, buffer_bytes: int, gro: bool) -> socket.socket:
+    """The socket with open_udp's buffers and UDP_GRO setting."""
     try:
         buffers = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
         for forced, plain in buffers:
@@ -98,7 +155,6 @@ def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
         if gro:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-        sock.bind((ip, port))
     except OSError:
         sock.close()
         raise

@@ -1,4 +1,5 @@
-# The subnet-to-host table: one flat array of 64-bit entries, one per subnet of the Network.
+# The subnet-to-host table: one flat array of 64-bit entries, one per subnet of the Network, in
+# a memfd (after a header that names the Network), so the next run can adopt it whole.
 # The control plane writes entries with atomic stores; the loops read them with atomic loads.
 
 from libc.stdint cimport uint32_t, uint64_t
@@ -31,5 +32,9 @@ cdef class RouteTable:
     cdef route_table_t table
     cdef readonly object network
     cdef readonly int subnet_len
+    cdef readonly int fd          # the memfd holding the table: kept across a restart
+    cdef readonly bint adopted    # whether it came from an earlier run
+    cdef void *mapping
+    cdef size_t mapping_bytes
 
     cdef uint32_t _index(self, subnet) except? 0xFFFFFFFF

@@ -1,10 +1,11 @@
 """The Python face of the subnet-to-host table (lookups on the packet path are in table.pxd)."""
 
 import ipaddress
+import os
 import socket
 
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from fastpath.system cimport pf_store
 
@@ -12,23 +13,53 @@ from fastpath.system cimport pf_store
 # 2**22 entries; anything past 2**24 is a mistake, not a cluster.
 MAX_SUBNETS = 1 << 24
 
+# The memfd starts with a header page: magic, network, SubnetLen, size. A table handed over
+# from an earlier run is adopted only when they all match this run's.
+cdef enum:
+    HEADER_BYTES = 4096
+MAGIC = 0x70666C726F757465  # "pflroute"
+
 
 cdef class RouteTable:
     """Maps each subnet of `network` (cut into /subnet_len) to a peer's (IPv4, UDP port).
 
     set() and delete() may be called from Python while the loops look entries up without a lock.
+    With `fd`, a table that an earlier run left in that memfd is adopted (with its routes) when
+    it is for the same Network and SubnetLen; otherwise, or without one, a new empty one is made.
+    The table owns the memfd either way.
     """
 
-    def __cinit__(self, network, int subnet_len):
+    def __cinit__(self, network, int subnet_len, int fd=-1):
+        self.fd = -1
+        self.mapping = MAP_FAILED
         net = ipaddress.IPv4Network(network)
         if not net.prefixlen < subnet_len <= 32:
             raise ValueError(f"subnet length {subnet_len} must be in ({net.prefixlen}, 32] for {net}")
         size = 1 << (subnet_len - net.prefixlen)
         if size > MAX_SUBNETS:
             raise ValueError(f"{net} cut into /{subnet_len} gives {size} subnets, more than {MAX_SUBNETS}")
-        self.table.entries = <uint64_t *>calloc(size, sizeof(uint64_t))
-        if self.table.entries == NULL:
-            raise MemoryError()
+        header = (MAGIC, int(net.network_address), subnet_len, size)
+        self.mapping_bytes = HEADER_BYTES + size * sizeof(uint64_t)
+        self.adopted = fd >= 0 and os.fstat(fd).st_size == self.mapping_bytes
+        if fd >= 0 and not self.adopted:
+            os.close(fd)
+        if not self.adopted:
+            fd = os.memfd_create("pyflannel-routes", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.mapping_bytes)  # zero-filled: no routes
+        self.fd = fd
+        self.mapping = mmap(NULL, self.mapping_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if self.mapping == MAP_FAILED:
+            raise MemoryError("cannot map the route table")
+        cdef uint64_t *words = <uint64_t *>self.mapping
+        cdef uint64_t *entries = words + HEADER_BYTES // sizeof(uint64_t)
+        cdef size_t i
+        if self.adopted and (words[0], words[1], words[2], words[3]) != header:
+            self.adopted = False
+            for i in range(size):
+                entries[i] = 0
+        for i in range(4):
+            words[i] = header[i]
+        self.table.entries = entries
         self.network = net
         self.subnet_len = subnet_len
         self.table.network = int(net.network_address)
@@ -37,7 +68,10 @@ cdef class RouteTable:
         self.table.size = size
 
     def __dealloc__(self):
-        free(self.table.entries)
+        if self.mapping != MAP_FAILED:
+            munmap(self.mapping, self.mapping_bytes)
+        if self.fd >= 0:
+            os.close(self.fd)
 
     def __len__(self):
         return self.table.size

@@ -3,6 +3,7 @@ Used by the tests, `make demo` and perf/."""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Self
 
 from control.subnetenv import read_variables
@@ -38,12 +39,25 @@ class LoggedDaemon:
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
-    def start(self) -> Self:
+    def start(self, handed: Mapping[str, int] | None = None) -> Self:
+        """handed: descriptors by name, passed as systemd passes its fd store's to a restarted
+        service (tests/fdstore.py)."""
+        command, environ, preexec = self.command, self.environ, None
+        if handed:
+            names, fds = list(handed), list(handed.values())
+            environ = {**environ, "LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join(names)}
+            command = ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command]
+
+            def preexec() -> None:  # in the child: the fds at 3, 4, ... as systemd puts them
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in fds]
+                for target, fd in enumerate(high, start=3):
+                    os.dup2(fd, target)
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            # `ip netns exec` execs the command, so this PID is the daemon's own.
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environ)
+            # `ip netns exec` (and sh's exec) execs the command, so this PID is the daemon's own.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=environ, preexec_fn=preexec,
+                                            close_fds=not handed)
         return self
 
     def log(self) -> str:

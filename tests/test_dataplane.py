@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from fastpath import FastPath
-from fastpath.device import SO_RCVBUFFORCE
+from fastpath.device import SO_RCVBUFFORCE, open_tun, open_udp
 from tests.conftest import require_host_network_tools
 from tests.test_packet import reference_checksum
 from tests.testbed import Host, Testbed, configure_tun, inside, tcp_transfer
@@ -402,12 +402,13 @@ def test_stop_during_traffic_is_prompt_and_leaves_nothing_behind() -> None:
         with inside(a.host.container_netns):
             blaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         stop_blasting = threading.Event()
+        target = (b.host.container_ip, 9)
 
         def blast() -> None:
             payload = os.urandom(1200)
             while not stop_blasting.is_set():
                 for _ in range(100):
-                    blaster.sendto(payload, (b.host.container_ip, 9))
+                    blaster.sendto(payload, target)
 
         sender = threading.Thread(target=blast)
         sender.start()
@@ -429,5 +430,31 @@ def test_stop_during_traffic_is_prompt_and_leaves_nothing_behind() -> None:
             blaster.close()
             for node in nodes:
                 node.fastpath.stop()
+        del a, b, node, nodes  # the route tables' memfds go with their fast paths
     assert fastpath_threads() == threads_before
     assert set(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_handed_descriptors_are_taken_when_they_fit_and_closed_when_not(
+        testbed: Testbed) -> None:
+    host = testbed.add_host()
+    with inside(host.netns):
+        fd, name, offload, _ = open_tun("pfkeep%d", True)
+        index = socket.if_nametoindex(name)
+        # The same settings: the same device, whose fd is now this run's.
+        again, same, _, _ = open_tun("pfkeep%d", True, handed=os.dup(fd))
+        assert (same, socket.if_nametoindex(same), offload) == (name, index, True)
+        os.close(again)
+        # Other offload settings: the handed fd is closed, a new device made.
+        other, new, _, _ = open_tun("pfkeep%d", False, handed=os.dup(fd))
+        assert new != name
+        os.close(other)
+        sock = open_udp(host.underlay_ip, 18285, 1 << 20, True)
+        kept = open_udp(host.underlay_ip, 18285, 1 << 20, False, handed=os.dup(sock.fileno()))
+        assert kept.getsockname() == (host.underlay_ip, 18285)
+        # Bound elsewhere: a new socket.
+        fresh = open_udp(host.underlay_ip, 18286, 1 << 20, False, handed=os.dup(sock.fileno()))
+        assert fresh.getsockname() == (host.underlay_ip, 18286)
+        for s in (sock, kept, fresh):
+            s.close()
+        os.close(fd)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from control.sdnotify import notify, watchdog_period
+from control.sdnotify import handed_fds, notify, watchdog_period
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed, inside
@@ -32,6 +32,28 @@ def test_notify_sends_one_datagram(tmp_path: object, abstract: bool) -> None:
     with listener(address) as sock:
         assert notify("READY=1\nSTATUS=up", {"NOTIFY_SOCKET": address})
         assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+
+
+def test_notify_passes_descriptors_for_the_fd_store(tmp_path: object) -> None:
+    address = os.path.join(str(tmp_path), "notify")
+    read, write = os.pipe()
+    with listener(address) as sock:
+        assert notify("FDSTORE=1\nFDNAME=udp-tun", {"NOTIFY_SOCKET": address}, fds=[write])
+        message, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+    assert message == b"FDSTORE=1\nFDNAME=udp-tun" and len(fds) == 1
+    os.write(fds[0], b"x")  # the same pipe, through the copy systemd would keep
+    assert os.read(read, 1) == b"x"
+    for fd in (read, write, *fds):
+        os.close(fd)
+
+
+def test_handed_fds_are_named_as_stored_and_only_for_this_process() -> None:
+    mine = {"LISTEN_FDS": "3", "LISTEN_PID": str(os.getpid()),
+            "LISTEN_FDNAMES": "udp-tun:udp-socket:"}
+    assert handed_fds(mine) == {"udp-tun": 3, "udp-socket": 4, "unknown": 5}
+    assert mine == {}  # so no child takes them for its own
+    assert handed_fds({"LISTEN_FDS": "2", "LISTEN_PID": "1"}) == {}
+    assert handed_fds({}) == {}
 
 
 def test_notify_without_systemd_or_with_a_dead_socket_does_nothing(tmp_path: object) -> None:

@@ -85,3 +85,20 @@ def test_set_refuses_a_bad_port(port: int) -> None:
 def test_bad_shapes_are_refused(network: str, subnet_len: int) -> None:
     with pytest.raises(ValueError):
         RouteTable(network, subnet_len)
+
+
+def test_a_table_handed_to_the_next_run_keeps_its_routes_for_the_same_network_only() -> None:
+    import os
+
+    first = RouteTable("10.244.0.0/16", 24)
+    assert not first.adopted
+    first.set("10.244.7.0/24", "198.18.0.1", 8285)
+    kept = os.dup(first.fd)
+    del first
+    second = RouteTable("10.244.0.0/16", 24, kept)
+    assert second.adopted and second.routes() == [("10.244.7.0/24", ("198.18.0.1", 8285))]
+    # Another Network of the same size, or another SubnetLen: a new, empty table.
+    for network, subnet_len in (("10.245.0.0/16", 24), ("10.244.0.0/16", 25)):
+        kept = os.dup(second.fd)
+        other = RouteTable(network, subnet_len, kept)
+        assert not other.adopted and other.routes() == []
