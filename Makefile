@@ -13,7 +13,7 @@ DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client container
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
-.PHONY: install deb demo test perf scale profile lint clean wheel
+.PHONY: install deb demo test perf scale leases profile lint clean wheel
 
 install: deb $(STAMP)
 
@@ -51,6 +51,12 @@ perf: install
 HOSTS ?= 100
 scale: install
 	$(PY) -m perf.scale --hosts $(HOSTS)
+
+# LEASES leases written straight into etcd beside real hosts: a joining daemon's start-up, CPU
+# under 100 lease changes per second, TCP against a 2-lease cluster (perf/SCALE.md); API=v2 too.
+LEASES ?= 10000
+leases: install
+	$(PY) -m perf.leases --leases $(LEASES) --api $(API)
 
 # Where one TCP stream spends the machine over pyflannel and over kernel VXLAN (perf/PROFILE.md).
 profile: install

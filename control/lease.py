@@ -124,7 +124,7 @@ def choose_subnet(config: NetworkConfig,
             return Choice(mine, reuse=True)
         stale = mine
         leases = [(subnet, ip) for subnet, ip in leases if subnet != mine]
-    taken = [subnet for subnet, _ in leases]
+    taken = {subnet for subnet, _ in leases}
     if previous is not None:
         if previous in taken:
             log.warning("previous subnet %s is leased by another host; not reusing it", previous)
@@ -132,9 +132,12 @@ def choose_subnet(config: NetworkConfig,
             log.warning("previous subnet %s does not fit the config; not reusing it", previous)
         else:
             return Choice(previous, reuse=False, stale=stale)
+    # Leases of this SubnetLen are looked up whole; only others (from an earlier config) need
+    # an overlap test. With 10,000 leases, overlap tests against all of them cost minutes.
+    odd = [subnet for subnet in taken if subnet.prefixlen != config.subnet_len]
     free = []
     for candidate in config.subnets():
-        if not any(candidate.overlaps(subnet) for subnet in taken):
+        if candidate not in taken and not any(candidate.overlaps(subnet) for subnet in odd):
             free.append(candidate)
             if len(free) == PICK_FROM:
                 break

@@ -1,5 +1,6 @@
 """What the benchmark reads from /proc and /sys: CPU time of the whole machine and of a process,
-a process's peak resident memory, and the machine's description.
+a process's peak resident and proportional memory, the machine's free memory, and its
+description.
 
 /proc is not per network namespace, so these work from inside any testbed namespace."""
 
@@ -37,6 +38,25 @@ def process_peak_rss_bytes(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def process_pss_bytes(pid: int) -> int:
+    """The process's proportional set size: its private memory plus its share of pages it
+    shares with others (the interpreter and libraries of N daemons are in memory once)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def machine_available_bytes() -> int:
+    """MemAvailable: what the machine can still give without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def machine() -> dict[str, str]:

@@ -15,10 +15,16 @@ import statistics
 import sys
 import time
 
-from perf.proc import machine, process_cpu_seconds, process_peak_rss_bytes
+from perf.proc import (
+    machine,
+    machine_available_bytes,
+    process_cpu_seconds,
+    process_peak_rss_bytes,
+    process_pss_bytes,
+)
 from tests.cluster import PREFIX, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
-from tests.testbed import Testbed
+from tests.testbed import LARGE_UNDERLAY, UNDERLAY, Testbed
 
 CONFIG = {"Network": "10.0.0.0/12", "SubnetLen": 24}  # 4095 subnets
 STEADY_SECONDS = 10.0
@@ -41,7 +47,8 @@ def main() -> int:
     args = parser.parse_args()
     n = args.hosts
     started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with Testbed() as bed:
+    available_before = machine_available_bytes()
+    with Testbed(underlay=UNDERLAY if n < UNDERLAY.num_addresses - 4 else LARGE_UNDERLAY) as bed:
         etcd = EtcdServer(bed)
         daemons: list[Flanneld] = []
         try:
@@ -72,6 +79,8 @@ def main() -> int:
                    for pid in pids]
             request_rate = (etcd_requests(etcd) - requests_before) / STEADY_SECONDS
             rss = [process_peak_rss_bytes(pid) / (1 << 20) for pid in pids]
+            pss = [process_pss_bytes(pid) / (1 << 20) for pid in pids]
+            used = (available_before - machine_available_bytes()) / (1 << 30)
             leases = etcd.get_prefix(f"{PREFIX}/subnets/", "v3")
         finally:
             stop_all(daemons)
@@ -91,6 +100,9 @@ def main() -> int:
          f"{statistics.median(cpu):.2f} / {max(cpu):.2f}"),
         ("per daemon: peak RSS MiB (median / max)",
          f"{statistics.median(rss):.1f} / {max(rss):.1f}"),
+        ("per daemon: PSS MiB, shared pages counted once (median / max)",
+         f"{statistics.median(pss):.1f} / {max(pss):.1f}"),
+        ("machine memory taken by the whole run (hosts, daemons, etcd), GiB", f"{used:.1f}"),
         ("steady state: etcd gRPC requests per second", f"{request_rate:.1f}"),
     ]
     m = machine()

@@ -144,9 +144,10 @@ def stop_all(daemons: list[Flanneld]) -> None:
         daemon.stop()
 
 
-def put_config(etcd: EtcdServer, api: str, config: dict[str, object] | str) -> None:
+def put_config(etcd: EtcdServer, api: str, config: dict[str, object] | str,
+               prefix: str = PREFIX) -> None:
     text = config if isinstance(config, str) else json.dumps(config)
-    etcd.put(f"{PREFIX}/config", text, api)
+    etcd.put(f"{prefix}/config", text, api)
 
 
 class Cluster:

@@ -7,6 +7,7 @@ import pytest
 
 from control.config import parse_config
 from control.lease import (
+    PICK_FROM,
     LeaseError,
     OutOfSubnetsError,
     PeerLease,
@@ -107,6 +108,22 @@ def test_random_pick_avoids_every_taken_subnet_even_unreadable_ones() -> None:
     picks = {choose_subnet(CONFIG, taken, ME, None, random.Random(seed)).subnet
              for seed in range(20)}
     assert picks == {net("10.244.20.0/24")}
+
+
+def test_a_lease_of_another_length_still_blocks_what_it_overlaps() -> None:
+    taken = [(net("10.244.10.0/23"), OTHER), (net("10.244.12.0/22"), OTHER)]  # a former config
+    picks = {choose_subnet(CONFIG, taken, ME, None, random.Random(seed)).subnet
+             for seed in range(50)}
+    assert picks == {net(f"10.244.{i}.0/24") for i in range(16, 21)}
+
+
+def test_ten_thousand_leases_leave_the_next_free_subnets() -> None:
+    config = parse_config(b'{"Network":"10.0.0.0/8","SubnetLen":24}')
+    taken = [(net(f"10.{i >> 8}.{i & 255}.0/24"), OTHER) for i in range(1, 10001)]
+    picks = {choose_subnet(config, taken, ME, None, random.Random(seed)).subnet
+             for seed in range(20)}
+    first_free = [net(f"10.{i >> 8}.{i & 255}.0/24") for i in range(10001, 10001 + PICK_FROM)]
+    assert picks <= set(first_free) and len(picks) > 1
 
 
 def test_random_pick_spreads_over_the_free_subnets() -> None:

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+# Room for `make scale`'s 500 hosts (the tests' fake peers are 198.18.0.250 and up, or off the
+# /24: a testbed this large is only scale's).
+LARGE_UNDERLAY = ipaddress.IPv4Network("198.18.0.0/22")
 CNI_PATH = "/usr/lib/cni"
 # pyflannel's CNI plugin, installed beside the interpreter (the venv's bin/).
 FLANNEL_CNI = os.path.join(os.path.dirname(sys.executable), "flannel")
@@ -87,8 +90,10 @@ class Testbed:
 
     __test__ = False  # a fixture, not a test class
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None,
+                 underlay: ipaddress.IPv4Network = UNDERLAY) -> None:
         self.prefix = prefix or f"pf{os.getpid() % 100000}{os.urandom(2).hex()}"
+        self.underlay_network = underlay
         self.namespaces: list[str] = []
         self.hosts: list[Host] = []
         self.workdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
@@ -104,14 +109,18 @@ class Testbed:
         return name
 
     def add_host(self, name: str | None = None) -> Host:
-        """A host on the underlay: 198.18.0.N/24 on eth0 (MTU 1500), forwarding on."""
+        """A host on the underlay: its N-th address on eth0 (MTU 1500), forwarding on."""
         index = len(self.hosts) + 1
-        host = Host(self._netns(name or f"h{index}"), str(UNDERLAY.network_address + index))
+        if index >= self.underlay_network.num_addresses - 1:
+            raise RuntimeError(f"the underlay {self.underlay_network} has no room for host {index}")
+        host = Host(self._netns(name or f"h{index}"),
+                    str(self.underlay_network.network_address + index))
         port = f"u{index}"
         sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth",
            "peer", "name", "eth0", "netns", host.netns)
         sh("ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up")
-        host.ip("addr", "add", f"{host.underlay_ip}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        host.ip("addr", "add", f"{host.underlay_ip}/{self.underlay_network.prefixlen}", "dev",
+                "eth0")
         host.ip("link", "set", "eth0", "up")
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.hosts.append(host)
