@@ -22,7 +22,7 @@ class AllocBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip)
 
-    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
+    def start(self, subnet: ipaddress.IPv4Network) -> int:
         return self._ext.mtu  # flanneld's alloc writes the external interface's
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:

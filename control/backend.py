@@ -3,9 +3,9 @@ the daemon and the watch never ask which one runs.
 
 A backend's life: `prepare` (before the lease: what the lease value needs, such as the vxlan
 device whose MAC it carries), `lease_value`, `start` on the leased subnet (returns the MTU for
-subnet.env; it takes over what it can use of the descriptors an earlier run kept, and names
-those the next run should get in `kept`), then `add_peer`/`remove_peer` for every other host's
-lease and `prune` after each full listing, `move` if this host's subnet changes, and `stop`.
+subnet.env), then `add_peer`/`remove_peer` for every other host's lease and `prune` after each
+full listing, `move` if this host's subnet changes, and `stop`. `kept` names the descriptors the
+next run should go on with (control/handover.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import re
 from typing import Protocol
 
 from control.config import NetworkConfig
+from control.handover import release_resumed
 from control.host import ExternalInterface, Netlink
 from control.lease import PeerLease
 from control.options import Options
 from control.rtnl import RtNetlink
+from fastpath import FastPath
 
 log = logging.getLogger("pyflanneld.backend")
 
@@ -38,9 +40,7 @@ class Backend(Protocol):
 
     def lease_value(self) -> bytes: ...
 
-    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
-        """handed: the earlier run's kept descriptors; the backend pops those it takes."""
-        ...
+    def start(self, subnet: ipaddress.IPv4Network) -> int: ...
 
     def kept(self) -> dict[str, int]: ...
 
@@ -59,12 +59,16 @@ class Backend(Protocol):
 
 
 def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
-                 public_ip: ipaddress.IPv4Address, options: Options) -> Backend:
-    """The backend for `config.backend_type`; each is imported only when chosen."""
+                 public_ip: ipaddress.IPv4Address, options: Options,
+                 resumed: FastPath | None = None) -> Backend:
+    """The backend for `config.backend_type`; each is imported only when chosen. `resumed`:
+    the udp fast path the previous run kept, already forwarding; another backend ends it."""
     if config.backend_type == "udp":
         from control.udp import UdpBackend
 
-        return UdpBackend(config, netlink, ext, public_ip, options)
+        return UdpBackend(config, netlink, ext, public_ip, options, resumed)
+    if resumed is not None:
+        release_resumed(resumed)
     if config.backend_type == "vxlan":
         from control.vxlan import VxlanBackend
 

@@ -15,6 +15,7 @@ import signal
 from control.backend import Backend, BackendError, clear_other_backends, make_backend
 from control.config import ConfigError, NetworkConfig, parse_config
 from control.endpoints import healthz_page, serve_http
+from control.handover import keep_for_next_run, release
 from control.host import ExternalInterface, HostError, Netlink
 from control.iptables import (
     IPTablesError,
@@ -27,9 +28,10 @@ from control.iptables import (
 from control.lease import LeaseKeeper, OutOfSubnetsError
 from control.options import Options
 from control.registry import Registry, RegistryError, answering_first
-from control.sdnotify import handed_fds, notify, watchdog_period
+from control.sdnotify import notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.watch import SubnetWatcher
+from fastpath import FastPath
 
 log = logging.getLogger("pyflanneld")
 
@@ -66,8 +68,8 @@ async def open_registry(options: Options) -> Registry:
 
 
 async def wait_for_config(registry: Registry, options: Options, netlink: Netlink,
-                          ext: ExternalInterface, public_ip: ipaddress.IPv4Address
-                          ) -> tuple[NetworkConfig, Backend]:
+                          ext: ExternalInterface, public_ip: ipaddress.IPv4Address,
+                          resumed: FastPath | None = None) -> tuple[NetworkConfig, Backend]:
     """Read <prefix>/config until it is there and its backend can run here, logging why not
     every second, as flanneld does: daemons may start before the operator writes it. The
     backend is prepared (the vxlan device made) but holds no lease yet."""
@@ -79,7 +81,7 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
                 raise ConfigError("flannel config not found in etcd store. Did you create your "
                                   f"config using etcd{options.etcd_api} API?")
             config = parse_config(raw)
-            backend = make_backend(config, netlink, ext, public_ip, options)
+            backend = make_backend(config, netlink, ext, public_ip, options, resumed)
             backend.prepare()
             clear_other_backends(config, netlink.rtnl, ext, backend.device)
             return config, backend
@@ -94,21 +96,14 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
         await asyncio.sleep(CONFIG_RETRY_SECONDS)
 
 
-def keep_for_next_run(kept: dict[str, int], unused: dict[str, int]) -> None:
-    """Hand systemd's fd store (FileDescriptorStoreMax in the unit) what the backend keeps for
-    the next run, and take out what an earlier run kept and this one has no use for: a TUN
-    held there would otherwise outlive a backend change."""
-    for name, fd in unused.items():
-        log.info("dropping %s, handed over by the previous run and of no use now", name)
-        os.close(fd)
-        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-    for name, fd in kept.items():
-        notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
-
-
 class Daemon:
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, handed: dict[str, int] | None = None,
+                 resumed: FastPath | None = None) -> None:
+        """handed: descriptors the previous run kept (systemd's fd store); resumed: the fast
+        path already forwarding on some of them (control/handover.py)."""
         self.options = options
+        self.handed = dict(handed or {})
+        self.resumed = resumed
         self.netlink = Netlink()
         self.registry: Registry | None = None  # opened by serve(), which may wait for it
         self.backend: Backend | None = None
@@ -118,7 +113,6 @@ class Daemon:
 
     async def serve(self) -> None:
         options = self.options
-        handed = handed_fds()
         self.registry = registry = await open_registry(options)
         try:
             ext = self.netlink.external_interface(options.iface, options.iface_regex)
@@ -129,7 +123,7 @@ class Daemon:
                  ext.mtu, public_ip)
 
         config, self.backend = await wait_for_config(registry, options, self.netlink, ext,
-                                                     public_ip)
+                                                     public_ip, self.resumed)
         log.info("config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                  config.network, config.subnet_len, config.subnet_min, config.subnet_max,
                  config.backend_type, f" port {config.port}" if config.backend_type == "udp"
@@ -144,11 +138,12 @@ class Daemon:
         except OutOfSubnetsError as err:
             raise Fatal(str(err)) from err
 
+        release(self.handed)  # what the backend did not resume with
         try:
-            mtu = self.backend.start(subnet, handed)
+            mtu = self.backend.start(subnet)
         except BackendError as err:
             raise Fatal(str(err)) from err
-        keep_for_next_run(self.backend.kept(), handed)
+        keep_for_next_run(self.backend.kept())
         self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
         write_subnet_env(options.subnet_file, self.subnet_env)
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
@@ -233,6 +228,8 @@ class Daemon:
     async def close(self) -> None:
         if self.backend is not None:
             self.backend.stop()
+        if self.resumed is not None:  # when no backend took it over (stop() is idempotent)
+            self.resumed.stop()
         if self.registry is not None:
             await self.registry.close()
         self.netlink.close()
@@ -250,9 +247,10 @@ def _pending_tasks() -> str:
     return "; ".join(waits)
 
 
-async def run_daemon(options: Options) -> int:
+async def run_daemon(options: Options, handed: dict[str, int] | None = None,
+                     resumed: FastPath | None = None) -> int:
     """Run until SIGTERM/SIGINT (status 0) or a fatal problem (status 1)."""
-    daemon = Daemon(options)
+    daemon = Daemon(options, handed, resumed)
     serving = asyncio.ensure_future(daemon.serve())
     loop = asyncio.get_running_loop()
     signalled: asyncio.Future[signal.Signals] = loop.create_future()

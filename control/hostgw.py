@@ -36,7 +36,7 @@ class HostGwBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip, self.kind)
 
-    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
+    def start(self, subnet: ipaddress.IPv4Network) -> int:
         return self._ext.mtu  # nothing is added to the packets
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:

@@ -22,7 +22,6 @@ from control.registry import Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.lease")
 
-SUBNET_TTL = 24 * 60 * 60  # flanneld's subnetTTL
 RACE_RETRIES = 10          # flanneld's raceRetries: another host may win the create each time
 PICK_FROM = 100            # flanneld picks at random among the first 100 free subnets
 RETRY_SECONDS = 1.0
@@ -171,7 +170,7 @@ class LeaseKeeper:
 
     def __init__(self, registry: Registry, config: NetworkConfig,
                  public_ip: ipaddress.IPv4Address, value: bytes,
-                 previous: ipaddress.IPv4Network | None, *, ttl: int = SUBNET_TTL,
+                 previous: ipaddress.IPv4Network | None, *, ttl: int,
                  renew_margin: float = 3600.0, rng: random.Random | None = None) -> None:
         self._registry = registry
         self._config = config

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from control.lease import SUBNET_TTL
-from control.registry import DEFAULT_PREFIX
 from control.subnetenv import DEFAULT_SUBNET_FILE
 from fastpath import DEFAULT_BATCH
 from fastpath.udp_tc import KERNEL_MODES
@@ -27,6 +25,8 @@ VERSION = "0.1.0"
 FLANNEL_COMPAT = "v0.20.2"
 ENV_PREFIX = "FLANNELD_"
 DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+DEFAULT_PREFIX = "/coreos.com/network"
+SUBNET_TTL = 24 * 60 * 60  # flanneld's subnetTTL
 DEFAULT_ETCD_PORT = 2379
 
 
@@ -68,6 +68,14 @@ class Options:
     fastpath_kernel: str
     fastpath_verify_source: bool
     v: int
+
+    @property
+    def fastpath_levers(self) -> dict[str, Any]:
+        """The fast path's switchable levers (FastPath's keyword arguments), from the flags."""
+        return {"batch": self.fastpath_batch, "offload": self.fastpath_offload,
+                "scatter": self.fastpath_scatter, "udp_coalesce": self.fastpath_udp_coalesce,
+                "nice": self.fastpath_nice, "kernel": self.fastpath_kernel,
+                "verify_source": self.fastpath_verify_source}
 
 
 def _endpoints(text: str) -> list[Endpoint]:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-DEFAULT_PREFIX = "/coreos.com/network"
 PROBE_SECONDS = 2.0  # how long start-up waits for some endpoint to take a connection
 
 

@@ -9,6 +9,7 @@ import logging
 
 from control.backend import BackendError
 from control.config import NetworkConfig
+from control.handover import kept_names, release_resumed
 from control.host import ExternalInterface, HostError, Netlink
 from control.lease import PeerLease, encode_lease
 from control.options import Options
@@ -18,11 +19,6 @@ from fastpath.table import MAX_SUBNETS
 log = logging.getLogger("pyflanneld.udp")
 
 UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
-# The fast path's descriptors a restart goes on with, as named in systemd's fd store: the TUN
-# and the socket (whose queues hold the packets that come while no process reads them) and the
-# route table (so the next run forwards before it has read etcd).
-KEPT_PREFIX = "udp-"
-KEPT = ("tun", "socket", "routes")
 
 
 class UdpBackend:
@@ -30,8 +26,11 @@ class UdpBackend:
     device = None
 
     def __init__(self, config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
-                 public_ip: ipaddress.IPv4Address, options: Options) -> None:
+                 public_ip: ipaddress.IPv4Address, options: Options,
+                 resumed: FastPath | None = None) -> None:
+        """resumed: the fast path the previous run kept, forwarding since this run began."""
         self._config = config
+        self._resumed = resumed
         self._netlink = netlink
         self._ext = ext
         self._public_ip = public_ip
@@ -47,21 +46,40 @@ class UdpBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip)
 
-    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
+    def start(self, subnet: ipaddress.IPv4Network) -> int:
         config, ext, options = self._config, self._ext, self._options
         mtu = ext.mtu - UDP_ENCAP_OVERHEAD
-        ours = {name: handed.pop(f"{KEPT_PREFIX}{name}") for name in KEPT
-                if f"{KEPT_PREFIX}{name}" in handed}
+        fp = self._resumed
+        if fp is not None:
+            made_for = (fp.table.network, fp.table.subnet_len, fp.bind_ip, fp.port, fp.mtu,
+                        fp.underlay)
+            wanted = (config.network, config.subnet_len, str(ext.address), config.port, mtu,
+                      ext.name)
+            if made_for == wanted:
+                log.info("udp backend: went on with the fast path the previous run kept (its "
+                         "TUN, socket and routes), forwarding since this run began")
+                self.fastpath = fp
+                return self._started(subnet, mtu)
+            log.warning("udp backend: the fast path the previous run kept was made for %s, "
+                        "not %s: starting a new one", made_for, wanted)
+            release_resumed(fp)
         self.fastpath = fp = FastPath(
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
-            batch=options.fastpath_batch, offload=options.fastpath_offload,
-            scatter=options.fastpath_scatter, udp_coalesce=options.fastpath_udp_coalesce,
-            nice=options.fastpath_nice, kernel=options.fastpath_kernel, underlay=ext.name,
-            verify_source=options.fastpath_verify_source, handed=ours)
+            underlay=ext.name, **options.fastpath_levers)
         try:
             fp.start()
+        except OSError as err:
+            raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
+                               f"{err}") from err
+        return self._started(subnet, mtu)
+
+    def _started(self, subnet: ipaddress.IPv4Network, mtu: int) -> int:
+        """Address and route the running fast path's TUN, and say how it runs."""
+        config, ext, fp = self._config, self._ext, self.fastpath
+        assert fp is not None
+        try:
             self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
-        except (OSError, HostError) as err:
+        except HostError as err:
             raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
                                f"{err}") from err
         if fp.nice_error:
@@ -73,10 +91,6 @@ class UdpBackend:
         if fp.offload_missing:
             log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
                         fp.offload_missing)
-        if ours:
-            went_on = [name for name, fd in fp.kept().items() if ours.get(name) == fd]
-            log.info("udp backend: went on with the previous run's %s (of %s handed over)",
-                     ", ".join(went_on) or "nothing", ", ".join(ours))
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s", fp.tun_name, mtu,
                  ext.address, config.port, fp.batch, "on" if fp.offload else "off",
@@ -109,7 +123,7 @@ class UdpBackend:
     def kept(self) -> dict[str, int]:
         if self.fastpath is None or not self.fastpath.running:
             return {}
-        return {f"{KEPT_PREFIX}{name}": fd for name, fd in self.fastpath.kept().items()}
+        return kept_names(self.fastpath.kept())
 
     def status(self) -> str:
         return f"udp on {self.fastpath.tun_name}" if self.fastpath else "udp"

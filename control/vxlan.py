@@ -129,7 +129,7 @@ class VxlanBackend:
                           separators=(",", ":"))
         return encode_lease(self._public_ip, self.kind, data)
 
-    def start(self, subnet: ipaddress.IPv4Network, handed: dict[str, int]) -> int:
+    def start(self, subnet: ipaddress.IPv4Network) -> int:
         """The subnet's address as a /32 (a source for host-to-container traffic, no broadcast
         routes) and nothing else of the Network on the device; MTU for subnet.env."""
         self._readdress(subnet)

@@ -9,7 +9,9 @@ import threading
 
 from libc.stdint cimport uint64_t
 
-from fastpath.device import TUN_OFFLOADS, TUN_USO, missing_udp_offloads, open_tun, open_udp
+from fastpath.device import (
+    TUN_OFFLOADS, TUN_USO, interface_with, missing_udp_offloads, open_tun, open_udp, tun_identity,
+)
 from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underlay
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
@@ -18,6 +20,7 @@ from fastpath.system cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store, pthread_self, pthread_setname_np,
 )
 from fastpath.table cimport RouteTable
+from fastpath.table import kept_layout
 
 # A slot holds a virtio_net_hdr and any IPv4 packet (a TSO super-packet too) or a UDP_GRO receive.
 SLOT_BYTES = VNET_HDR_LEN + 65536
@@ -257,6 +260,30 @@ cdef class FastPath:
             pthread_setname_np(pthread_self(), "pyflannel-rx")
             rx_run(&self.rx)
 
+    @staticmethod
+    def resume(dict handed, **levers):
+        """A FastPath started at once on the descriptors an earlier run kept (kept()), for the
+        Network, address, port, MTU and underlay they were made for, read back from them;
+        `levers` as the constructor's. None when they are not all in `handed` or do not read
+        back (`handed` is then left as it was; otherwise they are taken out of it)."""
+        if not all(name in handed for name in ("tun", "socket", "routes")):
+            return None
+        layout = kept_layout(handed["routes"])
+        try:
+            tun_name, mtu = tun_identity(handed["tun"])
+            with socket.socket(fileno=os.dup(handed["socket"])) as sock:
+                ip, port = sock.getsockname()[:2]
+        except OSError:
+            return None
+        underlay = interface_with(ip)
+        if layout is None or underlay is None:
+            return None
+        kept = {name: handed.pop(name) for name in ("tun", "socket", "routes")}
+        fastpath = FastPath(layout[0], layout[1], ip, port, tun=tun_name, mtu=mtu,
+                            underlay=underlay, handed=kept, **levers)
+        fastpath.start()
+        return fastpath
+
     def kept(self) -> dict:
         """The fds that let the next run go on where this one stops, by name (for `handed`):
         the TUN and the socket, whose queues hold what comes meanwhile, and the route table."""
@@ -275,6 +302,9 @@ cdef class FastPath:
         self._close()
 
     def _close(self):
+        for fd in self.handed.values():  # handed over but not taken (start failed first)
+            os.close(fd)
+        self.handed.clear()
         if self.udp_tc is not None:
             self.udp_tc.stop()
             self.udp_tc = None

@@ -15,6 +15,8 @@ TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
+SIOCGIFADDR = 0x8915
+SIOCGIFMTU = 0x8921
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -117,6 +119,27 @@ def offloaded(fd: int, name: str, offload: bool) -> tuple[int, str, bool, bool]:
             pass
         fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS)
     return fd, name, offload, uso
+
+
+def tun_identity(fd: int) -> tuple[str, int]:
+    """The name and MTU of the TUN device behind `fd`."""
+    name = fcntl.ioctl(fd, TUNGETIFF, bytes(40))[:IFNAMSIZ]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        ifreq = fcntl.ioctl(probe, SIOCGIFMTU, struct.pack("16s24x", name))
+    return name.rstrip(b"\0").decode(), struct.unpack_from("i", ifreq, IFNAMSIZ)[0]
+
+
+def interface_with(ip: str) -> str | None:
+    """The name of the interface that has IPv4 address `ip`, if one has (its first address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(probe, SIOCGIFADDR, struct.pack("16s24x", name.encode()))
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(ifreq[IFNAMSIZ + 4:IFNAMSIZ + 8]) == ip:
+                return name
+    return None
 
 
 def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool, handed: int = -1

@@ -3,6 +3,7 @@
 import ipaddress
 import os
 import socket
+import struct
 
 from libc.stdint cimport uint32_t, uint64_t
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
@@ -18,6 +19,18 @@ MAX_SUBNETS = 1 << 24
 cdef enum:
     HEADER_BYTES = 4096
 MAGIC = 0x70666C726F757465  # "pflroute"
+
+
+def kept_layout(int fd):
+    """(Network, SubnetLen) of the table an earlier run left in memfd `fd`, or None."""
+    try:
+        words = struct.unpack("=4Q", os.pread(fd, 32, 0))
+    except (OSError, struct.error):
+        return None
+    if words[0] != MAGIC or not 0 < words[2] <= 32:
+        return None
+    network = ipaddress.IPv4Network((words[1], words[2] - (words[3].bit_length() - 1)))
+    return network, words[2]
 
 
 cdef class RouteTable:

@@ -49,7 +49,7 @@ class LoggedDaemon:
             command = ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command]
 
             def preexec() -> None:  # in the child: the fds at 3, 4, ... as systemd puts them
-                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in fds]
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in fds]
                 for target, fd in enumerate(high, start=3):
                     os.dup2(fd, target)
         with open(self.log_path, "ab") as log:

@@ -23,13 +23,19 @@ CLIENT_MODULES = {"v3": {"aetcd", "grpc"}, "v2": {"etcd", "urllib3"}}
 NEVER_IMPORTED = {"pyroute2"}  # control/rtnl.py does the netlink
 GRPC_LIBRARY = "cygrpc"  # gRPC's shared object, mapped once grpc is imported
 
-# pyflanneld's own entry point, writing the names of every module it imported when it exits.
+# pyflanneld's own entry point, writing the names of every module it imported when it exits
+# (it leaves through os._exit, past atexit).
 MAIN_LISTING_MODULES = """
-import atexit, sys
+import os, sys
 from control.cli import main
 listing = sys.argv.pop(1)
-atexit.register(lambda: open(listing, "w").write("\\n".join(sorted(sys.modules))))
-sys.exit(main(sys.argv[1:]))
+leave = os._exit
+def listing_then_exit(status):
+    with open(listing, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+    leave(status)
+os._exit = listing_then_exit
+main(sys.argv[1:])
 """
 
 

@@ -115,10 +115,40 @@ def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None) ->
         a.start(handed=fdstore.handed() if fdstore else None)
         a.wait_log("subnet added")
         if fdstore is not None:
-            a.wait_log("went on with the previous run's tun, socket, routes")
+            a.wait_log("went on with the fast path the previous run kept")
         wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
                  "the flow running again")
         time.sleep(1)
         return flow.longest_gap(restarted)
     finally:
         flow.close()
+
+
+def test_a_restart_with_other_levers_starts_a_new_fast_path_on_the_same_tun_name(
+        cluster: Cluster) -> None:
+    """The kept TUN was opened with offloads; a run without them cannot use it: it lets the
+    store drop it and makes flannel0 again, and forwards."""
+    cluster.config({"Network": "10.244.0.0/16"})
+    with FdStore(os.path.join(cluster.bed.workdir, f"levers-{cluster.api}.notify")) as fdstore:
+        a = cluster.daemon(start=False)
+        a.environ["NOTIFY_SOCKET"] = fdstore.path
+        a.start()
+        b = cluster.daemon()
+        for daemon in (a, b):
+            cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+        wait_for(lambda: fdstore.names() == ["udp-routes", "udp-socket", "udp-tun"], 10,
+                 "a's descriptors in the fd store")
+        assert a.stop() == 0
+        a.command.append("--fastpath-offload=false")
+        a.start(handed=fdstore.handed())
+        a.wait_log("cannot go on with the fast path the previous run kept")
+        a.wait_log("udp backend: flannel0 (MTU 1472)")
+        assert "offloads off" in a.log()
+        assert b.host.container_ip
+        wait_for(lambda: a.host.in_container("ping", "-c", "1", "-W", "1",
+                                             b.host.container_ip, check=False).returncode == 0,
+                 10, "a's container reaching b's")
+        # What the store keeps now is the new run's: a third run resumes it.
+        assert a.stop() == 0
+        a.start(handed=fdstore.handed())
+        a.wait_log("resumed the fast path the previous run kept: flannel0")

@@ -1,0 +1,106 @@
+"""A restart that loses nothing, through systemd's fd store (FileDescriptorStoreMax in the unit):
+the udp backend hands the next run its TUN, its socket and its route table (a memfd), and the
+next run starts forwarding on them before anything else. Packets that come meanwhile wait in
+the TUN's and the socket's queues, and the routes are the last run's until etcd is read.
+
+This module stays light (no asyncio, no etcd client): the new process resumes the fast path
+before the control plane's imports, which are most of a restart's stall.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from control.options import Options
+from control.sdnotify import notify
+from fastpath import FastPath
+from fastpath.device import tun_identity
+
+log = logging.getLogger("pyflanneld.handover")
+
+# The udp backend's descriptors in the store are named udp-<name of FastPath.kept()>.
+KEPT_PREFIX = "udp-"
+
+
+def resume_fastpath(handed: dict[str, int], options: Options) -> FastPath | None:
+    """The fast path running again on the previous run's descriptors, taken out of `handed`;
+    None when they are not there, or do not read back (they are left in `handed` then), or
+    it failed to start (they are closed then, and taken out of the store)."""
+    ours = {name[len(KEPT_PREFIX):]: fd for name, fd in handed.items()
+            if name.startswith(KEPT_PREFIX)}
+    given = set(ours)
+    try:
+        tun = tun_identity(ours["tun"])[0] if "tun" in ours else None
+    except OSError:
+        tun = None
+    try:
+        fastpath = FastPath.resume(ours, **options.fastpath_levers)
+    except (OSError, ValueError) as err:
+        log.warning("cannot go on with the fast path the previous run kept: %s", err)
+        fastpath = None
+    if fastpath is not None:
+        log.info("resumed the fast path the previous run kept: %s <-> %s:%d, %d routes",
+                 fastpath.tun_name, fastpath.bind_ip, fastpath.port,
+                 len(fastpath.table.routes()))
+    taken = [KEPT_PREFIX + name for name in given - set(ours)]
+    for name in taken:  # FastPath.resume took them: running, or closed when it failed
+        del handed[name]
+        if fastpath is None:
+            notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    if fastpath is None and taken and tun is not None:
+        wait_gone([tun])  # so that the new TUN gets the old one's name
+    return fastpath
+
+
+def kept_names(kept: dict[str, int]) -> dict[str, int]:
+    """FastPath.kept() as named in the store."""
+    return {KEPT_PREFIX + name: fd for name, fd in kept.items()}
+
+
+def keep_for_next_run(kept: dict[str, int]) -> None:
+    """Hand the store what the backend keeps for the next run. Each name's earlier entry goes
+    first: the store would keep both, the same descriptor or not."""
+    for name, fd in kept.items():
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+
+
+def release(handed: dict[str, int]) -> None:
+    """Close what an earlier run kept and this one has no use for, and take it out of the store,
+    waiting (a moment at most) until a TUN among them is gone: a new TUN must get its name."""
+    tuns = []
+    for name, fd in handed.items():
+        log.info("dropping %s, handed over by the previous run and of no use now", name)
+        try:
+            tuns.append(tun_identity(fd)[0])
+        except OSError:  # not a TUN
+            pass
+        os.close(fd)
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    handed.clear()
+    wait_gone(tuns)
+
+
+def release_resumed(fastpath: FastPath) -> None:
+    """End a resumed fast path this run cannot use, and the store's copies of its descriptors."""
+    names = kept_names(fastpath.kept()) if fastpath.running else {}
+    tun = fastpath.tun_name
+    fastpath.stop()
+    for name in names:
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    wait_gone([tun])
+
+
+def wait_gone(devices: list[str], timeout: float = 1.0) -> None:
+    """Until none of `devices` exists any more (the store closed its copy), or `timeout`."""
+    deadline = time.monotonic() + timeout
+    for device in devices:
+        while time.monotonic() < deadline:
+            try:
+                socket.if_nametoindex(device)
+            except OSError:
+                break
+            time.sleep(0.01)
