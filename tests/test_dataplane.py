@@ -90,13 +90,16 @@ def packet_thread_nice() -> dict[str, int]:
     """The nice value of this process's threads named pyflannel-* whose nice is not 0."""
     found = {}
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            name = f.read().strip()
-        if name.startswith("pyflannel-"):
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                nice = int(f.read().rsplit(")", 1)[1].split()[16])
-            if nice:
-                found[name] = nice
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("pyflannel-"):
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    nice = int(f.read().rsplit(")", 1)[1].split()[16])
+                if nice:
+                    found[name] = nice
+        except FileNotFoundError:  # a thread (of another test's fixture) ended meanwhile
+            continue
     return found
 
 
