@@ -48,10 +48,8 @@ def resume_fastpath(handed: dict[str, int], options: Options) -> FastPath | None
     taken = [KEPT_PREFIX + name for name in given - set(ours)]
     for name in taken:  # FastPath.resume took them: running, or closed when it failed
         del handed[name]
-        if fastpath is None:
-            notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-    if fastpath is None and taken and tun is not None:
-        wait_gone([tun])  # so that the new TUN gets the old one's name
+    if fastpath is None and taken:
+        forget(taken, [tun] if tun else [])
     return fastpath
 
 
@@ -79,25 +77,24 @@ def release(handed: dict[str, int]) -> None:
         except OSError:  # not a TUN
             pass
         os.close(fd)
-        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    forget(list(handed), tuns)
     handed.clear()
-    wait_gone(tuns)
 
 
 def release_resumed(fastpath: FastPath) -> None:
     """End a resumed fast path this run cannot use, and the store's copies of its descriptors."""
-    names = kept_names(fastpath.kept()) if fastpath.running else {}
-    tun = fastpath.tun_name
+    names = list(kept_names(fastpath.kept())) if fastpath.running else []
     fastpath.stop()
+    forget(names, [fastpath.tun_name])
+
+
+def forget(names: list[str], tuns: list[str], timeout: float = 1.0) -> None:
+    """Take `names` out of the store, then wait (until `timeout` at most) for the TUN devices
+    among them to be gone once the store closed its copy: a new TUN must get the old name."""
     for name in names:
         notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-    wait_gone([tun])
-
-
-def wait_gone(devices: list[str], timeout: float = 1.0) -> None:
-    """Until none of `devices` exists any more (the store closed its copy), or `timeout`."""
     deadline = time.monotonic() + timeout
-    for device in devices:
+    for device in tuns:
         while time.monotonic() < deadline:
             try:
                 socket.if_nametoindex(device)

@@ -34,6 +34,8 @@ IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
 DEFAULT_BATCH = 64
 DEFAULT_MTU = 1472
+# What kept() hands the next run, and resume() takes back.
+KEPT = ("tun", "socket", "routes")
 DEFAULT_SOCKET_BUFFER = 4 << 20
 
 
@@ -266,7 +268,7 @@ cdef class FastPath:
         Network, address, port, MTU and underlay they were made for, read back from them;
         `levers` as the constructor's. None when they are not all in `handed` or do not read
         back (`handed` is then left as it was; otherwise they are taken out of it)."""
-        if not all(name in handed for name in ("tun", "socket", "routes")):
+        if not all(name in handed for name in KEPT):
             return None
         layout = kept_layout(handed["routes"])
         try:
@@ -278,7 +280,7 @@ cdef class FastPath:
         underlay = interface_with(ip)
         if layout is None or underlay is None:
             return None
-        kept = {name: handed.pop(name) for name in ("tun", "socket", "routes")}
+        kept = {name: handed.pop(name) for name in KEPT}
         fastpath = FastPath(layout[0], layout[1], ip, port, tun=tun_name, mtu=mtu,
                             underlay=underlay, handed=kept, **levers)
         fastpath.start()
@@ -287,7 +289,7 @@ cdef class FastPath:
     def kept(self) -> dict:
         """The fds that let the next run go on where this one stops, by name (for `handed`):
         the TUN and the socket, whose queues hold what comes meanwhile, and the route table."""
-        return {"tun": self.tun_fd, "socket": self.sock.fileno(), "routes": self.table.fd}
+        return dict(zip(KEPT, (self.tun_fd, self.sock.fileno(), self.table.fd), strict=True))
 
     def stop(self):
         """Stop both loops, wait for their threads and close the TUN (which removes it), the

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, Flanneld, wait_for
 from tests.fdstore import FdStore
 from tests.testbed import Host, inside
 
@@ -87,16 +87,20 @@ def test_a_restart_stalls_a_running_flow_briefly(cluster: Cluster, how: str, sto
     assert stall <= BOUND_SECONDS
 
 
+def daemon_with_store(cluster: Cluster, fdstore: FdStore) -> Flanneld:
+    """A daemon that tells `fdstore` (as systemd) what to keep, once it has kept it."""
+    daemon = cluster.daemon(start=False)
+    daemon.environ["NOTIFY_SOCKET"] = fdstore.path
+    daemon.start()
+    wait_for(lambda: fdstore.names() == ["udp-routes", "udp-socket", "udp-tun"], 10,
+             "the daemon's TUN, socket and route table in the fd store")
+    return daemon
+
+
 def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None) -> float:
     """The flow's longest stall while a restarts (with its kept descriptors, given a store)."""
-    a = cluster.daemon(start=False)
-    if fdstore is not None:
-        a.environ["NOTIFY_SOCKET"] = fdstore.path
-    a.start()
+    a = cluster.daemon() if fdstore is None else daemon_with_store(cluster, fdstore)
     b = cluster.daemon()
-    if fdstore is not None:
-        wait_for(lambda: fdstore.names() == ["udp-routes", "udp-socket", "udp-tun"], 10,
-                 "a's TUN, socket and route table in the fd store")
     for daemon in (a, b):
         cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
     for daemon in (a, b):
@@ -130,14 +134,10 @@ def test_a_restart_with_other_levers_starts_a_new_fast_path_on_the_same_tun_name
     store drop it and makes flannel0 again, and forwards."""
     cluster.config({"Network": "10.244.0.0/16"})
     with FdStore(os.path.join(cluster.bed.workdir, f"levers-{cluster.api}.notify")) as fdstore:
-        a = cluster.daemon(start=False)
-        a.environ["NOTIFY_SOCKET"] = fdstore.path
-        a.start()
+        a = daemon_with_store(cluster, fdstore)
         b = cluster.daemon()
         for daemon in (a, b):
             cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
-        wait_for(lambda: fdstore.names() == ["udp-routes", "udp-socket", "udp-tun"], 10,
-                 "a's descriptors in the fd store")
         assert a.stop() == 0
         a.command.append("--fastpath-offload=false")
         a.start(handed=fdstore.handed())
