@@ -15,7 +15,10 @@ SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fast
 
 .PHONY: install deb demo test perf scale leases profile lint clean wheel
 
+# Compiled to bytecode as a wheel's install does: every daemon start would compile them again
+# otherwise (where PYTHONDONTWRITEBYTECODE is set), which a restart's stall would show.
 install: deb $(STAMP)
+	$(PY) -m compileall -q control fastpath
 
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
@@ -28,7 +31,7 @@ deb:
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 # A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API,

@@ -216,7 +216,7 @@ class Daemon:
             self.backend.move(old, new)
         except (BackendError, HostError) as err:
             log.error("readdressing for %s: %s", new, err)
-        self.subnet_env = dataclasses.replace(self.subnet_env, subnet=new)
+        self.subnet_env = self.subnet_env._replace(subnet=new)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
         notify(f"STATUS={self._status()}")
         if self.options.ip_masq:

@@ -1,7 +1,8 @@
 """A restart that loses nothing, through systemd's fd store (FileDescriptorStoreMax in the unit):
-the udp backend hands the next run its TUN, its socket and its route table (a memfd), and the
-next run starts forwarding on them before anything else. Packets that come meanwhile wait in
-the TUN's and the socket's queues, and the routes are the last run's until etcd is read.
+the udp backend hands the next run its TUN, its socket, its route table (a memfd) and its kernel
+path's links and maps, and the next run starts forwarding on them before anything else. The
+kernel path forwards all along; packets for the loops wait in the TUN's and the socket's queues
+meanwhile, and the routes are the last run's until etcd is read.
 
 This module stays light (no asyncio, no etcd client): the new process resumes the fast path
 before the control plane's imports, which are most of a restart's stall.
@@ -17,6 +18,7 @@ import time
 from control.options import Options
 from control.sdnotify import notify
 from fastpath import FastPath
+from fastpath.dataplane import KEPT_ANY
 from fastpath.device import tun_identity
 
 log = logging.getLogger("pyflanneld.handover")
@@ -59,8 +61,11 @@ def kept_names(kept: dict[str, int]) -> dict[str, int]:
 
 
 def keep_for_next_run(kept: dict[str, int]) -> None:
-    """Hand the store what the backend keeps for the next run. Each name's earlier entry goes
-    first: the store would keep both, the same descriptor or not."""
+    """Have the store hold exactly what the backend keeps for the next run. Each name's earlier
+    entry goes first: the store would keep both, the same descriptor or not. An entry this run
+    does not keep goes too: a kernel path's link in it would go on forwarding."""
+    for name in {KEPT_PREFIX + name for name in KEPT_ANY} - kept.keys():
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
     for name, fd in kept.items():
         notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
         notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])

@@ -8,13 +8,11 @@ flanneld. A bad flag or value exits with status 2 and one line naming it.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import ipaddress
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 from control.subnetenv import DEFAULT_SUBNET_FILE
@@ -30,15 +28,15 @@ SUBNET_TTL = 24 * 60 * 60  # flanneld's subnetTTL
 DEFAULT_ETCD_PORT = 2379
 
 
-@dataclass(frozen=True)
-class Endpoint:
+# NamedTuples, not dataclasses: a restart reads its flags before anything else, and making
+# dataclasses costs it 5 ms (inspect's import and the generated methods).
+class Endpoint(NamedTuple):
     scheme: str
     host: str
     port: int
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     etcd_endpoints: list[Endpoint]
     etcd_prefix: str
     etcd_keyfile: str | None
@@ -126,8 +124,7 @@ def _api(text: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(NamedTuple):
     name: str
     help: str
     convert: Callable[[str], Any] = str
@@ -238,6 +235,8 @@ class _PrintSystemdUnit(argparse.Action):
     /usr/local/bin, /usr/bin and the like, never in a venv."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        import importlib.resources  # only here: it is slow to import
+
         unit = (importlib.resources.files("control") / "pyflanneld.service").read_text()
         command = os.path.abspath(sys.argv[0])
         if os.path.basename(command) == "pyflanneld" and os.access(command, os.X_OK):

@@ -5,15 +5,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("pyflanneld.subnetenv")
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 
 
-@dataclass(frozen=True)
-class SubnetEnv:
+class SubnetEnv(NamedTuple):
     network: ipaddress.IPv4Network
     subnet: ipaddress.IPv4Network
     mtu: int

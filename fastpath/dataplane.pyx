@@ -13,6 +13,7 @@ from fastpath.device import (
     TUN_OFFLOADS, TUN_USO, interface_with, missing_udp_offloads, open_tun, open_udp, tun_identity,
 )
 from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underlay
+from fastpath.udp_tc import KEPT as KERNEL_KEPT
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
 from fastpath.offload cimport MAX_IPV4_PACKET, UDP_MAX_SEGMENTS, VNET_HDR_LEN
@@ -34,8 +35,11 @@ IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
 DEFAULT_BATCH = 64
 DEFAULT_MTU = 1472
-# What kept() hands the next run, and resume() takes back.
+# What kept() hands the next run, and resume() takes back: these always, and the kernel path's
+# links and maps (KERNEL_PREFIX + udp_tc.KEPT) where it runs on them.
 KEPT = ("tun", "socket", "routes")
+KERNEL_PREFIX = "kernel-"
+KEPT_ANY = (*KEPT, *(KERNEL_PREFIX + name for name in KERNEL_KEPT))
 DEFAULT_SOCKET_BUFFER = 4 << 20
 
 
@@ -57,8 +61,8 @@ cdef class FastPath:
     udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2. With
     verify_source (the default) a received packet is delivered only when its source lies in the
     subnet routed to the datagram's sender: anyone else's is dropped and counted. `handed`
-    holds descriptors an earlier run kept (`kept()`: "tun", "socket", "routes"), taken over
-    where they fit this run's settings.
+    holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
+    they fit this run's settings.
     """
 
     cdef readonly RouteTable table
@@ -183,6 +187,7 @@ cdef class FastPath:
         except BaseException:
             self._close()
             raise
+        self._close_handed()  # what this run has no use for: a kept link would go on forwarding
         self.stop_flag = 0
         self.tx.tun_fd = self.rx.tun_fd = self.tun_fd
         self.tx.sock_fd = self.rx.sock_fd = self.sock.fileno()
@@ -222,9 +227,11 @@ cdef class FastPath:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
                            egress=self.kernel == "on", verify_source=self.verify_source)
-            udp_tc.start()
-            for subnet, (ip, port) in self.table.routes():
-                udp_tc.set_route(subnet, ip, port)
+            kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
+                    for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
+            if not udp_tc.start(kept):  # a kept route map is the kept table's twin
+                for subnet, (ip, port) in self.table.routes():
+                    udp_tc.set_route(subnet, ip, port)
         except UdpTcUnavailable as err:
             if udp_tc is not None:
                 udp_tc.stop()
@@ -280,7 +287,7 @@ cdef class FastPath:
         underlay = interface_with(ip)
         if layout is None or underlay is None:
             return None
-        kept = {name: handed.pop(name) for name in KEPT}
+        kept = {name: handed.pop(name) for name in KEPT_ANY if name in handed}
         fastpath = FastPath(layout[0], layout[1], ip, port, tun=tun_name, mtu=mtu,
                             underlay=underlay, handed=kept, **levers)
         fastpath.start()
@@ -288,8 +295,12 @@ cdef class FastPath:
 
     def kept(self) -> dict:
         """The fds that let the next run go on where this one stops, by name (for `handed`):
-        the TUN and the socket, whose queues hold what comes meanwhile, and the route table."""
-        return dict(zip(KEPT, (self.tun_fd, self.sock.fileno(), self.table.fd), strict=True))
+        the TUN and the socket, whose queues hold what comes meanwhile, the route table, and
+        the kernel path's links and maps, which go on forwarding meanwhile."""
+        kept = dict(zip(KEPT, (self.tun_fd, self.sock.fileno(), self.table.fd), strict=True))
+        if self.udp_tc is not None:
+            kept.update((KERNEL_PREFIX + name, fd) for name, fd in self.udp_tc.kept().items())
+        return kept
 
     def stop(self):
         """Stop both loops, wait for their threads and close the TUN (which removes it), the
@@ -303,10 +314,13 @@ cdef class FastPath:
         self.threads = []
         self._close()
 
-    def _close(self):
-        for fd in self.handed.values():  # handed over but not taken (start failed first)
+    def _close_handed(self):
+        for fd in self.handed.values():
             os.close(fd)
         self.handed.clear()
+
+    def _close(self):
+        self._close_handed()  # handed over but not taken (start failed first)
         if self.udp_tc is not None:
             self.udp_tc.stop()
             self.udp_tc = None

@@ -1,5 +1,11 @@
 """The udp backend in the kernel: loads udp_tc.bpf.o (see its comment) through libbpf, attaches
-its two programs with tc, and keeps its route table equal to the fast path's.
+its two programs, and keeps its route table equal to the fast path's.
+
+On Linux 6.6+ the programs hang on tcx links: a link holds its program where it is attached for
+as long as any descriptor of it is open. So nothing is left behind by a killed daemon, and the
+links and maps handed to systemd's fd store (kept()) go on forwarding through a restart, which
+takes them back (start(handed)) without loading the programs again. Older kernels get classic tc
+filters, which stay until removed (detach_underlay).
 
 Setup and table writes only, run from the control plane; packets never reach this module. The
 programs pass everything unusual to the fast path's own loops, so those keep running beside it.
@@ -8,16 +14,15 @@ programs, keeps the loops alone and says why (UdpTcUnavailable).
 """
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
-import importlib.resources
 import ipaddress
 import os
 import socket
 import struct
 
 OBJECT_NAME = "udp_tc.bpf.o"
+LIBBPF_SONAMES = ("libbpf.so.1", "libbpf.so.0")
 # What `tc filter show` names our filters by: their priority is the udp backend's port.
 FILTER_PRIORITY = 8285
 FILTER_HANDLE = 1
@@ -47,6 +52,15 @@ BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
 BPF_TC_F_REPLACE = 1
 BPF_ANY = 0
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # enum bpf_attach_type, Linux 6.6+
+BPF_LINK_TYPE_TCX = 11
+# struct bpf_link_info up to tcx's members: type, id, prog_id, then (the union is 8-aligned)
+# the interface index (0 once the device is gone) and the attach type.
+LINK_INFO = struct.Struct("=III4xII")
+# What kept() hands the next run: the links and the maps (the programs live in the links).
+LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
+MAPS = ("routes", "counters", "config")
+KEPT = (*LINKS, *MAPS)
 
 # The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
 COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
@@ -74,10 +88,15 @@ _libbpf: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _libbpf
     if _libbpf is None:
-        path = ctypes.util.find_library("bpf")
-        if path is None:
+        # By soname: ctypes.util.find_library would run ldconfig, on a restart's critical path.
+        for soname in LIBBPF_SONAMES:
+            try:
+                lib = ctypes.CDLL(soname, use_errno=True)
+                break
+            except OSError:
+                continue
+        else:
             raise UdpTcUnavailable("libbpf (Debian: libbpf1) is not installed")
-        lib = ctypes.CDLL(path, use_errno=True)
         vp = ctypes.c_void_p
         for name, restype, argtypes in (
             ("bpf_object__open_file", vp, [ctypes.c_char_p, vp]),
@@ -92,6 +111,8 @@ def _lib() -> ctypes.CDLL:
             ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, vp, vp]),
             ("bpf_tc_hook_create", ctypes.c_int, [vp]),
             ("bpf_tc_attach", ctypes.c_int, [vp, vp]),
+            ("bpf_link_create", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, vp]),
+            ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, vp, vp]),
             ("libbpf_set_print", vp, [vp]),
         ):
             function = getattr(lib, name)
@@ -161,10 +182,10 @@ def driver(ifname: str) -> str:
 def _load(lib: ctypes.CDLL, routes: int) -> int:
     """Open the object and load its programs (the verifier checks them here) with a route map
     of `routes` entries; returns the bpf_object, which the caller closes."""
-    path = importlib.resources.files("fastpath") / OBJECT_NAME
-    if not path.is_file():
+    path = os.path.join(os.path.dirname(__file__), OBJECT_NAME)
+    if not os.path.isfile(path):
         raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
-    obj = lib.bpf_object__open_file(str(path).encode(), None)
+    obj = lib.bpf_object__open_file(path.encode(), None)
     if not obj:
         raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
     try:
@@ -194,8 +215,8 @@ def _int(address: ipaddress.IPv4Address | str) -> int:
 
 
 class UdpTc:
-    """The two programs, their maps and their filters, for one TUN and one underlay interface
-    (named; a veth gets tun_egress's care for peers that take frames as they come).
+    """The two programs, their maps and their attachments, for one TUN and one underlay
+    interface (named; a veth gets tun_egress's care for peers that take frames as they come).
 
     set_route/del_route take the same subnets as the fast path's table and may be called while
     packets flow; each is one map write.
@@ -217,54 +238,100 @@ class UdpTc:
             "=IIIIIHHIIII", _int(self.network.network_address), _int(self.network.netmask),
             32 - subnet_len, self.size, _int(local_ip), _port(port), 0, self.underlay_ifindex,
             tun_ifindex, self.underlay_is_veth, verify_source)
-        self.egress = egress
-        self._obj: int | None = None
-        self._ingress_attached = False
+        # Where each program goes: name in LINKS -> interface index.
+        self._targets = {"ingress": self.underlay_ifindex}
+        if egress:
+            self._targets["egress"] = tun_ifindex
+        self._fds: dict[str, int] = {}  # the links (tcx) and the maps, by name in KEPT
+        self._ingress_filter = False  # a classic tc filter, which only a detach removes
         self._netlink: socket.socket | None = None
 
-    def start(self) -> None:
-        """Load the programs and attach them; on any failure nothing is left behind."""
+    @property
+    def linked(self) -> bool:
+        """Whether the programs hang on tcx links (Linux 6.6+), not classic tc filters."""
+        return "ingress" in self._fds
+
+    def start(self, handed: dict[str, int] | None = None) -> bool:
+        """Go on with the links and maps an earlier run kept (kept()), taken out of `handed`
+        (closed when they do not fit), or load the programs and attach them with an empty
+        route map. Returns whether it went on with kept ones, routes included. On any failure
+        nothing is left behind."""
         lib = _lib()
         try:
             self._netlink = _netlink()  # detaches in this namespace, whichever thread stops
-            self._load(lib)
-            if self.egress:
-                self._attach(lib, self.tun_ifindex, BPF_TC_EGRESS, "tun_egress")
-            self._attach(lib, self.underlay_ifindex, BPF_TC_INGRESS, "udp_ingress")
+            if self._adopt(lib, handed or {}):
+                return True
+            obj = _load(lib, self.size)
+            try:  # what is attached holds its program, and a program its maps
+                self._attach(lib, obj)
+            finally:
+                lib.bpf_object__close(obj)
+            return False
         except BaseException:
             self.stop()
             raise
 
-    def _load(self, lib: ctypes.CDLL) -> None:
-        self._obj = obj = _load(lib, self.size)
-        self._routes_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"routes"))
-        self._counters_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"counters"))
-        config_fd = lib.bpf_map__fd(lib.bpf_object__find_map_by_name(obj, b"config"))
-        self._update(config_fd, 0, self._config)
+    def _adopt(self, lib: ctypes.CDLL, handed: dict[str, int]) -> bool:
+        kept = {name: handed.pop(name) for name in KEPT if name in handed}
+        fits = set(kept) == {*self._targets, *MAPS} and all(
+            _link_target(lib, kept[name]) == (ifindex, LINKS[name][1])
+            for name, ifindex in self._targets.items())
+        if not fits:
+            for fd in kept.values():
+                os.close(fd)
+            return False
+        self._fds = kept
+        self._update(kept["config"], 0, self._config)  # this run's verify_source
+        return True
 
-    def _attach(self, lib: ctypes.CDLL, ifindex: int, point: int, program: str) -> None:
-        hook = _hook(ifindex, point)
-        created = lib.bpf_tc_hook_create(ctypes.byref(hook))
-        if created < 0 and created != -errno.EEXIST:
-            _check(created, f"adding the clsact qdisc to interface {ifindex}")
-        prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(self._obj,
-                                                                           program.encode()))
-        _check(lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(_opts(prog_fd,
-                                                                        BPF_TC_F_REPLACE))),
-               f"attaching {program} to interface {ifindex}")
-        self._ingress_attached |= point == BPF_TC_INGRESS
+    def _attach(self, lib: ctypes.CDLL, obj: int) -> None:
+        """tcx links where the kernel has them, else classic tc filters (Linux 5.10+)."""
+        for name in MAPS:
+            self._fds[name] = os.dup(lib.bpf_map__fd(
+                lib.bpf_object__find_map_by_name(obj, name.encode())))
+        self._update(self._fds["config"], 0, self._config)
+        programs = {name: lib.bpf_program__fd(lib.bpf_object__find_program_by_name(
+            obj, LINKS[name][0].encode())) for name in self._targets}
+        for name, ifindex in self._targets.items():  # ingress first
+            link = lib.bpf_link_create(programs[name], ifindex, LINKS[name][1], None)
+            if name == "ingress" and -link in (errno.EINVAL, errno.EOPNOTSUPP):  # no tcx
+                self._attach_filters(lib, programs)
+                return
+            self._fds[name] = _check(link, f"linking {LINKS[name][0]} to interface {ifindex}")
+        # A classic filter that a killed daemon on an older kernel path left behind.
+        detach_underlay(self.underlay_ifindex, self._netlink)
+
+    def _attach_filters(self, lib: ctypes.CDLL, programs: dict[str, int]) -> None:
+        for name, ifindex in self._targets.items():
+            point = BPF_TC_INGRESS if name == "ingress" else BPF_TC_EGRESS
+            hook = _hook(ifindex, point)
+            created = lib.bpf_tc_hook_create(ctypes.byref(hook))
+            if created < 0 and created != -errno.EEXIST:
+                _check(created, f"adding the clsact qdisc to interface {ifindex}")
+            _check(lib.bpf_tc_attach(ctypes.byref(hook),
+                                     ctypes.byref(_opts(programs[name], BPF_TC_F_REPLACE))),
+                   f"attaching {LINKS[name][0]} to interface {ifindex}")
+            self._ingress_filter |= name == "ingress"
+
+    def kept(self) -> dict[str, int]:
+        """The descriptors that keep the programs forwarding after this process is gone, and
+        let the next run go on with them (start(handed)), by name in KEPT; none with classic
+        filters."""
+        return dict(self._fds) if self.linked else {}
 
     def stop(self) -> None:
-        """Detach the filters and free the programs (the TUN's filter goes with the TUN)."""
+        """Detach the programs and free them, unless their links are also held elsewhere (the
+        fd store): the last descriptor of a link detaches it. A TUN's filter goes with the
+        TUN."""
         if self._netlink is not None:
-            if self._ingress_attached:
+            if self._ingress_filter:
                 detach_underlay(self.underlay_ifindex, self._netlink)
             self._netlink.close()
             self._netlink = None
-        self._ingress_attached = False
-        if self._obj is not None:
-            _lib().bpf_object__close(self._obj)
-            self._obj = None
+        self._ingress_filter = False
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     def _index(self, subnet: ipaddress.IPv4Network | str) -> int:
         sub = ipaddress.IPv4Network(subnet)
@@ -281,11 +348,11 @@ class UdpTc:
 
     def set_route(self, subnet: ipaddress.IPv4Network | str,
                   ip: ipaddress.IPv4Address | str, port: int) -> None:
-        self._update(self._routes_fd, self._index(subnet),
+        self._update(self._fds["routes"], self._index(subnet),
                      struct.pack("=IHH", _int(ip), _port(port), 0))
 
     def del_route(self, subnet: ipaddress.IPv4Network | str) -> None:
-        self._update(self._routes_fd, self._index(subnet), bytes(8))
+        self._update(self._fds["routes"], self._index(subnet), bytes(8))
 
     def counters(self) -> dict[str, int]:
         """The programs' counters, summed over the CPUs."""
@@ -294,10 +361,20 @@ class UdpTc:
         result = {}
         for key, name in enumerate(COUNTER_NAMES):
             k = ctypes.c_uint32(key)
-            if _lib().bpf_map_lookup_elem(self._counters_fd, ctypes.byref(k), values) < 0:
+            if _lib().bpf_map_lookup_elem(self._fds["counters"], ctypes.byref(k), values) < 0:
                 raise OSError(ctypes.get_errno(), "bpf counter lookup")
             result[name] = sum(values)
         return result
+
+
+def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:
+    """(interface index, attach type) of a tcx link; None for another descriptor."""
+    info = ctypes.create_string_buffer(64)
+    size = ctypes.c_uint32(len(info))
+    if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
+        return None
+    kind, _, _, ifindex, attach_type = LINK_INFO.unpack_from(info)
+    return (ifindex, attach_type) if kind == BPF_LINK_TYPE_TCX else None
 
 
 def _port(port: int) -> int:

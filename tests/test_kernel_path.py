@@ -5,16 +5,21 @@ with any peer, one whose own loops take everything included."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from fastpath import FastPath
+from fastpath import FastPath, udp_tc
+from fastpath.dataplane import KEPT
 from fastpath.udp_tc import FILTER_PRIORITY
 from tests.test_dataplane import (
     NETWORK,
@@ -58,14 +63,47 @@ def tc_filters(node: Node, *where: str) -> str:
     return node.host.run("tc", "filter", "show", "dev", *where).stdout
 
 
+def link_fdinfo(fd: int) -> dict[str, str]:
+    """The kernel's own account of a descriptor (a tcx link: link_id, prog_id, ifindex...)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def program_name(prog_id: str) -> str:
+    return json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", prog_id],
+                                     capture_output=True, text=True, check=True).stdout)["name"]
+
+
+def attached(fastpath: FastPath) -> dict[str, tuple[int, str]]:
+    """Program name -> (interface index, direction) of the fast path's tcx links, as the kernel
+    and bpftool tell."""
+    found = {}
+    for name, fd in fastpath.kept().items():
+        info = link_fdinfo(fd) if name.startswith("kernel-") else {}
+        if info.get("link_type") == "tcx":
+            found[program_name(info["prog_id"])] = (int(info["ifindex"]),
+                                                    info["attach_type"].split()[1][1:-1])
+    return found
+
+
+def link_exists(link_id: str) -> bool:
+    return subprocess.run(["bpftool", "link", "show", "id", link_id],
+                          capture_output=True).returncode == 0
+
+
 def test_the_programs_are_attached_where_the_mode_says(trio: tuple[Node, Node, Node, Node]) -> None:
     a, _, c, _ = trio
     for node in (a, c):
         assert node.fastpath.kernel_missing == ""
-        assert "udp_ingress" in tc_filters(node, "eth0", "ingress")
-    assert "tun_egress" in tc_filters(a, a.fastpath.tun_name, "egress")
+        with inside(node.host.netns):
+            eth0, tun = (socket.if_nametoindex(n) for n in ("eth0", node.fastpath.tun_name))
+        want = {"udp_ingress": (eth0, "ingress")}
+        if node is a:
+            want["tun_egress"] = (tun, "egress")
+        assert attached(node.fastpath) == want
+        # tcx links: nothing hangs on the interfaces as a classic tc filter.
+        assert tc_filters(node, "eth0", "ingress") == ""
     assert c.fastpath.kernel == "rx"
-    assert "tun_egress" not in tc_filters(c, c.fastpath.tun_name, "egress")
 
 
 def udp_burst(src: Node, dst: Node, count: int = 300, size: int = 1000) -> list[bytes]:
@@ -207,34 +245,129 @@ def test_a_route_removed_and_set_again_takes_effect_in_the_kernel(
     assert "1 received" in result.stdout, result.stdout
 
 
-def test_a_filter_left_by_a_killed_daemon_is_removed_and_stop_leaves_none(
+def test_a_killed_daemon_leaves_nothing_attached_and_stop_leaves_nothing(
         testbed: Testbed) -> None:
+    host = testbed.add_host()
+    killed = host.run(sys.executable, "-c", (
+        "import os, signal; from fastpath import FastPath; "
+        f"fp = FastPath({NETWORK!r}, {SUBNET_LEN}, {host.underlay_ip!r}, {PORT}, "
+        "kernel='on', underlay='eth0'); fp.start(); "
+        "print(*(open(f'/proc/self/fdinfo/{fd}').read().split('link_id:\t')[1].split()[0] "
+        "for name, fd in fp.kept().items() if name in ('kernel-ingress', 'kernel-egress')), "
+        "flush=True); os.kill(os.getpid(), signal.SIGKILL)"), check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    links = killed.stdout.split()
+    assert len(links) == 2
+    assert not any(link_exists(link_id) for link_id in links)
+    fp = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT, kernel="on", underlay="eth0")
+    with inside(host.netns):
+        fp.start()
+    links = [link_fdinfo(fd)["link_id"] for name, fd in fp.kept().items()
+             if name in ("kernel-ingress", "kernel-egress")]
+    assert len(links) == 2 and all(link_exists(link_id) for link_id in links)
+    fp.stop()
+    assert not any(link_exists(link_id) for link_id in links)
+
+
+class WithoutTcx:
+    """libbpf as on a kernel older than 6.6, which has no tcx links."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+    @staticmethod
+    def bpf_link_create(*args: object) -> int:
+        return -errno.EINVAL
+
+
+def test_without_tcx_classic_filters_carry_it_and_one_a_killed_daemon_left_goes(
+        testbed: Testbed, monkeypatch: pytest.MonkeyPatch) -> None:
     node = start_node(testbed, "10.244.9.0/24")
     host = node.host
     try:
-        # What a SIGKILLed daemon leaves: its ingress filter, pointing at a TUN that is gone.
+        # What a SIGKILLed daemon on an older kernel leaves: its ingress filter, pointing at a
+        # TUN that is gone.
         killed = host.run(sys.executable, "-c", (
-            "import os, signal; from fastpath import FastPath; "
+            "import os, signal; from fastpath import FastPath, udp_tc; "
+            "from tests.test_kernel_path import WithoutTcx; "
+            "lib = udp_tc._lib(); udp_tc._lib = lambda: WithoutTcx(lib); "
             f"FastPath({NETWORK!r}, {SUBNET_LEN}, {host.underlay_ip!r}, {PORT + 1}, "
             "kernel='rx', underlay='eth0').start(); os.kill(os.getpid(), signal.SIGKILL)"),
             check=False)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert f"pref {FILTER_PRIORITY}" in tc_filters(node, "eth0", "ingress")
-        restarted = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, underlay="eth0")
+        # A later run with tcx links removes it.
+        restarted = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, kernel="rx",
+                             underlay="eth0")
         with inside(host.netns):
             restarted.start()
-        restarted.stop()
         assert f"pref {FILTER_PRIORITY}" not in tc_filters(node, "eth0", "ingress")
-        # And a kernel-path fast path takes its filter away when it stops.
-        kernel_path = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, kernel="rx",
-                               underlay="eth0")
+        assert "udp_ingress" in attached(restarted)
+        restarted.stop()
+        # Without tcx the filters carry the kernel path, keep nothing for a restart, and stop
+        # takes the underlay's away.
+        lib = udp_tc._lib()
+        monkeypatch.setattr(udp_tc, "_lib", lambda: WithoutTcx(lib))
+        classic = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, kernel="on",
+                           underlay="eth0")
         with inside(host.netns):
-            kernel_path.start()
+            classic.start()
+        assert classic.kernel == "on"
+        assert "udp_ingress" in tc_filters(node, "eth0", "ingress")
+        assert "tun_egress" in tc_filters(node, classic.tun_name, "egress")
+        assert set(classic.kept()) == set(KEPT)
+        classic.stop()
+        assert f"pref {FILTER_PRIORITY}" not in tc_filters(node, "eth0", "ingress")
+        # And a fast path with the kernel path off removes one a killed daemon left.
+        host.run(sys.executable, "-c", killed.args[-1], check=False)
         assert f"pref {FILTER_PRIORITY}" in tc_filters(node, "eth0", "ingress")
-        kernel_path.stop()
+        off = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, underlay="eth0")
+        with inside(host.netns):
+            off.start()
+        off.stop()
         assert f"pref {FILTER_PRIORITY}" not in tc_filters(node, "eth0", "ingress")
     finally:
         node.fastpath.stop()
+
+
+def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them(
+        testbed: Testbed) -> None:
+    """What systemd's fd store does across a restart: it holds the kept descriptors while no
+    daemon runs. The kernel path keeps forwarding, and the next run takes the same links and
+    maps back without loading the programs again."""
+    a = start_node(testbed, "10.244.11.0/24", kernel="on", underlay="eth0")
+    b = start_node(testbed, "10.244.12.0/24", kernel="on", underlay="eth0")
+    link(a, b)
+    resumed = None
+    try:
+        store = {name: os.dup(fd) for name, fd in a.fastpath.kept().items()}
+        links = attached(a.fastpath)
+        before = kernel(a)
+        a.fastpath.stop()
+        assert b.host.container_ip
+        # No loops run on a now: the pings go and come back through its kept programs.
+        result = a.host.in_container("ping", "-c", "3", "-i", "0.2", "-W", "1",
+                                     b.host.container_ip, check=False)
+        assert "3 received" in result.stdout, result.stdout
+        with inside(a.host.netns):
+            resumed = FastPath.resume(store, kernel="on")
+        assert resumed is not None and store == {}
+        assert attached(resumed) == links  # the same programs, still where they were
+        assert resumed.table.routes() == [(b.subnet, (b.host.underlay_ip, PORT))]
+        after = kernel(Node(a.host, a.subnet, resumed))
+        assert after["tx_packets"] >= before["tx_packets"] + 3
+        assert after["rx_packets"] >= before["rx_packets"] + 3
+        resumed.del_route(b.subnet)  # one map, written through the resumed fast path
+        result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
+                                     check=False)
+        assert "Destination Net Unreachable" in result.stdout, result.stdout
+    finally:
+        for fp in (resumed, a.fastpath, b.fastpath):
+            if fp is not None:
+                fp.stop()
 
 
 def test_a_network_too_big_for_the_kernel_path_keeps_the_loops(testbed: Testbed) -> None:

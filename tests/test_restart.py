@@ -19,6 +19,9 @@ from tests.fdstore import FdStore
 from tests.testbed import Host, inside
 
 BOUND_SECONDS = 2.0
+# What the default daemon keeps (the kernel path on, on tcx links here).
+KEPT_NAMES = sorted(["udp-tun", "udp-socket", "udp-routes", *(
+    f"udp-kernel-{name}" for name in ("ingress", "egress", "routes", "counters", "config"))])
 CHUNK = 16 << 10
 
 
@@ -92,8 +95,8 @@ def daemon_with_store(cluster: Cluster, fdstore: FdStore) -> Flanneld:
     daemon = cluster.daemon(start=False)
     daemon.environ["NOTIFY_SOCKET"] = fdstore.path
     daemon.start()
-    wait_for(lambda: fdstore.names() == ["udp-routes", "udp-socket", "udp-tun"], 10,
-             "the daemon's TUN, socket and route table in the fd store")
+    wait_for(lambda: fdstore.names() == KEPT_NAMES, 10,
+             "the daemon's TUN, socket, route table and kernel path in the fd store")
     return daemon
 
 
