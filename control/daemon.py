@@ -1,12 +1,12 @@
 """pyflanneld's life: find the interface, wait for a usable config, take a lease, start the fast
 path and address its TUN, write subnet.env, then keep the lease and the routes current until
 SIGTERM or SIGINT. On the way out the fast path stops (the TUN goes with it); the lease stays in
-etcd, as flanneld leaves it, so a restart takes the same subnet back."""
+etcd, as flanneld leaves it, so a restart takes the same subnet back. SIGHUP stops it the same
+way but keeps what the backend keeps for a restart, for the process to exec itself again."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -15,7 +15,7 @@ import signal
 from control.backend import Backend, BackendError, clear_other_backends, make_backend
 from control.config import ConfigError, NetworkConfig, parse_config
 from control.endpoints import healthz_page, serve_http
-from control.handover import keep_for_next_run, release
+from control.handover import keep_for_next_run, release, restart_in_place
 from control.host import ExternalInterface, HostError, Netlink
 from control.iptables import (
     IPTablesError,
@@ -226,12 +226,13 @@ class Daemon:
                 log.error("iptables: %s", err)
 
     async def close(self) -> None:
+        # The data plane last: it forwards while the rest winds down (a restart's stall).
+        if self.registry is not None:
+            await self.registry.close()
         if self.backend is not None:
             self.backend.stop()
         if self.resumed is not None:  # when no backend took it over (stop() is idempotent)
             self.resumed.stop()
-        if self.registry is not None:
-            await self.registry.close()
         self.netlink.close()
 
 
@@ -249,20 +250,26 @@ def _pending_tasks() -> str:
 
 async def run_daemon(options: Options, handed: dict[str, int] | None = None,
                      resumed: FastPath | None = None) -> int:
-    """Run until SIGTERM/SIGINT (status 0) or a fatal problem (status 1)."""
+    """Run until SIGTERM/SIGINT (status 0) or a fatal problem (status 1). After SIGHUP this
+    process execs itself again, handing the next image what the backend keeps."""
     daemon = Daemon(options, handed, resumed)
     serving = asyncio.ensure_future(daemon.serve())
     loop = asyncio.get_running_loop()
     signalled: asyncio.Future[signal.Signals] = loop.create_future()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(
             signum, lambda s=signum: signalled.done() or signalled.set_result(s))
     abandoned = False
+    carried = None
     try:
         await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if signalled.done():
-            log.info("got %s: stopping", signalled.result().name)
-            notify("STOPPING=1")
+            signum = signalled.result()
+            if signum == signal.SIGHUP:
+                log.info("got SIGHUP: restarting in place")
+            else:
+                log.info("got %s: stopping", signum.name)
+                notify("STOPPING=1")
             serving.cancel()
             await asyncio.wait({serving}, timeout=STOP_GRACE_SECONDS)
             if not serving.done():
@@ -270,6 +277,9 @@ async def run_daemon(options: Options, handed: dict[str, int] | None = None,
                 log.warning("tasks still busy after %gs; exiting without them: %s",
                             STOP_GRACE_SECONDS, _pending_tasks())
                 abandoned = True
+            if signum == signal.SIGHUP:  # copies: stopping the backend closes its own
+                kept = daemon.backend.kept() if daemon.backend is not None else {}
+                carried = {name: os.dup(fd) for name, fd in kept.items()}
             log.info("stopped; the lease stays in etcd")
             return 0
         serving.result()
@@ -282,6 +292,8 @@ async def run_daemon(options: Options, handed: dict[str, int] | None = None,
         return 1
     finally:
         await daemon.close()
+        if carried is not None:
+            restart_in_place(carried)
         if abandoned:  # asyncio.run would wait for those tasks forever
             logging.shutdown()
             os._exit(0)

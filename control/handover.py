@@ -1,4 +1,5 @@
-"""A restart that loses nothing, through systemd's fd store (FileDescriptorStoreMax in the unit):
+"""A restart that loses nothing, through systemd's fd store (FileDescriptorStoreMax in the unit),
+or without systemd in place (SIGHUP: the process execs itself, handing the next image the same):
 the udp backend hands the next run its TUN, its socket, its route table (a memfd) and its kernel
 path's links and maps, and the next run starts forwarding on them before anything else. The
 kernel path forwards all along; packets for the loops wait in the TUN's and the socket's queues
@@ -10,13 +11,16 @@ before the control plane's imports, which are most of a restart's stall.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
+import sys
 import time
+from typing import NoReturn
 
 from control.options import Options
-from control.sdnotify import notify
+from control.sdnotify import LISTEN_FDS_START, notify
 from fastpath import FastPath
 from fastpath.dataplane import KEPT_ANY
 from fastpath.device import tun_identity
@@ -106,3 +110,23 @@ def forget(names: list[str], tuns: list[str], timeout: float = 1.0) -> None:
             except OSError:
                 break
             time.sleep(0.01)
+
+
+def restart_in_place(kept: dict[str, int]) -> NoReturn:
+    """Exec this command again in this process, handing the new image `kept` as systemd hands
+    its fd store's (LISTEN_FDS from fd 3, LISTEN_FDNAMES, LISTEN_PID): the PID stays, so a
+    supervisor sees no restart, and the new image resumes as after one under systemd."""
+    log.info("executing %s again with %s", " ".join(sys.orig_argv), ", ".join(kept) or "nothing")
+    logging.shutdown()
+    # Out of the way first: the targets 3, 4... may hold any of them.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START + len(kept))
+            for fd in kept.values()]
+    for target, fd in enumerate(high, start=LISTEN_FDS_START):
+        os.dup2(fd, target)  # inheritable, unlike every other descriptor of this process
+    os.environ.update(LISTEN_FDS=str(len(kept)), LISTEN_PID=str(os.getpid()),
+                      LISTEN_FDNAMES=":".join(kept))
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError as err:
+        sys.stderr.write(f"pyflanneld: cannot execute {sys.executable} again: {err}\n")
+        os._exit(1)

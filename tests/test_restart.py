@@ -1,13 +1,15 @@
 """How long a running TCP flow between two containers stalls while the sending host's pyflanneld
-restarts, after SIGTERM and after SIGKILL, on both etcd APIs: as a plain restart, and as
-systemd restarts the unit, with the fd store keeping the TUN, the socket and the route table
-for the next run (tests/fdstore.py). Only a generous bound is asserted; the figures are
+restarts, after SIGTERM and after SIGKILL, on both etcd APIs: as a plain restart, as systemd
+restarts the unit, with the fd store keeping the TUN, the socket, the route table and the
+kernel path for the next run (tests/fdstore.py), and in place after SIGHUP (the process execs
+itself with the same). Only a generous bound is asserted; the figures are
 printed (`pytest -s`) and kept in perf/SCALE.md."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ import pytest
 
 from tests.cluster import Cluster, Flanneld, wait_for
 from tests.fdstore import FdStore
+from tests.test_kernel_path import link_exists, link_fdinfo
 from tests.testbed import Host, inside
 
 BOUND_SECONDS = 2.0
@@ -74,8 +77,10 @@ class Flow:
             thread.join()
 
 
-@pytest.mark.parametrize("store", [False, True], ids=["plain", "fd-store"])
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(("how", "store"), [
+    ("SIGTERM", False), ("SIGKILL", False), ("SIGTERM", True), ("SIGKILL", True),
+    ("SIGHUP", False)], ids=["SIGTERM-plain", "SIGKILL-plain", "SIGTERM-fd-store",
+                             "SIGKILL-fd-store", "SIGHUP-in-place"])
 def test_a_restart_stalls_a_running_flow_briefly(cluster: Cluster, how: str, store: bool
                                                  ) -> None:
     cluster.config({"Network": "10.244.0.0/16"})
@@ -85,8 +90,9 @@ def test_a_restart_stalls_a_running_flow_briefly(cluster: Cluster, how: str, sto
             fdstore = stack.enter_context(FdStore(os.path.join(
                 cluster.bed.workdir, f"{cluster.prefix.strip('/').replace('/', '-')}.notify")))
         stall = restart_under_a_flow(cluster, how, fdstore)
-    print(f"\n{cluster.api}, {how}, {'fd store' if store else 'plain'}: the flow's longest "
-          f"stall across the restart: {stall:.2f} s")
+    kind = "in place" if how == "SIGHUP" else "fd store" if store else "plain"
+    print(f"\n{cluster.api}, {how}, {kind}: the flow's longest stall across the restart: "
+          f"{stall:.2f} s")
     assert stall <= BOUND_SECONDS
 
 
@@ -112,17 +118,26 @@ def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None) ->
     try:
         wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
         restarted = time.monotonic()
-        if how == "SIGTERM":
-            a.stop()
-        else:
-            assert a.process is not None
-            a.process.kill()
-            a.process.wait()
-            a.process = None
-        a.start(handed=fdstore.handed() if fdstore else None)
-        a.wait_log("subnet added")
-        if fdstore is not None:
+        assert a.process is not None
+        if how == "SIGHUP":
+            added = a.log().count("subnet added")
+            a.process.send_signal(signal.SIGHUP)
+            a.wait_log("subnet added", count=added + 1)
+            # The same process (its supervisor sees nothing), a new image with the kept ones.
+            assert a.process.poll() is None
+            assert "executing" in a.log() and "udp-tun" in a.log()
             a.wait_log("went on with the fast path the previous run kept")
+        else:
+            if how == "SIGTERM":
+                a.stop()
+            else:
+                a.process.kill()
+                a.process.wait()
+                a.process = None
+            a.start(handed=fdstore.handed() if fdstore else None)
+            a.wait_log("subnet added")
+            if fdstore is not None:
+                a.wait_log("went on with the fast path the previous run kept")
         wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
                  "the flow running again")
         time.sleep(1)
@@ -155,3 +170,25 @@ def test_a_restart_with_other_levers_starts_a_new_fast_path_on_the_same_tun_name
         assert a.stop() == 0
         a.start(handed=fdstore.handed())
         a.wait_log("resumed the fast path the previous run kept: flannel0")
+
+
+def test_a_restart_with_the_kernel_path_on_the_receive_side_only_drops_the_kept_egress_link(
+        cluster: Cluster) -> None:
+    """The store holds exactly what the current run keeps: a kept link left in it would go on
+    forwarding with a route map nobody writes any more."""
+    cluster.config({"Network": "10.244.0.0/16"})
+    with FdStore(os.path.join(cluster.bed.workdir, f"egress-{cluster.api}.notify")) as fdstore:
+        a = daemon_with_store(cluster, fdstore)
+        links = [link_fdinfo(fdstore.handed()[f"udp-kernel-{name}"])["link_id"]
+                 for name in ("ingress", "egress")]
+        assert a.stop() == 0
+        a.command += ["--fastpath-kernel", "rx"]
+        a.start(handed=fdstore.handed())
+        a.wait_log("went on with the fast path the previous run kept")
+        wait_for(lambda: fdstore.names() == [name for name in KEPT_NAMES
+                                             if name != "udp-kernel-egress"], 10,
+                 "all but the egress link in the store")
+        # Another mode: the programs were loaded and linked again, and the old links are gone.
+        assert link_fdinfo(fdstore.handed()["udp-kernel-ingress"])["link_id"] not in links
+        assert not any(link_exists(old) for old in links)
+        assert "kernel path rx" in a.log()
