@@ -103,8 +103,8 @@ class Testbed:
 
     def _netns(self, suffix: str) -> str:
         name = f"{self.prefix}-{suffix}"
+        self.namespaces.append(name)  # first: an interrupt may come while `ip` makes it
         sh("ip", "netns", "add", name)
-        self.namespaces.append(name)
         sh("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
@@ -164,10 +164,21 @@ class Testbed:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Testbed:
+        # A run ended by SIGTERM (a CI timeout, `kill`) unwinds as one interrupted by ^C does,
+        # through every fixture and `with`, so that what it made is deleted.
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def end_process(process: subprocess.Popen, sig: int = signal.SIGTERM,
