@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 
-from fastpath.udp_tc import KERNEL_PATH, unavailable
+from fastpath.udp_tc import KERNEL_PATH, TCX_LINKS, probe
 
 TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -191,8 +191,10 @@ def kernel_features() -> dict[str, bool]:
     missing = missing_udp_offloads()
     fd, _, tun_offload, tun_uso = open_tun("pfprobe%d", True)
     os.close(fd)
+    kernel_missing, tcx = probe()
     return {TUN_OFFLOADS: tun_offload,
             "UDP_SEGMENT (send many datagrams at once, Linux 4.18)": "UDP_SEGMENT" not in missing,
             "UDP_GRO (receive many datagrams at once, Linux 5.0)": "UDP_GRO" not in missing,
             TUN_USO: tun_uso,
-            KERNEL_PATH: not unavailable()}
+            KERNEL_PATH: not kernel_missing,
+            TCX_LINKS: tcx}

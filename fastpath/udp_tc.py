@@ -31,6 +31,7 @@ FILTER_HANDLE = 1
 KERNEL_MODES = ("off", "rx", "on")
 # Its name in `python -m fastpath`'s report.
 KERNEL_PATH = "the kernel path (tc-BPF programs through libbpf1, Linux 5.10+)"
+TCX_LINKS = "tcx links (the kernel path forwards across a restart, Linux 6.6+)"
 # One route entry per subnet; past this a kernel array would be a lot of locked memory for a
 # Network nobody fills (the loops' table takes up to 2**24).
 MAX_KERNEL_SUBNETS = 1 << 20
@@ -198,15 +199,24 @@ def _load(lib: ctypes.CDLL, routes: int) -> int:
     return obj
 
 
-def unavailable() -> str:
-    """Why the kernel path cannot run here, "" when it can: its programs are loaded and freed
-    again; nothing is attached."""
+def probe() -> tuple[str, bool]:
+    """Why the kernel path cannot run here ("" when it can), and whether the kernel links its
+    programs (tcx): they are loaded and freed again, and nothing is attached. A link to no
+    interface is refused for the interface (ENODEV) by a kernel with tcx, and for its attach
+    type (EINVAL) by an older one."""
     try:
         lib = _lib()
-        lib.bpf_object__close(_load(lib, 1))
+        obj = _load(lib, 1)
     except UdpTcUnavailable as err:
-        return str(err)
-    return ""
+        return str(err), False
+    try:
+        program = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(obj, b"udp_ingress"))
+        link = lib.bpf_link_create(program, 0, BPF_TCX_INGRESS, None)
+        if link >= 0:  # no kernel links to interface 0; let go at once if one did
+            os.close(link)
+        return "", link == -errno.ENODEV
+    finally:
+        lib.bpf_object__close(obj)
 
 
 def _int(address: ipaddress.IPv4Address | str) -> int:

@@ -81,8 +81,9 @@ def test_python_m_fastpath_reports_the_kernel_features_and_leaves_nothing(
     # Every kernel this project is tested on has them all (Linux 6.2+).
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 5 and all(line.startswith("yes  ") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("yes  ") for line in lines)
     assert "UDP_GRO" in result.stdout and "USO" in result.stdout and "tc-BPF" in result.stdout
+    assert "tcx links" in result.stdout
     assert "pfprobe" not in host.ip("-o", "link").stdout
 
 

@@ -311,6 +311,7 @@ def test_without_tcx_classic_filters_carry_it_and_one_a_killed_daemon_left_goes(
         # takes the underlay's away.
         lib = udp_tc._lib()
         monkeypatch.setattr(udp_tc, "_lib", lambda: WithoutTcx(lib))
+        assert udp_tc.probe() == ("", False)  # as `python -m fastpath` would say
         classic = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT + 1, kernel="on",
                            underlay="eth0")
         with inside(host.netns):
