@@ -68,11 +68,11 @@ def keep_for_next_run(kept: dict[str, int]) -> None:
     """Have the store hold exactly what the backend keeps for the next run. Each name's earlier
     entry goes first: the store would keep both, the same descriptor or not. An entry this run
     does not keep goes too: a kernel path's link in it would go on forwarding."""
-    for name in {KEPT_PREFIX + name for name in KEPT_ANY} - kept.keys():
-        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
     for name, fd in kept.items():
         notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
         notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+    for name in {KEPT_PREFIX + name for name in KEPT_ANY} - kept.keys():
+        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
 
 def release(handed: dict[str, int]) -> None:

@@ -185,6 +185,7 @@ def test_a_restart_with_the_kernel_path_on_the_receive_side_only_drops_the_kept_
         a.command += ["--fastpath-kernel", "rx"]
         a.start(handed=fdstore.handed())
         a.wait_log("went on with the fast path the previous run kept")
+        # The stale entries go last: once the egress link is out, the rest is this run's.
         wait_for(lambda: fdstore.names() == [name for name in KEPT_NAMES
                                              if name != "udp-kernel-egress"], 10,
                  "all but the egress link in the store")
