@@ -69,6 +69,13 @@ def link_fdinfo(fd: int) -> dict[str, str]:
         return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
 
 
+def link_ids(kept: dict[str, int]) -> list[str]:
+    """The ids of the kernel path's links among kept descriptors: FastPath.kept()'s, or the fd
+    store's (named udp-kernel-...)."""
+    return [link_fdinfo(fd)["link_id"] for name, fd in kept.items()
+            if name.endswith(("kernel-ingress", "kernel-egress"))]
+
+
 def program_name(prog_id: str) -> str:
     return json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", prog_id],
                                      capture_output=True, text=True, check=True).stdout)["name"]
@@ -250,11 +257,11 @@ def test_a_killed_daemon_leaves_nothing_attached_and_stop_leaves_nothing(
     host = testbed.add_host()
     killed = host.run(sys.executable, "-c", (
         "import os, signal; from fastpath import FastPath; "
+        "from tests.test_kernel_path import link_ids; "
         f"fp = FastPath({NETWORK!r}, {SUBNET_LEN}, {host.underlay_ip!r}, {PORT}, "
         "kernel='on', underlay='eth0'); fp.start(); "
-        "print(*(open(f'/proc/self/fdinfo/{fd}').read().split('link_id:\t')[1].split()[0] "
-        "for name, fd in fp.kept().items() if name in ('kernel-ingress', 'kernel-egress')), "
-        "flush=True); os.kill(os.getpid(), signal.SIGKILL)"), check=False)
+        "print(*link_ids(fp.kept()), flush=True); os.kill(os.getpid(), signal.SIGKILL)"),
+        check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     links = killed.stdout.split()
     assert len(links) == 2
@@ -262,8 +269,7 @@ def test_a_killed_daemon_leaves_nothing_attached_and_stop_leaves_nothing(
     fp = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT, kernel="on", underlay="eth0")
     with inside(host.netns):
         fp.start()
-    links = [link_fdinfo(fd)["link_id"] for name, fd in fp.kept().items()
-             if name in ("kernel-ingress", "kernel-egress")]
+    links = link_ids(fp.kept())
     assert len(links) == 2 and all(link_exists(link_id) for link_id in links)
     fp.stop()
     assert not any(link_exists(link_id) for link_id in links)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cluster import Cluster, Flanneld, wait_for
 from tests.fdstore import FdStore
-from tests.test_kernel_path import link_exists, link_fdinfo
+from tests.test_kernel_path import link_exists, link_fdinfo, link_ids
 from tests.testbed import Host, inside
 
 BOUND_SECONDS = 2.0
@@ -179,8 +179,7 @@ def test_a_restart_with_the_kernel_path_on_the_receive_side_only_drops_the_kept_
     cluster.config({"Network": "10.244.0.0/16"})
     with FdStore(os.path.join(cluster.bed.workdir, f"egress-{cluster.api}.notify")) as fdstore:
         a = daemon_with_store(cluster, fdstore)
-        links = [link_fdinfo(fdstore.handed()[f"udp-kernel-{name}"])["link_id"]
-                 for name in ("ingress", "egress")]
+        links = link_ids(fdstore.handed())
         assert a.stop() == 0
         a.command += ["--fastpath-kernel", "rx"]
         a.start(handed=fdstore.handed())
