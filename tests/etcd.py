@@ -159,7 +159,15 @@ class EtcdServer:
             return dict(zip(lines[::2], lines[1::2], strict=True))
         listing = self.ctl("ls", "--recursive", "-p", prefix, api="v2", check=False)
         keys = [k for k in listing.stdout.splitlines() if k and not k.endswith("/")]
-        return {key: self.ctl("get", key, api="v2").stdout.rstrip("\n") for key in keys}
+        # v2 lists and reads in two steps: a key that expires in between is not there any more.
+        found = {}
+        for key in keys:
+            got = self.ctl("get", key, api="v2", check=False)
+            if got.returncode == 0:
+                found[key] = got.stdout.rstrip("\n")
+            elif "Key not found" not in got.stderr:
+                raise RuntimeError(f"etcdctl get {key} failed: {got.stderr.strip()}")
+        return found
 
     def ttl(self, key: str, api: str) -> int:
         """Seconds the key has left to live."""
