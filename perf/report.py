@@ -134,6 +134,106 @@ def regime_tables(results: Results, regime: str) -> list[str]:
     return lines + [""]
 
 
+# Issue 7's targets, each a ratio to kernel VXLAN within the run or a limit of flannel's own
+# DaemonSet (cpu 100m, memory 50Mi); met or missed, from the data alone.
+TCP_RATIO_MIN = 1.0
+CPU_PER_GB_RATIO_MAX = 1.5
+RSS_LIMIT_MIB = 50
+LATENCY_RATIO_MAX = 1.2
+BREAKDOWN = ("the README's Performance section and perf/PROFILE.md give the measured "
+             "breakdown of why")
+
+
+def _verdict(met: bool | None) -> str:
+    return "-" if met is None else ("met" if met else "**missed**")
+
+
+def _udp_rows(results: Results) -> list[str]:
+    """pyflanneld's rows that run its udp backend: the defaults first, then each lever."""
+    return [p for p, info in results.meta["paths"].items() if info["kind"] == "pyflannel"
+            and info.get("backend", {}).get("Type", "udp") == "udp"]
+
+
+def _ratio_checks(results: Results, path: str, regimes: list[str], workloads: list[str],
+                  metric: Metric, ok: Callable[[float], bool], digits: int = 1
+                  ) -> tuple[list[str], bool | None]:
+    """'regime workload: value against vxlan's (ratio)' for each measured pair, and whether
+    every ratio passes `ok` (None when nothing was measured)."""
+    parts, verdicts = [], []
+    for regime in regimes:
+        for workload in workloads:
+            ours = results.median(regime, path, workload, metric)
+            base = results.median(regime, BASELINE, workload, metric)
+            if ours is None or not base:
+                continue
+            verdicts.append(ok(ours / base))
+            parts.append(f"{regime} {workload}: {ours:.{digits}f} against {base:.{digits}f} "
+                         f"({ours / base:.2f}x)")
+    return parts, (all(verdicts) if verdicts else None)
+
+
+def targets_table(results: Results) -> list[str]:
+    """Issue 7's targets 1-6 for pyflanneld's default row, each with what this run measured."""
+    rows = _udp_rows(results)
+    if not rows or BASELINE not in results.paths:
+        return []
+    default = rows[0]
+    unshaped = [r for r in results.regimes if r not in results.shaped]
+    searched = [r for r in results.regimes if results.meta["regimes"][r]["udp_search"]]
+    machine, latency = _field("machine_cpu_s_per_gb"), _field("one_way_us")
+    checks: list[tuple[str, list[str], bool | None]] = []
+
+    parts, met = _ratio_checks(results, default, unshaped, ["tcp1", "tcp4"], _mbps,
+                               lambda r: r >= TCP_RATIO_MIN, 0)
+    checks.append((f"1. TCP, 1 and 4 streams, >= {TCP_RATIO_MIN}x VXLAN (Mbit/s)", parts, met))
+    parts, met = _ratio_checks(results, default, [r for r in unshaped
+                                                  if not results.meta["regimes"][r]["wire"]],
+                               ["tcp1", "tcp4"], machine,
+                               lambda r: r <= CPU_PER_GB_RATIO_MAX, 2)
+    checks.append((f"2. whole-machine CPU per GB, unshaped, <= {CPU_PER_GB_RATIO_MAX}x VXLAN "
+                   "(s/GB)", parts, met))
+    parts, verdicts = [], []
+    for regime in results.shaped:
+        for workload in ("tcp1", "tcp4"):
+            shares = [results.median(regime, default, workload,
+                                     _field("daemon_cpu_percent", index=i)) for i in (0, 1)]
+            if None not in shares:
+                verdicts.append(max(shares) <= DAEMON_CPU_LIMIT_PERCENT)
+                parts.append(f"{regime} {workload}: sender {shares[0]:.1f} %, receiver "
+                             f"{shares[1]:.1f} %")
+    checks.append((f"3. each daemon at 100 Mbit/s <= {DAEMON_CPU_LIMIT_PERCENT} % of a core",
+                   parts, all(verdicts) if verdicts else None))
+    parts, verdicts = [], []
+    for api in ("v3", "v2"):
+        peaks = {p: max(results.peaks[p].values()) / 2**20 for p in rows
+                 if p in results.peaks and results.meta["paths"][p]["etcd_api"] == api}
+        if peaks:
+            over = [f"`{p}` {mib:.1f}" for p, mib in peaks.items() if mib > RSS_LIMIT_MIB]
+            verdicts.append(not over)
+            parts.append(f"etcd {api}: at most {max(peaks.values()):.1f} MiB over "
+                         f"{len(peaks)} row(s)" + (f", over the limit: {', '.join(over)}"
+                                                   if over else ""))
+    checks.append((f"4. peak RSS of every pyflanneld of the udp backend's rows <= "
+                   f"{RSS_LIMIT_MIB} MiB", parts, all(verdicts) if verdicts else None))
+    parts, met = _ratio_checks(results, default, results.regimes, ["latency"], latency,
+                               lambda r: r <= LATENCY_RATIO_MAX)
+    loaded, _ = _ratio_checks(results, default, results.regimes, ["loaded-latency"], latency,
+                              lambda r: True)
+    checks.append((f"5. one-way latency, unloaded, <= {LATENCY_RATIO_MAX}x VXLAN (us); under "
+                   "a bulk flow shown beside it", parts + loaded, met))
+    parts, met = _ratio_checks(results, default, searched, ["udp64"], _kpps,
+                               lambda r: r >= 1.0)
+    checks.append(("6. 64-byte UDP, highest rate with no loss, >= VXLAN's (kpps)", parts, met))
+
+    lines = [f"### issue 7's targets, for `{default}` (pyflanneld's defaults)", ""]
+    lines += _header(["target", "this run", "verdict"])
+    for name, parts, met in checks:
+        lines.append(_row([name, "; ".join(parts) or "not measured", _verdict(met)]))
+    if any(met is False for _, _, met in checks):
+        lines += ["", f"For a missed target, {BREAKDOWN}."]
+    return lines + [""]
+
+
 def memory_table(results: Results) -> list[str]:
     lines = ["### daemons' peak RSS over the whole run (VmHWM)", ""]
     lines += _header(["path", "etcd API", "sender, MiB", "receiver, MiB"])
@@ -147,7 +247,7 @@ def memory_table(results: Results) -> list[str]:
 
 
 def tables(results: Results) -> str:
-    lines: list[str] = []
+    lines = targets_table(results)
     for regime in results.regimes:
         lines += regime_tables(results, regime)
     if results.peaks:
@@ -331,3 +431,22 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         f.write(header + "\n" + body)
     chart(results, os.path.join(out_dir, "results.png"))
     return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write RESULTS.md and results.png again from a run's results.json (the report changed,
+    the measurements did not)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("dir", nargs="?", default=os.path.dirname(os.path.abspath(__file__)),
+                        help="where results.json is and the report goes (default: perf/)")
+    args = parser.parse_args(argv)
+    with open(os.path.join(args.dir, "results.json")) as f:
+        run = json.load(f)
+    print(write_report(run["meta"], run["samples"], run["peak_rss_bytes"], args.dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""perf/report.py's verdicts on issue 7's targets, from made-up samples (no measurement)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perf.report import Results, targets_table
+
+REGIMES = {"shaped": {"rate": "100mbit", "wire": False, "udp_search": False},
+           "unshaped": {"rate": None, "wire": False, "udp_search": True},
+           "wire": {"rate": None, "wire": True, "udp_search": True}}
+PATHS = {"pyflannel": {"kind": "pyflannel", "etcd_api": "v3", "backend": {"Type": "udp"}},
+         "pyflannel-etcdv2": {"kind": "pyflannel", "etcd_api": "v2", "backend": {"Type": "udp"}},
+         "pyflannel-vxlan": {"kind": "pyflannel", "etcd_api": "v3",
+                             "backend": {"Type": "vxlan"}},
+         "vxlan": {"kind": "kernel"}}
+MIB = 2**20
+
+
+def sample(regime: str, path: str, workload: str, **values: Any) -> dict[str, Any]:
+    return {"regime": regime, "path": path, "workload": workload, "rep": 1, **values}
+
+
+def run(ours: float, rss_mib: float) -> list[str]:
+    """A run where pyflannel's every figure is `ours` times VXLAN's (its costs too)."""
+    samples = []
+    for regime in REGIMES:
+        for path, scale in (("pyflannel", ours), ("vxlan", 1.0)):
+            for workload in ("tcp1", "tcp4"):
+                samples.append(sample(regime, path, workload, bits_per_second=1e9 * scale,
+                                      machine_cpu_s_per_gb=scale,
+                                      daemon_cpu_percent=[5.0 * scale, 5.0 * scale]))
+            for workload in ("latency", "loaded-latency"):
+                samples.append(sample(regime, path, workload, one_way_us=20.0 / ours
+                                      if path == "pyflannel" else 20.0))
+            if REGIMES[regime]["udp_search"]:
+                samples.append(sample(regime, path, "udp64", zero_loss_pps=1e5 * scale))
+    peaks = {"pyflannel": {"sender": 40 * MIB, "receiver": int(rss_mib * MIB)},
+             "pyflannel-etcdv2": {"sender": 30 * MIB, "receiver": 30 * MIB},
+             "pyflannel-vxlan": {"sender": 90 * MIB, "receiver": 90 * MIB}}
+    meta = {"paths": PATHS, "regimes": REGIMES}
+    return targets_table(Results(meta, samples, peaks))
+
+
+def verdicts(lines: list[str]) -> list[str]:
+    return [line.rsplit("|", 2)[1].strip() for line in lines if line.startswith("| ")][2:]
+
+
+def test_a_run_ahead_of_vxlan_meets_every_target() -> None:
+    lines = run(ours=1.1, rss_mib=45)
+    # 1.1x VXLAN's CPU per GB is within 1.5x; 5.5 % of a core within 10 %.
+    assert verdicts(lines) == ["met"] * 6
+    assert not any("breakdown" in line for line in lines)
+
+
+def test_each_missed_target_is_marked_and_points_at_the_breakdown() -> None:
+    lines = run(ours=0.5, rss_mib=52.5)
+    # TCP 0.5x, latency 2x, the 64-byte rate 0.5x and 52.5 MiB miss; CPU per GB (0.5x) and
+    # daemon CPU (2.5 % of a core) are met.
+    assert verdicts(lines) == ["**missed**", "met", "met", "**missed**", "**missed**",
+                               "**missed**"]
+    assert "`pyflannel` 52.5" in lines[7]  # the row over the limit is named
+    assert "pyflannel-vxlan" not in "".join(lines)  # its daemons carry no packets
+    assert any("breakdown" in line for line in lines)
+
+
+def test_cpu_per_gb_and_latency_misses() -> None:
+    assert verdicts(run(ours=1.6, rss_mib=45))[1] == "**missed**"  # 1.6x CPU per GB
+    assert verdicts(run(ours=0.8, rss_mib=45))[4] == "**missed**"  # 1.25x latency
+    assert verdicts(run(ours=0.9, rss_mib=45))[4] == "met"  # 1.11x latency
