@@ -82,19 +82,39 @@ def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface
     return AllocBackend(ext, public_ip)
 
 
+def prune_routes_via_peers(rtnl: RtNetlink, ext: ExternalInterface,
+                           network: ipaddress.IPv4Network,
+                           peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
+    """Delete the routes into the Network via a gateway out of the external interface that no
+    routed peer explains (its subnet via its PublicIP): host-gw's, or vxlan DirectRouting's,
+    to hosts that left while this daemon was not running. OSError if the kernel refuses."""
+    for destination, gateway in rtnl.routes(ext.index):
+        if (gateway is not None and destination.subnet_of(network)
+                and (destination not in peers or peers[destination].public_ip != gateway)):
+            log.info("removing route %s via %s, which no lease explains", destination, gateway)
+            rtnl.delete_route(destination, ext.index, gateway)
+
+
 def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalInterface,
                          keep_device: str | None) -> None:
     """Remove what another backend left on this host in an earlier run (the backend type
     changed in between): vxlan devices of flannel's naming other than `keep_device`, and
     host-gw's routes into the Network out of the external interface. The udp backend's TUN
     goes with its process; a tc filter of its kernel path that a killed daemon left on the
-    underlay is removed by the fast path itself, or here when udp no longer runs."""
+    underlay is removed by the fast path itself, or here when udp no longer runs.
+
+    vxlan with DirectRouting makes the same routes as host-gw for its peers on the external
+    interface's network: those stay, so that a restart does not cut them off until the watch
+    routes them again, and its reconcile removes any that no lease explains, as host-gw's does
+    (prune_routes_via_peers)."""
     for link in rtnl.links():
         if VXLAN_DEVICE.fullmatch(link.name) and link.name != keep_device:
             if rtnl.link_kind(link.index) == "vxlan":
                 log.info("deleting %s, left by an earlier vxlan backend", link.name)
                 rtnl.delete_link(link.index)
-    if config.backend_type != "host-gw":
+    routes_on_ext = config.backend_type == "host-gw" or (
+        config.vxlan is not None and config.vxlan.direct_routing)
+    if not routes_on_ext:
         for destination, gateway in rtnl.routes(ext.index):
             if gateway is not None and destination.subnet_of(config.network):
                 log.info("deleting route %s via %s, left by an earlier host-gw backend",

@@ -33,10 +33,17 @@ class VxlanConfig:
     """flanneld v0.20.2's vxlan Backend keys (others, MTU and MacPrefix included, came later
     and are ignored as Go's decoder ignores unknown keys)."""
     vni: int = 1
-    port: int = 0  # 0: the kernel's default, 8472
+    port: int = 0  # Backend.Port as given, a Go int: see dst_port for what the device gets
     gbp: bool = False
     learning: bool = False
     direct_routing: bool = False
+
+    @property
+    def dst_port(self) -> int:
+        """The port flanneld's device gets: its netlink library sends uint16(Port) only when
+        Port > 0, so 70000 is 4464, and 0 or a negative Port sends none (the kernel's default,
+        8472, as does a Port whose low 16 bits are 0). 0 here means "the kernel's default"."""
+        return self.port & 0xFFFF if self.port > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,9 @@ def _udp_port(fields: dict[str, Any]) -> int:
 
 def _vxlan(fields: dict[str, Any]) -> VxlanConfig:
     """flanneld decodes the Backend object into {VNI, Port int; GBP, Learning, DirectRouting
-    bool}; the kernel then refuses a VNI or port out of range when it makes the device, which
-    is checked here instead so the log says which key is wrong."""
+    bool}. The kernel then refuses a VNI out of range when it makes the device, which is
+    checked here instead so the log says which key is wrong; any Port is accepted, as flanneld
+    accepts it (VxlanConfig.dst_port says what becomes of it)."""
     vni = _int(fields.get("vni"), "VNI", "VXLAN")
     port = _int(fields.get("port"), "Port", "VXLAN")
     try:
@@ -187,10 +195,7 @@ def _vxlan(fields: dict[str, Any]) -> VxlanConfig:
     vni = 1 if vni is None else vni
     if not 0 <= vni <= MAX_VNI:
         raise ConfigError(f"Backend.VNI {vni} is out of range (0..{MAX_VNI})")
-    port = port or 0
-    if not 0 <= port < 65536:
-        raise ConfigError(f"Backend.Port {port} is not a UDP port (1..65535)")
-    return VxlanConfig(vni, port, flags["GBP"], flags["Learning"], flags["DirectRouting"])
+    return VxlanConfig(vni, port or 0, flags["GBP"], flags["Learning"], flags["DirectRouting"])
 
 
 def parse_config(text: str | bytes) -> NetworkConfig:

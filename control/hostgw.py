@@ -8,7 +8,7 @@ import errno
 import ipaddress
 import logging
 
-from control.backend import BackendError
+from control.backend import BackendError, prune_routes_via_peers
 from control.config import NetworkConfig
 from control.host import ExternalInterface
 from control.lease import PeerLease, encode_lease
@@ -67,11 +67,7 @@ class HostGwBackend:
         """Routes into the Network via a gateway that no current lease explains (hosts that
         left while this daemon was not running)."""
         try:
-            for destination, gateway in self._rtnl.routes(self._ext.index):
-                if (gateway is not None and destination.subnet_of(self._config.network)
-                        and (destination not in peers
-                             or peers[destination].public_ip != gateway)):
-                    self._rtnl.delete_route(destination, self._ext.index, gateway)
+            prune_routes_via_peers(self._rtnl, self._ext, self._config.network, peers)
         except OSError as err:
             log.error("removing stale routes from %s: %s", self._ext.name, err)
 

@@ -45,6 +45,7 @@ NLA_F_NESTED = 0x8000
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
+IFLA_TXQLEN = 13
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
@@ -70,8 +71,10 @@ AF_BRIDGE = 7
 ENODEV = 19
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
-RTPROT_STATIC = 4  # what `ip route` and pyroute2 set by default
 RTPROT_UNSPEC = 0  # in a delete: whoever made the route
+# What flanneld's routes carry: vishvananda/netlink's RouteAdd leaves its request's default
+# protocol, boot, which `ip route` shows without any `proto`.
+RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255  # in a delete: any scope
 RTN_UNSPEC = 0  # in a delete: any type
@@ -313,13 +316,14 @@ class RtNetlink:
 
     def replace_route(self, destination: ipaddress.IPv4Network, index: int,
                       gateway: ipaddress.IPv4Address | None = None, onlink: bool = False) -> None:
-        """A route for `destination` out of the link in the main table, scope universe as
-        flanneld's udp backend makes it. With `gateway`, through it: host-gw's `ip route replace
-        10.244.2.0/24 via 198.18.0.12 dev eth0`. `onlink` has the kernel take the gateway as on
-        the link though no route says so: vxlan's `ip route replace 10.244.64.0/24 via
-        10.244.64.0 dev flannel.1 onlink`, whose gateway is the remote subnet's own address."""
+        """A route for `destination` out of the link in the main table, protocol boot and
+        scope universe as flanneld's backends make it. With `gateway`, through it: host-gw's
+        `ip route replace 10.244.2.0/24 via 198.18.0.12 dev eth0 proto boot`. `onlink` has the
+        kernel take the gateway as on the link though no route says so: vxlan's `ip route
+        replace 10.244.64.0/24 via 10.244.64.0 dev flannel.1 proto boot onlink`, whose gateway
+        is the remote subnet's own address."""
         body = (RTMSG.pack(socket.AF_INET, destination.prefixlen, 0, 0, RT_TABLE_MAIN,
-                           RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST,
+                           RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST,
                            RTNH_F_ONLINK if onlink else 0)
                 + _attr(RTA_DST, destination.network_address.packed)
                 + _attr(RTA_OIF, struct.pack("=I", index)))
@@ -366,7 +370,9 @@ class RtNetlink:
         fails with EEXIST if a link of that name exists. link 0 gives no underlay, port 0 the
         kernel's default port (its udp_port parameter, 8472), mtu None the kernel's default
         (the underlay's MTU less 50; 1500 without an underlay), mac None a random MAC from the
-        kernel. The link is left down, as `ip link add` leaves it.
+        kernel. Its transmit queue length is 0, as flanneld's is (its netlink.LinkAttrs zero
+        value sends IFLA_TXQLEN 0; `ip link add` would leave the kernel's 1000). The link is
+        left down, as `ip link add` leaves it.
 
         The one exception to one request per call: the kernel acknowledges RTM_NEWLINK without
         the new index (it ignores NLM_F_ECHO there, 6.18 included), so a second request looks
@@ -381,7 +387,8 @@ class RtNetlink:
         if gbp:
             data.append(_attr(IFLA_VXLAN_GBP, b""))
         body = (IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-                + _attr(IFLA_IFNAME, name.encode() + b"\0"))
+                + _attr(IFLA_IFNAME, name.encode() + b"\0")
+                + _attr(IFLA_TXQLEN, struct.pack("=I", 0)))
         if mtu is not None:
             body += _attr(IFLA_MTU, struct.pack("=I", mtu))
         if mac is not None:

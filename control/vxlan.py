@@ -18,7 +18,7 @@ import logging
 import os
 import re
 
-from control.backend import BackendError
+from control.backend import BackendError, prune_routes_via_peers
 from control.config import NetworkConfig
 from control.host import ExternalInterface
 from control.lease import PeerLease, encode_lease
@@ -61,12 +61,15 @@ class VxlanBackend:
         self._ext = ext
         self._public_ip = public_ip
         self.device = f"flannel.{config.vxlan.vni}"
+        self._port = config.vxlan.dst_port or KERNEL_DEFAULT_PORT  # the device's UDP port
         self._link: VxlanLink | None = None
 
     def _incompatible(self, link: VxlanLink) -> str:
-        """flanneld's vxlanLinksIncompat: why an existing device does not fit ("" if it does)."""
-        want = self._vxlan
-        port = want.port or KERNEL_DEFAULT_PORT
+        """flanneld's vxlanLinksIncompat: why an existing device does not fit ("" if it does).
+        The port compared is the one the device gets: flanneld compares Backend.Port itself,
+        so with a Port above 65535 it recreates its device, and changes its VtepMAC, at every
+        restart."""
+        want, port = self._vxlan, self._port
         if link.vni != want.vni:
             return f"vni: {want.vni} vs {link.vni}"
         if link.link and link.link != self._ext.index:
@@ -85,6 +88,11 @@ class VxlanBackend:
         """The device, before the lease that carries its MAC; up already, so that a UDP port
         another socket holds is found now (the kernel opens the port when it goes up)."""
         rtnl, want = self._rtnl, self._vxlan
+        if not 0 <= want.port <= 65535:  # 0 is Port left out
+            # flanneld takes it without a word; say what the device gets instead.
+            log.warning("Backend.Port %d is outside 1-65535: %s uses port %d, as flanneld's "
+                        "does (%s)", want.port, self.device, self._port,
+                        "its low 16 bits" if want.dst_port else "the kernel's default")
         try:
             try:
                 link = rtnl.vxlan(self.device)
@@ -104,7 +112,7 @@ class VxlanBackend:
                     log.info("reusing %s (VtepMAC %s)", self.device, link.mac)
             if link is None:
                 rtnl.add_vxlan(self.device, want.vni, self._ext.address, self._ext.index,
-                               want.port, want.learning, want.gbp, None, random_mac())
+                               want.dst_port, want.learning, want.gbp, None, random_mac())
                 link = rtnl.vxlan(self.device)
                 assert link is not None
                 log.info("created %s: VNI %d, port %d, VtepMAC %s", self.device, want.vni,
@@ -113,8 +121,8 @@ class VxlanBackend:
             rtnl.set_up(link.index, link.mtu)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise BackendError(f"{self.device}: UDP port {want.port or KERNEL_DEFAULT_PORT}"
-                                   " is taken by another socket") from err
+                raise BackendError(f"{self.device}: UDP port {self._port} is taken by another "
+                                   "socket") from err
             raise BackendError(f"setting up {self.device}: {err}") from err
         try:  # as flanneld: no IPv6 router advertisements on the device
             with open(f"/proc/sys/net/ipv6/conf/{self.device}/accept_ra", "w") as sysctl:
@@ -205,7 +213,9 @@ class VxlanBackend:
 
     def prune(self, peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
         """Remove what no current lease explains: routes, neighbours and forwarding entries
-        of hosts that left while this daemon was not running."""
+        of hosts that left while this daemon was not running. With DirectRouting also the
+        direct routes that no routed peer explains (clear_other_backends leaves them here: they
+        may be a host-gw run's as well as this backend's own)."""
         assert self._link is not None
         index, rtnl = self._link.index, self._rtnl
         wanted_fdb = set()
@@ -219,6 +229,8 @@ class VxlanBackend:
             for destination, gateway in rtnl.routes(index):
                 if destination.subnet_of(self._config.network) and destination not in peers:
                     rtnl.delete_route(destination, index, gateway)
+            if self._vxlan.direct_routing:
+                prune_routes_via_peers(rtnl, self._ext, self._config.network, peers)
             for address, _ in rtnl.neighbours(index):
                 if address not in addresses:
                     rtnl.delete_neigh(index, address)

@@ -79,10 +79,11 @@ def wait_reachable(src: Host, dst: Host) -> bool:
 
 
 @contextmanager
-def beside_flanneld(bed: Testbed, etcd: EtcdServer, *flags: str,
-                    device: str | None = None) -> Iterator[tuple[Host, Host]]:
-    """(flanneld's host, pyflanneld's host with `flags`) in one cluster on the config already
-    in etcd's v3 keyspace, each with a container on its subnet, once they reach each other.
+def beside_flanneld(bed: Testbed, etcd: EtcdServer, *flags: str, device: str | None = None
+                    ) -> Iterator[tuple[RealFlanneld, Flanneld]]:
+    """(flanneld, pyflanneld with `flags`), each on a host of its own, in one cluster on the
+    config already in etcd's v3 keyspace, each host with a container on its subnet, once they
+    reach each other.
     flanneld v0.20.2 can miss a lease event (its watch keeps only a response's first event);
     after a restart its listing holds the lease. Both stop on exit, and flanneld's leftovers
     (`device` among them) are removed."""
@@ -103,7 +104,7 @@ def beside_flanneld(bed: Testbed, etcd: EtcdServer, *flags: str,
             flanneld.stop()
             flanneld.start()
             assert wait_reachable(f_host, p_host), flanneld.log()[-3000:]
-        yield f_host, p_host
+        yield flanneld, pyflanneld
     finally:
         if pyflanneld is not None:
             pyflanneld.stop()

@@ -30,8 +30,8 @@ def mixed(bed_and_etcd: tuple[Testbed, EtcdServer], request: pytest.FixtureReque
     with its loops alone, then with the kernel path as well."""
     bed, etcd = bed_and_etcd
     put_config(etcd, "v3", FIGURE_2_CONFIG)
-    with beside_flanneld(bed, etcd, *request.param) as hosts:
-        yield hosts
+    with beside_flanneld(bed, etcd, *request.param) as (flanneld, pyflanneld):
+        yield flanneld.host, pyflanneld.host
 
 
 def test_ping_both_ways(mixed: tuple[Host, Host]) -> None:

@@ -61,7 +61,7 @@ def test_tun_is_addressed_routed_and_readdressed_as_flanneld_does(
     link = host.ip("link", "show", "tun0").stdout
     assert "mtu 1372" in link and ",UP" in link
     routes = host.ip("-d", "route", "show", "dev", "tun0").stdout
-    assert "unicast 10.244.0.0/16 proto static scope global" in routes
+    assert "unicast 10.244.0.0/16 proto boot scope global" in routes  # as flanneld's
     # Again, as on a TUN kept from the previous run: nothing doubles.
     netlink.configure_tun("tun0", SUBNET, NETWORK, 1372)
     assert host.ip("-4", "-o", "addr", "show", "tun0").stdout.count("inet ") == 1

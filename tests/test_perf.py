@@ -1,7 +1,7 @@
 """The benchmark harness cannot rot: a short run of every kind of measurement over a pyflannel row
-on each etcd API, pyflanneld's vxlan backend, the kernel's VXLAN set up by hand and (when the
-reference flanneld is there) flanneld's vxlan row, in the wire regime. This checks the shape of
-what it writes, never the speed."""
+on each etcd API, pyflanneld's vxlan and host-gw backends, each followed by the kernel's own set
+up by hand, and (when the reference flanneld is there) flanneld's vxlan row, in the wire regime.
+This checks the shape of what it writes, never the speed."""
 
 import json
 import os
@@ -18,8 +18,9 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
     require_host_network_tools()
     v2_row = next(row for row, flags in PYFLANNEL_ROWS.items() if etcd_api(flags) == "v2")
     flanneld = DEFAULT_FLANNELD if os.path.exists(DEFAULT_FLANNELD) else ""
-    # pyflanneld's vxlan row, then the hand-built one on the device it leaves.
-    paths = [DEFAULT_ROW, v2_row, "pyflannel-vxlan", "vxlan",
+    # pyflanneld's vxlan row, then the hand-built one on the device it leaves; the same for
+    # host-gw, whose hand-built routes replace those pyflanneld leaves.
+    paths = [DEFAULT_ROW, v2_row, "pyflannel-vxlan", "vxlan", "pyflannel-host-gw", "host-gw",
              *(["flanneld-vxlan"] if flanneld else [])]
     result = subprocess.run(
         [sys.executable, "-m", "perf.bench", "--paths", *paths, "--regimes", "wire",

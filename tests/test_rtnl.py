@@ -76,8 +76,8 @@ def eth0(host: Host) -> int:
 
 @pytest.fixture
 def flannel(host: Host, rtnl: RtNetlink, eth0: int) -> Iterator[int]:
-    """flannel.1 as flanneld makes it: `ip link add flannel.1 mtu 1450 type vxlan id 1 local
-    <eth0's address> dev eth0 dstport 8472 nolearning`. Its index."""
+    """flannel.1 as flanneld makes it: `ip link add flannel.1 mtu 1450 txqlen 0 type vxlan id 1
+    local <eth0's address> dev eth0 dstport 8472 nolearning`. Its index."""
     index = rtnl.add_vxlan("flannel.1", VNI, ipaddress.IPv4Address(host.underlay_ip), eth0,
                            PORT, learning=False, gbp=False, mtu=VXLAN_MTU)
     try:
@@ -95,6 +95,9 @@ def test_vxlan_made_like_flanneld_reads_back_field_by_field(
         VNI, host.underlay_ip, "eth0", PORT, False)
     assert "gbp" not in data
     assert (shown["ifindex"], shown["mtu"], "UP" in shown["flags"]) == (flannel, VXLAN_MTU, False)
+    # flanneld's txqlen, 0, which iproute2 leaves out (`ip link add` would make 1000).
+    assert "txqlen" not in shown
+    assert host.run("cat", "/sys/class/net/flannel.1/tx_queue_len").stdout == "0\n"
     text = host.ip("-d", "link", "show", "flannel.1").stdout
     assert f"vxlan id 1 local {host.underlay_ip} dev eth0 " in text
     assert "dstport 8472 nolearning" in text
@@ -182,9 +185,10 @@ def test_vxlan_onlink_routes_are_replaced_listed_and_deleted(
 
     for _ in range(2):  # replacing is idempotent
         rtnl.replace_route(REMOTE_SUBNET, flannel, REMOTE_GATEWAY, onlink=True)
+    # Protocol boot, as flanneld's routes: iproute2 names it only with -d.
     assert ip_json(host, "route", "show", "dev", "flannel.1") == [
-        {"dst": str(REMOTE_SUBNET), "gateway": str(REMOTE_GATEWAY), "protocol": "static",
-         "flags": ["onlink"]}]
+        {"dst": str(REMOTE_SUBNET), "gateway": str(REMOTE_GATEWAY), "flags": ["onlink"]}]
+    assert ip_json(host, "-d", "route", "show", "dev", "flannel.1")[0]["protocol"] == "boot"
     assert rtnl.routes(flannel) == [(REMOTE_SUBNET, REMOTE_GATEWAY)]
 
     moved = REMOTE_GATEWAY + 1
@@ -196,7 +200,7 @@ def test_vxlan_onlink_routes_are_replaced_listed_and_deleted(
     # Without a gateway the route is as before this extension: the udp backend's.
     network = ipaddress.IPv4Network("10.244.0.0/16")
     rtnl.replace_route(network, flannel)
-    assert "unicast 10.244.0.0/16 proto static scope global" in host.ip(
+    assert "unicast 10.244.0.0/16 proto boot scope global" in host.ip(
         "-d", "route", "show", "dev", "flannel.1").stdout
     assert sorted(rtnl.routes(flannel)) == [(network, None), (REMOTE_SUBNET, moved)]
 
@@ -219,8 +223,8 @@ def test_host_gw_routes_and_the_default_route_on_the_underlay(
     try:
         for _ in range(2):
             rtnl.replace_route(HOST_GW_SUBNET, eth0, REMOTE_HOST)
-        assert f"{HOST_GW_SUBNET} via {REMOTE_HOST} proto static" in host.ip(
-            "route", "show", "dev", "eth0").stdout
+        assert f"{HOST_GW_SUBNET} via {REMOTE_HOST} proto boot " in host.ip(
+            "-d", "route", "show", "dev", "eth0").stdout
         host.ip("route", "add", "default", "via", str(default_gateway), "dev", "eth0")
         host.ip("route", "add", "10.9.0.0/16", "dev", "eth0", "table", "100")  # not main
         expected = [(ipaddress.IPv4Network("0.0.0.0/0"), default_gateway),
@@ -234,10 +238,11 @@ def test_host_gw_routes_and_the_default_route_on_the_underlay(
         assert (HOST_GW_SUBNET, REMOTE_HOST) not in rtnl.routes(eth0)
         assert str(HOST_GW_SUBNET) not in host.ip("route", "show", "dev", "eth0").stdout
 
-        # A route that Go flanneld left (its netlink library makes them proto boot) is deleted
-        # too: a delete matches any protocol, scope and type.
+        # A route that another protocol made (`ip route`'s default, static) is deleted too:
+        # a delete matches any protocol, scope and type.
         left = ipaddress.IPv4Network("10.244.3.0/24")
-        host.ip("route", "add", str(left), "via", str(MOVED_HOST), "dev", "eth0", "proto", "boot")
+        host.ip("route", "add", str(left), "via", str(MOVED_HOST), "dev", "eth0", "proto",
+                "static")
         assert (left, MOVED_HOST) in rtnl.routes(eth0)
         rtnl.delete_route(left, eth0, MOVED_HOST)
         assert (left, MOVED_HOST) not in rtnl.routes(eth0)
