@@ -171,7 +171,7 @@ class Daemon:
             from control.udp import UdpBackend
 
             fastpath = self.backend.fastpath if isinstance(self.backend, UdpBackend) else None
-            page = metrics_page(DaemonCollector(keeper, watcher, fastpath))
+            page = metrics_page(DaemonCollector(keeper, watcher, registry.counts, fastpath))
             tasks.append(serve_http(options.metrics_ip, options.metrics_port,
                                     {b"/metrics": page}, "metrics"))
         period = watchdog_period()

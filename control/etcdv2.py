@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import etcd
 import urllib3.exceptions
 
-from control.registry import Change, Entry, HistoryLostError, RegistryError
+from control.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
 
 # A long poll returns at least this often: a watch restarted from elsewhere (a resync) does
 # not leave many threads waiting.
@@ -70,6 +70,7 @@ class EtcdV2Registry:
                                  cert=cert, ca_cert=ca_cert, read_timeout=CALL_TIMEOUT)
         self._client: etcd.Client | None = None
         self._client_lock = threading.Lock()
+        self.counts = EtcdCounts()
 
     def _connected(self) -> etcd.Client:
         """The client, made on first use in a worker thread: with several endpoints its
@@ -79,35 +80,48 @@ class EtcdV2Registry:
                 self._client = etcd.Client(**self._client_args)
             return self._client
 
-    async def _call(self, method: str, *args: object, **kwargs: object) -> Any:
+    async def _call(self, operation: str, method: str, *args: object, **kwargs: object) -> Any:
+        """One request of the Registry method `operation` (counted as its error on failure)."""
         def call() -> Any:
             return getattr(self._connected(), method)(*args, **kwargs)
 
         try:
-            return await in_thread(call)
+            result = await in_thread(call)
         except etcd.EtcdWatchTimedOut:
-            raise  # a long poll that saw no change: not a failure
+            self._answered()  # a long poll that etcd held and saw no change: not a failure
+            raise
         except (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,
                 etcd.EtcdInsufficientPermissions, urllib3.exceptions.HTTPError, OSError) as err:
+            self.counts.failed(operation)
             raise RegistryError(f"etcd v2: {err}") from err
         except etcd.EtcdException as err:
             if type(err) is not etcd.EtcdException:
+                self._answered()
                 raise  # a specific answer (key not found, already exists, ...): the caller's
+            self.counts.failed(operation)
             raise RegistryError(f"etcd v2: {err}") from err  # e.g. no member answered
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
+        """python-etcd fails over to the next member within a call: the member that answered
+        is the one it holds now."""
+        assert self._client is not None  # the call that was answered made it
+        self.counts.answered(self._client.base_uri)
 
     def _key(self, name: str) -> str:
         return f"{self._subnets}/{name}"
 
     async def get_config(self) -> bytes | None:
         try:
-            result = await self._call("read", f"{self._prefix}/config")
+            result = await self._call("get_config", "read", f"{self._prefix}/config")
         except etcd.EtcdKeyNotFound:
             return None
         return None if result.dir else result.value.encode()
 
     async def list_subnets(self) -> tuple[list[Entry], int]:
         try:
-            result = await self._call("read", self._subnets, recursive=True)
+            result = await self._call("list_subnets", "read", self._subnets, recursive=True)
         except etcd.EtcdKeyNotFound as err:
             return [], int(err.payload["index"])
         prefix = self._subnets + "/"
@@ -117,8 +131,8 @@ class EtcdV2Registry:
 
     async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
         try:
-            await self._call("write", self._key(name), value.decode(), ttl=ttl,
-                             prevExist=False)
+            await self._call("create_subnet", "write", self._key(name), value.decode(),
+                             ttl=ttl, prevExist=False)
         except etcd.EtcdAlreadyExist:
             return False
         return True
@@ -127,15 +141,15 @@ class EtcdV2Registry:
                             expected: bytes | None) -> bool:
         condition = {} if expected is None else {"prevValue": expected.decode()}
         try:
-            await self._call("write", self._key(name), value.decode(), ttl=ttl,
-                             **condition)
+            await self._call("update_subnet", "write", self._key(name), value.decode(),
+                             ttl=ttl, **condition)
         except (etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
             return False
         return True
 
     async def delete_subnet(self, name: str) -> None:
         try:
-            await self._call("delete", self._key(name))
+            await self._call("delete_subnet", "delete", self._key(name))
         except etcd.EtcdKeyNotFound:
             pass
 
@@ -144,8 +158,8 @@ class EtcdV2Registry:
         wait_index = after_revision + 1
         while True:
             try:
-                event = await self._call("read", self._subnets, recursive=True,
-                                         wait=True, waitIndex=wait_index,
+                event = await self._call("watch_subnets", "read", self._subnets,
+                                         recursive=True, wait=True, waitIndex=wait_index,
                                          timeout=WATCH_POLL_SECONDS)
             except etcd.EtcdWatchTimedOut:
                 continue

@@ -22,7 +22,7 @@ import aetcd.rpc  # noqa: E402
 import aetcd.watcher  # noqa: E402
 import grpc  # noqa: E402
 
-from control.registry import Change, Entry, HistoryLostError, RegistryError
+from control.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
 
 # Unary calls are bounded here; the watch stream is not (aetcd would apply its timeout to it).
 CALL_TIMEOUT = 5.0
@@ -90,6 +90,7 @@ class EtcdV3Registry:
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets/".encode()
         self._client = self._new_client()
+        self.counts = EtcdCounts()
 
     def _new_client(self) -> aetcd.Client:
         host, port = self._endpoints[self._current]
@@ -105,15 +106,19 @@ class EtcdV3Registry:
             self._current = (self._current + 1) % len(self._endpoints)
             self._client = self._new_client()
 
-    async def _call(self, call: Awaitable[T]) -> T:
+    async def _call(self, operation: str, call: Awaitable[T]) -> T:
+        """One request of the Registry method `operation` (counted as its error on failure)."""
         # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
         # lands as the call completes, and a stopping daemon would then wait forever.
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                return await call
+                result = await call
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
+            self.counts.failed(operation)
             await self._failover()
             raise RegistryError(f"etcd v3 at {self.endpoint}: {_describe(err)}") from err
+        self.counts.answered(self.endpoint)
+        return result
 
     @property
     def endpoint(self) -> str:
@@ -124,39 +129,40 @@ class EtcdV3Registry:
         return self._subnets + name.encode()
 
     async def get_config(self) -> bytes | None:
-        result = await self._call(self._client.get(f"{self._prefix}/config".encode()))
+        result = await self._call("get_config",
+                                  self._client.get(f"{self._prefix}/config".encode()))
         return None if result is None else result.value
 
     async def list_subnets(self) -> tuple[list[Entry], int]:
-        result = await self._call(self._client.get_prefix(self._subnets))
+        result = await self._call("list_subnets", self._client.get_prefix(self._subnets))
         entries = [Entry(kv.key[len(self._subnets):].decode(errors="replace"), kv.value)
                    for kv in result]
         return entries, result.header.revision
 
-    async def _put_with_lease(self, key: bytes, value: bytes, ttl: int,
+    async def _put_with_lease(self, operation: str, key: bytes, value: bytes, ttl: int,
                               compare: list[object]) -> bool:
         client = self._client
-        lease = await self._call(client.lease(ttl))
-        succeeded, _ = await self._call(client.transaction(
+        lease = await self._call(operation, client.lease(ttl))
+        succeeded, _ = await self._call(operation, client.transaction(
             compare=compare, success=[client.transactions.put(key, value, lease=lease)],
             failure=[]))
         if not succeeded:
-            await self._call(client.revoke_lease(lease.id))
+            await self._call(operation, client.revoke_lease(lease.id))
         return succeeded
 
     async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
         key = self._key(name)
         return await self._put_with_lease(
-            key, value, ttl, [self._client.transactions.create(key) == 0])
+            "create_subnet", key, value, ttl, [self._client.transactions.create(key) == 0])
 
     async def update_subnet(self, name: str, value: bytes, ttl: int,
                             expected: bytes | None) -> bool:
         key = self._key(name)
         compare = [] if expected is None else [self._client.transactions.value(key) == expected]
-        return await self._put_with_lease(key, value, ttl, compare)
+        return await self._put_with_lease("update_subnet", key, value, ttl, compare)
 
     async def delete_subnet(self, name: str) -> None:
-        await self._call(self._client.delete(self._key(name)))
+        await self._call("delete_subnet", self._client.delete(self._key(name)))
 
     async def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
         try:
@@ -164,10 +170,13 @@ class EtcdV3Registry:
                 watch = await self._client.watch_prefix(self._subnets,
                                                         start_revision=after_revision + 1)
         except aetcd.exceptions.RevisionCompactedError as err:
+            self.counts.answered(self.endpoint)  # etcd's answer: not a failure
             raise HistoryLostError(f"etcd v3 compacted past revision {after_revision}") from err
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as err:
+            self.counts.failed("watch_subnets")
             await self._failover()
             raise RegistryError(f"etcd v3 watch at {self.endpoint}: {_describe(err)}") from err
+        self.counts.answered(self.endpoint)
         try:
             async for event in watch:
                 value = event.kv.value if event.kind == aetcd.rtypes.EventKind.PUT else None
@@ -176,10 +185,12 @@ class EtcdV3Registry:
         except aetcd.exceptions.RevisionCompactedError as err:
             raise HistoryLostError(f"etcd v3 compacted past revision {after_revision}") from err
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError) as err:
+            self.counts.failed("watch_subnets")
             raise RegistryError(f"etcd v3 watch at {self.endpoint}: {_describe(err)}") from err
         finally:
             # Not awaited: aetcd's cancel waits for a lock that a cancelled watch may still hold.
             _in_background(watch.cancel())
+        self.counts.failed("watch_subnets")
         raise RegistryError(f"etcd v3 watch at {self.endpoint} ended")
 
     async def close(self) -> None:

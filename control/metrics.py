@@ -1,26 +1,34 @@
 """GET /metrics in Prometheus' text format (through prometheus_client, imported only when
 --metrics-port asks for it). Everything is read at scrape time from where it is already kept:
-the fast path's counters, the watcher's routes and event counts, the lease keeper's state. No
-second bookkeeping."""
+the fast path's counters, the watcher's routes and event counts, the lease keeper's state, the
+registry's etcd counts. No second bookkeeping."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from control.endpoints import Page
 
 if TYPE_CHECKING:
     from control.lease import LeaseKeeper
+    from control.registry import EtcdCounts
     from control.watch import SubnetWatcher
     from fastpath import FastPath
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-# The fast path's wake-ups are counted in power-of-two buckets of packets moved.
-BATCH_BUCKETS = ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
+# The upper bounds of the fast path's power-of-two buckets of packets per wake-up (1, 2-3, 4-7,
+# ..., 128 and more: BATCH_BUCKETS in fastpath/loops.pxd), as a histogram's `le`.
+BATCH_BOUNDS = ["1", "3", "7", "15", "31", "63", "127", "+Inf"]
 # Counters of the fast path that are drops, by the reason in their name.
 DROP_PREFIX = "drop_"
 
@@ -28,10 +36,11 @@ DROP_PREFIX = "drop_"
 class DaemonCollector:
     """A prometheus_client collector over one daemon's state."""
 
-    def __init__(self, keeper: LeaseKeeper, watcher: SubnetWatcher,
+    def __init__(self, keeper: LeaseKeeper, watcher: SubnetWatcher, etcd: EtcdCounts,
                  fastpath: FastPath | None) -> None:
         self.keeper = keeper
         self.watcher = watcher
+        self.etcd = etcd
         self.fastpath = fastpath
 
     def collect(self) -> Iterator[Metric]:
@@ -53,6 +62,15 @@ class DaemonCollector:
         for reason, count in sorted(self.watcher.restarts.items()):
             restarts.add_metric([reason], count)
         yield restarts
+        yield CounterMetricFamily("pyflannel_etcd_reconnects_total",
+                                  "times etcd answered again after a call failed, or another "
+                                  "endpoint answered than before (a failover)",
+                                  value=self.etcd.reconnects)
+        errors = CounterMetricFamily("pyflannel_etcd_errors_total",
+                                     "registry calls to etcd that failed", labels=["operation"])
+        for operation, count in self.etcd.errors.items():
+            errors.add_metric([operation], count)
+        yield errors
         if self.fastpath is not None:
             yield from fastpath_metrics(self.fastpath.stats())
 
@@ -64,29 +82,36 @@ def fastpath_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
                                        "IPv4 packets carried", labels=["direction"]),
         "bytes": CounterMetricFamily("pyflannel_fastpath_bytes_total",
                                      "bytes of IPv4 packets carried", labels=["direction"]),
-        "batches": CounterMetricFamily("pyflannel_fastpath_wakeups_total",
-                                       "wake-ups that moved packets", labels=["direction"]),
     }
-    batch_sizes = CounterMetricFamily("pyflannel_fastpath_wakeups_by_size_total",
-                                      "wake-ups by how many packets they moved",
-                                      labels=["direction", "packets"])
+    # Its count is the wake-ups that moved packets.
+    batches = HistogramMetricFamily("pyflannel_fastpath_batch_packets",
+                                    "packets moved per wake-up: TUN reads (tx; a TSO "
+                                    "super-packet is one) or datagrams received (rx)",
+                                    labels=["direction"])
     drops = CounterMetricFamily("pyflannel_fastpath_drops_total", "packets dropped",
                                 labels=["direction", "reason"])
     for direction in ("tx", "rx"):
         counters = stats[direction]
         for name, family in families.items():
             family.add_metric([direction], counters[name])
-        for bucket, count in zip(BATCH_BUCKETS, counters["batch_sizes"], strict=True):
-            batch_sizes.add_metric([direction, bucket], count)
+        cumulative = itertools.accumulate(counters["batch_sizes"])
+        batches.add_metric([direction], list(zip(BATCH_BOUNDS, cumulative, strict=True)),
+                           sum_value=counters["batch_packets"])
         for name, count in counters.items():
             if name.startswith(DROP_PREFIX):
                 drops.add_metric([direction, name.removeprefix(DROP_PREFIX)], count)
     yield from families.values()
-    yield batch_sizes
+    yield batches
     yield drops
     yield CounterMetricFamily("pyflannel_fastpath_tso_superpackets_total",
                               "TCP super-packets from the TUN cut into segments",
                               value=stats["tx"]["tso_superpackets"])
+    yield CounterMetricFamily("pyflannel_fastpath_gro_superdatagrams_total",
+                              "receives the kernel's UDP_GRO merged from several datagrams",
+                              value=stats["rx"]["gro_superdatagrams"])
+    yield CounterMetricFamily("pyflannel_fastpath_gro_datagrams_total",
+                              "datagrams received merged by UDP_GRO",
+                              value=stats["rx"]["gro_datagrams"])
     yield CounterMetricFamily("pyflannel_fastpath_coalesced_packets_total",
                               "received packets merged into the one before them",
                               value=stats["rx"]["coalesced"])

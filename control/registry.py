@@ -46,6 +46,35 @@ async def answering_first(endpoints: list[tuple[str, int]],
     return endpoints
 
 
+# The Registry methods that talk to etcd, the `operation` of an error counted by EtcdCounts.
+OPERATIONS = ("get_config", "list_subnets", "create_subnet", "update_subnet", "delete_subnet",
+              "watch_subnets")
+
+
+class EtcdCounts:
+    """How talking to etcd went, counted by each client as its calls end and read by /metrics
+    at scrape time: plain ints, so a daemon without metrics pays an addition per call."""
+
+    def __init__(self) -> None:
+        # etcd answered again after a call failed, or another endpoint answered than before (a
+        # failover): the client reconnected, to the same endpoint or the next. The first answer
+        # ever is a connection, not a reconnection.
+        self.reconnects = 0
+        self.errors = dict.fromkeys(OPERATIONS, 0)  # Registry calls that failed, by method
+        self._endpoint: str | None = None  # that answered last
+        self._broken = False  # a call failed since it did
+
+    def answered(self, endpoint: str) -> None:
+        if self._endpoint is not None and (self._broken or endpoint != self._endpoint):
+            self.reconnects += 1
+        self._endpoint = endpoint
+        self._broken = False
+
+    def failed(self, operation: str) -> None:
+        self.errors[operation] += 1
+        self._broken = True
+
+
 class RegistryError(Exception):
     """etcd could not be reached or refused a request; the caller retries."""
 
@@ -75,6 +104,8 @@ class Change:
 
 
 class Registry(Protocol):
+    counts: EtcdCounts
+
     async def get_config(self) -> bytes | None:
         """The value at <prefix>/config, or None when the key does not exist."""
 

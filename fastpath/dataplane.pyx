@@ -339,8 +339,9 @@ cdef class FastPath:
     def stats(self) -> dict:
         """The loops' counters: {"tx": {...}, "rx": {...}}. tx counts TUN -> UDP, rx UDP -> TUN;
         batch_sizes counts wake-ups that moved 1, 2-3, 4-7, ... 128+ reads (tx) or datagrams
-        (rx). With the kernel path, "kernel" has its counters (udp_tc.COUNTER_NAMES): what it
-        carried never reaches the loops."""
+        (rx), batch_packets the reads or datagrams of them all (fastpath/loops.pxd says what
+        each counter counts). With the kernel path, "kernel" has its counters
+        (udp_tc.COUNTER_NAMES): what it carried never reaches the loops."""
         cdef TxCounters tx
         cdef RxCounters rx
         snapshot(<uint64_t *>&self.tx.counters, <uint64_t *>&tx, sizeof(TxCounters))

@@ -43,6 +43,7 @@ cdef struct TxCounters:
     uint64_t bytes
     uint64_t batches
     uint64_t batch_sizes[BATCH_BUCKETS]
+    uint64_t batch_packets     # TUN reads of those wake-ups (a TSO super-packet is one)
     uint64_t tso_superpackets  # TCP super-packets read from the TUN and cut into segments
     uint64_t drop_not_ipv4     # IPv6 and anything else that is not IPv4
     uint64_t drop_no_route
@@ -58,6 +59,9 @@ cdef struct RxCounters:
     uint64_t bytes
     uint64_t batches
     uint64_t batch_sizes[BATCH_BUCKETS]
+    uint64_t batch_packets     # datagrams received in those wake-ups
+    uint64_t gro_superdatagrams  # receives the kernel's UDP_GRO merged from several datagrams
+    uint64_t gro_datagrams     # the datagrams in them
     uint64_t coalesced         # packets merged into the one before them: TUN writes saved
     uint64_t drop_too_short
     uint64_t drop_bad_header

@@ -76,7 +76,10 @@ cdef void vector_free(PacketVector *vec) noexcept nogil:
     vec.out = NULL
 
 
-cdef inline void count_batch(uint64_t *batches, uint64_t *buckets, unsigned int n) noexcept nogil:
+cdef inline void count_batch(uint64_t *batches, uint64_t *buckets, uint64_t *packets,
+                             unsigned int n) noexcept nogil:
+    """One wake-up that moved n packets: counted, in its bucket, and n added to the sum."""
+    pf_add(packets, n)
     cdef unsigned int bucket = 0
     while n > 1 and bucket < BATCH_BUCKETS - 1:
         n >>= 1
@@ -299,7 +302,8 @@ cdef void tx_run(TxLoop *loop) noexcept nogil:
             queue_packet(loop, buf, n)
         full = got == vec.slots
         if got:
-            count_batch(&loop.counters.batches, loop.counters.batch_sizes, got)
+            count_batch(&loop.counters.batches, loop.counters.batch_sizes,
+                        &loop.counters.batch_packets, got)
         if loop.queued:
             send_vector(loop)
 
@@ -393,7 +397,7 @@ cdef inline size_t gro_segment(msghdr *hdr, size_t n) noexcept nogil:
 cdef void rx_run(RxLoop *loop) noexcept nogil:
     cdef PacketVector *vec = &loop.vec
     cdef int got, i
-    cdef size_t n, segment, offset, this, datagrams
+    cdef size_t n, segment, offset, this, datagrams, first
     cdef uint32_t sender
     cdef uint8_t *data
     cdef bint full = False
@@ -432,6 +436,7 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
             # UDP GRO merges only datagrams of one flow: one sender for all of them.
             sender = load32(<const uint8_t *>&vec.addrs[i].sin_addr)
             offset = 0
+            first = datagrams
             while True:  # each datagram of the receive, once even when it is empty
                 this = segment if offset + segment <= n else n - offset
                 deliver(loop, data + offset, this, sender)
@@ -439,7 +444,11 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
                 offset += this
                 if offset >= n:
                     break
+            if datagrams - first > 1:
+                pf_add(&loop.counters.gro_superdatagrams, 1)
+                pf_add(&loop.counters.gro_datagrams, datagrams - first)
         if loop.offload:
             flush(loop)
         if datagrams:
-            count_batch(&loop.counters.batches, loop.counters.batch_sizes, datagrams)
+            count_batch(&loop.counters.batches, loop.counters.batch_sizes,
+                        &loop.counters.batch_packets, datagrams)

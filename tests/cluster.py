@@ -1,5 +1,5 @@
-"""pyflanneld daemons on testbed hosts: start, read their subnet.env and log, stop by PID.
-Used by the tests, `make demo` and perf/."""
+"""pyflanneld daemons on testbed hosts: start, read their subnet.env and log, fetch their pages
+and metrics, stop by PID. Used by the tests, `make demo` and perf/."""
 
 from __future__ import annotations
 
@@ -184,3 +184,40 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 
 def key_of(subnet: ipaddress.IPv4Network, prefix: str) -> str:
     return f"{prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+
+
+# Fetches each URL inside a host's namespace; prints [status, body] per URL as JSON.
+FETCH = """import json, sys, urllib.request, urllib.error
+out = []
+for url in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen(url) as r:
+            out.append([r.status, r.read().decode()])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, e.read().decode()])
+print(json.dumps(out))
+"""
+
+
+def fetch(daemon: Flanneld, *urls: str) -> list[tuple[int, str]]:
+    result = daemon.host.run(sys.executable, "-c", FETCH, *urls)
+    return [(status, body) for status, body in json.loads(result.stdout)]
+
+
+# Scraped metrics: (sample name, sorted labels) -> value.
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(daemon: Flanneld, port: int) -> Metrics:
+    """The daemon's metrics, served on 127.0.0.1:port of its host."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (status, body), = fetch(daemon, f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample of scraped metrics."""
+    return metrics[(name, tuple(sorted(labels.items())))]

@@ -5,21 +5,33 @@ Each test uses its own etcd prefix and its own hosts on a shared testbed and etc
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ipaddress
-import json
 import os
 import signal
+import socket
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from control.endpoints import healthz_page
-from tests.cluster import FIGURE_2_CONFIG, Cluster, Flanneld, key_of, wait_for
+from tests.cluster import (
+    FIGURE_2_CONFIG,
+    Cluster,
+    Flanneld,
+    Metrics,
+    fetch,
+    key_of,
+    scrape,
+    value,
+    wait_for,
+)
 from tests.etcd import EtcdServer
-from tests.testbed import Testbed, tcp_transfer
+from tests.testbed import Testbed, inside, tcp_transfer
 
 
 def expected_value(daemon: Flanneld) -> str:
@@ -325,24 +337,6 @@ def test_no_usable_interface_exits_non_zero(cluster: Cluster, flags: list[str],
     assert reason in daemon.log()
 
 
-# Fetches each URL inside a host's namespace; prints [status, body] per URL as JSON.
-FETCH = """import json, sys, urllib.request, urllib.error
-out = []
-for url in sys.argv[1:]:
-    try:
-        with urllib.request.urlopen(url) as r:
-            out.append([r.status, r.read().decode()])
-    except urllib.error.HTTPError as e:
-        out.append([e.code, e.read().decode()])
-print(json.dumps(out))
-"""
-
-
-def fetch(daemon: Flanneld, *urls: str) -> list[tuple[int, str]]:
-    result = daemon.host.run(sys.executable, "-c", FETCH, *urls)
-    return [(status, body) for status, body in json.loads(result.stdout)]
-
-
 def test_healthz(cluster: Cluster) -> None:
     cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
     daemon = cluster.daemon("--healthz-port", "8471", "--healthz-ip", "127.0.0.1")
@@ -373,16 +367,6 @@ def test_healthz_is_unhealthy_while_the_lease_is_lost(cluster: Cluster) -> None:
     assert daemon.process is not None and daemon.process.poll() is None
 
 
-def scrape(daemon: Flanneld, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The daemon's metrics: (sample name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    (status, body), = fetch(daemon, f"http://127.0.0.1:{port}/metrics")
-    assert status == 200
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
-
-
 def pinged_with_metrics(cluster: Cluster, count: int, port: int, a_flags: list[str],
                        b_flags: list[str]) -> tuple[Flanneld, Flanneld,
                                                     Callable[..., float], dict]:
@@ -405,8 +389,7 @@ def pinged_with_metrics(cluster: Cluster, count: int, port: int, a_flags: list[s
     after = scrape(a, port)
 
     def moved(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after[key] - before[key]
+        return value(after, name, **labels) - value(before, name, **labels)
     return a, b, moved, after
 
 
@@ -422,6 +405,8 @@ def test_metrics_count_what_crossed_the_fast_path(cluster: Cluster) -> None:
     assert moved("pyflannel_fastpath_packets_total", direction="rx") == count
     assert moved("pyflannel_fastpath_bytes_total", direction="rx") == count * echo
     assert moved("pyflannel_fastpath_drops_total", direction="rx", reason="ttl") == 0
+    # The batch histogram's sum counts datagrams received: the echo replies, one each.
+    assert moved("pyflannel_fastpath_batch_packets_sum", direction="rx") == count
     assert after[("pyflannel_routes", ())] == 1
     assert after[("pyflannel_lease_held", ())] == 1
     assert 0 < after[("pyflannel_lease_expiry_seconds", ())] <= 24 * 3600
@@ -432,6 +417,124 @@ def test_metrics_count_what_crossed_the_fast_path(cluster: Cluster) -> None:
     assert later[("pyflannel_routes", ())] == 2
     assert later[("pyflannel_watch_events_total", ())] == after[
         ("pyflannel_watch_events_total", ())] + 1
+
+
+@contextlib.contextmanager
+def tcp_flow(server_ns: str, server_ip: str, client_ns: str) -> Iterator[Callable[[], int]]:
+    """A TCP stream from client_ns to server_ns for as long as the block runs; yields a function
+    that says how many bytes have arrived so far."""
+    with inside(server_ns):
+        listener = socket.create_server((server_ip, 0))
+    with inside(client_ns):
+        client = socket.create_connection((server_ip, listener.getsockname()[1]), timeout=30)
+    listener.settimeout(30)
+    conn, _ = listener.accept()
+    conn.settimeout(30)
+    received = 0
+    stop = threading.Event()
+
+    def serve() -> None:
+        nonlocal received
+        while chunk := conn.recv(1 << 16):
+            received += len(chunk)
+
+    def send() -> None:
+        block = os.urandom(1 << 16)
+        while not stop.is_set():
+            client.sendall(block)
+        client.shutdown(socket.SHUT_WR)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        server, sender = pool.submit(serve), pool.submit(send)
+        try:
+            yield lambda: received
+        finally:
+            stop.set()
+            sender.result()  # raises what broke the flow
+            server.result()
+            for sock in (client, conn, listener):
+                sock.close()
+
+
+def batch_histogram(metrics: Metrics, direction: str) -> tuple[list[float], float]:
+    """The buckets, from le="1" to le="+Inf", and the count of the batch-size histogram."""
+    name = "pyflannel_fastpath_batch_packets"
+    buckets = [value(metrics, f"{name}_bucket", direction=direction, le=le)
+               for le in ("1", "3", "7", "15", "31", "63", "127", "+Inf")]
+    return buckets, value(metrics, f"{name}_count", direction=direction)
+
+
+def test_metrics_move_while_a_tcp_flow_crosses(cluster: Cluster) -> None:
+    """Scraped twice during a TCP flow: the wake-ups and their sizes, TSO and GRO move between
+    the scrapes. Then by exactly what was sent: ICMP errors and drops of packets without a
+    route, and the watch's events."""
+    port = 9127
+    cluster.config(FIGURE_2_CONFIG)
+    flags = ("--metrics-port", str(port), "--metrics-ip", "127.0.0.1", "--fastpath-kernel",
+             "off")  # the loops carry everything: they count it
+    a, b = cluster.daemon(*flags), cluster.daemon(*flags)
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in (a, b):
+        daemon.wait_log("subnet added")
+        daemon.wait_log("metrics server listening")
+    assert b.host.container_netns and a.host.container_netns and b.host.container_ip
+    with tcp_flow(b.host.container_netns, b.host.container_ip,
+                  a.host.container_netns) as received:
+        wait_for(lambda: received() > 0, 10, "the flow started")
+        first = {daemon: scrape(daemon, port) for daemon in (a, b)}
+        mark = received()
+        wait_for(lambda: received() > mark + (16 << 20), 30, "16 MiB more crossed")
+        second = {daemon: scrape(daemon, port) for daemon in (a, b)}
+
+        def moved(daemon: Flanneld, name: str, **labels: str) -> float:
+            return value(second[daemon], name, **labels) - value(first[daemon], name, **labels)
+
+        # a sends the data: TCP super-packets read from its TUN, cut into datagrams.
+        for name in ("pyflannel_fastpath_packets_total", "pyflannel_fastpath_bytes_total",
+                     "pyflannel_fastpath_batch_packets_count",
+                     "pyflannel_fastpath_batch_packets_sum"):
+            assert moved(a, name, direction="tx") > 0, name
+        assert moved(a, "pyflannel_fastpath_tso_superpackets_total") > 0
+        # b receives them, many at once: merged by the kernel's UDP_GRO, then into TCP
+        # segments for the TUN.
+        for name in ("pyflannel_fastpath_packets_total", "pyflannel_fastpath_batch_packets_count",
+                     "pyflannel_fastpath_batch_packets_sum"):
+            assert moved(b, name, direction="rx") > 0, name
+        for name in ("pyflannel_fastpath_gro_superdatagrams_total",
+                     "pyflannel_fastpath_gro_datagrams_total",
+                     "pyflannel_fastpath_coalesced_packets_total"):
+            assert moved(b, name) > 0, name
+        # Each super-datagram holds two datagrams or more.
+        assert moved(b, "pyflannel_fastpath_gro_datagrams_total") >= 2 * moved(
+            b, "pyflannel_fastpath_gro_superdatagrams_total")
+        for metrics in (*first.values(), *second.values()):
+            for direction in ("tx", "rx"):
+                buckets, count = batch_histogram(metrics, direction)
+                assert buckets == sorted(buckets)  # cumulative
+                assert buckets[-1] == count  # le="+Inf" holds every wake-up
+
+    # Once the flow has stopped, so that nothing else can be dropped (a full TUN queue drops
+    # whatever comes): addresses of the Network that no lease holds. Each echo request is
+    # dropped for want of a route and answered with ICMP net unreachable.
+    pings = 3
+    before = scrape(a, port)
+    result = a.host.in_container("ping", "-c", str(pings), "-i", "0.2", "-W", "1",
+                                 "10.200.0.1", check=False)
+    assert result.stdout.count("Destination Net Unreachable") == pings, result.stdout
+    after = scrape(a, port)
+    for name, labels in (("pyflannel_fastpath_icmp_unreachable_total", {}),
+                         ("pyflannel_fastpath_drops_total",
+                          {"direction": "tx", "reason": "no_route"})):
+        assert value(after, name, **labels) - value(before, name, **labels) == pings, name
+
+    # A lease that comes now arrives through the watch: one event, one more route.
+    cluster.put("/subnets/10.99.0.0-20", '{"PublicIP":"198.18.0.250","PublicIPv6":null}')
+    a.wait_log("subnet added: 10.99.0.0/20")
+    later = scrape(a, port)
+    assert value(later, "pyflannel_watch_events_total") == value(
+        after, "pyflannel_watch_events_total") + 1
+    assert value(later, "pyflannel_routes") == 2
 
 
 def test_healthz_page_follows_the_lease() -> None:

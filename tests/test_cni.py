@@ -4,6 +4,7 @@ for containers on a pyflanneld cluster."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -67,6 +68,7 @@ DELEGATE_CASES = {
         "ipam": {"dataDir": "/tmp/x", "routes": [{"dst": "1.2.3.0/24"}]},
         "runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 8080}]}},
     "CNI 1.0.0": {"cniVersion": "1.0.0"},
+    "CNI 0.3.1": {"cniVersion": "0.3.1"},
     "no cniVersion": {"cniVersion": None},
 }
 
@@ -157,6 +159,24 @@ def test_errors_without_the_reference_have_codes_and_messages(files: Path) -> No
         "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
 
 
+@pytest.mark.parametrize("plugin", [PLUGIN, pytest.param(REFERENCE_CNI, marks=needs_reference)],
+                         ids=["ours", "flannel"])
+def test_del_reads_only_the_data_dir(files: Path, plugin: str) -> None:
+    """DEL hands the delegate what ADD kept in dataDir and reads nothing else: it works with
+    the daemon gone and its subnet.env with it, as flannel's does."""
+    conf = conf_for(files, plugin, delegate={"type": "recorder"})
+    env = {"CNI_PATH": str(files / "bin"), "RECORD_TO": str(files / "record")}
+    result = call(plugin, "ADD", conf, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = Path(conf["dataDir"], "ctr1")
+    kept = saved.read_bytes()
+    (files / "subnet.env").unlink()
+    result = call(plugin, "DEL", conf, env)
+    assert (result.returncode, result.stdout) == (0, b""), result.stderr
+    assert (files / "record.DEL").read_bytes() == kept
+    assert not saved.exists()
+
+
 def test_del_of_an_unknown_container_succeeds(files: Path) -> None:
     result = call(PLUGIN, "DEL", conf_for(files, PLUGIN))
     assert result.returncode == 0 and result.stdout == b""
@@ -205,12 +225,13 @@ def two_hosts(cluster: Cluster) -> list:
     return daemons
 
 
-def in_host(daemon, command: str, conf: dict, netns: str) -> subprocess.CompletedProcess[bytes]:
+def in_host(daemon, command: str, conf: dict, netns: str,
+            plugin: str = PLUGIN) -> subprocess.CompletedProcess[bytes]:
     """The plugin as a runtime on the daemon's host runs it."""
     environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": netns,
                "CNI_NETNS": f"/run/netns/{netns}", "CNI_IFNAME": "eth0", "CNI_PATH": CNI_PATH}
     exports = [f"{k}={v}" for k, v in environ.items()]
-    return subprocess.run(["ip", "netns", "exec", daemon.host.netns, "env", *exports, PLUGIN],
+    return subprocess.run(["ip", "netns", "exec", daemon.host.netns, "env", *exports, plugin],
                           input=json.dumps(conf).encode(), capture_output=True, timeout=30)
 
 
@@ -265,3 +286,59 @@ def test_containers_added_by_the_plugin_reach_each_other_and_del_and_check_work(
         assert not has_eth0(netnses[i])
         assert not os.path.exists(lease)  # the address is free again
         assert not os.path.exists(os.path.join(confs[i]["dataDir"], netnses[i]))
+
+
+def per_container(result: dict) -> dict:
+    """A CNI result without what differs from one container to the next: MACs, the host end's
+    veth name, the sandbox and the container's own address (kept: its subnet)."""
+    interfaces = [{**{key: v for key, v in iface.items() if key not in ("mac", "sandbox")},
+                   "name": "veth" if iface["name"].startswith("veth") else iface["name"],
+                   "sandbox": bool(iface.get("sandbox"))} for iface in result["interfaces"]]
+    ips = [{**ip, "address": str(ipaddress.ip_interface(ip["address"]).network)}
+           for ip in result["ips"]]
+    return {**result, "interfaces": interfaces, "ips": ips}
+
+
+@pytest.mark.parametrize("plugins", [
+    [PLUGIN], pytest.param([PLUGIN, REFERENCE_CNI], marks=needs_reference)],
+    ids=["ours", "beside-flannel"])
+def test_cni_0_3_1_add_then_del_with_the_daemon_stopped_and_subnet_env_gone(
+        cluster: Cluster, plugins: list[str]) -> None:
+    """CNI 0.3.1 through the real plugins: ADD answers a 0.3.1 result (flannel's, but for
+    what is each container's own); DEL after the daemon stopped and its subnet.env was removed
+    (a node going down) still removes the interface and frees the address."""
+    cluster.config(FIGURE_2_CONFIG)
+    daemon = cluster.daemon("--ip-masq")
+    subnet = daemon.wait_subnet()
+    tag = f"cni031-{len(plugins)}"  # each case its own containers and data
+    workdir = cluster.bed.workdir
+    conf = {"cniVersion": "0.3.1", "name": "cbr031", "type": "flannel",
+            "subnetFile": daemon.subnet_file, "dataDir": os.path.join(workdir, f"{tag}-flannel"),
+            "ipam": {"dataDir": os.path.join(workdir, f"{tag}-ipam")}}
+    added = {}
+    for plugin in plugins:
+        netns = container(cluster, f"{tag}-{len(added)}")
+        result = in_host(daemon, "ADD", conf, netns, plugin)
+        assert result.returncode == 0, result.stdout + result.stderr
+        added[plugin] = (netns, json.loads(result.stdout))
+    netns, result = added[PLUGIN]
+    assert result["cniVersion"] == "0.3.1"
+    ip = result["ips"][0]
+    assert ip["version"] == "4"  # 0.3.x names the family; 1.0.0 does not
+    assert ipaddress.ip_interface(ip["address"]) in subnet
+    assert result["interfaces"][ip["interface"]]["sandbox"] == f"/run/netns/{netns}"
+    if REFERENCE_CNI in added:
+        assert non_empty(per_container(result)) == non_empty(
+            per_container(added[REFERENCE_CNI][1]))
+
+    assert daemon.stop() == 0
+    os.remove(daemon.subnet_file)
+    for plugin, (netns, result) in added.items():
+        address = result["ips"][0]["address"].split("/")[0]
+        lease = os.path.join(conf["ipam"]["dataDir"], "cbr031", address)
+        assert os.path.exists(lease)
+        deleted = in_host(daemon, "DEL", conf, netns, plugin)
+        assert (deleted.returncode, deleted.stdout) == (0, b""), deleted.stderr
+        assert not has_eth0(netns)
+        assert not os.path.exists(lease)  # the address is free again
+        assert not os.path.exists(os.path.join(conf["dataDir"], netns))

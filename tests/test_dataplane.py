@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from fastpath import FastPath
-from fastpath.device import SO_RCVBUFFORCE, open_tun, open_udp
+from fastpath.device import SO_RCVBUFFORCE, UDP_SEGMENT, open_tun, open_udp
 from tests.conftest import require_host_network_tools
 from tests.test_packet import reference_checksum
 from tests.testbed import Host, Testbed, configure_tun, inside, tcp_transfer
@@ -202,6 +202,46 @@ def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
     # b runs batch size 1: every vector it received held exactly one datagram.
     assert sum(after_b["rx"]["batch_sizes"][1:]) == 0
     assert after_a["tx"]["batches"] > before_a["tx"]["batches"]
+    # The wake-ups' sizes add up to the packets: a read each datagram, b received each.
+    assert after_a["tx"]["batch_packets"] - before_a["tx"]["batch_packets"] == count
+    assert after_b["rx"]["batch_packets"] - before_b["rx"]["batch_packets"] == count
+
+
+def inner_udp(source: str, destination: str, port: int, payload: bytes) -> bytes:
+    """An IPv4/UDP packet from `source` (UDP checksum 0: none, legal for IPv4)."""
+    total = 28 + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
+                         socket.inet_aton(source), socket.inet_aton(destination))
+    header = header[:10] + struct.pack("!H", reference_checksum(header)) + header[12:]
+    return header + struct.pack("!HHHH", 4000, port, 8 + len(payload), 0) + payload
+
+
+def test_a_udp_gro_receive_is_counted_once_with_each_of_its_datagrams(
+        pair: tuple[Node, Node]) -> None:
+    """One UDP_SEGMENT send from b's host reaches a's socket (UDP_GRO) whole: one receive of
+    `count` datagrams, each carrying a packet for a's container."""
+    a, b = pair
+    count, payload = 10, 100
+    with inside(str(a.host.container_netns)):
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind((str(a.host.container_ip), 0))
+    receiver.settimeout(5)
+    with inside(b.host.netns):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 28 + payload)  # one inner packet each
+    sent = [i.to_bytes(4, "big") * (payload // 4) for i in range(count)]
+    before = settled_stats(a)[0]["rx"]
+    with sender, receiver:
+        sender.sendto(b"".join(inner_udp("10.244.2.9", str(a.host.container_ip),
+                                         receiver.getsockname()[1], data) for data in sent),
+                      (a.host.underlay_ip, PORT))
+        got = [receiver.recv(65536) for _ in range(count)]
+    after = a.fastpath.stats()["rx"]
+    assert got == sent
+    names = ("gro_superdatagrams", "gro_datagrams", "batches", "batch_packets", "packets")
+    assert {name: after[name] - before[name] for name in names} == {
+        "gro_superdatagrams": 1, "gro_datagrams": count, "batches": 1, "batch_packets": count,
+        "packets": count}
 
 
 def test_udp_datagrams_merged_into_one_tun_write_arrive_one_by_one_intact(

@@ -2,7 +2,8 @@
 APIs, with every member's endpoint given: it starts with the first member down, and when the
 member it talks to dies, and then the leader, packets keep flowing, a host that joins meanwhile
 is routed and the lease keeps being renewed; and with every member gone for longer than the
-lease, packets keep flowing and the leases and the watch come back with etcd."""
+lease, packets keep flowing and the leases and the watch come back with etcd. The metrics count
+the failovers, the failed calls and the reconnections."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Flanneld, stop_all, wait_for
+from tests.cluster import Flanneld, scrape, stop_all, value, wait_for
 from tests.conftest import require_host_network_tools
 from tests.etcd import CLIENT_PORT, EtcdCluster, EtcdServer
 from tests.testbed import Host, Testbed
@@ -180,3 +181,40 @@ def test_etcd_gone_for_longer_than_the_lease_keeps_packets_flowing(setup: Setup)
     # On v2 etcd expires every lease when it comes back; the peers keep the routes for a grace
     # (control/watch.py) while the owners take their subnets again, so nothing falls in between.
     assert sent > 150 and sent - received <= 1
+
+
+def test_metrics_count_etcd_failovers_errors_and_reconnects(setup: Setup) -> None:
+    port = 9128
+    setup.config()
+    a = setup.daemon(*LEASE_FLAGS, "--metrics-port", str(port), "--metrics-ip", "127.0.0.1")
+    a.wait_subnet()
+    a.wait_log("metrics server listening")
+
+    def reconnects() -> float:
+        return value(scrape(a, port), "pyflannel_etcd_reconnects_total")
+
+    def errors() -> float:
+        metrics = scrape(a, port)
+        return sum(count for (name, _), count in metrics.items()
+                   if name == "pyflannel_etcd_errors_total")
+
+    def renewed_after(renewals: int, what: str) -> None:
+        wait_for(lambda: a.log().count("renewed lease") > renewals, 15, what)
+
+    assert (reconnects(), errors()) == (0, 0)
+    # The member a talks to stops: a fails over to another one, which renews its lease.
+    member = talks_to(a.host, setup.etcd)
+    renewals = a.log().count("renewed lease")
+    member.stop()
+    renewed_after(renewals, "a's lease renewed by another member")
+    failed_over = reconnects()
+    assert failed_over > 0
+    member.start()
+    # Every member stops: a's calls fail until they are back, and then it reconnects.
+    failed = errors()
+    for member in setup.etcd.members:
+        member.stop()
+    wait_for(lambda: errors() > failed, 15, "failed etcd calls counted")
+    setup.etcd.start_stopped()
+    renewed_after(a.log().count("renewed lease"), "a's lease renewed after etcd came back")
+    assert reconnects() > failed_over

@@ -1,12 +1,15 @@
 """pyflanneld's flags: flanneld's names and defaults, FLANNELD_* variables, clear refusals."""
 
 import ipaddress
+import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
-from control.options import Endpoint, parse_args
+from control.options import VERSION, Endpoint, parse_args
+from tests.flanneld import REPO
 
 
 def test_flanneld_defaults() -> None:
@@ -86,3 +89,10 @@ def test_version() -> None:
     result = subprocess.run([sys.executable, "-m", "control", "--version"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "pyflanneld" in result.stdout
+
+
+def test_version_is_the_packages() -> None:
+    """options.py writes the version out: importlib.metadata would cost every start-up its
+    import. pyproject.toml's is the package's; they must agree."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        assert VERSION == tomllib.load(f)["project"]["version"]

@@ -1,5 +1,6 @@
 """The README's copy-paste blocks under "## pyflanneld", run as written: systemd, metrics and the
-CNI plugin wired into a container runtime. (The wheel's block runs in test_wheel.py.)
+CNI plugin wired into a container runtime (the wheel's block runs in test_wheel.py); and its
+layout, which names the modules as they are.
 
 Blocks that write to /etc, /opt, /var/lib or /run run in a private mount namespace where those
 directories are directories of the test's own, so nothing on the machine changes."""
@@ -10,6 +11,7 @@ import importlib.resources
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,6 +109,19 @@ def environment_file(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             variables[key.strip()] = value.strip()
     return variables
+
+
+# ---- the layout -----------------------------------------------------------------------------
+
+def test_layout_names_every_control_module_and_no_other() -> None:
+    with open(os.path.join(REPO, "README.md")) as f:
+        layout = f.read().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    bullet = layout.split("\n- `control/`", 1)[1].split("\n- ", 1)[0]
+    # Backquoted identifiers: the modules, and the two commands the bullet names.
+    named = set(re.findall(r"`([a-z_0-9]+)`", bullet)) - {"pyflanneld", "flannel"}
+    modules = {path.stem for path in Path(REPO, "control").glob("*.py")
+               if not path.stem.startswith("__")}
+    assert named == modules
 
 
 # ---- systemd --------------------------------------------------------------------------------

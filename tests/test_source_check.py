@@ -6,14 +6,20 @@ counted by reason; real traffic is unharmed; and a host with the check off shows
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.test_dataplane import PORT, Node, container_udp, link, settled_stats, start_node
-from tests.test_packet import reference_checksum
+from tests.test_dataplane import (
+    PORT,
+    Node,
+    container_udp,
+    inner_udp,
+    link,
+    settled_stats,
+    start_node,
+)
 from tests.testbed import Host, Testbed, inside
 
 COUNT = 50
@@ -34,15 +40,6 @@ def cluster(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Host]]:
     finally:
         for node in (a, b, unchecked):
             node.fastpath.stop()
-
-
-def inner_udp(source: str, destination: str, port: int, payload: bytes) -> bytes:
-    """An IPv4/UDP packet from `source` (UDP checksum 0: none, legal for IPv4)."""
-    total = 28 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0,
-                         socket.inet_aton(source), socket.inet_aton(destination))
-    header = header[:10] + struct.pack("!H", reference_checksum(header)) + header[12:]
-    return header + struct.pack("!HHHH", 4000, port, 8 + len(payload), 0) + payload
 
 
 def inject(sender: Host, target: Node, source: str) -> int:
