@@ -27,9 +27,12 @@ from fastpath.table import kept_layout
 SLOT_BYTES = VNET_HDR_LEN + 65536
 # Send side, per slot: the headers of a super-packet's segments (scatter: up to 64 per message of
 # up to 120 bytes), or the whole segments (copy: a 64 KiB super-packet grows by one header per
-# segment). A full arena is sent and reused within the wake-up, so one message must fit.
+# segment). A full arena is sent and reused within the wake-up, so one message must fit. The
+# copy arena holds COPY_ARENA_SLOTS super-packets, not a batch's: a sendmmsg of 16 already
+# carries 1.5 MiB, and a batch's 6 MiB took the daemon over flannel's 50Mi limit (make perf).
 HEADER_BYTES_PER_SLOT = UDP_MAX_SEGMENTS * 120
 COPY_BYTES_PER_SLOT = 96 * 1024
+COPY_ARENA_SLOTS = 16
 # Send side, per slot: a header and a payload iovec per segment.
 IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
@@ -244,7 +247,9 @@ cdef class FastPath:
     def _tx_arena_bytes(self) -> int:
         if not self.offload:
             return 1
-        return self.batch * (HEADER_BYTES_PER_SLOT if self.scatter else COPY_BYTES_PER_SLOT)
+        if self.scatter:
+            return self.batch * HEADER_BYTES_PER_SLOT
+        return min(self.batch, COPY_ARENA_SLOTS) * COPY_BYTES_PER_SLOT
 
     def _prioritise(self, ready):
         """Give the calling packet thread the asked nice value (Linux nice is per thread). The
