@@ -67,10 +67,11 @@ def kept_names(kept: dict[str, int]) -> dict[str, int]:
 def keep_for_next_run(kept: dict[str, int]) -> None:
     """Have the store hold exactly what the backend keeps for the next run. Each name's earlier
     entry goes first: the store would keep both, the same descriptor or not. An entry this run
-    does not keep goes too: a kernel path's link in it would go on forwarding."""
+    does not keep goes too: a kernel path's link in it would go on forwarding. FDPOLL=0: systemd
+    would otherwise drop an entry that polls POLLERR, as every BPF map but a ring buffer does."""
     for name, fd in kept.items():
         notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
-        notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+        notify(f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0", fds=[fd])
     for name in {KEPT_PREFIX + name for name in KEPT_ANY} - kept.keys():
         notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 

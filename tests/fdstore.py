@@ -1,17 +1,30 @@
 """systemd's part in a restart that keeps descriptors (FileDescriptorStoreMax): a notify socket
 that keeps what a daemon sends with FDSTORE=1, by FDNAME, drops what FDSTOREREMOVE=1 names, and
 hands the kept ones to the next run as systemd does (LISTEN_FDS from fd 3, LISTEN_FDNAMES,
-LISTEN_PID). Only the protocol: no systemd runs on the test machine as PID 1."""
+LISTEN_PID). As systemd, it drops a descriptor that polls POLLHUP or POLLERR unless sent with
+FDPOLL=0 (at once here; systemd as soon as its event loop sees it). Only the protocol:
+test_readme.py runs pyflanneld under a real systemd."""
 
 from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import threading
 from typing import Self
 
 MAX_FDS = 16
+# What a pyflanneld with its defaults keeps (the kernel path on, on tcx links here).
+KEPT_NAMES = sorted(["udp-tun", "udp-socket", "udp-routes", *(
+    f"udp-kernel-{name}" for name in ("ingress", "egress", "routes", "counters", "config"))])
+
+
+def hangs_up(fd: int) -> bool:
+    """Whether the descriptor polls POLLHUP or POLLERR now (a BPF array map always does)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLHUP and POLLERR are reported whatever is asked
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 class FdStore:
@@ -61,7 +74,8 @@ class FdStore:
         with self._lock:
             if fields.get("FDSTOREREMOVE") == "1" and name in self.fds:
                 os.close(self.fds.pop(name))
-            if fields.get("FDSTORE") == "1" and fds:
+            if fields.get("FDSTORE") == "1" and fds and not (
+                    fields.get("FDPOLL") != "0" and hangs_up(fds[0])):
                 os.set_inheritable(fds[0], False)  # recvmsg leaves them inheritable
                 if name in self.fds:
                     os.close(self.fds.pop(name))

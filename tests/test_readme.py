@@ -16,14 +16,17 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from control.options import FLAGS, parse_args
-from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
+from control.subnetenv import read_variables
+from tests.cluster import FIGURE_2_CONFIG, Flanneld, key_of, put_config, stop_all, wait_for
 from tests.etcd import EtcdServer
+from tests.fdstore import KEPT_NAMES
 from tests.flanneld import REPO
 from tests.readme import readme_block
 from tests.testbed import CNI_PATH, Testbed, inside, sh
@@ -32,8 +35,9 @@ VENV_BIN = os.path.dirname(sys.executable)  # where the package's commands are i
 SYSTEMD_BLOCK = "To run it under systemd"
 METRICS_BLOCK = "To read them on the host of the daemon above:"
 CNI_BLOCK = "To install it, with Debian's `bridge`"
-# systemctl asks the running systemd (PID 1) to act: there is none here (and on a machine that
-# had one, these lines would change the machine). They are left out of the run, by name.
+# systemctl asks the running systemd (PID 1) to act: the offline checks leave these lines out,
+# by name; test_systemd_block_starts_pyflanneld_under_a_real_systemd runs them on a systemd of
+# its own.
 NEEDS_RUNNING_SYSTEMD = ["systemctl daemon-reload && systemctl enable --now pyflanneld"]
 UNIT = "/etc/systemd/system/pyflanneld.service"
 # What the runtime asks portmap for: the container's port 80 on the host's port 8080.
@@ -206,6 +210,195 @@ def test_metrics_block_shows_the_daemons_metrics(cluster: list[Flanneld]) -> Non
     assert "pyflannel_lease_held 1.0" in scraped
     assert "pyflannel_routes 1.0" in scraped  # the other host's subnet
     assert any(line.startswith("pyflannel_fastpath_packets_total{") for line in scraped)
+
+
+# A systemd of the test's own, kept from the machine: PID 1 of new PID, UTS and mount
+# namespaces, in a test host's network namespace. Private to it: the README's /etc directories,
+# /run (its state, and pyflanneld's subnet.env), the cgroup hierarchies, /tmp, /var/tmp and
+# /var/log; /proc/sys is read-only but for the namespace's own net/. Every unit of the machine's
+# but the targets, and every generator, is masked: the service's default dependencies
+# (sysinit.target) would otherwise start the machine's boot services, whose sysctl, tmpfiles
+# (it empties /tmp) and sysusers change the whole machine. It boots pf.target, which pulls in
+# nothing, and default.target names it too. pyflanneld's output goes to a file by a drop-in
+# (there is no journal); the rest of its unit is the one the block writes.
+SYSTEMD = "/lib/systemd/systemd"
+MACHINE_UNITS = "/usr/lib/systemd/system"  # /lib/systemd/system too, where /lib is usr/lib
+MACHINE_GENERATORS = "/usr/lib/systemd/system-generators"
+MASKED_KINDS = (".service", ".socket", ".mount", ".automount", ".path", ".timer", ".swap")
+TARGET = "[Unit]\nDescription=pyflannel's test: nothing but what is started by hand\n" \
+         "DefaultDependencies=no\n"
+BOOT_SYSTEMD = r"""
+for dir in /run /tmp /var/tmp /var/log; do mount -t tmpfs pf-private "$dir"; done
+mkdir -p /run/lock
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+mount --bind /proc/sys/net /proc/sys/net
+mount -t tmpfs pf-cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/unified /sys/fs/cgroup/systemd
+mount -t cgroup2 pf-cgroup2 /sys/fs/cgroup/unified
+mount -t cgroup -o none,name=systemd pf-systemd /sys/fs/cgroup/systemd
+grep -q DefaultDependencies=no /etc/systemd/system/pf.target
+[ "$(readlink /etc/systemd/system/default.target)" = pf.target ]
+[ "$(readlink /etc/systemd/system/systemd-tmpfiles-setup.service)" = /dev/null ]
+exec env container=pyflannel-test SYSTEMD_LOG_TARGET=console "$SYSTEMD" --unit=pf.target
+"""
+# The one the machine lacks first: the overlay that makes it would hide the others' mounts.
+SYSTEMD_PATHS = ["/etc/systemd/system-generators", "/etc/systemd/system", "/etc/default"]
+# What a booting systemd sets for the whole machine unless kept from it (PID 1 raises the file
+# limits; systemd-sysctl applies sysctl.d), read before and after.
+MACHINE_SETTINGS = ["/proc/sys/fs/file-max", "/proc/sys/fs/nr_open",
+                    "/proc/sys/fs/protected_regular", "/proc/sys/fs/protected_fifos",
+                    "/proc/sys/kernel/hostname"]
+
+
+def machine_settings() -> dict[str, str]:
+    settings = {}
+    for path in MACHINE_SETTINGS:
+        with open(path) as setting:
+            settings[path] = setting.read()
+    return settings
+
+
+class OwnSystemd:
+    """systemd as PID 1 of its own namespaces, in a host's network namespace."""
+
+    LOG = "/var/log/pyflanneld.log"  # in its private /var/log: read through /proc
+
+    def __init__(self, root: Path, paths: list[str], netns: str) -> None:
+        for path in paths:
+            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        units = root / "etc/systemd/system"
+        for name in os.listdir(MACHINE_UNITS):
+            if name.endswith(MASKED_KINDS):
+                (units / name).symlink_to("/dev/null")
+        for name in os.listdir(MACHINE_GENERATORS):
+            (root / "etc/systemd/system-generators" / name).symlink_to("/dev/null")
+        (units / "pf.target").write_text(TARGET)
+        (units / "default.target").symlink_to("pf.target")
+        (units / "pyflanneld.service.d").mkdir()
+        (units / "pyflanneld.service.d/test-log.conf").write_text(
+            f"[Service]\nStandardOutput=append:{self.LOG}\nStandardError=inherit\n")
+        self.output = root / "systemd.log"
+        with open(self.output, "w") as output:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc",
+                 "--uts", "--ipc", "--mount", "--propagation", "private",
+                 "bash", "-euo", "pipefail", "-c", PRIVATE_PATHS, "private-paths",
+                 "bash", "-euo", "pipefail", "-c", BOOT_SYSTEMD],
+                env={**os.environ, "ROOT": str(root), "PRIVATE_PATHS": " ".join(paths),
+                     "SYSTEMD": SYSTEMD},
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        self.pid = 0  # systemd's, as this namespace sees it (unshare's one child)
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            if not self.pid and children.exists():
+                self.pid = int((children.read_text().split() or ["0"])[0])
+            if self.pid and self.run("systemctl", "is-system-running").stdout.strip() in (
+                    "running", "degraded"):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"systemd did not come up in {timeout}s:\n"
+                             f"{self.output.read_text()[-3000:]}")
+
+    def run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """A command in systemd's namespaces (mount, PID and network) with the venv's commands
+        first on PATH, as a root shell on that host would run it."""
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", *command],
+            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+            capture_output=True, text=True, timeout=timeout)
+
+    def daemon_log(self) -> str:
+        try:
+            with open(f"/proc/{self.pid}/root{self.LOG}") as log:
+                return log.read()
+        except OSError:
+            return ""
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+    def kill(self) -> None:
+        """SIGKILL to PID 1 ends its namespace and everything in it."""
+        if self.pid:
+            os.kill(self.pid, 9)
+        self.process.wait(30)
+
+
+def test_systemd_block_starts_pyflanneld_under_a_real_systemd(
+        cluster: list[Flanneld], bed_and_etcd: tuple[Testbed, EtcdServer],
+        tmp_path: Path) -> None:
+    """The block as written, but for the host's own values (its etcd, its interface), run on a
+    host whose PID 1 is systemd: pyflanneld starts as a notify service, serves, keeps its
+    data plane in the fd store across a restart, and stops."""
+    require("unshare", "nsenter", "mount", "systemctl", files=(SYSTEMD,))
+    bed, etcd = bed_and_etcd
+    host = bed.add_host()
+    block = readme_block("pyflanneld", SYSTEMD_BLOCK)
+    placeholder = "FLANNELD_ETCD_ENDPOINTS=http://10.0.0.1:2379"
+    assert placeholder in block and "FLANNELD_IFACE=eth0" in block
+    block = block.replace(placeholder, f"FLANNELD_ETCD_ENDPOINTS={etcd.endpoint}")
+    before = machine_settings()
+    systemd = OwnSystemd(tmp_path / "root", SYSTEMD_PATHS, host.netns)
+    try:
+        systemd.wait_running()
+        # `systemctl enable --now` returns once the start job is done: for Type=notify, once
+        # pyflanneld said READY=1.
+        ran = systemd.run("bash", "-euo", "pipefail", "-c", block)
+        assert ran.returncode == 0, ran.stdout + ran.stderr + systemd.daemon_log()
+        assert systemd.show("pyflanneld", "ActiveState") == "active", systemd.daemon_log()
+        # READY=1 came after subnet.env (in the private /run) and the lease.
+        env = read_variables(f"/proc/{systemd.pid}/root/run/flannel/subnet.env")
+        subnet = ipaddress.ip_network(env["FLANNEL_SUBNET"], strict=False)
+        assert str(subnet) in systemd.show("pyflanneld", "StatusText")
+        lease = json.loads(etcd.get_prefix("/coreos.com/network/subnets/", "v3")[
+            key_of(subnet, "/coreos.com/network")])
+        assert lease["PublicIP"] == host.underlay_ip
+        assert systemd.show("pyflanneld", "MainPID") != "0"
+        # Nothing of the machine's ran: pyflanneld is the one service.
+        services = systemd.run("systemctl", "list-units", "--type=service", "--state=active",
+                               "--plain", "--no-legend").stdout.split("\n")
+        assert [line.split()[0] for line in services if line] == ["pyflanneld.service"]
+
+        def reaches_the_cluster() -> bool:
+            """A ping from this host to each other pyflanneld's flannel0 address, through
+            this host's flannel0 and theirs."""
+            return all(host.run("ping", "-c", "1", "-W", "1", str(peer.wait_subnet(
+                ).network_address), check=False).returncode == 0 for peer in cluster)
+
+        wait_for(reaches_the_cluster, 5, "the cluster reached from the systemd host")
+        # Everything it keeps is in the store: systemd drops what polls POLLERR (BPF maps)
+        # unless it came with FDPOLL=0.
+        wait_for(lambda: systemd.show("pyflanneld", "NFileDescriptorStore") == str(
+            len(KEPT_NAMES)), 5, "the fd store filled")
+        tun = host.ip("-j", "link", "show", "flannel0").stdout
+        # A restart through the fd store: the same TUN (so the same ifindex) forwards again.
+        first = systemd.show("pyflanneld", "MainPID")
+        restarted = systemd.run("systemctl", "restart", "pyflanneld")
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        second = systemd.show("pyflanneld", "MainPID")
+        assert second not in ("0", first)
+        environ = dict(variable.split("=", 1) for variable in systemd.run(
+            "cat", f"/proc/{second}/environ").stdout.split("\0") if variable)
+        assert sorted(environ["LISTEN_FDNAMES"].split(":")) == KEPT_NAMES
+        assert host.ip("-j", "link", "show", "flannel0").stdout == tun
+        assert systemd.daemon_log().count(
+            "went on with the fast path the previous run kept") == 1, systemd.daemon_log()
+        wait_for(reaches_the_cluster, 5, "the cluster reached after the restart")
+        # A stop empties the store: flannel0 goes; the lease stays for the next start.
+        stopped = systemd.run("systemctl", "stop", "pyflanneld")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert systemd.show("pyflanneld", "ActiveState") == "inactive"
+        wait_for(lambda: host.ip("link", "show", "flannel0", check=False).returncode != 0, 5,
+                 "flannel0 gone after systemctl stop")
+        assert key_of(subnet, "/coreos.com/network") in etcd.get_prefix(
+            "/coreos.com/network/subnets/", "v3")
+    finally:
+        systemd.kill()
+    assert machine_settings() == before
 
 
 # Where a runtime and the plugins keep things: the block writes the first two; the flannel

@@ -17,14 +17,11 @@ import time
 import pytest
 
 from tests.cluster import Cluster, Flanneld, wait_for
-from tests.fdstore import FdStore
+from tests.fdstore import KEPT_NAMES, FdStore
 from tests.test_kernel_path import link_exists, link_fdinfo, link_ids
 from tests.testbed import Host, inside
 
 BOUND_SECONDS = 2.0
-# What the default daemon keeps (the kernel path on, on tcx links here).
-KEPT_NAMES = sorted(["udp-tun", "udp-socket", "udp-routes", *(
-    f"udp-kernel-{name}" for name in ("ingress", "egress", "routes", "counters", "config"))])
 CHUNK = 16 << 10
 
 
