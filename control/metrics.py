@@ -75,6 +75,19 @@ class DaemonCollector:
             yield from fastpath_metrics(self.fastpath.stats())
 
 
+# Counters of one direction's loop: (metric name, its help, "tx" or "rx", the loop's counter).
+ONE_WAY_COUNTERS = [
+    ("tso_superpackets", "TCP super-packets from the TUN cut into segments", "tx",
+     "tso_superpackets"),
+    ("gro_superdatagrams", "receives the kernel's UDP_GRO merged from several datagrams", "rx",
+     "gro_superdatagrams"),
+    ("gro_datagrams", "datagrams received merged by UDP_GRO", "rx", "gro_datagrams"),
+    ("coalesced_packets", "received packets merged into the one before them", "rx",
+     "coalesced"),
+    ("icmp_unreachable", "ICMP net unreachable written back for packets without route", "tx",
+     "icmp_unreachable"),
+]
+
 def fastpath_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     """The fast path's counters: tx is TUN -> UDP, rx UDP -> TUN."""
     families = {
@@ -103,21 +116,9 @@ def fastpath_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     yield from families.values()
     yield batches
     yield drops
-    yield CounterMetricFamily("pyflannel_fastpath_tso_superpackets_total",
-                              "TCP super-packets from the TUN cut into segments",
-                              value=stats["tx"]["tso_superpackets"])
-    yield CounterMetricFamily("pyflannel_fastpath_gro_superdatagrams_total",
-                              "receives the kernel's UDP_GRO merged from several datagrams",
-                              value=stats["rx"]["gro_superdatagrams"])
-    yield CounterMetricFamily("pyflannel_fastpath_gro_datagrams_total",
-                              "datagrams received merged by UDP_GRO",
-                              value=stats["rx"]["gro_datagrams"])
-    yield CounterMetricFamily("pyflannel_fastpath_coalesced_packets_total",
-                              "received packets merged into the one before them",
-                              value=stats["rx"]["coalesced"])
-    yield CounterMetricFamily("pyflannel_fastpath_icmp_unreachable_total",
-                              "ICMP net unreachable written back for packets without route",
-                              value=stats["tx"]["icmp_unreachable"])
+    for name, documentation, direction, counter in ONE_WAY_COUNTERS:
+        yield CounterMetricFamily(f"pyflannel_fastpath_{name}_total", documentation,
+                                  value=stats[direction][counter])
     if "kernel" in stats:
         yield from kernel_path_metrics(stats["kernel"])
 
