@@ -83,21 +83,28 @@ def require(*tools: str, files: tuple[str, ...] = ()) -> None:
                     pytrace=False)
 
 
-def in_private_paths(root: Path, paths: list[str], *command: str,
-                     netns: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run command with `paths` private to it (each is `root`/path), in `netns` if given, as
-    root with the venv's commands first on PATH, from the checkout."""
+def private_paths_command(root: Path, paths: list[str], *command: str,
+                          netns: str | None = None, unshare: tuple[str, ...] = ()
+                          ) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run command with `paths` private to it (each is
+    `root`/path), in `netns` if given and in the further namespaces `unshare` asks for, with
+    the venv's commands first on PATH."""
     for path in paths:
         (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
     # `ip netns exec` makes its own mount namespace (to show the netns's /sys); the private one
     # is made inside it, so the mounts stay with this command.
     prefix = ["ip", "netns", "exec", netns] if netns else []
-    return subprocess.run(
-        [*prefix, "unshare", "--mount", "--propagation", "private",
-         "bash", "-euo", "pipefail", "-c", PRIVATE_PATHS, "private-paths", *command],
-        env={**os.environ, "ROOT": str(root), "PRIVATE_PATHS": " ".join(paths),
-             "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+    return ([*prefix, "unshare", *unshare, "--mount", "--propagation", "private",
+             "bash", "-euo", "pipefail", "-c", PRIVATE_PATHS, "private-paths", *command],
+            {**os.environ, "ROOT": str(root), "PRIVATE_PATHS": " ".join(paths),
+             "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+
+
+def in_private_paths(root: Path, paths: list[str], *command: str,
+                     netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run command with `paths` private to it, as root, from the checkout."""
+    argv, env = private_paths_command(root, paths, *command, netns=netns)
+    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def on_the_machine(paths: list[str]) -> dict[str, bool]:
@@ -265,8 +272,9 @@ class OwnSystemd:
     LOG = "/var/log/pyflanneld.log"  # in its private /var/log: read through /proc
 
     def __init__(self, root: Path, paths: list[str], netns: str) -> None:
-        for path in paths:
-            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        argv, env = private_paths_command(
+            root, paths, "bash", "-euo", "pipefail", "-c", BOOT_SYSTEMD, netns=netns,
+            unshare=("--pid", "--fork", "--mount-proc", "--uts", "--ipc"))
         units = root / "etc/systemd/system"
         for name in os.listdir(MACHINE_UNITS):
             if name.endswith(MASKED_KINDS):
@@ -281,13 +289,8 @@ class OwnSystemd:
         self.output = root / "systemd.log"
         with open(self.output, "w") as output:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc",
-                 "--uts", "--ipc", "--mount", "--propagation", "private",
-                 "bash", "-euo", "pipefail", "-c", PRIVATE_PATHS, "private-paths",
-                 "bash", "-euo", "pipefail", "-c", BOOT_SYSTEMD],
-                env={**os.environ, "ROOT": str(root), "PRIVATE_PATHS": " ".join(paths),
-                     "SYSTEMD": SYSTEMD},
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+                argv, env={**env, "SYSTEMD": SYSTEMD}, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT)
         self.pid = 0  # systemd's, as this namespace sees it (unshare's one child)
 
     def wait_running(self, timeout: float = 30.0) -> None:
