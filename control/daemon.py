@@ -30,6 +30,7 @@ from control.options import Options
 from control.registry import Registry, RegistryError, answering_first
 from control.sdnotify import notify, watchdog_period
 from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from control.udp import UdpBackend
 from control.watch import SubnetWatcher
 from fastpath import FastPath
 
@@ -158,6 +159,8 @@ class Daemon:
             watcher.resync()
 
         tasks = [watcher.run(), keeper.keep(on_new_subnet)]
+        if isinstance(self.backend, UdpBackend):
+            tasks.append(self.backend.greet_peers(lambda: keeper.subnet, lambda: watcher.peers))
         self.random_fully = options.ip_masq and await supports_random_fully()
         self.iptables.rules = self._iptables_rules(config.network, subnet)
         if self.iptables.rules:
@@ -168,7 +171,6 @@ class Daemon:
         if options.metrics_port:
             # prometheus_client costs memory: only a daemon that serves metrics imports it.
             from control.metrics import DaemonCollector, metrics_page
-            from control.udp import UdpBackend
 
             fastpath = self.backend.fastpath if isinstance(self.backend, UdpBackend) else None
             page = metrics_page(DaemonCollector(keeper, watcher, registry.counts, fastpath))

@@ -84,6 +84,10 @@ ONE_WAY_COUNTERS = [
     ("gro_datagrams", "datagrams received merged by UDP_GRO", "rx", "gro_datagrams"),
     ("coalesced_packets", "received packets merged into the one before them", "rx",
      "coalesced"),
+    ("whole_superpackets", "received datagrams that were one whole TCP super-packet, written "
+     "as one", "rx", "whole_superpackets"),
+    ("hellos", "peers' hellos (they take whole super-packets) that reached the loops, where "
+     "they go unused", "rx", "hellos"),
     ("icmp_unreachable", "ICMP net unreachable written back for packets without route", "tx",
      "icmp_unreachable"),
 ]
@@ -135,6 +139,9 @@ def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
         for direction in ("tx", "rx"):
             family.add_metric([direction], counters[f"{direction}_{name}"])
         yield family
+    yield CounterMetricFamily("pyflannel_kernelpath_hellos_total",
+                              "peers' hellos noted: they take whole TCP super-packets",
+                              value=counters["rx_hellos"])
 
 
 def metrics_page(collector: DaemonCollector) -> Page:

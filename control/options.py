@@ -65,6 +65,7 @@ class Options(NamedTuple):
     fastpath_nice: int
     fastpath_kernel: str
     fastpath_verify_source: bool
+    fastpath_whole_superpackets: bool
     v: int
 
     @property
@@ -73,7 +74,8 @@ class Options(NamedTuple):
         return {"batch": self.fastpath_batch, "offload": self.fastpath_offload,
                 "scatter": self.fastpath_scatter, "udp_coalesce": self.fastpath_udp_coalesce,
                 "nice": self.fastpath_nice, "kernel": self.fastpath_kernel,
-                "verify_source": self.fastpath_verify_source}
+                "verify_source": self.fastpath_verify_source,
+                "whole_superpackets": self.fastpath_whole_superpackets}
 
 
 def _endpoints(text: str) -> list[Endpoint]:
@@ -196,6 +198,10 @@ FLAGS = [
     Flag("fastpath-verify-source", "deliver a received packet only when its source lies in "
          "the subnet leased to the host that sent the datagram; false where hosts reach each "
          "other through NAT (pyflannel)", _go_bool, True, boolean=True),
+    Flag("fastpath-whole-superpackets", "with the kernel path on a veth underlay, send TCP "
+         "super-packets whole, as kernel VXLAN does, to the peers that say (by a hello every "
+         "few seconds) they take them: pyflanneld with offloads, never flanneld (pyflannel)",
+         _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

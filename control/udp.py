@@ -4,8 +4,10 @@ backend routes them."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
 
 from control.backend import BackendError
 from control.config import NetworkConfig
@@ -14,6 +16,7 @@ from control.host import ExternalInterface, HostError, Netlink
 from control.lease import PeerLease, encode_lease
 from control.options import Options
 from fastpath import FastPath
+from fastpath.hello import HELLO_SECONDS
 from fastpath.table import MAX_SUBNETS
 
 log = logging.getLogger("pyflanneld.udp")
@@ -91,11 +94,15 @@ class UdpBackend:
         if fp.offload_missing:
             log.warning("udp backend: this kernel lacks %s: the fast path goes without it",
                         fp.offload_missing)
+        if fp.whole_superpackets and not fp.sends_whole:
+            log.info("udp backend: TCP super-packets go out whole only from the kernel path "
+                     "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, nice %d, kernel path %s, source check %s", fp.tun_name, mtu,
-                 ext.address, config.port, fp.batch, "on" if fp.offload else "off",
-                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
-                 fp.kernel, "on" if fp.verify_source else "off")
+                 "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
+                 "super-packets %s", fp.tun_name, mtu, ext.address, config.port, fp.batch,
+                 "on" if fp.offload else "off", "on" if fp.scatter else "off",
+                 "on" if fp.udp_coalesce else "off", fp.nice, fp.kernel,
+                 "on" if fp.verify_source else "off", "on" if fp.sends_whole else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
@@ -119,6 +126,19 @@ class UdpBackend:
             if ipaddress.IPv4Network(subnet) not in peers:
                 log.info("removing route %s, which no lease explains", subnet)
                 self.fastpath.del_route(subnet)
+
+    async def greet_peers(self, own_subnet: Callable[[], ipaddress.IPv4Network | None],
+                          peers: Callable[[], dict[ipaddress.IPv4Network, PeerLease]]) -> None:
+        """Every HELLO_SECONDS, say hello to every peer (fastpath/hello.py: a pyflannel peer
+        then sends this host TCP super-packets whole) and follow the underlay's TSO setting."""
+        while True:
+            subnet = own_subnet()
+            if self.fastpath is not None and subnet is not None:
+                self.fastpath.refresh()
+                hosts = {(str(lease.public_ip), self._config.port): peer.network_address
+                         for peer, lease in peers().items()}
+                self.fastpath.greet(subnet.network_address, hosts)
+            await asyncio.sleep(HELLO_SECONDS)
 
     def kept(self) -> dict[str, int]:
         if self.fastpath is None or not self.fastpath.running:

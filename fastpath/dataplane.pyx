@@ -12,6 +12,7 @@ from libc.stdint cimport uint64_t
 from fastpath.device import (
     TUN_OFFLOADS, TUN_USO, interface_with, missing_udp_offloads, open_tun, open_udp, tun_identity,
 )
+from fastpath.hello import hello_packet
 from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underlay
 from fastpath.udp_tc import KEPT as KERNEL_KEPT
 
@@ -63,7 +64,9 @@ cdef class FastPath:
     that lacks what it needs, saying what in offload_missing (offload is then False); likewise
     udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2. With
     verify_source (the default) a received packet is delivered only when its source lies in the
-    subnet routed to the datagram's sender: anyone else's is dropped and counted. `handed`
+    subnet routed to the datagram's sender: anyone else's is dropped and counted. With
+    whole_superpackets and the kernel path on a veth underlay, TCP super-packets cross to every
+    peer whole (only for clusters where every host is pyflannel: see udp_tc.bpf.c). `handed`
     holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
     they fit this run's settings.
     """
@@ -83,6 +86,7 @@ cdef class FastPath:
     cdef readonly str tun_name
     cdef readonly str kernel
     cdef readonly str kernel_missing
+    cdef readonly bint whole_superpackets
     cdef readonly str underlay
     cdef object udp_tc
     cdef str tun_pattern
@@ -100,7 +104,7 @@ cdef class FastPath:
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
-                  bint verify_source=True, dict handed=None):
+                  bint verify_source=True, bint whole_superpackets=False, dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -128,6 +132,7 @@ cdef class FastPath:
             raise ValueError("the kernel path needs the underlay interface's name")
         self.kernel = kernel
         self.kernel_missing = ""
+        self.whole_superpackets = whole_superpackets
         self.udp_tc = None
         self.tun_pattern = tun
         self.tun_fd = -1
@@ -141,6 +146,40 @@ cdef class FastPath:
     @property
     def running(self) -> bool:
         return bool(self.threads)
+
+    def greet(self, source, peers) -> int:
+        """Say hello (fastpath/hello.py) from `source`, an address of this host's subnet, to
+        each peer in `peers` ({(ip, port): an address of its subnet}), if this host takes whole
+        super-packets (offloads on). Never waits: a hello that finds the socket's buffer full
+        goes with the next greeting. Returns the hellos sent."""
+        if not (self.offload and self.sock is not None):
+            return 0
+        source = ipaddress.IPv4Address(source)
+        sent = 0
+        for address, destination in peers.items():
+            try:
+                self.sock.sendto(hello_packet(source, ipaddress.IPv4Address(destination)),
+                                 socket.MSG_DONTWAIT, address)
+                sent += 1
+            except OSError:  # full, or no route to that host just now
+                pass
+        return sent
+
+    def whole_peers(self) -> dict:
+        """The peers whose hello the kernel path noted: PublicIP -> seconds since (a hello
+        counts for 7 s)."""
+        return self.udp_tc.whole_peers() if self.udp_tc is not None else {}
+
+    def refresh(self):
+        """Follow what may change under a running fast path: the underlay's TSO setting."""
+        if self.udp_tc is not None:
+            self.udp_tc.refresh()
+
+    @property
+    def sends_whole(self) -> bool:
+        """Whether TCP super-packets go to peers whole: whole_superpackets, with the kernel
+        path sending onto a veth that takes them (TSO on)."""
+        return self.udp_tc is not None and self.udp_tc.sends_whole
 
     def set_route(self, subnet, ip, int port):
         """Send packets for `subnet` (e.g. "10.244.3.0/24") to UDP ip:port."""
@@ -229,7 +268,8 @@ cdef class FastPath:
         try:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
-                           egress=self.kernel == "on", verify_source=self.verify_source)
+                           egress=self.kernel == "on", verify_source=self.verify_source,
+                           send_whole=self.whole_superpackets, loops_take_whole=self.offload)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin

@@ -63,6 +63,8 @@ cdef struct RxCounters:
     uint64_t gro_superdatagrams  # receives the kernel's UDP_GRO merged from several datagrams
     uint64_t gro_datagrams     # the datagrams in them
     uint64_t coalesced         # packets merged into the one before them: TUN writes saved
+    uint64_t whole_superpackets  # datagrams that were one whole TCP super-packet, written as one
+    uint64_t hellos            # peers' hellos (fastpath/hello.py) that reached the loops
     uint64_t drop_too_short
     uint64_t drop_bad_header
     uint64_t drop_bad_length

@@ -12,18 +12,19 @@
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from posix.uio cimport iovec, writev
 from posix.unistd cimport read, write
 
 from fastpath.offload cimport (
-    UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
+    IPPROTO_TCP, MAX_IPV4_PACKET, TCP_CWR, UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
     Coalescer, TsoCut, finish_checksum, gather, gro_append, gro_finish, gro_header_len, gro_start,
     tso_header, tso_plan, tso_segment_len, virtio_net_hdr,
 )
 from fastpath.packet cimport (
-    BAD_HEADER, BAD_LENGTH, IPV4_HEADER_LEN, TOO_BIG, TOO_SHORT, Verdict, build_net_unreachable,
+    BAD_HEADER, BAD_LENGTH, IPV4_HEADER_LEN, OK, TOO_BIG, TOO_SHORT, Verdict, build_net_unreachable,
     check_ipv4, decrement_ttl, load32, wants_unreachable,
 )
 from fastpath.system cimport (
@@ -32,6 +33,12 @@ from fastpath.system cimport (
     pollfd, recvmmsg, sendmmsg,
 )
 from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup
+
+# fastpath/hello.py's hello.
+cdef enum:
+    HELLO_PROTOCOL = 253
+    HELLO_LEN = 16
+cdef const char *HELLO_MAGIC = b"pyflannel-whole1"
 
 # Written before a packet that needs nothing from the kernel: no GSO, checksum complete.
 cdef uint8_t PLAIN_VNET_HDR[VNET_HDR_LEN]
@@ -345,6 +352,13 @@ cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noex
     return False
 
 
+cdef inline bint is_hello(const uint8_t *pkt, size_t n) noexcept nogil:
+    """Whether the packet is a peer's hello (fastpath/hello.py)."""
+    return (n == IPV4_HEADER_LEN + HELLO_LEN and pkt[0] == 0x45 and pkt[8] == 1
+            and pkt[9] == HELLO_PROTOCOL and memcmp(pkt + IPV4_HEADER_LEN, HELLO_MAGIC,
+                                                     HELLO_LEN) == 0)
+
+
 cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:
     """Check one datagram from `sender` (its outer source, host order) and hand its packet to
     the TUN: merged with the held TCP segment, held for the next, or written on its own. What is
@@ -365,6 +379,9 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) 
         return
     if loop.verify_source and spoofed(loop, pkt, sender):
         return
+    if is_hello(pkt, n):  # the kernel path notes them; without it they go unused
+        pf_add(&loop.counters.hellos, 1)
+        return
     if not decrement_ttl(pkt):
         pf_add(&loop.counters.drop_ttl, 1)
         return
@@ -382,6 +399,50 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) 
         pf_add(&loop.counters.bytes, n)
     else:
         pf_add(&loop.counters.drop_write_error, 1)
+
+
+cdef inline bint deliver_whole(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender
+                               ) noexcept nogil:
+    """Write a datagram longer than the MTU that is one whole TCP super-packet (a pyflannel
+    peer's kernel path sends them so over a veth, --fastpath-whole-superpackets) into the TUN as
+    one, for the kernel to cut at our MTU where it must; False if it is not one."""
+    if check_ipv4(pkt, n, MAX_IPV4_PACKET) != OK or pkt[9] != IPPROTO_TCP:
+        return False
+    cdef size_t hl = (pkt[0] & 0x0F) * 4
+    if n < hl + 20:
+        return False
+    cdef size_t headers = hl + (pkt[hl + 12] >> 4) * 4
+    if headers < hl + 20 or headers + 1 >= loop.mtu or headers >= n:
+        return False
+    flush(loop)  # keeps the packets in the order they came
+    if loop.verify_source and spoofed(loop, pkt, sender):
+        return True
+    if not decrement_ttl(pkt):
+        pf_add(&loop.counters.drop_ttl, 1)
+        return True
+    cdef size_t gso_size = loop.mtu - headers
+    cdef size_t segments = (n - headers + gso_size - 1) // gso_size
+    cdef virtio_net_hdr vnet
+    vnet.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM  # the sender's TCP left its pseudo-header sum
+    vnet.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    if pkt[hl + 13] & TCP_CWR:
+        vnet.gso_type |= VIRTIO_NET_HDR_GSO_ECN
+    vnet.hdr_len = <uint16_t>headers
+    vnet.gso_size = <uint16_t>gso_size
+    vnet.csum_start = <uint16_t>hl
+    vnet.csum_offset = 16
+    cdef iovec iov[2]
+    iov[0].iov_base = &vnet
+    iov[0].iov_len = VNET_HDR_LEN
+    iov[1].iov_base = pkt
+    iov[1].iov_len = n
+    if writev(loop.tun_fd, iov, 2) == <ssize_t>(n + VNET_HDR_LEN):
+        pf_add(&loop.counters.packets, segments)
+        pf_add(&loop.counters.bytes, n + (segments - 1) * headers)
+        pf_add(&loop.counters.whole_superpackets, 1)
+    else:
+        pf_add(&loop.counters.drop_write_error, segments)
+    return True
 
 
 cdef inline size_t gro_segment(msghdr *hdr, size_t n) noexcept nogil:
@@ -435,6 +496,10 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
                 segment = n
             # UDP GRO merges only datagrams of one flow: one sender for all of them.
             sender = load32(<const uint8_t *>&vec.addrs[i].sin_addr)
+            if (loop.offload and segment == n and n > loop.mtu
+                    and deliver_whole(loop, data, n, sender)):
+                datagrams += 1
+                continue
             offset = 0
             first = datagrams
             while True:  # each datagram of the receive, once even when it is empty

@@ -22,6 +22,21 @@
  * cut them), and so do the following packets of their flow for BULK_HOLD_NS, lest one overtake
  * those queued there; checksums are finished here.
  *
+ * Except towards a peer that said it takes them: a pyflanneld whose loops write a datagram that
+ * is one whole TCP super-packet into their TUN as it is (LOOPS_TAKE_WHOLE) says so with a hello
+ * (below) every few seconds, and udp_ingress notes the sender in whole_peers. To such a peer,
+ * with SEND_WHOLE (--fastpath-whole-superpackets), a TCP super-packet crosses the veth whole, as
+ * kernel VXLAN's do. A flanneld never says hello, so it never gets one. The peer's udp_ingress
+ * leaves such a super-packet to its loops rather than decapsulating it: a tc program cannot clear
+ * the kernel's encapsulation mark (Linux 6.18 has no BPF_F_ADJ_ROOM_DECAP_L4_UDP), and with that
+ * mark the bridge in front of the containers (whose hw_enc_features are none) cuts the packet
+ * and sums its checksums in software, which measured slower than the loops.
+ *
+ * The hello is a datagram whose payload is an IPv4 packet with TTL 1, protocol HELLO_PROTOCOL
+ * (RFC 3692's experimental 253) and HELLO_MAGIC as its payload, from the sender's subnet to the
+ * receiver's. flanneld's proxy drops a packet whose TTL runs out without writing it to its TUN
+ * (and says so only at -v 1), and so did pyflanneld's loops before they knew hellos.
+ *
  * Everything unusual is passed on (TC_ACT_OK) to the daemon's own loops, which already handle
  * it: non-IPv4, no route (ICMP net unreachable), TTL expiry (counted), malformed packets
  * (counted), fragments, datagrams merged by UDP GRO, a source that is not the sender's own
@@ -56,7 +71,7 @@ struct udp_tc_config {
 	__u32 size;        /* subnets in the Network: entries in routes */
 	__be32 local_ip;   /* our PublicIP: the outer source, and the address we receive on */
 	__be16 port;       /* our UDP port: the outer source port, and the one we receive on */
-	__u16 pad;
+	__u16 flags;       /* SEND_WHOLE, LOOPS_TAKE_WHOLE */
 	__u32 underlay_ifindex;
 	__u32 tun_ifindex;
 	/* The underlay is a veth: what tun_egress sends reaches the peer's stack as it is. */
@@ -65,6 +80,11 @@ struct udp_tc_config {
 	 * loops drop the others and count them by reason. */
 	__u32 verify_source;
 };
+
+/* On a veth underlay that carries GSO (TSO on): TCP super-packets go whole to whole_peers. */
+#define SEND_WHOLE 1
+/* The loops write a datagram that is one whole super-packet into the TUN as it is (offloads). */
+#define LOOPS_TAKE_WHOLE 2
 
 struct udp_tc_route {
 	__be32 ip;         /* the peer's PublicIP; 0: no route */
@@ -79,9 +99,10 @@ enum udp_tc_counter {
 	RX_PACKETS, /* decapsulated and received on the TUN */
 	RX_BYTES,
 	RX_PASSED,  /* datagrams to our port left to the daemon (malformed, TTL, merged, fragments,
-		     * a source that is not the sender's) */
+		     * a source that is not the sender's, whole super-packets the loops take) */
 	TX_SUPERPACKETS, /* GSO super-packets among TX_PACKETS, sent whole to the underlay */
 	RX_SUPERPACKETS, /* and among RX_PACKETS, received whole from a peer over a veth */
+	RX_HELLOS,  /* peers' hellos, noted in whole_peers (from a foreign source: dropped only) */
 	COUNTERS,
 };
 
@@ -113,6 +134,23 @@ struct {
 	__type(key, struct flow);
 	__type(value, __u64);
 } bulk_flows SEC(".maps");
+
+/* Peers that said hello lately: their PublicIP -> when, in bpf_ktime_get_ns(). A hello counts
+ * for HELLO_VALID_NS: a peer that stops saying it (a flanneld took its place) stops getting
+ * whole super-packets by then. The sender says it every HELLO_SECONDS (fastpath/whole.py). */
+#define HELLO_PROTOCOL 253
+#define HELLO_LEN 16
+#define HELLO_VALID_NS (7 * 1000 * 1000 * 1000ULL)
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __be32);
+	__type(value, __u64);
+} whole_peers SEC(".maps");
+
+/* "pyflannel-whole1" (fastpath/hello.py's HELLO_MAGIC) as two words in network byte order. */
+#define HELLO_MAGIC_0 0x7079666c616e6e65ULL
+#define HELLO_MAGIC_1 0x6c2d77686f6c6531ULL
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -259,6 +297,26 @@ static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr 
 	return finish_checksum(skb, ip) == 0;
 }
 
+static __always_inline int said_hello(__be32 peer)
+{
+	__u64 *when = bpf_map_lookup_elem(&whole_peers, &peer);
+
+	return when && bpf_ktime_get_ns() - *when < HELLO_VALID_NS;
+}
+
+/* Whether the inner packet at `inner` (IPv4, its header in the linear part) is a hello. */
+static __always_inline int is_hello(struct __sk_buff *skb, const struct iphdr *inner, __u32 off)
+{
+	__u64 payload[2];
+
+	if (inner->ttl != 1 || inner->protocol != HELLO_PROTOCOL || inner->ihl != 5 ||
+	    bpf_ntohs(inner->tot_len) != sizeof(*inner) + HELLO_LEN ||
+	    bpf_skb_load_bytes(skb, off + sizeof(*inner), payload, HELLO_LEN))
+		return 0;
+	return payload[0] == bpf_cpu_to_be64(HELLO_MAGIC_0) &&
+	       payload[1] == bpf_cpu_to_be64(HELLO_MAGIC_1);
+}
+
 /* Whether `source` lies in the subnet routed to `sender`: the one route lookup of the loops'
  * source check (fastpath/loops.pyx), which also counts what fails it. */
 static __always_inline int senders_own(const struct udp_tc_config *cfg, __be32 source,
@@ -309,7 +367,11 @@ int tun_egress(struct __sk_buff *skb)
 		count(TX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	if (cfg->underlay_is_veth) {
+	/* Sent whole over a veth: a TCP super-packet to a peer that said it takes them. */
+	int whole = cfg->underlay_is_veth && skb->gso_size && (cfg->flags & SEND_WHOLE) &&
+		    inner->protocol == IPPROTO_TCP && said_hello(route->ip);
+
+	if (cfg->underlay_is_veth && !whole) {
 		if (!fit_for_any_peer(skb, inner)) {
 			count(TX_PASSED, 1);
 			return TC_ACT_OK;
@@ -330,11 +392,11 @@ int tun_egress(struct __sk_buff *skb)
 	/* FIXED_GSO: the inner MSS stays what TCP chose for flannel0's MTU, which already leaves
 	 * room for these 28 bytes. The ENCAP flags make a super-packet a UDP-tunnel one, cut by
 	 * the underlay's device (or its GSO) into datagrams each carrying one whole inner packet. */
-	/* On a veth no super-packet gets here, and the ENCAP flags would mark the packet as
-	 * encapsulated for good: the peer's kernel path takes the outer header off but not that
-	 * mark, and its bridge would then compute again a checksum finished above. */
+	/* On a veth only a whole super-packet gets here, and the ENCAP flags would mark any other
+	 * packet as encapsulated for good: the peer's kernel path takes the outer header off but
+	 * not that mark, and its bridge would then compute again a checksum finished above. */
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				cfg->underlay_is_veth ? BPF_F_ADJ_ROOM_FIXED_GSO :
+				cfg->underlay_is_veth && !whole ? BPF_F_ADJ_ROOM_FIXED_GSO :
 				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
 				BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return TC_ACT_SHOT; /* TTL already spent: no second path for this one */
@@ -397,8 +459,24 @@ int udp_ingress(struct __sk_buff *skb)
 	 * the daemon what UDP GRO merged (many datagrams, whose first packet is shorter than the
 	 * whole), while a UDP-tunnel super-packet from a peer's tun_egress carries one inner
 	 * packet that is as long as the whole. */
+	if (!(outer->frag_off & bpf_htons(IP_FRAGMENT)) && inner->version == 4 &&
+	    is_hello(skb, inner, ETH_HLEN + ENCAP_LEN)) {
+		__be32 sender = outer->saddr;
+		__u64 now = bpf_ktime_get_ns();
+
+		/* From the sender's own subnet, as any packet of its (verify_source). */
+		if (!cfg->verify_source || senders_own(cfg, inner->saddr, sender))
+			bpf_map_update_elem(&whole_peers, &sender, &now, BPF_ANY);
+		count(RX_HELLOS, 1);
+		return TC_ACT_SHOT;
+	}
 	if (outer->frag_off & bpf_htons(IP_FRAGMENT) || inner->version != 4 || inner->ihl < 5 ||
 	    bpf_ntohs(inner->tot_len) != skb->len - ETH_HLEN - ENCAP_LEN || inner->ttl <= 1) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	/* A peer's whole super-packet: the loops write it into the TUN as it is (see the top). */
+	if (skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE)) {
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}

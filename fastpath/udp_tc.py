@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 
 OBJECT_NAME = "udp_tc.bpf.o"
 LIBBPF_SONAMES = ("libbpf.so.1", "libbpf.so.0")
@@ -48,6 +49,10 @@ TCMSG = struct.Struct("=B3xiIII")  # family, ifindex, handle, parent, info (prio
 SIOCETHTOOL = 0x8946
 ETHTOOL_GDRVINFO = 0x03
 ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's name in 32 bytes
+ETHTOOL_GTSO = 0x1E  # struct ethtool_value: cmd, then whether TCP segmentation offload is on
+
+# udp_tc.bpf.c's config flags.
+SEND_WHOLE, LOOPS_TAKE_WHOLE = 1, 2
 
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
@@ -60,12 +65,12 @@ BPF_LINK_TYPE_TCX = 11
 LINK_INFO = struct.Struct("=III4xII")
 # What kept() hands the next run: the links and the maps (the programs live in the links).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
-MAPS = ("routes", "counters", "config")
+MAPS = ("routes", "counters", "config", "whole_peers")
 KEPT = (*LINKS, *MAPS)
 
 # The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
 COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
-                 "tx_superpackets", "rx_superpackets")
+                 "tx_superpackets", "rx_superpackets", "rx_hellos")
 
 
 class UdpTcUnavailable(Exception):
@@ -110,6 +115,7 @@ def _lib() -> ctypes.CDLL:
             ("bpf_object__close", None, [vp]),
             ("bpf_map_update_elem", ctypes.c_int, [ctypes.c_int, vp, vp, ctypes.c_uint64]),
             ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, vp, vp]),
+            ("bpf_map_get_next_key", ctypes.c_int, [ctypes.c_int, vp, vp]),
             ("bpf_tc_hook_create", ctypes.c_int, [vp]),
             ("bpf_tc_attach", ctypes.c_int, [vp, vp]),
             ("bpf_link_create", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, vp]),
@@ -166,18 +172,31 @@ def detach_underlay(ifindex: int, sock: socket.socket | None = None) -> bool:
             sock.close()
 
 
-def driver(ifname: str) -> str:
-    """The interface's driver ("veth", "virtio_net", "mlx5_core"...), by ethtool's ioctl in the
-    calling thread's namespace; "" when it has none to tell."""
-    info = ctypes.create_string_buffer(struct.pack("=I", ETHTOOL_GDRVINFO),
-                                       ETHTOOL_DRVINFO_SIZE)
-    ifreq = struct.pack("16sP16x", ifname.encode(), ctypes.addressof(info))
+def _ethtool(ifname: str, command: int, size: int) -> bytes | None:
+    """What ethtool's ioctl `command` answers for the interface, in the calling thread's
+    namespace; None when it does not answer."""
+    answer = ctypes.create_string_buffer(struct.pack("=I", command), size)
+    ifreq = struct.pack("16sP16x", ifname.encode(), ctypes.addressof(answer))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
         except OSError:
-            return ""
-    return info.raw[4:36].split(b"\0", 1)[0].decode()
+            return None
+    return answer.raw
+
+
+def driver(ifname: str) -> str:
+    """The interface's driver ("veth", "virtio_net", "mlx5_core"...); "" when it has none to
+    tell."""
+    info = _ethtool(ifname, ETHTOOL_GDRVINFO, ETHTOOL_DRVINFO_SIZE)
+    return "" if info is None else info[4:36].split(b"\0", 1)[0].decode()
+
+
+def segments_tcp(ifname: str) -> bool:
+    """Whether the interface takes TCP super-packets to send (TSO on): a veth then hands them
+    to its peer whole; with it off the kernel cuts them in software first (make perf's `wire`)."""
+    value = _ethtool(ifname, ETHTOOL_GTSO, 8)
+    return value is not None and struct.unpack_from("=I", value, 4)[0] != 0
 
 
 def _load(lib: ctypes.CDLL, routes: int) -> int:
@@ -234,7 +253,8 @@ class UdpTc:
 
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
-                 underlay: str, egress: bool, verify_source: bool = True) -> None:
+                 underlay: str, egress: bool, verify_source: bool = True,
+                 send_whole: bool = False, loops_take_whole: bool = False) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -242,12 +262,18 @@ class UdpTc:
             raise UdpTcUnavailable(f"{self.network} cut into /{subnet_len} is {self.size} "
                                    f"subnets, more than the kernel path's {MAX_KERNEL_SUBNETS}")
         self.underlay_ifindex = socket.if_nametoindex(underlay)
+        self.underlay = underlay
         self.underlay_is_veth = driver(underlay) == "veth"
         self.tun_ifindex = tun_ifindex
-        self._config = struct.pack(
-            "=IIIIIHHIIII", _int(self.network.network_address), _int(self.network.netmask),
-            32 - subnet_len, self.size, _int(local_ip), _port(port), 0, self.underlay_ifindex,
-            tun_ifindex, self.underlay_is_veth, verify_source)
+        self._send_whole = send_whole and egress and self.underlay_is_veth
+        self._loops_take_whole = loops_take_whole
+        self._config_fields = (
+            _int(self.network.network_address), _int(self.network.netmask), 32 - subnet_len,
+            self.size, _int(local_ip), _port(port))
+        self._config_tail = (self.underlay_ifindex, tun_ifindex, self.underlay_is_veth,
+                             verify_source)
+        self.sends_whole = False
+        self._config = self._pack_config()
         # Where each program goes: name in LINKS -> interface index.
         self._targets = {"ingress": self.underlay_ifindex}
         if egress:
@@ -255,6 +281,40 @@ class UdpTc:
         self._fds: dict[str, int] = {}  # the links (tcx) and the maps, by name in KEPT
         self._ingress_filter = False  # a classic tc filter, which only a detach removes
         self._netlink: socket.socket | None = None
+
+    def _pack_config(self) -> bytes:
+        """udp_tc.bpf.c's struct udp_tc_config for now; sends_whole says whether it sends whole
+        super-packets to the peers that said hello: asked for, and the veth hands them over
+        whole, which it does with TSO on (on any other device they go out whole anyway, for the
+        device to cut)."""
+        self.sends_whole = self._send_whole and segments_tcp(self.underlay)
+        flags = (SEND_WHOLE if self.sends_whole else 0) | (
+            LOOPS_TAKE_WHOLE if self._loops_take_whole else 0)
+        return struct.pack("=IIIIIHHIIII", *self._config_fields, flags, *self._config_tail)
+
+    def refresh(self) -> None:
+        """Follow the underlay's TSO setting (ethtool -K can change it at any time): whole
+        super-packets onto a veth that cuts them in software would reach the peer as datagrams
+        that its UDP GRO does not merge (their UDP checksum is 0), slower than the loops' way."""
+        config = self._pack_config()
+        if config != self._config and "config" in self._fds:
+            self._update(self._fds["config"], 0, config)
+        self._config = config
+
+    def whole_peers(self) -> dict[str, float]:
+        """The peers whose hello the ingress program noted: PublicIP -> seconds since."""
+        lib, fd = _lib(), self._fds["whole_peers"]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns()'s clock
+        key, next_key, when = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint64()
+        peers: dict[str, float] = {}
+        previous = None
+        while lib.bpf_map_get_next_key(fd, previous, ctypes.byref(next_key)) == 0:
+            key.value = next_key.value
+            if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(when)) == 0:
+                address = ipaddress.IPv4Address(key.value.to_bytes(4, "little"))
+                peers[str(address)] = (now - when.value) / 1e9
+            previous = ctypes.byref(key)
+        return peers
 
     @property
     def linked(self) -> bool:
@@ -291,7 +351,7 @@ class UdpTc:
                 os.close(fd)
             return False
         self._fds = kept
-        self._update(kept["config"], 0, self._config)  # this run's verify_source
+        self._update(kept["config"], 0, self._config)  # this run's verify_source and flags
         return True
 
     def _attach(self, lib: ctypes.CDLL, obj: int) -> None:

@@ -35,6 +35,8 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     # The kernel path (tc programs beside the loops): on by default; receive side only; none.
     "pyflannel-kernel-rx": ["--fastpath-kernel", "rx"],
     "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
+    # TCP super-packets whole to the veth peers that say hello (on by default): without them.
+    "pyflannel-no-whole": ["--fastpath-whole-superpackets=false"],
     # Source verification (on by default): what it costs.
     "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.

@@ -596,6 +596,36 @@ def test_etcd_over_tls_with_client_certificates(cluster: Cluster, tls_etcd: Etcd
     assert refused.process is not None and refused.process.poll() is None
 
 
+def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(cluster: Cluster) -> None:
+    """With their defaults, two pyflanneld hosts on a veth underlay say hello to each other and
+    then carry TCP in whole super-packets, as kernel VXLAN does: the sender's loops cut none,
+    the receiver's loops write each into the TUN as it came."""
+    port = 9128
+    cluster.config(FIGURE_2_CONFIG)
+    flags = ("--metrics-port", str(port), "--metrics-ip", "127.0.0.1")
+    a, b = cluster.daemon(*flags), cluster.daemon(*flags)
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+    for daemon in (a, b):
+        daemon.wait_log("subnet added")
+        daemon.wait_log("metrics server listening")
+        assert "whole super-packets on" in daemon.log()
+    wait_for(lambda: value(scrape(a, port), "pyflannel_kernelpath_hellos_total") > 0, 10,
+             "a heard b's hello")
+    before = {daemon: scrape(daemon, port) for daemon in (a, b)}
+    assert b.host.container_netns and b.host.container_ip and a.host.container_netns
+    assert tcp_transfer(b.host.container_netns, b.host.container_ip, a.host.container_netns,
+                        nbytes=16 << 20) == 16 << 20
+    after = {daemon: scrape(daemon, port) for daemon in (a, b)}
+
+    def moved(daemon: Flanneld, name: str, **labels: str) -> float:
+        return value(after[daemon], name, **labels) - value(before[daemon], name, **labels)
+    whole = moved(a, "pyflannel_kernelpath_superpackets_total", direction="tx")
+    assert whole > 0
+    assert moved(a, "pyflannel_fastpath_tso_superpackets_total") == 0
+    assert moved(b, "pyflannel_fastpath_whole_superpackets_total") == whole
+
+
 def test_kernel_path_carries_the_cluster_and_its_metrics_count_it(cluster: Cluster) -> None:
     count = 20
     a, b, moved, _ = pinged_with_metrics(cluster, count, 9126, ["--fastpath-kernel", "on"],

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import FIGURE_2_CONFIG, put_config
+from fastpath.hello import HELLO_SECONDS
+from tests.cluster import FIGURE_2_CONFIG, put_config, scrape, value
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, beside_flanneld
 from tests.test_dataplane import container_udp
@@ -48,6 +49,32 @@ def test_tcp_arrives_intact_both_ways(mixed: tuple[Host, Host]) -> None:
         assert dst.container_netns and dst.container_ip and src.container_netns
         assert tcp_transfer(dst.container_netns, dst.container_ip, src.container_netns,
                             nbytes=16 << 20) == 16 << 20
+
+
+def test_flanneld_never_gets_a_whole_super_packet(
+        bed_and_etcd: tuple[Testbed, EtcdServer]) -> None:
+    """flanneld says no hello (its proxy reads at most its MTU per datagram), so pyflanneld,
+    with its defaults, cuts every TCP super-packet it sends there, as for any peer."""
+    bed, etcd = bed_and_etcd
+    put_config(etcd, "v3", FIGURE_2_CONFIG)
+    port = 9131
+    with beside_flanneld(bed, etcd, "--metrics-port", str(port), "--metrics-ip",
+                         "127.0.0.1") as (flanneld, pyflanneld):
+        pyflanneld.wait_log("metrics server listening")
+        assert "kernel path on" in pyflanneld.log()
+        assert "whole super-packets on" in pyflanneld.log()
+        time.sleep(2 * HELLO_SECONDS)  # a hello, had flanneld said one, would be in by now
+        f_host, p_host = flanneld.host, pyflanneld.host
+        assert f_host.container_netns and f_host.container_ip and p_host.container_netns
+        before = scrape(pyflanneld, port)
+        assert tcp_transfer(f_host.container_netns, f_host.container_ip,
+                            p_host.container_netns, nbytes=16 << 20) == 16 << 20
+        after = scrape(pyflanneld, port)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+    assert moved("pyflannel_fastpath_tso_superpackets_total") > 0
+    assert moved("pyflannel_kernelpath_superpackets_total", direction="tx") == 0
 
 
 def test_udp_datagrams_arrive_one_by_one_intact_both_ways(mixed: tuple[Host, Host]) -> None:

@@ -6,8 +6,10 @@ with any peer, one whose own loops take everything included."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -20,7 +22,9 @@ import pytest
 
 from fastpath import FastPath, udp_tc
 from fastpath.dataplane import KEPT
+from fastpath.hello import HELLO_MAGIC, HELLO_PROTOCOL, hello_packet
 from fastpath.udp_tc import FILTER_PRIORITY
+from tests.cluster import wait_for
 from tests.test_dataplane import (
     NETWORK,
     PORT,
@@ -395,3 +399,122 @@ def test_the_kernel_path_needs_the_underlay_and_a_known_mode() -> None:
         FastPath(NETWORK, SUBNET_LEN, "198.18.0.1", PORT, kernel="on")
     with pytest.raises(ValueError, match="off, rx, on"):
         FastPath(NETWORK, SUBNET_LEN, "198.18.0.1", PORT, kernel="yes", underlay="eth0")
+
+
+@pytest.fixture(scope="module")
+def whole(testbed: Testbed) -> Iterator[tuple[Node, Node, Node]]:
+    # e sends TCP super-packets whole to the peers that said hello; f takes them (its loops
+    # write them into its TUN whole); g has neither offloads nor batching, as flanneld: it
+    # cannot take them and never says hello.
+    e = start_node(testbed, "10.244.5.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True)
+    f = start_node(testbed, "10.244.6.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True)
+    g = start_node(testbed, "10.244.7.0/24", batch=1, offload=False)
+    link(e, f, g)
+    try:
+        yield e, f, g
+    finally:
+        for node in (e, f, g):
+            node.fastpath.stop()
+
+
+def say_hello(src: Node, dst: Node) -> int:
+    """src's hello to dst, as the daemon says it every HELLO_SECONDS."""
+    return src.fastpath.greet(
+        ipaddress.IPv4Network(src.subnet).network_address,
+        {(dst.host.underlay_ip, PORT): ipaddress.IPv4Network(dst.subnet).network_address})
+
+
+def tcp(src: Node, dst: Node) -> None:
+    assert dst.host.container_netns and dst.host.container_ip and src.host.container_netns
+    assert tcp_transfer(dst.host.container_netns, dst.host.container_ip,
+                        src.host.container_netns, nbytes=8 << 20) == 8 << 20
+
+
+def test_super_packets_cross_whole_only_to_a_peer_that_said_hello(
+        whole: tuple[Node, Node, Node]) -> None:
+    e, f, g = whole
+    assert e.fastpath.sends_whole and f.fastpath.sends_whole
+    # No hello yet: e's loops cut its super-packets, as for any peer.
+    before_e, before_f = settled_stats(e, f)
+    tcp(e, f)
+    after_e, after_f = settled_stats(e, f)
+    assert after_e["tx"]["tso_superpackets"] > before_e["tx"]["tso_superpackets"]
+    assert after_e["kernel"]["tx_superpackets"] == before_e["kernel"]["tx_superpackets"]
+    assert after_f["rx"]["whole_superpackets"] == before_f["rx"]["whole_superpackets"]
+    # f says hello: e's kernel path notes it, and sends it super-packets whole from then on,
+    # which f's loops write into its TUN as they came.
+    assert say_hello(f, e) == 1
+    wait_for(lambda: f.host.underlay_ip in e.fastpath.whole_peers(), 5, "e noted f's hello")
+    assert e.fastpath.stats()["kernel"]["rx_hellos"] == after_e["kernel"]["rx_hellos"] + 1
+    tcp(e, f)
+    whole_e, whole_f = settled_stats(e, f)
+    sent_whole = whole_e["kernel"]["tx_superpackets"] - after_e["kernel"]["tx_superpackets"]
+    assert sent_whole > 0
+    assert whole_e["tx"]["tso_superpackets"] == after_e["tx"]["tso_superpackets"]
+    assert whole_f["rx"]["whole_superpackets"] - after_f["rx"]["whole_superpackets"] == sent_whole
+    assert whole_f["kernel"]["rx_passed"] - after_f["kernel"]["rx_passed"] == sent_whole
+    # g never said hello (it cannot take them): e cuts what it sends g, and g reads every
+    # datagram whole.
+    assert say_hello(g, e) == 0
+    before_g = settled_stats(g)[0]
+    tcp(e, g)
+    assert g.fastpath.stats()["rx"]["drop_too_big"] == before_g["rx"]["drop_too_big"]
+    assert g.host.underlay_ip not in e.fastpath.whole_peers()
+
+
+def test_a_hello_lasts_seven_seconds_and_a_foreign_one_is_not_noted(
+        whole: tuple[Node, Node, Node]) -> None:
+    e, f, g = whole
+    say_hello(f, e)
+    wait_for(lambda: e.fastpath.whole_peers().get(f.host.underlay_ip, 99) < 1, 5,
+             "e noted f's hello")
+    # A hello whose inner source is not in the sender's subnet (here f's, sent by g's host).
+    hello = hello_packet(ipaddress.IPv4Network(f.subnet).network_address,
+                         ipaddress.IPv4Network(e.subnet).network_address)
+    before_e = e.fastpath.stats()["kernel"]
+    with inside(g.host.netns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(hello, (e.host.underlay_ip, PORT))
+    wait_for(lambda: e.fastpath.stats()["kernel"]["rx_hellos"] > before_e["rx_hellos"], 5,
+             "e saw the foreign hello")
+    assert g.host.underlay_ip not in e.fastpath.whole_peers()
+    # Once f's hello is 7 s old, e cuts again what it sends f.
+    time.sleep(7.5)
+    before_e = settled_stats(e)[0]
+    tcp(e, f)
+    after_e = settled_stats(e)[0]
+    assert after_e["kernel"]["tx_superpackets"] == before_e["kernel"]["tx_superpackets"]
+    assert after_e["tx"]["tso_superpackets"] > before_e["tx"]["tso_superpackets"]
+
+
+def test_hellos_that_reach_the_loops_are_counted_not_dropped(
+        trio: tuple[Node, Node, Node, Node]) -> None:
+    a, _, _, d = trio  # d has no kernel path: a's hello reaches its loops
+    before_d = settled_stats(d)[0]
+    assert say_hello(a, d) == 1
+    wait_for(lambda: d.fastpath.stats()["rx"]["hellos"] == before_d["rx"]["hellos"] + 1, 5,
+             "d counted a's hello")
+    after_d = d.fastpath.stats()
+    assert after_d["rx"]["drop_ttl"] == before_d["rx"]["drop_ttl"]
+    assert after_d["rx"]["packets"] == before_d["rx"]["packets"]
+
+
+def test_the_hello_is_one_the_programs_and_the_loops_know() -> None:
+    """fastpath/hello.py's hello, as udp_tc.bpf.c and loops.pyx spell it."""
+    packet = hello_packet(ipaddress.IPv4Address("10.244.1.0"), ipaddress.IPv4Address("10.244.2.0"))
+    assert len(packet) == 36 and packet[0] == 0x45 and packet[8] == 1
+    assert packet[9] == HELLO_PROTOCOL and packet[20:] == HELLO_MAGIC
+    assert reference_checksum(packet[:20]) == 0
+    source = os.path.join(os.path.dirname(udp_tc.__file__), "udp_tc.bpf.c")
+    with open(source) as f:
+        program = f.read()
+    words = [int(value, 16) for value in
+             re.findall(r"#define HELLO_MAGIC_\d (0x[0-9a-f]+)ULL", program)]
+    assert b"".join(word.to_bytes(8, "big") for word in words) == HELLO_MAGIC
+    assert f"#define HELLO_PROTOCOL {HELLO_PROTOCOL}\n" in program
+    assert f"#define HELLO_LEN {len(HELLO_MAGIC)}\n" in program
+    with open(os.path.join(os.path.dirname(udp_tc.__file__), "loops.pyx")) as f:
+        loops = f.read()
+    assert f'HELLO_MAGIC = b"{HELLO_MAGIC.decode()}"' in loops
+    assert f"HELLO_PROTOCOL = {HELLO_PROTOCOL}\n" in loops
