@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fastpath.hello import HELLO_SECONDS
 from perf.proc import process_peak_rss_bytes
 from perf.underlay import REGIMES, Underlay
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
@@ -63,6 +64,9 @@ PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "pyflannel-vxlan": "vxlan"
               "flanneld-udp": "udp", "flanneld-vxlan": "vxlan"}
 VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
 REACH_TIMEOUT = 20.0
+# After the underlay changes (TSO on or off): pyflanneld looks at it every HELLO_SECONDS, to send
+# TCP super-packets whole only where the veth carries them whole. Every path waits alike.
+REGIME_SETTLE_SECONDS = HELLO_SECONDS + 0.5
 FLANNELD_SETTLE, FLANNELD_RESTARTS = 5.0, 3
 
 
@@ -187,6 +191,7 @@ class PerfBed:
     def set_regime(self, regime: str) -> None:
         assert self.underlay is not None
         self.underlay.enter(REGIMES[regime])
+        time.sleep(REGIME_SETTLE_SECONDS)
 
     def endpoints(self, path: str) -> Endpoints:
         client, server = self.sides
