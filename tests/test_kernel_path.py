@@ -488,6 +488,31 @@ def test_a_hello_lasts_seven_seconds_and_a_foreign_one_is_not_noted(
     assert after_e["tx"]["tso_superpackets"] > before_e["tx"]["tso_superpackets"]
 
 
+def test_with_tso_off_on_the_underlay_super_packets_are_cut_again(
+        whole: tuple[Node, Node, Node]) -> None:
+    """A veth with TSO off would cut a whole super-packet in software into datagrams the peer
+    cannot merge: the fast path follows the setting (the daemon refreshes every 2 s)."""
+    e, f, _ = whole
+    say_hello(f, e)
+    wait_for(lambda: e.fastpath.whole_peers().get(f.host.underlay_ip, 99) < 1, 5,
+             "e noted f's hello")
+    e.host.run("ethtool", "-K", "eth0", "tso", "off")
+    try:
+        with inside(e.host.netns):  # where the daemon runs, as the fast path started
+            e.fastpath.refresh()
+        assert not e.fastpath.sends_whole
+        before_e = settled_stats(e)[0]
+        tcp(e, f)
+        after_e = settled_stats(e)[0]
+        assert after_e["kernel"]["tx_superpackets"] == before_e["kernel"]["tx_superpackets"]
+        assert after_e["tx"]["tso_superpackets"] > before_e["tx"]["tso_superpackets"]
+    finally:
+        e.host.run("ethtool", "-K", "eth0", "tso", "on")
+    with inside(e.host.netns):
+        e.fastpath.refresh()
+    assert e.fastpath.sends_whole
+
+
 def test_hellos_that_reach_the_loops_are_counted_not_dropped(
         trio: tuple[Node, Node, Node, Node]) -> None:
     a, _, _, d = trio  # d has no kernel path: a's hello reaches its loops
