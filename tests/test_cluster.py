@@ -464,20 +464,27 @@ def batch_histogram(metrics: Metrics, direction: str) -> tuple[list[float], floa
     return buckets, value(metrics, f"{name}_count", direction=direction)
 
 
-def test_metrics_move_while_a_tcp_flow_crosses(cluster: Cluster) -> None:
-    """Scraped twice during a TCP flow: the wake-ups and their sizes, TSO and GRO move between
-    the scrapes. Then by exactly what was sent: ICMP errors and drops of packets without a
-    route, and the watch's events."""
-    port = 9127
+def two_with_metrics(cluster: Cluster, port: int, *flags: str) -> tuple[Flanneld, Flanneld]:
+    """Two daemons on FIGURE_2_CONFIG with `flags`, each serving metrics on `port` of its host
+    and with a container, once each routes the other's subnet."""
     cluster.config(FIGURE_2_CONFIG)
-    flags = ("--metrics-port", str(port), "--metrics-ip", "127.0.0.1", "--fastpath-kernel",
-             "off")  # the loops carry everything: they count it
+    flags = ("--metrics-port", str(port), "--metrics-ip", "127.0.0.1", *flags)
     a, b = cluster.daemon(*flags), cluster.daemon(*flags)
     for daemon in (a, b):
         cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
     for daemon in (a, b):
         daemon.wait_log("subnet added")
         daemon.wait_log("metrics server listening")
+    return a, b
+
+
+def test_metrics_move_while_a_tcp_flow_crosses(cluster: Cluster) -> None:
+    """Scraped twice during a TCP flow: the wake-ups and their sizes, TSO and GRO move between
+    the scrapes. Then by exactly what was sent: ICMP errors and drops of packets without a
+    route, and the watch's events."""
+    port = 9127
+    # The loops carry everything: they count it.
+    a, b = two_with_metrics(cluster, port, "--fastpath-kernel", "off")
     assert b.host.container_netns and a.host.container_netns and b.host.container_ip
     with tcp_flow(b.host.container_netns, b.host.container_ip,
                   a.host.container_netns) as received:
@@ -601,14 +608,8 @@ def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(cluster: Clust
     then carry TCP in whole super-packets, as kernel VXLAN does: the sender's loops cut none,
     the receiver's loops write each into the TUN as it came."""
     port = 9128
-    cluster.config(FIGURE_2_CONFIG)
-    flags = ("--metrics-port", str(port), "--metrics-ip", "127.0.0.1")
-    a, b = cluster.daemon(*flags), cluster.daemon(*flags)
+    a, b = two_with_metrics(cluster, port)
     for daemon in (a, b):
-        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
-    for daemon in (a, b):
-        daemon.wait_log("subnet added")
-        daemon.wait_log("metrics server listening")
         assert "whole super-packets on" in daemon.log()
     wait_for(lambda: value(scrape(a, port), "pyflannel_kernelpath_hellos_total") > 0, 10,
              "a heard b's hello")
