@@ -65,8 +65,8 @@ cdef class FastPath:
     udp_coalesce (merging UDP datagrams into one TUN write) needs Linux 6.2. With
     verify_source (the default) a received packet is delivered only when its source lies in the
     subnet routed to the datagram's sender: anyone else's is dropped and counted. With
-    whole_superpackets and the kernel path on a veth underlay, TCP super-packets cross to every
-    peer whole (only for clusters where every host is pyflannel: see udp_tc.bpf.c). `handed`
+    whole_superpackets and the kernel path on a veth underlay, TCP super-packets cross whole to
+    the peers that said hello (greet(); see udp_tc.bpf.c). `handed`
     holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
     they fit this run's settings.
     """

@@ -11,6 +11,8 @@ stops getting them within the validity udp_tc.bpf.c gives a hello (HELLO_VALID_N
 import ipaddress
 import struct
 
+from fastpath.packet import ipv4_checksum
+
 HELLO_PROTOCOL = 253  # RFC 3692: for experiments
 HELLO_MAGIC = b"pyflannel-whole1"
 HELLO_SECONDS = 2.0
@@ -18,16 +20,9 @@ HELLO_TTL = 1
 IPV4_DF = 0x4000
 
 
-def _checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def hello_packet(source: ipaddress.IPv4Address, destination: ipaddress.IPv4Address) -> bytes:
     """The IPv4 packet of a hello from `source` (an address of this host's subnet) to
     `destination` (one of the peer's)."""
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(HELLO_MAGIC), 0, IPV4_DF, HELLO_TTL,
                          HELLO_PROTOCOL, 0, source.packed, destination.packed)
-    return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + HELLO_MAGIC
+    return header[:10] + struct.pack("!H", ipv4_checksum(header)) + header[12:] + HELLO_MAGIC
