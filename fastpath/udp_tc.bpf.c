@@ -137,7 +137,7 @@ struct {
 
 /* Peers that said hello lately: their PublicIP -> when, in bpf_ktime_get_ns(). A hello counts
  * for HELLO_VALID_NS: a peer that stops saying it (a flanneld took its place) stops getting
- * whole super-packets by then. The sender says it every HELLO_SECONDS (fastpath/whole.py). */
+ * whole super-packets by then. The sender says it every HELLO_SECONDS (fastpath/hello.py). */
 #define HELLO_PROTOCOL 253
 #define HELLO_LEN 16
 #define HELLO_VALID_NS (7 * 1000 * 1000 * 1000ULL)

@@ -311,8 +311,7 @@ class UdpTc:
         while lib.bpf_map_get_next_key(fd, previous, ctypes.byref(next_key)) == 0:
             key.value = next_key.value
             if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(when)) == 0:
-                address = ipaddress.IPv4Address(key.value.to_bytes(4, "little"))
-                peers[str(address)] = (now - when.value) / 1e9
+                peers[str(ipaddress.IPv4Address(bytes(key)))] = (now - when.value) / 1e9
             previous = ctypes.byref(key)
         return peers
 
