@@ -101,7 +101,8 @@ def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalIn
     changed in between): vxlan devices of flannel's naming other than `keep_device`, and
     host-gw's routes into the Network out of the external interface. The udp backend's TUN
     goes with its process; a tc filter of its kernel path that a killed daemon left on the
-    underlay is removed by the fast path itself, or here when udp no longer runs.
+    underlay is removed by the fast path itself, or here when udp no longer runs, with its
+    receive device (control/receiver.py).
 
     vxlan with DirectRouting makes the same routes as host-gw for its peers on the external
     interface's network: those stay, so that a restart does not cut them off until the watch
@@ -121,8 +122,11 @@ def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalIn
                          destination, gateway)
                 rtnl.delete_route(destination, ext.index, gateway)
     if config.backend_type != "udp":
-        from fastpath.udp_tc import detach_underlay
+        from control.receiver import delete_receiver
+        from fastpath.udp_tc import RX_VXLAN_DEVICE, detach_underlay
 
         if detach_underlay(ext.index):
             log.info("removed the udp kernel path's filter from %s, left by an earlier run",
                      ext.name)
+        if delete_receiver(rtnl):
+            log.info("deleted %s, left by an earlier udp backend", RX_VXLAN_DEVICE)

@@ -142,6 +142,13 @@ def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
     yield CounterMetricFamily("pyflannel_kernelpath_hellos_total",
                               "peers' hellos noted: they take whole TCP super-packets",
                               value=counters["rx_hellos"])
+    family = CounterMetricFamily(
+        "pyflannel_kernelpath_vxlan_receive_total", "peers' whole super-packets handed to the "
+        "receive device, those that arrived on flannel0 through it, and what reached it from "
+        "elsewhere (dropped)", labels=["stage"])
+    for stage in ("handed", "arrived", "foreign"):
+        family.add_metric([stage], counters[f"rx_vxlan_{stage}"])
+    yield family
 
 
 def metrics_page(collector: DaemonCollector) -> Page:

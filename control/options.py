@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from control.subnetenv import DEFAULT_SUBNET_FILE
 from fastpath import DEFAULT_BATCH
-from fastpath.udp_tc import KERNEL_MODES
+from fastpath.udp_tc import KERNEL_MODES, RX_VXLAN_DEVICE, RX_VXLAN_PORT
 
 VERSION = "0.1.0"
 FLANNEL_COMPAT = "v0.20.2"
@@ -66,6 +66,7 @@ class Options(NamedTuple):
     fastpath_kernel: str
     fastpath_verify_source: bool
     fastpath_whole_superpackets: bool
+    fastpath_vxlan_receive: bool
     v: int
 
     @property
@@ -75,7 +76,8 @@ class Options(NamedTuple):
                 "scatter": self.fastpath_scatter, "udp_coalesce": self.fastpath_udp_coalesce,
                 "nice": self.fastpath_nice, "kernel": self.fastpath_kernel,
                 "verify_source": self.fastpath_verify_source,
-                "whole_superpackets": self.fastpath_whole_superpackets}
+                "whole_superpackets": self.fastpath_whole_superpackets,
+                "vxlan_receiver": RX_VXLAN_DEVICE if self.fastpath_vxlan_receive else ""}
 
 
 def _endpoints(text: str) -> list[Endpoint]:
@@ -201,6 +203,11 @@ FLAGS = [
     Flag("fastpath-whole-superpackets", "with the kernel path on a veth underlay, send TCP "
          "super-packets whole, as kernel VXLAN does, to the peers that say (by a hello every "
          "few seconds) they take them: pyflanneld with offloads, never flanneld (pyflannel)",
+         _go_bool, True, boolean=True),
+    Flag("fastpath-vxlan-receive", "with the kernel path on a veth underlay, have the kernel's "
+         f"VXLAN receive take peers' whole super-packets in, through a local receive-only "
+         f"device {RX_VXLAN_DEVICE} (UDP port {RX_VXLAN_PORT} on the PublicIP, which takes "
+         "nothing from elsewhere), not the loops; the wire is unchanged (pyflannel)",
          _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]

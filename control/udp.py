@@ -15,6 +15,7 @@ from control.handover import kept_names, release_resumed
 from control.host import ExternalInterface, HostError, Netlink
 from control.lease import PeerLease, encode_lease
 from control.options import Options
+from control.receiver import delete_receiver, finish_receiver, prepare_receiver
 from fastpath import FastPath
 from fastpath.hello import HELLO_SECONDS
 from fastpath.table import MAX_SUBNETS
@@ -66,6 +67,11 @@ class UdpBackend:
             log.warning("udp backend: the fast path the previous run kept was made for %s, "
                         "not %s: starting a new one", made_for, wanted)
             release_resumed(fp)
+        if options.fastpath_vxlan_receive:
+            prepare_receiver(self._netlink.rtnl, ext)
+        elif delete_receiver(self._netlink.rtnl):
+            log.info("deleted the receive device of an earlier run (--fastpath-vxlan-receive "
+                     "is off)")
         self.fastpath = fp = FastPath(
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
             underlay=ext.name, **options.fastpath_levers)
@@ -85,6 +91,7 @@ class UdpBackend:
         except HostError as err:
             raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
                                f"{err}") from err
+        finish_receiver(self._netlink.rtnl, fp)
         if fp.nice_error:
             log.warning("udp backend: cannot give the packet threads nice %d: %s", fp.nice,
                         fp.nice_error)
@@ -99,10 +106,11 @@ class UdpBackend:
                      "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
-                 "super-packets %s", fp.tun_name, mtu, ext.address, config.port, fp.batch,
-                 "on" if fp.offload else "off", "on" if fp.scatter else "off",
-                 "on" if fp.udp_coalesce else "off", fp.nice, fp.kernel,
-                 "on" if fp.verify_source else "off", "on" if fp.sends_whole else "off")
+                 "super-packets %s, VXLAN receive %s", fp.tun_name, mtu, ext.address,
+                 config.port, fp.batch, "on" if fp.offload else "off",
+                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
+                 fp.kernel, "on" if fp.verify_source else "off",
+                 "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
@@ -134,7 +142,11 @@ class UdpBackend:
         while True:
             subnet = own_subnet()
             if self.fastpath is not None and subnet is not None:
+                through_vxlan = self.fastpath.through_vxlan
                 self.fastpath.refresh()
+                if through_vxlan and not self.fastpath.through_vxlan:
+                    log.warning("udp backend: whole super-packets go through the loops from "
+                                "now on: %s", self.fastpath.vxlan_missing)
                 hosts = {(str(lease.public_ip), self._config.port): peer.network_address
                          for peer, lease in peers().items()}
                 self.fastpath.greet(subnet.network_address, hosts)

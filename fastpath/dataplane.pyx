@@ -66,7 +66,10 @@ cdef class FastPath:
     verify_source (the default) a received packet is delivered only when its source lies in the
     subnet routed to the datagram's sender: anyone else's is dropped and counted. With
     whole_superpackets and the kernel path on a veth underlay, TCP super-packets cross whole to
-    the peers that said hello (greet(); see udp_tc.bpf.c). `handed`
+    the peers that said hello (greet(); see udp_tc.bpf.c). With vxlan_receiver, the name of the
+    receive-only vxlan device (udp_tc.RX_VXLAN_DEVICE, made down by the caller, who puts it up
+    when through_vxlan says it is used, and deletes it when not: vxlan_missing says why), the
+    peers' whole super-packets go through the kernel's VXLAN receive, not the loops. `handed`
     holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
     they fit this run's settings.
     """
@@ -87,6 +90,7 @@ cdef class FastPath:
     cdef readonly str kernel
     cdef readonly str kernel_missing
     cdef readonly bint whole_superpackets
+    cdef readonly str vxlan_receiver
     cdef readonly str underlay
     cdef object udp_tc
     cdef str tun_pattern
@@ -104,7 +108,8 @@ cdef class FastPath:
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
-                  bint verify_source=True, bint whole_superpackets=False, dict handed=None):
+                  bint verify_source=True, bint whole_superpackets=False,
+                  str vxlan_receiver="", dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -133,6 +138,7 @@ cdef class FastPath:
         self.kernel = kernel
         self.kernel_missing = ""
         self.whole_superpackets = whole_superpackets
+        self.vxlan_receiver = vxlan_receiver
         self.udp_tc = None
         self.tun_pattern = tun
         self.tun_fd = -1
@@ -174,6 +180,23 @@ cdef class FastPath:
         """Follow what may change under a running fast path: the underlay's TSO setting."""
         if self.udp_tc is not None:
             self.udp_tc.refresh()
+
+    @property
+    def through_vxlan(self) -> bool:
+        """Whether peers' whole super-packets go through the vxlan_receiver device now."""
+        return self.udp_tc is not None and self.udp_tc.through_vxlan
+
+    def forgo_vxlan(self, why):
+        """Leave peers' whole super-packets to the loops from now on (vxlan_missing: why)."""
+        if self.udp_tc is not None:
+            self.udp_tc.forgo_vxlan(why)
+
+    @property
+    def vxlan_missing(self) -> str:
+        """Why they do not ("" when they do)."""
+        if self.udp_tc is None:
+            return "the kernel path does not run" if self.vxlan_receiver else "not asked for"
+        return self.udp_tc.vxlan_missing
 
     @property
     def sends_whole(self) -> bool:
@@ -269,7 +292,8 @@ cdef class FastPath:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
                            egress=self.kernel == "on", verify_source=self.verify_source,
-                           send_whole=self.whole_superpackets, loops_take_whole=self.offload)
+                           send_whole=self.whole_superpackets, loops_take_whole=self.offload,
+                           receiver=self.vxlan_receiver)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin

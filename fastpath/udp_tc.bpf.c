@@ -27,10 +27,25 @@
  * (below) every few seconds, and udp_ingress notes the sender in whole_peers. To such a peer,
  * with SEND_WHOLE (--fastpath-whole-superpackets), a TCP super-packet crosses the veth whole, as
  * kernel VXLAN's do. A flanneld never says hello, so it never gets one. The peer's udp_ingress
- * leaves such a super-packet to its loops rather than decapsulating it: a tc program cannot clear
- * the kernel's encapsulation mark (Linux 6.18 has no BPF_F_ADJ_ROOM_DECAP_L4_UDP), and with that
+ * peer's udp_ingress cannot simply decapsulate such a super-packet: a tc program cannot clear the
+ * kernel's encapsulation mark (Linux 6.18 has no BPF_F_ADJ_ROOM_DECAP_L4_UDP), and with that
  * mark the bridge in front of the containers (whose hw_enc_features are none) cuts the packet
- * and sums its checksums in software, which measured slower than the loops.
+ * and sums its checksums in software, which measured slower than the loops. So it has the
+ * kernel's own VXLAN receive take the headers off, which clears the mark:
+ *
+ *   udp_ingress    (THROUGH_VXLAN) turns the datagram into a VXLAN packet for the local
+ *                  receive-only vxlan device (UDP port RX_VXLAN_PORT, VNI RX_VXLAN_VNI; made by
+ *                  the control plane), marked by skb->priority = RX_PRIORITY;
+ *   vxlan_ingress  (tc ingress of that device, a classic filter that outlives the daemon)
+ *                  takes only what carries that mark, clears it and receives the super-packet
+ *                  on flannel0, as udp_ingress does with any other packet. Anything else that
+ *                  reaches the device's port, from any interface or process, is dropped: the
+ *                  device is no second way into the overlay. The mark is the priority because
+ *                  nothing between the two programs (netfilter's INPUT path, UDP, vxlan_rcv)
+ *                  touches it, where the firewall mark is other software's to set.
+ * Without THROUGH_VXLAN (no device, or the check in fastpath/udp_tc.py found that the handed
+ * packets do not arrive, e.g. a firewall on the port) the loops write the super-packet into the
+ * TUN as it is (LOOPS_TAKE_WHOLE), with two copies.
  *
  * The hello is a datagram whose payload is an IPv4 packet with TTL 1, protocol HELLO_PROTOCOL
  * (RFC 3692's experimental 253) and HELLO_MAGIC as its payload, from the sender's subnet to the
@@ -85,6 +100,17 @@ struct udp_tc_config {
 #define SEND_WHOLE 1
 /* The loops write a datagram that is one whole super-packet into the TUN as it is (offloads). */
 #define LOOPS_TAKE_WHOLE 2
+/* With LOOPS_TAKE_WHOLE: the local vxlan device takes such a datagram instead (see the top). */
+#define THROUGH_VXLAN 4
+
+/* The receive-only vxlan device's port and VNI (fastpath/udp_tc.py's RX_VXLAN_*): it binds the
+ * port on our PublicIP only. */
+#define RX_VXLAN_PORT 8473
+#define RX_VXLAN_VNI 1
+/* skb->priority of what udp_ingress hands the device: "pf" and 1. */
+#define RX_PRIORITY 0x70660001
+#define VXLAN_FLAG_VNI 0x08
+#define RX_VXLAN_ROOM (sizeof(struct udphdr) + 8 + ETH_HLEN) /* UDP, VXLAN, inner Ethernet */
 
 struct udp_tc_route {
 	__be32 ip;         /* the peer's PublicIP; 0: no route */
@@ -103,6 +129,9 @@ enum udp_tc_counter {
 	TX_SUPERPACKETS, /* GSO super-packets among TX_PACKETS, sent whole to the underlay */
 	RX_SUPERPACKETS, /* and among RX_PACKETS, received whole from a peer over a veth */
 	RX_HELLOS,  /* peers' hellos, noted in whole_peers (from a foreign source: dropped only) */
+	RX_VXLAN_HANDED,  /* whole super-packets among RX_PACKETS handed to the vxlan device */
+	RX_VXLAN_ARRIVED, /* and how many of them vxlan_ingress received on flannel0 */
+	RX_VXLAN_FOREIGN, /* what reached the vxlan device without the mark: dropped */
 	COUNTERS,
 };
 
@@ -435,6 +464,53 @@ int tun_egress(struct __sk_buff *skb)
 	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
+static __always_inline void count_received(__u32 packets, __u32 inner_len)
+{
+	count(RX_PACKETS, packets);
+	if (packets > 1)
+		count(RX_SUPERPACKETS, 1);
+	count(RX_BYTES, inner_len);
+}
+
+/* Our datagram that is one whole super-packet (its TTL already spent) -> the same datagram
+ * made a VXLAN packet to the local vxlan device: room after the outer IPv4 header for the VXLAN
+ * and inner Ethernet headers, and a UDP header to RX_VXLAN_PORT in front of them. The inner
+ * Ethernet addresses are zero: vxlan_rcv checks only that the source is not the device's own
+ * MAC, and vxlan_ingress takes the frame off again. FIXED_GSO keeps the segment size. */
+static __always_inline int through_vxlan(struct __sk_buff *skb, __u32 inner_len, __u32 packets)
+{
+	struct {
+		struct udphdr udp;
+		__u8 vxlan[8];
+		struct ethhdr eth;
+	} __attribute__((packed)) headers = {
+		.udp = {
+			.source = bpf_htons(RX_VXLAN_PORT),
+			.dest = bpf_htons(RX_VXLAN_PORT),
+			.len = bpf_htons(RX_VXLAN_ROOM + inner_len),
+		},
+		.vxlan = {VXLAN_FLAG_VNI, 0, 0, 0, RX_VXLAN_VNI >> 16, (RX_VXLAN_VNI >> 8) & 0xff,
+			  RX_VXLAN_VNI & 0xff, 0},
+		.eth = {.h_proto = bpf_htons(ETH_P_IP)},
+	};
+	struct iphdr outer;
+
+	if (bpf_skb_adjust_room(skb, RX_VXLAN_ROOM - sizeof(struct udphdr), BPF_ADJ_ROOM_NET,
+				BPF_F_ADJ_ROOM_FIXED_GSO) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(outer), &headers, sizeof(headers), 0) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)))
+		return TC_ACT_SHOT; /* TTL already spent: no second path for this one */
+	outer.tot_len = bpf_htons(sizeof(outer) + RX_VXLAN_ROOM + inner_len);
+	outer.check = 0;
+	outer.check = ip_checksum(&outer);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), 0))
+		return TC_ACT_SHOT;
+	skb->priority = RX_PRIORITY;
+	count_received(packets, inner_len);
+	count(RX_VXLAN_HANDED, 1);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int udp_ingress(struct __sk_buff *skb)
 {
@@ -476,7 +552,9 @@ int udp_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	/* A peer's whole super-packet: the loops write it into the TUN as it is (see the top). */
-	if (skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE)) {
+	int whole = skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE);
+
+	if (whole && !(cfg->flags & THROUGH_VXLAN)) {
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
@@ -488,12 +566,26 @@ int udp_ingress(struct __sk_buff *skb)
 	__u32 packets = segments(skb);
 
 	decrement_ttl(inner);
+	if (whole)
+		return through_vxlan(skb, inner_len, packets);
 	if (bpf_skb_adjust_room(skb, -(__s32)ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
 		return TC_ACT_SHOT;
-	count(RX_PACKETS, packets);
-	if (packets > 1)
-		count(RX_SUPERPACKETS, 1);
-	count(RX_BYTES, inner_len);
+	count_received(packets, inner_len);
+	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
+}
+
+SEC("tc")
+int vxlan_ingress(struct __sk_buff *skb)
+{
+	__u32 key = 0;
+	struct udp_tc_config *cfg = bpf_map_lookup_elem(&config, &key);
+
+	if (!cfg || skb->priority != RX_PRIORITY) {
+		count(RX_VXLAN_FOREIGN, 1);
+		return TC_ACT_SHOT;
+	}
+	skb->priority = 0;
+	count(RX_VXLAN_ARRIVED, 1);
 	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
 }
 

@@ -52,7 +52,15 @@ ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's nam
 ETHTOOL_GTSO = 0x1E  # struct ethtool_value: cmd, then whether TCP segmentation offload is on
 
 # udp_tc.bpf.c's config flags.
-SEND_WHOLE, LOOPS_TAKE_WHOLE = 1, 2
+SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN = 1, 2, 4
+# The receive-only vxlan device through which the kernel's own VXLAN receive takes the headers
+# off a peer's whole super-packet (udp_tc.bpf.c's RX_VXLAN_*). The control plane makes it.
+RX_VXLAN_DEVICE = "pyflannel-rx"
+RX_VXLAN_PORT = 8473
+RX_VXLAN_VNI = 1
+# refresh() gives the device up when this many super-packets were handed to it since the last
+# refresh and none arrived (a firewall on its port, say): fewer may still be on their way.
+RX_VXLAN_LOST = 8
 
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
@@ -63,14 +71,17 @@ BPF_LINK_TYPE_TCX = 11
 # struct bpf_link_info up to tcx's members: type, id, prog_id, then (the union is 8-aligned)
 # the interface index (0 once the device is gone) and the attach type.
 LINK_INFO = struct.Struct("=III4xII")
-# What kept() hands the next run: the links and the maps (the programs live in the links).
+# What kept() hands the next run: the links and the maps (the programs live in the links), and
+# the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
 MAPS = ("routes", "counters", "config", "whole_peers")
-KEPT = (*LINKS, *MAPS)
+VXLAN_PROGRAM = "vxlan_ingress"
+KEPT = (*LINKS, *MAPS, VXLAN_PROGRAM)
 
 # The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
 COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
-                 "tx_superpackets", "rx_superpackets", "rx_hellos")
+                 "tx_superpackets", "rx_superpackets", "rx_hellos", "rx_vxlan_handed",
+                 "rx_vxlan_arrived", "rx_vxlan_foreign")
 
 
 class UdpTcUnavailable(Exception):
@@ -244,8 +255,14 @@ def _int(address: ipaddress.IPv4Address | str) -> int:
 
 
 class UdpTc:
-    """The two programs, their maps and their attachments, for one TUN and one underlay
-    interface (named; a veth gets tun_egress's care for peers that take frames as they come).
+    """The programs, their maps and their attachments, for one TUN and one underlay interface
+    (named; a veth gets tun_egress's care for peers that take frames as they come).
+
+    With `receiver`, the name of the receive-only vxlan device (RX_VXLAN_DEVICE, made down by
+    the caller) on a veth underlay where peers' whole super-packets arrive, those go through it
+    (udp_tc.bpf.c): vxlan_ingress is attached to its ingress as a classic tc filter, which stays
+    when this process is gone, so the device's port never takes anything but what udp_ingress
+    hands it. through_vxlan says whether they do; why not, in vxlan_missing.
 
     set_route/del_route take the same subnets as the fast path's table and may be called while
     packets flow; each is one map write.
@@ -254,7 +271,8 @@ class UdpTc:
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
                  underlay: str, egress: bool, verify_source: bool = True,
-                 send_whole: bool = False, loops_take_whole: bool = False) -> None:
+                 send_whole: bool = False, loops_take_whole: bool = False,
+                 receiver: str = "") -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -267,6 +285,15 @@ class UdpTc:
         self.tun_ifindex = tun_ifindex
         self._send_whole = send_whole and egress and self.underlay_is_veth
         self._loops_take_whole = loops_take_whole
+        self.receiver_ifindex = 0
+        self.vxlan_missing = _vxlan_missing(receiver, loops_take_whole, self.underlay_is_veth)
+        if receiver and not self.vxlan_missing:
+            try:
+                self.receiver_ifindex = socket.if_nametoindex(receiver)
+            except OSError:
+                self.vxlan_missing = f"there is no device {receiver}"
+        self.through_vxlan = self.receiver_ifindex != 0
+        self._vxlan_seen = (0, 0)  # (handed, arrived) at the last refresh
         self._config_fields = (
             _int(self.network.network_address), _int(self.network.netmask), 32 - subnet_len,
             self.size, _int(local_ip), _port(port))
@@ -289,13 +316,34 @@ class UdpTc:
         device to cut)."""
         self.sends_whole = self._send_whole and segments_tcp(self.underlay)
         flags = (SEND_WHOLE if self.sends_whole else 0) | (
-            LOOPS_TAKE_WHOLE if self._loops_take_whole else 0)
+            LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
+            THROUGH_VXLAN if self.through_vxlan else 0)
         return struct.pack("=IIIIIHHIIII", *self._config_fields, flags, *self._config_tail)
 
     def refresh(self) -> None:
         """Follow the underlay's TSO setting (ethtool -K can change it at any time): whole
         super-packets onto a veth that cuts them in software would reach the peer as datagrams
-        that its UDP GRO does not merge (their UDP checksum is 0), slower than the loops' way."""
+        that its UDP GRO does not merge (their UDP checksum is 0), slower than the loops' way.
+        And give the vxlan device up, for good, when what udp_ingress hands it does not arrive:
+        the loops take whole super-packets then."""
+        if self.through_vxlan and "counters" in self._fds:
+            counters = self.counters()  # arrived is read after handed: never ahead of it
+            seen = (counters["rx_vxlan_handed"], counters["rx_vxlan_arrived"])
+            handed, arrived = seen[0] - self._vxlan_seen[0], seen[1] - self._vxlan_seen[1]
+            self._vxlan_seen = seen
+            if handed >= RX_VXLAN_LOST and arrived == 0:
+                self.forgo_vxlan(f"{handed} super-packets handed to it did not arrive (a "
+                                 f"firewall on UDP port {RX_VXLAN_PORT}?)")
+        self._write_config()
+
+    def forgo_vxlan(self, why: str) -> None:
+        """Leave whole super-packets to the loops from now on, not the vxlan device."""
+        if self.through_vxlan:
+            self.through_vxlan = False
+            self.vxlan_missing = why
+            self._write_config()
+
+    def _write_config(self) -> None:
         config = self._pack_config()
         if config != self._config and "config" in self._fds:
             self._update(self._fds["config"], 0, config)
@@ -328,21 +376,27 @@ class UdpTc:
         lib = _lib()
         try:
             self._netlink = _netlink()  # detaches in this namespace, whichever thread stops
-            if self._adopt(lib, handed or {}):
-                return True
-            obj = _load(lib, self.size)
-            try:  # what is attached holds its program, and a program its maps
-                self._attach(lib, obj)
-            finally:
-                lib.bpf_object__close(obj)
-            return False
+            adopted = self._adopt(lib, handed or {})
+            if not adopted:
+                obj = _load(lib, self.size)
+                try:  # what is attached holds its program, and a program its maps
+                    self._attach(lib, obj)
+                finally:
+                    lib.bpf_object__close(obj)
+            if self.through_vxlan:
+                try:
+                    self._guard_receiver(lib)
+                except UdpTcUnavailable as err:
+                    self.forgo_vxlan(str(err))
+            return adopted
         except BaseException:
             self.stop()
             raise
 
     def _adopt(self, lib: ctypes.CDLL, handed: dict[str, int]) -> bool:
         kept = {name: handed.pop(name) for name in KEPT if name in handed}
-        fits = set(kept) == {*self._targets, *MAPS} and all(
+        wanted = {*self._targets, *MAPS, *((VXLAN_PROGRAM,) if self.through_vxlan else ())}
+        fits = set(kept) == wanted and all(
             _link_target(lib, kept[name]) == (ifindex, LINKS[name][1])
             for name, ifindex in self._targets.items())
         if not fits:
@@ -358,6 +412,9 @@ class UdpTc:
         for name in MAPS:
             self._fds[name] = os.dup(lib.bpf_map__fd(
                 lib.bpf_object__find_map_by_name(obj, name.encode())))
+        if self.through_vxlan:
+            self._fds[VXLAN_PROGRAM] = os.dup(lib.bpf_program__fd(
+                lib.bpf_object__find_program_by_name(obj, VXLAN_PROGRAM.encode())))
         self._update(self._fds["config"], 0, self._config)
         programs = {name: lib.bpf_program__fd(lib.bpf_object__find_program_by_name(
             obj, LINKS[name][0].encode())) for name in self._targets}
@@ -370,16 +427,16 @@ class UdpTc:
         # A classic filter that a killed daemon on an older kernel path left behind.
         detach_underlay(self.underlay_ifindex, self._netlink)
 
+    def _guard_receiver(self, lib: ctypes.CDLL) -> None:
+        """vxlan_ingress on the vxlan device's ingress, in place of the one a previous run put
+        there: a classic filter, so that it outlives this process with the device."""
+        _attach_filter(lib, self.receiver_ifindex, BPF_TC_INGRESS, self._fds[VXLAN_PROGRAM],
+                       VXLAN_PROGRAM)
+
     def _attach_filters(self, lib: ctypes.CDLL, programs: dict[str, int]) -> None:
         for name, ifindex in self._targets.items():
             point = BPF_TC_INGRESS if name == "ingress" else BPF_TC_EGRESS
-            hook = _hook(ifindex, point)
-            created = lib.bpf_tc_hook_create(ctypes.byref(hook))
-            if created < 0 and created != -errno.EEXIST:
-                _check(created, f"adding the clsact qdisc to interface {ifindex}")
-            _check(lib.bpf_tc_attach(ctypes.byref(hook),
-                                     ctypes.byref(_opts(programs[name], BPF_TC_F_REPLACE))),
-                   f"attaching {LINKS[name][0]} to interface {ifindex}")
+            _attach_filter(lib, ifindex, point, programs[name], LINKS[name][0])
             self._ingress_filter |= name == "ingress"
 
     def kept(self) -> dict[str, int]:
@@ -434,6 +491,29 @@ class UdpTc:
                 raise OSError(ctypes.get_errno(), "bpf counter lookup")
             result[name] = sum(values)
         return result
+
+
+def _attach_filter(lib: ctypes.CDLL, ifindex: int, point: int, program: int, name: str) -> None:
+    """A classic tc filter (priority FILTER_PRIORITY) for the program at the interface's
+    ingress or egress, in place of ours already there."""
+    hook = _hook(ifindex, point)
+    created = lib.bpf_tc_hook_create(ctypes.byref(hook))
+    if created < 0 and created != -errno.EEXIST:
+        _check(created, f"adding the clsact qdisc to interface {ifindex}")
+    _check(lib.bpf_tc_attach(ctypes.byref(hook),
+                             ctypes.byref(_opts(program, BPF_TC_F_REPLACE))),
+           f"attaching {name} to interface {ifindex}")
+
+
+def _vxlan_missing(receiver: str, loops_take_whole: bool, underlay_is_veth: bool) -> str:
+    """Why whole super-packets do not go through the vxlan device ("" when they do)."""
+    if not receiver:
+        return "not asked for"
+    if not loops_take_whole:
+        return "no whole super-packets are taken (offloads off)"
+    if not underlay_is_veth:
+        return "super-packets arrive whole only over a veth"
+    return ""
 
 
 def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:

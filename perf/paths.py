@@ -38,6 +38,9 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
     # TCP super-packets whole to the veth peers that say hello (on by default): without them.
     "pyflannel-no-whole": ["--fastpath-whole-superpackets=false"],
+    # The receiving host takes them in through the kernel's VXLAN receive (on by default):
+    # without it, its loops write them into the TUN.
+    "pyflannel-no-vxlan-receive": ["--fastpath-vxlan-receive=false"],
     # Source verification (on by default): what it costs.
     "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.

@@ -23,7 +23,7 @@ import pytest
 from control.lease import PeerLease
 from control.rtnl import RtNetlink
 from control.vxlan import vtep_mac
-from fastpath.udp_tc import BPF_TCX_INGRESS, LIBBPF_SONAMES
+from fastpath.udp_tc import BPF_TCX_INGRESS, LIBBPF_SONAMES, RX_VXLAN_DEVICE
 from tests.cluster import PREFIX, Cluster, Flanneld, key_of, put_config, wait_for
 from tests.etcd import EtcdServer
 from tests.flanneld import (
@@ -228,12 +228,13 @@ def tc_programs(host: Host) -> int:
 
 def leftovers(host: Host, backend: str) -> list[str]:
     """What the backends other than `backend` make that is on the host: vxlan's devices,
-    host-gw's routes via a gateway out of eth0, udp's TUN and the tc programs of its kernel
-    path."""
+    host-gw's routes via a gateway out of eth0, udp's TUN, receive device and the tc programs
+    of its kernel path."""
     found = []
     for link in json.loads(host.ip("-d", "-j", "link", "show").stdout):
         kind = link.get("linkinfo", {}).get("info_kind")
-        if (kind == "vxlan" and backend != "vxlan") or (kind == "tun" and backend != "udp"):
+        owner = "udp" if kind == "tun" or link["ifname"] == RX_VXLAN_DEVICE else kind
+        if kind in ("vxlan", "tun") and owner != backend:
             found.append(f"{kind} device {link['ifname']}")
     if backend != "host-gw":
         found += [f"route {route['dst']} via {route['gateway']} dev eth0"
@@ -269,6 +270,8 @@ def test_changing_backend_between_runs_clears_the_previous_one(cluster: Cluster)
         assert (restarted_subnet(a), restarted_subnet(b)) == (a_subnet, b_subnet), step
         if previous == "vxlan":  # the device outlives its daemon: the next run deletes it
             a.wait_log("deleting flannel.1, left by an earlier vxlan backend")
+        if previous == "udp":  # and udp's receive device
+            a.wait_log(f"deleted {RX_VXLAN_DEVICE}, left by an earlier udp backend")
         if previous == "host-gw":  # so do the routes
             a.wait_log(f"deleting route {b_subnet} via {b.host.underlay_ip}, left by an "
                        "earlier host-gw backend")
@@ -280,11 +283,13 @@ def test_changing_backend_between_runs_clears_the_previous_one(cluster: Cluster)
                      f"{step}: the route")
         # What leftovers() looks for is there to find while its backend runs.
         made = leftovers(a.host, "")
+        udp_made = ["tun device flannel0"]
         if backend == "udp" and "the kernel path cannot run here" not in a.log():
             assert made.pop() == "1 tc program(s) on eth0", step  # its ingress program
-        assert made == {"udp": ["tun device flannel0"], "vxlan": ["vxlan device flannel.1"],
-                        "host-gw": [f"route {b_subnet} via {b.host.underlay_ip} dev eth0"]
-                        }[backend], step
+            udp_made.append(f"vxlan device {RX_VXLAN_DEVICE}")  # its receive device
+        assert sorted(made) == {
+            "udp": udp_made, "vxlan": ["vxlan device flannel.1"],
+            "host-gw": [f"route {b_subnet} via {b.host.underlay_ip} dev eth0"]}[backend], step
         assert cluster.leases() == {
             key_of(a_subnet, cluster.prefix): expected_value(a.host, backend),
             key_of(b_subnet, cluster.prefix): expected_value(b.host, backend)}, step

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from control.endpoints import healthz_page
+from fastpath.udp_tc import RX_VXLAN_DEVICE
 from tests.cluster import (
     FIGURE_2_CONFIG,
     Cluster,
@@ -603,14 +604,20 @@ def test_etcd_over_tls_with_client_certificates(cluster: Cluster, tls_etcd: Etcd
     assert refused.process is not None and refused.process.poll() is None
 
 
-def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(cluster: Cluster) -> None:
+OFF_ON = {"true": "on", "false": "off"}
+
+
+@pytest.mark.parametrize("vxlan_receive", ["true", "false"])
+def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(
+        cluster: Cluster, vxlan_receive: str) -> None:
     """With their defaults, two pyflanneld hosts on a veth underlay say hello to each other and
     then carry TCP in whole super-packets, as kernel VXLAN does: the sender's loops cut none,
-    the receiver's loops write each into the TUN as it came."""
+    the receiver takes each in whole through its receive device (or, without it, its loops
+    write each into the TUN as it came)."""
     port = 9128
-    a, b = two_with_metrics(cluster, port)
+    a, b = two_with_metrics(cluster, port, f"--fastpath-vxlan-receive={vxlan_receive}")
     for daemon in (a, b):
-        assert "whole super-packets on" in daemon.log()
+        assert f"whole super-packets on, VXLAN receive {OFF_ON[vxlan_receive]}" in daemon.log()
     wait_for(lambda: value(scrape(a, port), "pyflannel_kernelpath_hellos_total") > 0, 10,
              "a heard b's hello")
     before = {daemon: scrape(daemon, port) for daemon in (a, b)}
@@ -624,7 +631,12 @@ def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(cluster: Clust
     whole = moved(a, "pyflannel_kernelpath_superpackets_total", direction="tx")
     assert whole > 0
     assert moved(a, "pyflannel_fastpath_tso_superpackets_total") == 0
-    assert moved(b, "pyflannel_fastpath_whole_superpackets_total") == whole
+    through_vxlan = whole if vxlan_receive == "true" else 0
+    assert moved(b, "pyflannel_fastpath_whole_superpackets_total") == whole - through_vxlan
+    for stage in ("handed", "arrived"):
+        assert moved(b, "pyflannel_kernelpath_vxlan_receive_total", stage=stage) == through_vxlan
+    assert b.host.run("ip", "link", "show", RX_VXLAN_DEVICE, check=False).returncode == (
+        0 if vxlan_receive == "true" else 1)
 
 
 def test_kernel_path_carries_the_cluster_and_its_metrics_count_it(cluster: Cluster) -> None:

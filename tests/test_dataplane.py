@@ -3,6 +3,7 @@ the TUN, the Cython loops and a veth underlay, with flanneld's semantics on the 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import socket
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from control.host import ExternalInterface
+from control.receiver import finish_receiver, prepare_receiver
+from control.rtnl import RtNetlink
 from fastpath import FastPath
 from fastpath.device import SO_RCVBUFFORCE, UDP_SEGMENT, open_tun, open_udp
 from tests.conftest import require_host_network_tools
@@ -36,13 +40,25 @@ class Node:
 
 
 def start_node(bed: Testbed, subnet: str, batch: int = 64, offload: bool = True,
-               **levers: int) -> Node:
+               **levers: int | str) -> Node:
+    """A host with a container and a fast path; with vxlan_receiver among the levers, its
+    receive device made and put up around start() as the udp backend does it."""
     host = bed.add_host()
     bed.add_container(host, subnet, MTU)
     fp = FastPath(NETWORK, SUBNET_LEN, host.underlay_ip, PORT, mtu=MTU, batch=batch,
                   offload=offload, **levers)
     with inside(host.netns):
-        fp.start()
+        rtnl = RtNetlink()
+        try:
+            if levers.get("vxlan_receiver"):
+                index = socket.if_nametoindex("eth0")
+                mtu = next(link.mtu for link in rtnl.links() if link.index == index)
+                prepare_receiver(rtnl, ExternalInterface(
+                    "eth0", index, ipaddress.IPv4Address(host.underlay_ip), mtu))
+            fp.start()
+            finish_receiver(rtnl, fp)
+        finally:
+            rtnl.close()
     configure_tun(host, fp.tun_name, subnet, NETWORK, MTU)
     return Node(host, subnet, fp)
 

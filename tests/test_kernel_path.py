@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fastpath import FastPath, udp_tc
 from fastpath.dataplane import KEPT
 from fastpath.hello import HELLO_MAGIC, HELLO_PROTOCOL, hello_packet
-from fastpath.udp_tc import FILTER_PRIORITY
+from fastpath.udp_tc import FILTER_PRIORITY, RX_VXLAN_DEVICE
 from tests.cluster import wait_for
 from tests.test_dataplane import (
     NETWORK,
@@ -402,20 +403,22 @@ def test_the_kernel_path_needs_the_underlay_and_a_known_mode() -> None:
 
 
 @pytest.fixture(scope="module")
-def whole(testbed: Testbed) -> Iterator[tuple[Node, Node, Node]]:
+def whole(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
     # e sends TCP super-packets whole to the peers that said hello; f takes them (its loops
     # write them into its TUN whole); g has neither offloads nor batching, as flanneld: it
-    # cannot take them and never says hello.
+    # cannot take them and never says hello; h takes them through its receive device.
     e = start_node(testbed, "10.244.5.0/24", kernel="on", underlay="eth0",
                    whole_superpackets=True)
     f = start_node(testbed, "10.244.6.0/24", kernel="on", underlay="eth0",
                    whole_superpackets=True)
     g = start_node(testbed, "10.244.7.0/24", batch=1, offload=False)
-    link(e, f, g)
+    h = start_node(testbed, "10.244.8.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True, vxlan_receiver=RX_VXLAN_DEVICE)
+    link(e, f, g, h)
     try:
-        yield e, f, g
+        yield e, f, g, h
     finally:
-        for node in (e, f, g):
+        for node in (e, f, g, h):
             node.fastpath.stop()
 
 
@@ -433,9 +436,10 @@ def tcp(src: Node, dst: Node) -> None:
 
 
 def test_super_packets_cross_whole_only_to_a_peer_that_said_hello(
-        whole: tuple[Node, Node, Node]) -> None:
-    e, f, g = whole
+        whole: tuple[Node, Node, Node, Node]) -> None:
+    e, f, g, _ = whole
     assert e.fastpath.sends_whole and f.fastpath.sends_whole
+    assert not f.fastpath.through_vxlan and f.fastpath.vxlan_missing == "not asked for"
     # No hello yet: e's loops cut its super-packets, as for any peer.
     before_e, before_f = settled_stats(e, f)
     tcp(e, f)
@@ -465,8 +469,8 @@ def test_super_packets_cross_whole_only_to_a_peer_that_said_hello(
 
 
 def test_a_hello_lasts_seven_seconds_and_a_foreign_one_is_not_noted(
-        whole: tuple[Node, Node, Node]) -> None:
-    e, f, g = whole
+        whole: tuple[Node, Node, Node, Node]) -> None:
+    e, f, g, _ = whole
     say_hello(f, e)
     wait_for(lambda: e.fastpath.whole_peers().get(f.host.underlay_ip, 99) < 1, 5,
              "e noted f's hello")
@@ -489,10 +493,10 @@ def test_a_hello_lasts_seven_seconds_and_a_foreign_one_is_not_noted(
 
 
 def test_with_tso_off_on_the_underlay_super_packets_are_cut_again(
-        whole: tuple[Node, Node, Node]) -> None:
+        whole: tuple[Node, Node, Node, Node]) -> None:
     """A veth with TSO off would cut a whole super-packet in software into datagrams the peer
     cannot merge: the fast path follows the setting (the daemon refreshes every 2 s)."""
-    e, f, _ = whole
+    e, f, _, _ = whole
     say_hello(f, e)
     wait_for(lambda: e.fastpath.whole_peers().get(f.host.underlay_ip, 99) < 1, 5,
              "e noted f's hello")
@@ -511,6 +515,80 @@ def test_with_tso_off_on_the_underlay_super_packets_are_cut_again(
     with inside(e.host.netns):
         e.fastpath.refresh()
     assert e.fastpath.sends_whole
+
+
+def vxlan_packet(src: Node, dst: Node) -> bytes:
+    """A VXLAN packet for dst's receive device (VNI 1) holding a UDP packet from src's subnet
+    to dst's container: what anyone could send to the device's port."""
+    assert dst.host.container_ip
+    udp = struct.pack("!HHHH", 5000, 5000, 8 + 4, 0) + b"evil"
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+                     ipaddress.IPv4Network(src.subnet).network_address.packed,
+                     ipaddress.IPv4Address(dst.host.container_ip).packed)
+    ip = ip[:10] + struct.pack("!H", reference_checksum(ip)) + ip[12:]
+    vxlan = bytes([0x08, 0, 0, 0]) + udp_tc.RX_VXLAN_VNI.to_bytes(3, "big") + b"\0"
+    return vxlan + bytes(12) + struct.pack("!H", 0x0800) + ip + udp
+
+
+def test_whole_super_packets_go_in_through_the_vxlan_device_and_nothing_else_does(
+        whole: tuple[Node, Node, Node, Node]) -> None:
+    e, _, g, h = whole
+    assert h.fastpath.through_vxlan and h.fastpath.vxlan_missing == ""
+    assert f"{RX_VXLAN_DEVICE}:" in h.host.run("ip", "link", "show", "up").stdout
+    assert say_hello(h, e) == 1
+    wait_for(lambda: h.host.underlay_ip in e.fastpath.whole_peers(), 5, "e noted h's hello")
+    before_e, before_h = settled_stats(e, h)
+    tcp(e, h)
+    after_e, after_h = settled_stats(e, h)
+
+    def moved(name: str) -> int:
+        return after_h["kernel"][name] - before_h["kernel"][name]
+    sent_whole = after_e["kernel"]["tx_superpackets"] - before_e["kernel"]["tx_superpackets"]
+    assert sent_whole > 0
+    # All of them through the device, counted as received by the kernel path; none by the loops.
+    assert moved("rx_vxlan_handed") == moved("rx_vxlan_arrived") == sent_whole
+    assert moved("rx_superpackets") == sent_whole and moved("rx_vxlan_foreign") == 0
+    assert after_h["rx"]["whole_superpackets"] == before_h["rx"]["whole_superpackets"]
+    # A VXLAN packet to the device's port from another host, and one from a process on h, go
+    # no further than the device.
+    packet = vxlan_packet(e, h)
+    for sender in (g, h):
+        with inside(sender.host.netns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(packet, (h.host.underlay_ip, udp_tc.RX_VXLAN_PORT))
+    wait_for(lambda: h.fastpath.stats()["kernel"]["rx_vxlan_foreign"] == 2 + (
+        after_h["kernel"]["rx_vxlan_foreign"]), 5, "h's device dropped both")
+    assert h.fastpath.stats()["kernel"]["rx_vxlan_arrived"] == after_h["kernel"][
+        "rx_vxlan_arrived"]
+
+
+def test_a_firewall_on_the_device_s_port_sends_whole_super_packets_back_to_the_loops(
+        whole: tuple[Node, Node, Node, Node]) -> None:
+    """The last of h's tests: h gives its device up for good."""
+    e, _, _, h = whole
+    assert h.fastpath.through_vxlan
+    h.host.run("iptables", "-I", "INPUT", "-p", "udp", "--dport", str(udp_tc.RX_VXLAN_PORT),
+               "-j", "DROP")
+    try:
+        with inside(h.host.netns):
+            h.fastpath.refresh()  # what arrived so far is behind us
+        assert say_hello(h, e) == 1
+        wait_for(lambda: h.host.underlay_ip in e.fastpath.whole_peers(), 5, "e noted h's hello")
+        before_h = h.fastpath.stats()["kernel"]
+        pool = ThreadPoolExecutor(1)
+        moving = pool.submit(tcp, e, h)
+        wait_for(lambda: h.fastpath.stats()["kernel"]["rx_vxlan_handed"] >= (
+            before_h["rx_vxlan_handed"] + udp_tc.RX_VXLAN_LOST), 10, "super-packets handed")
+        with inside(h.host.netns):
+            h.fastpath.refresh()  # as the daemon does every 2 s
+        assert not h.fastpath.through_vxlan
+        assert "firewall on UDP port 8473" in h.fastpath.vxlan_missing
+        moving.result(60)  # the transfer completes (tcp() checks every byte arrived)
+        pool.shutdown()
+        assert h.fastpath.stats()["rx"]["whole_superpackets"] > 0
+        assert h.fastpath.stats()["kernel"]["rx_vxlan_arrived"] == before_h["rx_vxlan_arrived"]
+    finally:
+        h.host.run("iptables", "-D", "INPUT", "-p", "udp", "--dport",
+                   str(udp_tc.RX_VXLAN_PORT), "-j", "DROP")
 
 
 def test_hellos_that_reach_the_loops_are_counted_not_dropped(

@@ -1,0 +1,87 @@
+"""The udp backend's receive-only vxlan device (fastpath/udp_tc.bpf.c): the kernel's own VXLAN
+receive takes the headers off peers' whole TCP super-packets there, which the kernel path hands
+it, and they reach flannel0 whole, with no copy. It never sends and has no neighbours, routes or
+forwarding entries; its port is bound on the PublicIP only, and the kernel path's filter on it
+drops all that udp_ingress did not hand it.
+
+Made down before the fast path starts, so that the filter is on it before its port opens; put
+up once the fast path uses it. Like flanneld's flannel.<VNI> it stays when pyflanneld stops (a
+restart through the fd store goes on using it, its filter still guarding it); it goes when the
+fast path does not use it, and with the udp backend (clear_other_backends).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from control.backend import BackendError
+from control.host import ExternalInterface
+from control.rtnl import RtNetlink, VxlanLink
+from fastpath import FastPath
+from fastpath.udp_tc import RX_VXLAN_DEVICE, RX_VXLAN_PORT, RX_VXLAN_VNI
+
+log = logging.getLogger("pyflanneld.udp")
+
+
+def _fits(link: VxlanLink, ext: ExternalInterface) -> bool:
+    return (link.vni, link.port, link.local, link.link, link.learning) == (
+        RX_VXLAN_VNI, RX_VXLAN_PORT, ext.address, ext.index, False)
+
+
+def prepare_receiver(rtnl: RtNetlink, ext: ExternalInterface) -> None:
+    """The device for this external interface: the one there if it fits, else a new one, down."""
+    try:
+        try:
+            link = rtnl.vxlan(RX_VXLAN_DEVICE)
+        except ValueError as err:  # a device of another kind: not ours to delete
+            raise BackendError(f"{err}: pyflanneld's receive device needs the name") from err
+        if link is not None and not _fits(link, ext):
+            log.info("recreating %s for %s", RX_VXLAN_DEVICE, ext.address)
+            rtnl.delete_link(link.index)
+            link = None
+        if link is None:
+            rtnl.add_vxlan(RX_VXLAN_DEVICE, RX_VXLAN_VNI, ext.address, ext.index, RX_VXLAN_PORT,
+                           learning=False, gbp=False, mtu=None)
+    except OSError as err:
+        raise BackendError(f"making {RX_VXLAN_DEVICE}: {err}") from err
+    try:  # it never sends: no IPv6 link-local address, router or neighbour solicitations
+        with open(f"/proc/sys/net/ipv6/conf/{RX_VXLAN_DEVICE}/disable_ipv6", "w") as sysctl:
+            sysctl.write("1")
+    except OSError:
+        pass
+
+
+def finish_receiver(rtnl: RtNetlink, fastpath: FastPath) -> None:
+    """Up when the started fast path uses the device, else gone."""
+    try:
+        link = rtnl.vxlan(RX_VXLAN_DEVICE)
+    except (OSError, ValueError):
+        link = None
+    if fastpath.through_vxlan and link is not None:
+        try:
+            rtnl.set_up(link.index, link.mtu)
+            return
+        except OSError as err:
+            why = (f"UDP port {RX_VXLAN_PORT} is taken by another socket"
+                   if err.errno == errno.EADDRINUSE else str(err))
+            log.warning("%s cannot go up (%s): the loops take whole super-packets",
+                        RX_VXLAN_DEVICE, why)
+    elif fastpath.vxlan_receiver:
+        log.info("whole super-packets go through the loops, not %s: %s", RX_VXLAN_DEVICE,
+                 fastpath.vxlan_missing)
+    # The kernel path must not hand anything to a device that is not there.
+    fastpath.forgo_vxlan(f"{RX_VXLAN_DEVICE} is not up")
+    delete_receiver(rtnl)
+
+
+def delete_receiver(rtnl: RtNetlink) -> bool:
+    """Delete the device if it is there (and a vxlan device); returns whether it was."""
+    try:
+        link = rtnl.vxlan(RX_VXLAN_DEVICE)
+        if link is None:
+            return False
+        rtnl.delete_link(link.index)
+    except (OSError, ValueError):
+        return False
+    return True
