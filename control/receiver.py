@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 
-from control.backend import BackendError
 from control.host import ExternalInterface
 from control.rtnl import RtNetlink, VxlanLink
 from fastpath import FastPath
@@ -29,13 +28,12 @@ def _fits(link: VxlanLink, ext: ExternalInterface) -> bool:
         RX_VXLAN_VNI, RX_VXLAN_PORT, ext.address, ext.index, False)
 
 
-def prepare_receiver(rtnl: RtNetlink, ext: ExternalInterface) -> None:
-    """The device for this external interface: the one there if it fits, else a new one, down."""
+def prepare_receiver(rtnl: RtNetlink, ext: ExternalInterface) -> bool:
+    """The device for this external interface: the one there if it fits, else a new one, down.
+    False when there can be none (a kernel without vxlan, the name taken by another kind of
+    device), logged: the loops take whole super-packets then."""
     try:
-        try:
-            link = rtnl.vxlan(RX_VXLAN_DEVICE)
-        except ValueError as err:  # a device of another kind: not ours to delete
-            raise BackendError(f"{err}: pyflanneld's receive device needs the name") from err
+        link = rtnl.vxlan(RX_VXLAN_DEVICE)
         if link is not None and not _fits(link, ext):
             log.info("recreating %s for %s", RX_VXLAN_DEVICE, ext.address)
             rtnl.delete_link(link.index)
@@ -43,13 +41,16 @@ def prepare_receiver(rtnl: RtNetlink, ext: ExternalInterface) -> None:
         if link is None:
             rtnl.add_vxlan(RX_VXLAN_DEVICE, RX_VXLAN_VNI, ext.address, ext.index, RX_VXLAN_PORT,
                            learning=False, gbp=False, mtu=None)
-    except OSError as err:
-        raise BackendError(f"making {RX_VXLAN_DEVICE}: {err}") from err
+    except (OSError, ValueError) as err:  # ValueError: a device of another kind has the name
+        log.warning("cannot make %s (%s): the loops take whole super-packets", RX_VXLAN_DEVICE,
+                    err)
+        return False
     try:  # it never sends: no IPv6 link-local address, router or neighbour solicitations
         with open(f"/proc/sys/net/ipv6/conf/{RX_VXLAN_DEVICE}/disable_ipv6", "w") as sysctl:
             sysctl.write("1")
     except OSError:
         pass
+    return True
 
 
 def finish_receiver(rtnl: RtNetlink, fastpath: FastPath) -> None:

@@ -67,14 +67,16 @@ class UdpBackend:
             log.warning("udp backend: the fast path the previous run kept was made for %s, "
                         "not %s: starting a new one", made_for, wanted)
             release_resumed(fp)
-        if options.fastpath_vxlan_receive:
-            prepare_receiver(self._netlink.rtnl, ext)
-        elif delete_receiver(self._netlink.rtnl):
-            log.info("deleted the receive device of an earlier run (--fastpath-vxlan-receive "
-                     "is off)")
+        levers = options.fastpath_levers
+        if not options.fastpath_vxlan_receive:
+            if delete_receiver(self._netlink.rtnl):
+                log.info("deleted the receive device of an earlier run "
+                         "(--fastpath-vxlan-receive is off)")
+        elif not prepare_receiver(self._netlink.rtnl, ext):
+            levers["vxlan_receiver"] = ""
         self.fastpath = fp = FastPath(
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
-            underlay=ext.name, **options.fastpath_levers)
+            underlay=ext.name, **levers)
         try:
             fp.start()
         except OSError as err:

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* flannel's udp backend inside the kernel: two tc programs that carry the common case of the
- * fast path without waking a thread or copying a byte.
+ * fast path without waking a thread or copying a byte (and a third, vxlan_ingress, for peers'
+ * whole super-packets: below).
  *
  *   tun_egress       (tc egress of flannel0)  IPv4 packet for a routed subnet -> one UDP
  *                    datagram to the peer's port, its payload the packet unchanged but for
@@ -27,8 +28,8 @@
  * (below) every few seconds, and udp_ingress notes the sender in whole_peers. To such a peer,
  * with SEND_WHOLE (--fastpath-whole-superpackets), a TCP super-packet crosses the veth whole, as
  * kernel VXLAN's do. A flanneld never says hello, so it never gets one. The peer's udp_ingress
- * peer's udp_ingress cannot simply decapsulate such a super-packet: a tc program cannot clear the
- * kernel's encapsulation mark (Linux 6.18 has no BPF_F_ADJ_ROOM_DECAP_L4_UDP), and with that
+ * cannot simply decapsulate such a super-packet: a tc program cannot clear the kernel's
+ * encapsulation mark (Linux 6.18 has no BPF_F_ADJ_ROOM_DECAP_L4_UDP), and with that
  * mark the bridge in front of the containers (whose hw_enc_features are none) cuts the packet
  * and sums its checksums in software, which measured slower than the loops. So it has the
  * kernel's own VXLAN receive take the headers off, which clears the mark:

@@ -1,5 +1,6 @@
 """The udp backend in the kernel: loads udp_tc.bpf.o (see its comment) through libbpf, attaches
-its two programs, and keeps its route table equal to the fast path's.
+its programs (two, and one on the receive device), and keeps its route table equal to the fast
+path's.
 
 On Linux 6.6+ the programs hang on tcx links: a link holds its program where it is attached for
 as long as any descriptor of it is open. So nothing is left behind by a killed daemon, and the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -637,6 +638,21 @@ def test_pyflanneld_hosts_send_each_other_tcp_super_packets_whole(
         assert moved(b, "pyflannel_kernelpath_vxlan_receive_total", stage=stage) == through_vxlan
     assert b.host.run("ip", "link", "show", RX_VXLAN_DEVICE, check=False).returncode == (
         0 if vxlan_receive == "true" else 1)
+
+
+def test_a_device_of_another_kind_with_the_receive_device_s_name_is_left_alone(
+        cluster: Cluster) -> None:
+    """pyflanneld goes on without its receive device (its loops take whole super-packets), and
+    neither puts a filter on nor deletes a device that is not its own."""
+    cluster.config(FIGURE_2_CONFIG)
+    daemon = cluster.daemon(start=False)
+    daemon.host.run("ip", "link", "add", RX_VXLAN_DEVICE, "type", "bridge")
+    daemon.start()
+    daemon.wait_log(f"cannot make {RX_VXLAN_DEVICE}")
+    daemon.wait_log("whole super-packets on, VXLAN receive off")
+    shown = json.loads(daemon.host.ip("-d", "-j", "link", "show", RX_VXLAN_DEVICE).stdout)
+    assert shown[0]["linkinfo"]["info_kind"] == "bridge"
+    assert daemon.host.run("tc", "filter", "show", "dev", RX_VXLAN_DEVICE, "ingress").stdout == ""
 
 
 def test_kernel_path_carries_the_cluster_and_its_metrics_count_it(cluster: Cluster) -> None:
