@@ -382,6 +382,48 @@ def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them
                 fp.stop()
 
 
+def test_the_receive_device_takes_whole_super_packets_while_no_process_runs_and_after(
+        testbed: Testbed) -> None:
+    """Across a restart through the fd store, as above: the device's filter stays on it (a
+    classic filter) while no process runs, and the next run goes on with the kept program."""
+    e = start_node(testbed, "10.244.13.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True)
+    h = start_node(testbed, "10.244.14.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True, vxlan_receiver=RX_VXLAN_DEVICE)
+    link(e, h)
+    resumed = None
+
+    def whole_sent() -> int:
+        """Super-packets e sent h whole during one TCP transfer, h's hello fresh."""
+        wait_for(lambda: e.fastpath.whole_peers().get(h.host.underlay_ip, 99) < 1, 5,
+                 "e noted h's hello")
+        before = e.fastpath.stats()["kernel"]["tx_superpackets"]
+        tcp(e, h)
+        return settled_stats(e)[0]["kernel"]["tx_superpackets"] - before
+    try:
+        assert h.fastpath.through_vxlan and say_hello(h, e) == 1
+        store = {name: os.dup(fd) for name, fd in h.fastpath.kept().items()}
+        assert "kernel-vxlan_ingress" in store
+        h.fastpath.stop()
+        sent = whole_sent()  # while no process runs on h: its hello lasts 7 s
+        assert sent > 0
+        with inside(h.host.netns):
+            resumed = FastPath.resume(store, kernel="on", whole_superpackets=True,
+                                      vxlan_receiver=RX_VXLAN_DEVICE)
+        assert resumed is not None and store == {} and resumed.through_vxlan
+        arrived = resumed.stats()["kernel"]["rx_vxlan_arrived"]
+        assert arrived == sent
+        assert say_hello(Node(h.host, h.subnet, resumed), e) == 1
+        sent = whole_sent()
+        assert sent > 0
+        assert settled_stats(Node(h.host, h.subnet, resumed))[0]["kernel"][
+            "rx_vxlan_arrived"] == arrived + sent
+    finally:
+        for fp in (resumed, e.fastpath, h.fastpath):
+            if fp is not None:
+                fp.stop()
+
+
 def test_a_network_too_big_for_the_kernel_path_keeps_the_loops(testbed: Testbed) -> None:
     host = testbed.add_host()
     # 10.0.0.0/8 in /30s: 4 M subnets, more than the kernel path's route array takes.
