@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from perf.measure import UDP_SOCKET_BUFFER
 from perf.paths import FLANNELD_ROWS, Endpoints, PerfBed, all_paths, describe
 from perf.proc import machine, machine_busy_seconds
 from perf.report import write_report
@@ -50,7 +51,7 @@ WORKLOADS = [Workload("tcp1", "tcp", 1), Workload("tcp4", "tcp", 4),
 
 @dataclass(frozen=True)
 class Plan:
-    reps: int  # of every workload but the search, which runs once
+    reps: int  # of every workload, the 64-byte search included
     seconds: dict[str, float]  # length of one measurement (a search's trial: "udp"), by kind
     udp_rates: int  # rates one 64-byte search tries
 
@@ -173,7 +174,14 @@ def describe_sample(workload: Workload, sample: dict[str, Any]) -> str:
 def schedule(regime: str, workloads: list[Workload], plan: Plan) -> list[tuple[Workload, int]]:
     """(workload, repetition) to run in a regime."""
     return [(w, rep) for w in workloads if w.kind != "udp-search" or REGIMES[regime].udp_search
-            for rep in range(1, (1 if w.kind == "udp-search" else plan.reps) + 1)]
+            for rep in range(1, plan.reps + 1)]
+
+
+def udp_socket_buffer_bytes() -> int:
+    """What the receiving iperf3's socket gets of UDP_SOCKET_BUFFER: the kernel caps it at
+    net.core.rmem_max, which is the machine's (every namespace's) and left as it is."""
+    with open("/proc/sys/net/core/rmem_max") as f:
+        return min(UDP_SOCKET_BUFFER, int(f.read()))
 
 
 def background_busy_percent() -> float:
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         command = f"make perf{' QUICK=1' if args.quick else ''} ({command})"
     meta = {"command": command,
             "date": started.strftime("%Y-%m-%d %H:%M UTC"), **asdict(plan),
-            "loss_limit_percent": LOSS_LIMIT_PERCENT, "machine": machine(),
+            "loss_limit_percent": LOSS_LIMIT_PERCENT,
+            "udp_socket_buffer_bytes": udp_socket_buffer_bytes(), "machine": machine(),
             "background_busy_percent": [round(percent, 1) for percent in background],
             "flanneld": flanneld, "paths": {path: describe(path) for path in paths},
             "regimes": {name: asdict(REGIMES[name]) for name in args.regimes},

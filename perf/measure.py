@@ -13,6 +13,7 @@ measurement gets its own process and hands its result back as JSON in a file.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 import signal
@@ -26,6 +27,11 @@ from tests.testbed import end_process
 UDP_PAYLOAD = 64
 # "As fast as iperf3 sends": far more than any path here carries.
 UDP_UNLIMITED_BPS = 2_000_000_000
+# The receiving iperf3's socket buffer (iperf3 -w, capped by net.core.rmem_max). With the default
+# 208 KiB (~250 datagrams, 3 ms at 80 kpps) every path lost 1-13 % of a trial in the receiving
+# container's socket whenever its iperf3 waited for a core, at rates the same path carried whole
+# the trial before: the search measured the scheduler, not the path.
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 # The bulk flow under which loaded-latency runs qperf has this long to fill the queues first.
 LOAD_WARMUP_SECONDS = 1.0
 
@@ -75,6 +81,9 @@ def udp(server: str, port: int, duration: float, rate_pps: float | None) -> dict
     client.blksize = UDP_PAYLOAD
     # iperf3's rate counts payload bits.
     client.bandwidth = round(rate_pps * UDP_PAYLOAD * 8) if rate_pps else UDP_UNLIMITED_BPS
+    # The wrapper has no setter for it; iperf3 hands it to the server with the test's parameters.
+    client.lib.iperf_set_test_socket_bufsize.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    client.lib.iperf_set_test_socket_bufsize(client._test, UDP_SOCKET_BUFFER)
     result = client.run()
     if result.error:
         raise RuntimeError(f"iperf3: {result.error}")
