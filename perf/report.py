@@ -58,10 +58,6 @@ class Results:
         return statistics.median(values) if values else None
 
 
-def _kib(size: int | None) -> str:
-    return "iperf3's default" if size is None else f"{size // 1024} KiB"
-
-
 def _cell(values: list[float], digits: int = 1) -> str:
     """median [min-max], or the single value, or - when nothing was measured."""
     if not values:
@@ -428,7 +424,7 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         f"- 64-byte UDP: iperf3, the highest rate offered with < {meta['loss_limit_percent']} "
         "% lost (RFC 2544's search: one trial as fast as iperf3 sends, then bisection, a "
         "lossy rate tried twice); `< x` when every rate lost packets, x the lowest tried. "
-        f"The receiving iperf3's socket buffer: {_kib(meta.get('udp_socket_buffer_bytes'))} "
+        f"The receiving iperf3's socket buffer: {meta['udp_socket_buffer_bytes'] // 1024} KiB "
         "(iperf3 -w, capped by net.core.rmem_max).",
         "- peak RSS: each daemon's VmHWM, read before it is stopped.",
         f"- ratios (`/ vxlan`) are to the `{BASELINE}` row's median in the same regime.",
