@@ -171,10 +171,23 @@ def describe_sample(workload: Workload, sample: dict[str, Any]) -> str:
     return f"{sample['one_way_us']:.1f} us one way{under}"
 
 
-def schedule(regime: str, workloads: list[Workload], plan: Plan) -> list[tuple[Workload, int]]:
-    """(workload, repetition) to run in a regime."""
-    return [(w, rep) for w in workloads if w.kind != "udp-search" or REGIMES[regime].udp_search
-            for rep in range(1, plan.reps + 1)]
+def regime_workloads(regime: str, workloads: list[Workload]) -> list[Workload]:
+    """The workloads a regime runs (a shaped link only measures its shaper with 64-byte UDP)."""
+    return [w for w in workloads if w.kind != "udp-search" or REGIMES[regime].udp_search]
+
+
+def rounds(regimes: list[str], paths: list[str], reps: int) -> list[tuple[str, int, str]]:
+    """(regime, repetition, path) in the order measured. Each regime in turn; in it, one round
+    per repetition, in which every path runs all its workloads once. So a path's k-th sample
+    and the baseline's were taken minutes apart, never the whole run apart: this machine's
+    speed drifts by 20 % and more over a run, and the report's ratios pair samples of one
+    round. Rounds alternate direction (counted across regimes), so drift within a round
+    favours neither end, and the path that ends a round begins the next without a restart."""
+    order = []
+    for turn, (regime, rep) in enumerate((regime, rep) for regime in regimes
+                                         for rep in range(1, reps + 1)):
+        order += [(regime, rep, path) for path in (paths if turn % 2 == 0 else paths[::-1])]
+    return order
 
 
 def udp_socket_buffer_bytes() -> int:
@@ -198,37 +211,36 @@ def run(paths: list[str], regimes: list[str], workloads: list[Workload], plan: P
         flanneld: str | None) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
     """Every measurement; and each daemon row's peak RSS, client's and server's."""
     samples: list[dict[str, Any]] = []
-    total = len(paths) * sum(len(schedule(r, workloads, plan)) for r in regimes)
+    order = rounds(regimes, paths, plan.reps)
+    total = sum(len(regime_workloads(regime, workloads)) for regime, _, _ in order)
     done = 0
     print(f"building the testbed: 2 hosts, containers, etcd, pyflanneld, vxlan; {total} "
-          "measurements follow", flush=True)
+          f"measurements follow in {len(regimes) * plan.reps} rounds over every path",
+          flush=True)
     bed = PerfBed(flanneld)
     servers: Servers | None = None
     try:
         server_side = bed.sides[1].host
         assert server_side.container_netns
         servers = Servers([server_side.netns, server_side.container_netns])
-        for path in paths:
-            print(f"path {path}", flush=True)
+        for regime, rep, path in order:
+            todo = regime_workloads(regime, workloads)
             try:
-                endpoints = bed.use_path(path)
-            except Exception as error:  # the other paths still get measured
-                skipped = sum(len(schedule(r, workloads, plan)) for r in regimes)
-                done += skipped
-                print(f"[{done}/{total}] {path}: setup failed, {skipped} measurements "
-                      f"skipped: {error}", flush=True)
-                samples += [{"error": f"setup: {error}", "regime": regime, "path": path,
-                             "workload": "setup", "rep": 1} for regime in regimes]
+                endpoints = bed.use(path, regime)
+            except Exception as error:  # the other paths (and this one's next round) go on
+                done += len(todo)
+                print(f"[{done}/{total}] {regime} {path} #{rep}: setup failed, {len(todo)} "
+                      f"measurements skipped: {error}", flush=True)
+                samples.append({"error": f"setup: {error}", "regime": regime, "path": path,
+                                "workload": "setup", "rep": rep})
                 continue
-            for regime in regimes:
-                bed.set_regime(regime)
-                for workload, rep in schedule(regime, workloads, plan):
-                    sample = run_workload(endpoints, workload, plan, bed.daemon_pids())
-                    sample.update(regime=regime, path=path, workload=workload.name, rep=rep)
-                    samples.append(sample)
-                    done += 1
-                    print(f"[{done}/{total}] {regime} {path} {workload.name} #{rep}: "
-                          f"{describe_sample(workload, sample)}", flush=True)
+            for workload in todo:
+                sample = run_workload(endpoints, workload, plan, bed.daemon_pids())
+                sample.update(regime=regime, path=path, workload=workload.name, rep=rep)
+                samples.append(sample)
+                done += 1
+                print(f"[{done}/{total}] {regime} {path} {workload.name} #{rep}: "
+                      f"{describe_sample(workload, sample)}", flush=True)
     finally:
         try:
             if servers is not None:

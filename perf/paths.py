@@ -67,17 +67,17 @@ PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "pyflannel-vxlan": "vxlan"
               "flanneld-udp": "udp", "flanneld-vxlan": "vxlan"}
 VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
 REACH_TIMEOUT = 20.0
-# After the underlay changes (TSO on or off): pyflanneld looks at it every HELLO_SECONDS, to send
-# TCP super-packets whole only where the veth carries them whole. Every path waits alike.
-REGIME_SETTLE_SECONDS = HELLO_SECONDS + 0.5
+# After the underlay changes (TSO on or off) or pyflanneld starts: it looks at the underlay and
+# hears its peer's hello every HELLO_SECONDS, to send TCP super-packets whole only to a peer that
+# says hello over a veth that carries them whole. Every path waits alike after every change.
+SETTLE_SECONDS = HELLO_SECONDS + 0.5
 FLANNELD_SETTLE, FLANNELD_RESTARTS = 5.0, 3
 
 
 def all_paths(with_flanneld: bool) -> list[str]:
-    """Every path, in the order measured. The baseline, kernel VXLAN, comes right after
-    pyflanneld's defaults: this machine's speed drifts by 20 % and more over a run (the host
-    under it), and the targets compare those two rows, so they are measured minutes apart
-    rather than the whole run."""
+    """Every path, in the order each round measures them (perf/bench.py's rounds). The
+    baseline, kernel VXLAN, comes right after pyflanneld's defaults: the targets compare those
+    two rows, so in every round they are measured within a minute of each other."""
     others = [row for row in PYFLANNEL_ROWS if row != DEFAULT_ROW]
     return ["direct", DEFAULT_ROW, "vxlan", *others, "host-gw",
             *(FLANNELD_ROWS if with_flanneld else [])]
@@ -138,6 +138,7 @@ class PerfBed:
         self.sides: list[Side] = []
         self.underlay: Underlay | None = None
         self.path: str | None = None
+        self.regime: str | None = None
         self.running: str | None = None  # the row whose daemons run
         self.daemons: list[Flanneld | RealFlanneld] = []  # the client's, then the server's
         # Each row's peak RSS (VmHWM) of the client's and the server's daemon, over the run.
@@ -196,10 +197,19 @@ class PerfBed:
         a, b = self.sides
         return [(a, b), (b, a)]
 
-    def set_regime(self, regime: str) -> None:
+    def use(self, path: str, regime: str) -> Endpoints:
+        """Carry the containers' traffic over `path` with the underlay in `regime`, settled;
+        the endpoints to measure between."""
         assert self.underlay is not None
-        self.underlay.enter(REGIMES[regime])
-        time.sleep(REGIME_SETTLE_SECONDS)
+        changed = (path, regime) != (self.path, self.regime)
+        if regime != self.regime:
+            self.regime = None  # until it is entered: a failed change is redone
+            self.underlay.enter(REGIMES[regime])
+            self.regime = regime
+        endpoints = self._use_path(path)
+        if changed:
+            time.sleep(SETTLE_SECONDS)
+        return endpoints
 
     def endpoints(self, path: str) -> Endpoints:
         client, server = self.sides
@@ -210,7 +220,7 @@ class PerfBed:
         return Endpoints(client.host.container_netns, server.host.container_netns,
                          server.host.container_ip)
 
-    def use_path(self, path: str) -> Endpoints:
+    def _use_path(self, path: str) -> Endpoints:
         """Carry the containers' traffic over `path` (its daemons running, the others not), and
         check it does; the endpoints to measure between."""
         endpoints = self.endpoints(path)

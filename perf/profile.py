@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = Servers([bed.sides[1].host.container_netns or ""])
     results = {}
     try:
-        bed.set_regime("unshaped")
         for path in PATHS:
-            endpoints = bed.use_path(path)
+            endpoints = bed.use(path, "unshaped")
             results[path] = profile(endpoints.client_netns, endpoints.server_ip, args.seconds)
             print(f"{path}: {results[path][0]:.0f} Mbit/s", flush=True)
     finally:

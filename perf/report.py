@@ -57,6 +57,20 @@ class Results:
         values = self.values(regime, path, workload, metric)
         return statistics.median(values) if values else None
 
+    def ratio(self, regime: str, path: str, workload: str, metric: Metric) -> float | None:
+        """The path's sample over the baseline's of the same round (repetition), the median
+        over rounds: a round measures every path within minutes, so the machine's drift
+        between rounds cancels out of each ratio."""
+        ours, base = (self._by_round(regime, p, workload, metric) for p in (path, BASELINE))
+        ratios = [value / base[rep] for rep, value in ours.items() if base.get(rep)]
+        return statistics.median(ratios) if ratios else None
+
+    def _by_round(self, regime: str, path: str, workload: str, metric: Metric
+                  ) -> dict[int, float]:
+        found = {s["rep"]: metric(s) for s in self.samples if "error" not in s and
+                 (s["regime"], s["path"], s["workload"]) == (regime, path, workload)}
+        return {rep: value for rep, value in found.items() if value is not None}
+
 
 def _cell(values: list[float], digits: int = 1) -> str:
     """median [min-max], or the single value, or - when nothing was measured."""
@@ -66,10 +80,6 @@ def _cell(values: list[float], digits: int = 1) -> str:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-" \
            f"{max(values):.{digits}f}]"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    return "-" if value is None or not base else f"{value / base:.2f}"
 
 
 def _row(cells: list[str]) -> str:
@@ -82,11 +92,10 @@ def _header(names: list[str]) -> list[str]:
 
 def _with_ratio(results: Results, regime: str, path: str, workload: str, metric: Metric,
                 digits: int = 1) -> list[str]:
-    """The cell and its ratio to the baseline's median."""
-    values = results.values(regime, path, workload, metric)
-    median = statistics.median(values) if values else None
-    return [_cell(values, digits),
-            _ratio(median, results.median(regime, BASELINE, workload, metric))]
+    """The cell and its ratio to the baseline."""
+    ratio = results.ratio(regime, path, workload, metric)
+    return [_cell(results.values(regime, path, workload, metric), digits),
+            "-" if ratio is None else f"{ratio:.2f}"]
 
 
 def _daemon_percent(results: Results, regime: str, path: str, workload: str) -> str:
@@ -164,11 +173,12 @@ def _ratio_checks(results: Results, path: str, regimes: list[str], workloads: li
         for workload in workloads:
             ours = results.median(regime, path, workload, metric)
             base = results.median(regime, BASELINE, workload, metric)
-            if ours is None or not base:
+            ratio = results.ratio(regime, path, workload, metric)
+            if ours is None or base is None or ratio is None:
                 continue
-            verdicts.append(ok(ours / base))
+            verdicts.append(ok(ratio))
             parts.append(f"{regime} {workload}: {ours:.{digits}f} against {base:.{digits}f} "
-                         f"({ours / base:.2f}x)")
+                         f"({ratio:.2f}x)")
     return parts, (all(verdicts) if verdicts else None)
 
 
@@ -427,7 +437,11 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         f"The receiving iperf3's socket buffer: {meta['udp_socket_buffer_bytes'] // 1024} KiB "
         "(iperf3 -w, capped by net.core.rmem_max).",
         "- peak RSS: each daemon's VmHWM, read before it is stopped.",
-        f"- ratios (`/ vxlan`) are to the `{BASELINE}` row's median in the same regime.",
+        f"- order: each regime in turn, and in it {meta['reps']} round(s), each of which "
+        "runs every path's workloads once, in the path order above and back again. Ratios "
+        f"(`/ vxlan`, and the targets' `x`) are each path's sample over the `{BASELINE}` "
+        "row's sample of the same round and regime, the median over rounds (so drift of the "
+        "machine between rounds cancels); the values beside them are each row's median.",
         "", "![throughput, CPU, latency and 64-byte UDP](results.png)", ""])
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(header + "\n" + body)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from perf.bench import DEFAULT_FLANNELD, WORKLOADS
+from perf.bench import DEFAULT_FLANNELD, WORKLOADS, rounds
 from perf.paths import DEFAULT_ROW, PYFLANNEL_ROWS, etcd_api
 from tests.conftest import require_host_network_tools
 
@@ -60,3 +60,14 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
     report = (tmp_path / "RESULTS.md").read_text()
     assert "### wire" in report and all(f"| {path} |" in report for path in paths)
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_rounds_alternate_and_cover_every_path_once_per_repetition() -> None:
+    order = rounds(["shaped", "wire"], ["a", "b", "c"], 2)
+    assert order == [("shaped", 1, "a"), ("shaped", 1, "b"), ("shaped", 1, "c"),
+                     ("shaped", 2, "c"), ("shaped", 2, "b"), ("shaped", 2, "a"),
+                     ("wire", 1, "a"), ("wire", 1, "b"), ("wire", 1, "c"),
+                     ("wire", 2, "c"), ("wire", 2, "b"), ("wire", 2, "a")]
+    # With an odd count the direction carries over the regime's end: no path is restarted there.
+    order = rounds(["shaped", "wire"], ["a", "b"], 1)
+    assert [path for _, _, path in order] == ["a", "b", "b", "a"]

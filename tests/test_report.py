@@ -68,3 +68,21 @@ def test_cpu_per_gb_and_latency_misses() -> None:
     assert verdicts(run(ours=1.6, rss_mib=45))[1] == "**missed**"  # 1.6x CPU per GB
     assert verdicts(run(ours=0.8, rss_mib=45))[4] == "**missed**"  # 1.25x latency
     assert verdicts(run(ours=0.9, rss_mib=45))[4] == "met"  # 1.11x latency
+
+
+def test_ratios_pair_the_samples_of_one_round() -> None:
+    # VXLAN's speed moves from round to round with the machine; pyflannel is 1.1x, 1.2x and
+    # 0.9x of it in each. Its ratio is the median of those, where the medians' ratio
+    # (1.35 / 1.5 Gbit/s) would say 0.9x.
+    vxlan = {1: 4e9, 2: 1e9, 3: 1.5e9}
+    ours = {1: 1.1, 2: 1.2, 3: 0.9}
+    samples = [{"regime": "unshaped", "path": path, "workload": "tcp1", "rep": rep,
+                "bits_per_second": speed * (ours[rep] if path == "pyflannel" else 1.0)}
+               for rep, speed in vxlan.items() for path in ("pyflannel", "vxlan")]
+    results = Results({"paths": PATHS, "regimes": REGIMES}, samples, {})
+    ratio = results.ratio("unshaped", "pyflannel", "tcp1", lambda s: s["bits_per_second"])
+    assert ratio is not None and abs(ratio - 1.1) < 1e-9
+    # A round the baseline failed in pairs with nothing.
+    samples[1]["error"] = "timeout"
+    ratio = results.ratio("unshaped", "pyflannel", "tcp1", lambda s: s["bits_per_second"])
+    assert ratio is not None and abs(ratio - 1.05) < 1e-9
