@@ -41,8 +41,8 @@ BACKEND ?= udp
 demo: install
 	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND)
 
-# The paper's Table 1 side by side, in three regimes (under 30 minutes); QUICK=1 for one short
-# pass (about 4). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference
+# The paper's Table 1 side by side, in three regimes (under 50 minutes); QUICK=1 for one short
+# pass (about 5). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference
 # build beside the repository, when there is one; FLANNELD= leaves them out).
 QUICK ?=
 FLANNELD ?= $(wildcard $(abspath $(CURDIR)/../shared/reference/flanneld-v0.20.2))

@@ -3,8 +3,9 @@ run on a namespace testbed, with pyflannel in the udp row, one row per pyflannel
 (perf/paths.py's PYFLANNEL_ROWS) and, given a flanneld binary, flanneld's own udp and vxlan rows.
 
 Every path runs every workload in three regimes (perf/underlay.py): the underlay shaped to
-100 Mbit/s (the paper's NIC), unshaped, and `wire` (1500-byte frames on the underlay). Each
-measurement runs in a fresh process (perf/measure.py). Results go to RESULTS.md, results.json and
+100 Mbit/s (the paper's NIC), unshaped, and `wire` (1500-byte frames on the underlay), in rounds
+that visit every path once per repetition (rounds()). Each measurement runs in a fresh process
+(perf/measure.py). Results go to RESULTS.md, results.json and
 results.png.
 """
 
@@ -56,8 +57,8 @@ class Plan:
     udp_rates: int  # rates one 64-byte search tries
 
 
-# The full run: about 2 minutes per path (3 regimes) on 2 cores, so ~9 paths in 20 and 13 in under
-# 30; the quick one about 4 minutes.
+# The full run: about 2.5 minutes per path (3 regimes, each path started afresh in every round) on
+# 2 cores, so 19 paths in under 50 minutes; the quick one about 5.
 FULL = Plan(3, {"tcp": 4.0, "latency": 1.0, "loaded-latency": 1.0, "udp": 1.0}, 6)
 QUICK = Plan(1, {"tcp": 1.0, "latency": 1.0, "loaded-latency": 1.0, "udp": 1.0}, 3)
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="1 repetition of short measurements (about 4 minutes)")
+                        help="1 repetition of short measurements (about 5 minutes)")
     parser.add_argument("--paths", nargs="+", choices=all_paths(True),
                         help="default: all (flanneld's rows only with a flanneld binary)")
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))

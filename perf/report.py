@@ -245,7 +245,7 @@ def targets_table(results: Results) -> list[str]:
 
 
 def memory_table(results: Results) -> list[str]:
-    lines = ["### daemons' peak RSS over the whole run (VmHWM)", ""]
+    lines = ["### daemons' peak RSS over the whole run (VmHWM, the largest of every round's)", ""]
     lines += _header(["path", "etcd API", "sender, MiB", "receiver, MiB"])
     for path in results.paths:
         if path in results.peaks:
@@ -436,7 +436,8 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         "lossy rate tried twice); `< x` when every rate lost packets, x the lowest tried. "
         f"The receiving iperf3's socket buffer: {meta['udp_socket_buffer_bytes'] // 1024} KiB "
         "(iperf3 -w, capped by net.core.rmem_max).",
-        "- peak RSS: each daemon's VmHWM, read before it is stopped.",
+        "- peak RSS: each daemon's VmHWM, read before it is stopped; a row's daemons start "
+        "afresh in every round, and the table gives the largest of their starts.",
         f"- order: each regime in turn, and in it {meta['reps']} round(s), each of which "
         "runs every path's workloads once, in the path order above and back again. Ratios "
         f"(`/ vxlan`, and the targets' `x`) are each path's sample over the `{BASELINE}` "
