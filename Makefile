@@ -61,7 +61,8 @@ LEASES ?= 10000
 leases: install
 	$(PY) -m perf.leases --leases $(LEASES) --api $(API)
 
-# Where one TCP stream spends the machine over pyflannel and over kernel VXLAN (perf/PROFILE.md).
+# Where one TCP stream and four spend the machine over pyflannel and over kernel VXLAN
+# (perf/PROFILE.md).
 profile: install
 	$(PY) -m perf.profile
 

@@ -1,10 +1,12 @@
-"""`make profile`: where one TCP stream spends the machine over pyflannel, beside kernel VXLAN.
+"""`make profile`: where one TCP stream, and four, spend the machine over pyflannel, beside kernel
+VXLAN.
 
-Builds the benchmark's testbed, runs one iperf3 TCP stream over each path while linux-perf samples
-every CPU (`perf record -a -g -e cpu-clock`), and writes perf/PROFILE.md: the share of the
-machine each thread took (pyflannel's packet threads are named pyflannel-tx and pyflannel-rx) and
-what it went on: payload copies between the kernel and user space, the fast path's own code, the
-rest of the kernel (the network stacks, TUN, scheduling) and the rest of user space.
+Builds the benchmark's testbed, runs iperf3 TCP over each path while linux-perf samples every CPU
+(`perf record -a -g -e cpu-clock`), and writes perf/PROFILE.md: the share of the machine each
+thread took (pyflannel's packet threads are named pyflannel-tx and pyflannel-rx) and what it went
+on: payload copies between the kernel and user space, the fast path's own code, the rest of the
+kernel (the network stacks, TUN, scheduling) and the rest of user space; then the kernel's work
+by stage (STAGES) side by side, where the two paths differ.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ COPY_SYMBOLS = re.compile(
     r"_copy_(to|from)_iter|copy_user|rep_movs|memmove|memcpy|csum_partial_copy")
 # A perf report line: "  12.49%  pyflannel-tx  [k] _copy_to_iter"
 REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[([k.])\]\s+(\S+)")
+# The kernel's work where the two paths differ, each the share of samples whose call stack passes
+# through it (inclusive: a stage inside another counts in both). pyflannel's data path is its tc
+# programs, a bpf_redirect to the underlay and the receive-only VXLAN device's vxlan_rcv.
+STAGES = {
+    "pyflannel's tc programs": re.compile(r"^bpf_prog_\w+_(tun_egress|udp_ingress|vxlan_ingress)$"),
+    "bpf_redirect to the underlay (skb_do_redirect)": re.compile(r"^skb_do_redirect$"),
+    "kernel VXLAN send (vxlan_xmit)": re.compile(r"^vxlan_xmit$"),
+    "kernel VXLAN receive (vxlan_rcv)": re.compile(r"^vxlan_rcv$"),
+    "GSO header checks of a device's transmit (__skb_gso_segment)":
+        re.compile(r"^__skb_gso_segment$"),
+    "netfilter rules (nft_do_chain)": re.compile(r"^nft_do_chain$"),
+    "IP forwarding (ip_forward)": re.compile(r"^ip_forward$"),
+    "bridge (br_handle_frame)": re.compile(r"^br_handle_frame$"),
+    "payload copies": COPY_SYMBOLS,
+}
 
 
 def category(symbol: str, kernel: bool) -> str:
@@ -51,13 +68,33 @@ def thread_kind(comm: str) -> str:
     return "other"
 
 
-def profile(endpoints_netns: str, server_ip: str, seconds: int) -> tuple[float, dict]:
-    """One TCP stream for `seconds` with perf sampling the middle of it: (Mbit/s, shares)."""
+def stage_shares(script: str) -> dict[str, float]:
+    """Each of STAGES' share (%) of the samples in `perf script` output (call stacks, one frame
+    a line, a blank line after each sample)."""
+    counts = dict.fromkeys(STAGES, 0)
+    samples = 0
+    for sample in script.split("\n\n"):
+        if not sample.strip():
+            continue
+        samples += 1
+        frames = [line.split()[1].split("+")[0] for line in sample.strip().splitlines()[1:]
+                  if len(line.split()) > 1]
+        for stage, pattern in STAGES.items():
+            if any(pattern.search(frame) for frame in frames):
+                counts[stage] += 1
+    return {stage: 100 * count / max(samples, 1) for stage, count in counts.items()}
+
+
+def profile(endpoints_netns: str, server_ip: str, seconds: int, streams: int
+            ) -> tuple[float, dict, dict[str, float]]:
+    """`streams` TCP streams for `seconds` with perf sampling the middle of it: (Mbit/s,
+    shares, stage shares)."""
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "perf.data")
         flow = subprocess.Popen(
             ["ip", "netns", "exec", endpoints_netns, "iperf3", "-c", server_ip, "-p",
-             str(IPERF_PORT), "-t", str(seconds + 2 * WARMUP_SECONDS), "-J"],
+             str(IPERF_PORT), "-t", str(seconds + 2 * WARMUP_SECONDS), "-P", str(streams),
+             "-J"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         subprocess.run(["sleep", str(WARMUP_SECONDS)], check=True)
         subprocess.run(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-o", data, "--",
@@ -66,6 +103,8 @@ def profile(endpoints_netns: str, server_ip: str, seconds: int) -> tuple[float, 
         report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort",
                                  "comm,sym", "-g", "none", "--percent-limit", "0", "--stdio"],
                                 check=True, capture_output=True, text=True).stdout
+        stages = stage_shares(subprocess.run(["perf", "script", "-i", data], check=True,
+                                             capture_output=True, text=True).stdout)
     mbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
     shares: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(CATEGORIES, 0.0))
     for line in report.splitlines():
@@ -75,30 +114,56 @@ def profile(endpoints_netns: str, server_ip: str, seconds: int) -> tuple[float, 
             kind = thread_kind(comm)
             shares[kind][category(symbol, space == "k") if kind != "idle" else
                          "kernel, other"] += float(percent)
-    return mbps, shares
+    return mbps, shares, stages
 
 
-def write(results: dict[str, tuple[float, dict]], seconds: int, out: str) -> str:
+def stage_table(results: dict[str, tuple[float, dict, dict[str, float]]]) -> list[str]:
+    """STAGES side by side: % of a core, and that per 10 Gbit/s carried."""
+    lines = ["### the kernel's work by stage", "",
+             "Each cell: the share of samples whose call stack passes through the stage, as % "
+             "of one core, and in brackets that per 10 Gbit/s carried (stages inside others "
+             "count in both).", "",
+             "| stage | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for stage in STAGES:
+        cells = [f"{2 * stages[stage]:.1f} % ({2 * stages[stage] * 1e4 / mbps:.2f})"
+                 for mbps, _, stages in results.values()]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def flows(streams: int) -> str:
+    return "one TCP stream" if streams == 1 else f"{streams} TCP streams"
+
+
+def write(results: dict[int, dict[str, tuple[float, dict, dict[str, float]]]], seconds: int,
+          out: str) -> str:
+    """PROFILE.md: for each stream count, each path's threads, then the stages side by side."""
     m = machine()
-    lines = ["# Where one TCP stream spends the machine: pyflannel beside kernel VXLAN", "",
-             f"- command: `make profile` (`python -m perf.profile --seconds {seconds}`)",
+    counts = " ".join(map(str, results))
+    lines = ["# Where TCP spends the machine: pyflannel beside kernel VXLAN", "",
+             f"- command: `make profile` (`python -m perf.profile --seconds {seconds} "
+             f"--streams {counts}`)",
              f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
              f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}",
-             "- `perf record -a -g -e cpu-clock` over both cores while one iperf3 TCP stream runs "
-             "container to container on `make perf`'s testbed (unshaped); each cell is a share "
-             "of all samples of both cores (200 % would be both cores for the whole time).", ""]
-    for path, (mbps, shares) in results.items():
-        lines += [f"## {path}: {mbps / 1000:.1f} Gbit/s", "",
-                  "| thread | all | " + " | ".join(CATEGORIES) + " |",
-                  "|---|---|" + "---|" * len(CATEGORIES)]
-        for kind in sorted(shares, key=lambda k: -sum(shares[k].values())):
-            row = shares[kind]
-            total = sum(row.values())
-            if total < 0.5:
-                continue
-            cells = [f"{2 * row[c]:.1f} %" for c in CATEGORIES]
-            lines.append(f"| {kind} | {2 * total:.1f} % | " + " | ".join(cells) + " |")
-        lines.append("")
+             "- `perf record -a -g -e cpu-clock` over both cores while iperf3 runs container to "
+             "container on `make perf`'s testbed (unshaped), each path in turn; each cell is a "
+             "share of all samples of both cores (200 % would be both cores for the whole "
+             "time).", ""]
+    for streams, paths in results.items():
+        lines += [f"## {flows(streams)}", ""]
+        for path, (mbps, shares, _) in paths.items():
+            lines += [f"### {path}: {mbps / 1000:.1f} Gbit/s", "",
+                      "| thread | all | " + " | ".join(CATEGORIES) + " |",
+                      "|---|---|" + "---|" * len(CATEGORIES)]
+            for kind in sorted(shares, key=lambda k: -sum(shares[k].values())):
+                row = shares[kind]
+                total = sum(row.values())
+                if total < 0.5:
+                    continue
+                cells = [f"{2 * row[c]:.1f} %" for c in CATEGORIES]
+                lines.append(f"| {kind} | {2 * total:.1f} % | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += stage_table(paths)
     text = "\n".join(lines)
     with open(out, "w") as f:
         f.write(text)
@@ -108,16 +173,22 @@ def write(results: dict[str, tuple[float, dict]], seconds: int, out: str) -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="length of each recording")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4],
+                        help="parallel TCP streams: one recording of each path per count")
     parser.add_argument("--out", default=os.path.join(REPO, "perf", "PROFILE.md"))
     args = parser.parse_args(argv)
     bed = PerfBed()
     servers = Servers([bed.sides[1].host.container_netns or ""])
-    results = {}
+    results: dict[int, dict[str, tuple[float, dict, dict[str, float]]]] = {}
     try:
-        for path in PATHS:
-            endpoints = bed.use(path, "unshaped")
-            results[path] = profile(endpoints.client_netns, endpoints.server_ip, args.seconds)
-            print(f"{path}: {results[path][0]:.0f} Mbit/s", flush=True)
+        for streams in args.streams:
+            results[streams] = {}
+            for path in PATHS:
+                endpoints = bed.use(path, "unshaped")
+                result = profile(endpoints.client_netns, endpoints.server_ip, args.seconds,
+                                 streams)
+                results[streams][path] = result
+                print(f"{flows(streams)}, {path}: {result[0]:.0f} Mbit/s", flush=True)
     finally:
         servers.close()
         bed.close()
