@@ -5,8 +5,7 @@ run on a namespace testbed, with pyflannel in the udp row, one row per pyflannel
 Every path runs every workload in three regimes (perf/underlay.py): the underlay shaped to
 100 Mbit/s (the paper's NIC), unshaped, and `wire` (1500-byte frames on the underlay), in rounds
 that visit every path once per repetition (rounds()). Each measurement runs in a fresh process
-(perf/measure.py). Results go to RESULTS.md, results.json and
-results.png.
+(perf/measure.py). Results go to RESULTS.md, results.json and results.png.
 """
 
 from __future__ import annotations

@@ -49,9 +49,7 @@ class Results:
         self.shaped = [r for r in self.regimes if meta["regimes"][r]["rate"]]
 
     def values(self, regime: str, path: str, workload: str, metric: Metric) -> list[float]:
-        found = (metric(s) for s in self.samples if "error" not in s and
-                 (s["regime"], s["path"], s["workload"]) == (regime, path, workload))
-        return [value for value in found if value is not None]
+        return list(self._by_round(regime, path, workload, metric).values())
 
     def median(self, regime: str, path: str, workload: str, metric: Metric) -> float | None:
         values = self.values(regime, path, workload, metric)
@@ -67,6 +65,7 @@ class Results:
 
     def _by_round(self, regime: str, path: str, workload: str, metric: Metric
                   ) -> dict[int, float]:
+        """The metric of each round's sample (by repetition) that has it."""
         found = {s["rep"]: metric(s) for s in self.samples if "error" not in s and
                  (s["regime"], s["path"], s["workload"]) == (regime, path, workload)}
         return {rep: value for rep, value in found.items() if value is not None}
