@@ -32,6 +32,9 @@ UDP_UNLIMITED_BPS = 2_000_000_000
 # container's socket whenever its iperf3 waited for a core, at rates the same path carried whole
 # the trial before: the search measured the scheduler, not the path.
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+# A latency trial in which not one request was answered: the path carried nothing for the whole
+# trial (qperf then reports a latency of 0).
+NO_ROUND_TRIP = "latency 0: no request was answered during the trial"
 # The bulk flow under which loaded-latency runs qperf has this long to fill the queues first.
 LOAD_WARMUP_SECONDS = 1.0
 
@@ -101,6 +104,8 @@ def latency(server: str, duration: float) -> dict[str, Any]:
     if out.returncode != 0 or found is None:
         raise RuntimeError(f"qperf: {out.stdout}{out.stderr}")
     scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}[found.group(2)]
+    if float(found.group(1)) == 0:  # what qperf reports when not one request was answered
+        raise RuntimeError(f"qperf: {NO_ROUND_TRIP}")
     return {"one_way_us": float(found.group(1)) * scale}
 
 

@@ -49,7 +49,7 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
                 assert len(sample["daemon_cpu_percent"]) == 2
                 assert all(percent >= 0 for percent in sample["daemon_cpu_percent"])
         elif sample["workload"].endswith("latency"):
-            assert sample["one_way_us"] > 0
+            assert sample["one_way_us"] > 0, sample
         else:
             assert sample["workload"] == "udp64"
             assert 1 <= len(sample["trials"]) <= 3 and sample["zero_loss_pps"] >= 0
