@@ -103,10 +103,10 @@ def latency(server: str, duration: float) -> dict[str, Any]:
     found = re.search(r"latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)", out.stdout)
     if out.returncode != 0 or found is None:
         raise RuntimeError(f"qperf: {out.stdout}{out.stderr}")
-    scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}[found.group(2)]
-    if float(found.group(1)) == 0:  # what qperf reports when not one request was answered
+    value = float(found.group(1))
+    if value == 0:  # what qperf reports when not one request was answered
         raise RuntimeError(f"qperf: {NO_ROUND_TRIP}")
-    return {"one_way_us": float(found.group(1)) * scale}
+    return {"one_way_us": value * {"ns": 1e-3, "us": 1.0, "ms": 1e3, "sec": 1e6}[found.group(2)]}
 
 
 def loaded_latency(server: str, port: int, duration: float) -> dict[str, Any]:

@@ -34,6 +34,8 @@ COPY_SYMBOLS = re.compile(
     r"_copy_(to|from)_iter|copy_user|rep_movs|memmove|memcpy|csum_partial_copy")
 # A perf report line: "  12.49%  pyflannel-tx  [k] _copy_to_iter"
 REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[([k.])\]\s+(\S+)")
+# One recording of a path: Mbit/s, each thread kind's shares by CATEGORIES, STAGES' shares.
+Recording = tuple[float, dict, dict[str, float]]
 # The kernel's work where the two paths differ, each the share of samples whose call stack passes
 # through it (inclusive: a stage inside another counts in both). pyflannel's data path is its tc
 # programs, a bpf_redirect to the underlay and the receive-only VXLAN device's vxlan_rcv.
@@ -77,16 +79,15 @@ def stage_shares(script: str) -> dict[str, float]:
         if not sample.strip():
             continue
         samples += 1
-        frames = [line.split()[1].split("+")[0] for line in sample.strip().splitlines()[1:]
-                  if len(line.split()) > 1]
+        lines = sample.strip().splitlines()[1:]  # after the sample's header line
+        frames = [words[1].split("+")[0] for words in map(str.split, lines) if len(words) > 1]
         for stage, pattern in STAGES.items():
             if any(pattern.search(frame) for frame in frames):
                 counts[stage] += 1
     return {stage: 100 * count / max(samples, 1) for stage, count in counts.items()}
 
 
-def profile(endpoints_netns: str, server_ip: str, seconds: int, streams: int
-            ) -> tuple[float, dict, dict[str, float]]:
+def profile(endpoints_netns: str, server_ip: str, seconds: int, streams: int) -> Recording:
     """`streams` TCP streams for `seconds` with perf sampling the middle of it: (Mbit/s,
     shares, stage shares)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +118,7 @@ def profile(endpoints_netns: str, server_ip: str, seconds: int, streams: int
     return mbps, shares, stages
 
 
-def stage_table(results: dict[str, tuple[float, dict, dict[str, float]]]) -> list[str]:
+def stage_table(results: dict[str, Recording]) -> list[str]:
     """STAGES side by side: % of a core, and that per 10 Gbit/s carried."""
     lines = ["### the kernel's work by stage", "",
              "Each cell: the share of samples whose call stack passes through the stage, as % "
@@ -135,8 +136,7 @@ def flows(streams: int) -> str:
     return "one TCP stream" if streams == 1 else f"{streams} TCP streams"
 
 
-def write(results: dict[int, dict[str, tuple[float, dict, dict[str, float]]]], seconds: int,
-          out: str) -> str:
+def write(results: dict[int, dict[str, Recording]], seconds: int, out: str) -> str:
     """PROFILE.md: for each stream count, each path's threads, then the stages side by side."""
     m = machine()
     counts = " ".join(map(str, results))
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bed = PerfBed()
     servers = Servers([bed.sides[1].host.container_netns or ""])
-    results: dict[int, dict[str, tuple[float, dict, dict[str, float]]]] = {}
+    results: dict[int, dict[str, Recording]] = {}
     try:
         for streams in args.streams:
             results[streams] = {}
