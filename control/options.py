@@ -67,6 +67,7 @@ class Options(NamedTuple):
     fastpath_verify_source: bool
     fastpath_whole_superpackets: bool
     fastpath_vxlan_receive: bool
+    fastpath_next_hop_cache: bool
     v: int
 
     @property
@@ -77,7 +78,8 @@ class Options(NamedTuple):
                 "nice": self.fastpath_nice, "kernel": self.fastpath_kernel,
                 "verify_source": self.fastpath_verify_source,
                 "whole_superpackets": self.fastpath_whole_superpackets,
-                "vxlan_receiver": RX_VXLAN_DEVICE if self.fastpath_vxlan_receive else ""}
+                "vxlan_receiver": RX_VXLAN_DEVICE if self.fastpath_vxlan_receive else "",
+                "next_hop_cache": self.fastpath_next_hop_cache}
 
 
 def _endpoints(text: str) -> list[Endpoint]:
@@ -208,6 +210,9 @@ FLAGS = [
          f"VXLAN receive take peers' whole super-packets in, through a local receive-only "
          f"device {RX_VXLAN_DEVICE} (UDP port {RX_VXLAN_PORT} on the PublicIP, which takes "
          "nothing from elsewhere), not the loops; the wire is unchanged (pyflannel)",
+         _go_bool, True, boolean=True),
+    Flag("fastpath-next-hop-cache", "with the kernel path, send to each peer by the route and "
+         "neighbour looked up ten times a second, not for every packet (pyflannel)",
          _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]

@@ -108,11 +108,13 @@ class UdpBackend:
                      "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
-                 "super-packets %s, VXLAN receive %s", fp.tun_name, mtu, ext.address,
+                 "super-packets %s, VXLAN receive %s, next-hop cache %s", fp.tun_name, mtu,
+                 ext.address,
                  config.port, fp.batch, "on" if fp.offload else "off",
                  "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
                  fp.kernel, "on" if fp.verify_source else "off",
-                 "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off")
+                 "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",
+                 "on" if fp.next_hop_cache and fp.kernel == "on" else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:

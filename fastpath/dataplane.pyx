@@ -69,7 +69,9 @@ cdef class FastPath:
     the peers that said hello (greet(); see udp_tc.bpf.c). With vxlan_receiver, the name of the
     receive-only vxlan device (udp_tc.RX_VXLAN_DEVICE, made down by the caller, who puts it up
     when through_vxlan says it is used, and deletes it when not: vxlan_missing says why), the
-    peers' whole super-packets go through the kernel's VXLAN receive, not the loops. `handed`
+    peers' whole super-packets go through the kernel's VXLAN receive, not the loops. With
+    next_hop_cache (the default) the kernel path sends by a next hop it looks up ten times a
+    second, not for every packet (udp_tc.bpf.c's struct next_hop). `handed`
     holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
     they fit this run's settings.
     """
@@ -91,6 +93,7 @@ cdef class FastPath:
     cdef readonly str kernel_missing
     cdef readonly bint whole_superpackets
     cdef readonly str vxlan_receiver
+    cdef readonly bint next_hop_cache
     cdef readonly str underlay
     cdef object udp_tc
     cdef str tun_pattern
@@ -109,7 +112,7 @@ cdef class FastPath:
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
                   bint verify_source=True, bint whole_superpackets=False,
-                  str vxlan_receiver="", dict handed=None):
+                  str vxlan_receiver="", bint next_hop_cache=True, dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -139,6 +142,7 @@ cdef class FastPath:
         self.kernel_missing = ""
         self.whole_superpackets = whole_superpackets
         self.vxlan_receiver = vxlan_receiver
+        self.next_hop_cache = next_hop_cache
         self.udp_tc = None
         self.tun_pattern = tun
         self.tun_fd = -1
@@ -293,7 +297,7 @@ cdef class FastPath:
                            socket.if_nametoindex(self.tun_name), self.underlay,
                            egress=self.kernel == "on", verify_source=self.verify_source,
                            send_whole=self.whole_superpackets, loops_take_whole=self.offload,
-                           receiver=self.vxlan_receiver)
+                           receiver=self.vxlan_receiver, next_hop_cache=self.next_hop_cache)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin

@@ -53,7 +53,7 @@ ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's nam
 ETHTOOL_GTSO = 0x1E  # struct ethtool_value: cmd, then whether TCP segmentation offload is on
 
 # udp_tc.bpf.c's config flags.
-SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN = 1, 2, 4
+SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN, NEXT_HOP_CACHE = 1, 2, 4, 8
 # The receive-only vxlan device through which the kernel's own VXLAN receive takes the headers
 # off a peer's whole super-packet (udp_tc.bpf.c's RX_VXLAN_*). The control plane makes it.
 RX_VXLAN_DEVICE = "pyflannel-rx"
@@ -213,7 +213,8 @@ def segments_tcp(ifname: str) -> bool:
 
 def _load(lib: ctypes.CDLL, routes: int) -> int:
     """Open the object and load its programs (the verifier checks them here) with a route map
-    of `routes` entries; returns the bpf_object, which the caller closes."""
+    of `routes` entries, and a next-hop cache as long; returns the bpf_object, which the caller
+    closes."""
     path = os.path.join(os.path.dirname(__file__), OBJECT_NAME)
     if not os.path.isfile(path):
         raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
@@ -221,8 +222,9 @@ def _load(lib: ctypes.CDLL, routes: int) -> int:
     if not obj:
         raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
     try:
-        _check(lib.bpf_map__set_max_entries(lib.bpf_object__find_map_by_name(obj, b"routes"),
-                                            routes), "sizing the route map")
+        for name in (b"routes", b"next_hops"):
+            _check(lib.bpf_map__set_max_entries(lib.bpf_object__find_map_by_name(obj, name),
+                                                routes), f"sizing the map {name.decode()}")
         _check(lib.bpf_object__load(obj), "loading the tc programs (needs root and Linux 5.10+)")
     except UdpTcUnavailable:
         lib.bpf_object__close(obj)
@@ -263,7 +265,9 @@ class UdpTc:
     the caller) on a veth underlay where peers' whole super-packets arrive, those go through it
     (udp_tc.bpf.c): vxlan_ingress is attached to its ingress as a classic tc filter, which stays
     when this process is gone, so the device's port never takes anything but what udp_ingress
-    hands it. through_vxlan says whether they do; why not, in vxlan_missing.
+    hands it. through_vxlan says whether they do; why not, in vxlan_missing. With
+    next_hop_cache, tun_egress sends by a next hop it looks up ten times a second, not for every
+    packet (udp_tc.bpf.c's struct next_hop).
 
     set_route/del_route take the same subnets as the fast path's table and may be called while
     packets flow; each is one map write.
@@ -273,7 +277,7 @@ class UdpTc:
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
                  underlay: str, egress: bool, verify_source: bool = True,
                  send_whole: bool = False, loops_take_whole: bool = False,
-                 receiver: str = "") -> None:
+                 receiver: str = "", next_hop_cache: bool = True) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -286,6 +290,7 @@ class UdpTc:
         self.tun_ifindex = tun_ifindex
         self._send_whole = send_whole and egress and self.underlay_is_veth
         self._loops_take_whole = loops_take_whole
+        self._next_hop_cache = next_hop_cache
         self.receiver_ifindex = 0
         self.vxlan_missing = _vxlan_missing(receiver, loops_take_whole, self.underlay_is_veth)
         if receiver and not self.vxlan_missing:
@@ -318,7 +323,8 @@ class UdpTc:
         self.sends_whole = self._send_whole and segments_tcp(self.underlay)
         flags = (SEND_WHOLE if self.sends_whole else 0) | (
             LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
-            THROUGH_VXLAN if self.through_vxlan else 0)
+            THROUGH_VXLAN if self.through_vxlan else 0) | (
+            NEXT_HOP_CACHE if self._next_hop_cache else 0)
         return struct.pack("=IIIIIHHIIII", *self._config_fields, flags, *self._config_tail)
 
     def refresh(self) -> None:

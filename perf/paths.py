@@ -43,6 +43,8 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     "pyflannel-no-vxlan-receive": ["--fastpath-vxlan-receive=false"],
     # Source verification (on by default): what it costs.
     "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
+    # The kernel path's next hop looked up ten times a second (on by default): for every packet.
+    "pyflannel-no-next-hop-cache": ["--fastpath-next-hop-cache=false"],
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.
     "pyflannel-batch1": ["--fastpath-kernel", "off", "--fastpath-batch", "1",
                          "--fastpath-offload=false"],

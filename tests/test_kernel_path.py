@@ -39,7 +39,7 @@ from tests.test_dataplane import (
     start_node,
 )
 from tests.test_packet import reference_checksum
-from tests.testbed import Testbed, inside, tcp_transfer
+from tests.testbed import Testbed, inside, sh, tcp_transfer
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +255,83 @@ def test_a_route_removed_and_set_again_takes_effect_in_the_kernel(
     result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
                                  check=False)
     assert "1 received" in result.stdout, result.stdout
+
+
+def next_hops(node: Node) -> dict[str, str]:
+    """tun_egress's next-hop cache (udp_tc.bpf.c's next_hops) as bpftool reads it: peer
+    PublicIP -> the destination MAC found for it, over the entries of every CPU that hold one."""
+    egress = link_fdinfo(node.fastpath.kept()["kernel-egress"])["prog_id"]
+    program = json.loads(sh("bpftool", "-j", "prog", "show", "id", egress).stdout)
+    for map_id in program["map_ids"]:
+        if json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)[
+                "name"] == "next_hops":
+            dump = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
+            break
+    else:
+        raise AssertionError(f"tun_egress (program {egress}) has no map next_hops")
+    found = {}
+    for entry in dump:
+        for per_cpu in entry["formatted"]["values"]:
+            hop = per_cpu["value"]
+            if hop["resolved"]:
+                found[str(ipaddress.IPv4Address(struct.pack("=I", hop["peer"])))] = ":".join(
+                    f"{byte:02x}" for byte in hop["eth"]["h_dest"])
+    return found
+
+
+def mac(node: Node, ifname: str = "eth0") -> str:
+    return json.loads(node.host.run("ip", "-j", "link", "show", ifname).stdout)[0]["address"]
+
+
+def test_the_next_hop_is_cached_and_a_neighbour_s_new_mac_is_followed(
+        trio: tuple[Node, Node, Node, Node]) -> None:
+    a, b, _, _ = trio
+    assert a.fastpath.next_hop_cache
+    # The first packets find no neighbour yet (bpf_redirect_neigh resolves it); a look 100 ms
+    # later finds it.
+    wait_for(lambda: udp_burst(a, b, count=5) and b.host.underlay_ip in next_hops(a), 5,
+             "a's next hop to b to be cached")
+    assert next_hops(a)[b.host.underlay_ip] == mac(b)
+    old, new = mac(b), "02:00:5e:10:00:01"
+    tap = capture(b.host.netns, "eth0")
+    try:
+        b.host.run("ip", "link", "set", "eth0", "address", new)
+        # What ARP would learn: the next packets must carry it, not the cached MAC, else b's
+        # interface sees them as another host's (PACKET_OTHERHOST).
+        a.host.run("ip", "neigh", "replace", b.host.underlay_ip, "lladdr", new, "dev", "eth0",
+                   "nud", "reachable")
+        wait_for(lambda: udp_burst(a, b, count=5) and next_hops(a)[b.host.underlay_ip] == new,
+                 5, "a's cached next hop to follow b's new MAC")
+        marker = b"new-mac-" + str(time.monotonic_ns()).encode()
+        with inside(a.host.container_netns):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sender:
+            sender.sendto(marker, (b.host.container_ip, 9))
+        find(tap, marker, socket.PACKET_HOST, time.monotonic() + 5)
+    finally:
+        tap.close()
+        b.host.run("ip", "link", "set", "eth0", "address", old)
+        a.host.run("ip", "neigh", "replace", b.host.underlay_ip, "lladdr", old, "dev", "eth0",
+                   "nud", "reachable")
+
+
+def test_without_the_next_hop_cache_every_packet_finds_its_own(testbed: Testbed) -> None:
+    a = start_node(testbed, "10.244.5.0/24", kernel="on", underlay="eth0",
+                   next_hop_cache=False)
+    b = start_node(testbed, "10.244.6.0/24", kernel="on", underlay="eth0")
+    link(a, b)
+    try:
+        before = kernel(a)["tx_packets"]
+        assert len(udp_burst(a, b, count=50)) == 50
+        assert kernel(a)["tx_packets"] - before >= 50
+        assert next_hops(a) == {}
+        assert next_hops(b) == {}  # b has not sent a packet
+        wait_for(lambda: udp_burst(b, a, count=5) and next_hops(b), 5,
+                 "b's next hop to a to be cached")
+        assert next_hops(b) == {a.host.underlay_ip: mac(a)}
+    finally:
+        for node in (a, b):
+            node.fastpath.stop()
 
 
 def test_a_killed_daemon_leaves_nothing_attached_and_stop_leaves_nothing(
