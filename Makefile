@@ -41,7 +41,7 @@ BACKEND ?= udp
 demo: install
 	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND)
 
-# The paper's Table 1 side by side, in three regimes (under 50 minutes); QUICK=1 for one short
+# The paper's Table 1 side by side, in three regimes (about 50 minutes); QUICK=1 for one short
 # pass (about 5). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference
 # build beside the repository, when there is one; FLANNELD= leaves them out).
 QUICK ?=

@@ -58,7 +58,7 @@ class Plan:
 
 
 # The full run: about 2.5 minutes per path (3 regimes, each path started afresh in every round) on
-# 2 cores, so 19 paths in under 50 minutes; the quick one about 5.
+# 2 cores, so 20 paths in about 50 minutes; the quick one about 5.
 FULL = Plan(3, {"tcp": 4.0, "latency": 1.0, "loaded-latency": 1.0, "udp": 1.0}, 6)
 QUICK = Plan(1, {"tcp": 1.0, "latency": 1.0, "loaded-latency": 1.0, "udp": 1.0}, 3)
 
