@@ -167,7 +167,7 @@ struct next_hop {
 	__u8 resolved;     /* the FIB gave a neighbour on the underlay: eth holds it */
 	__u8 said_hello;   /* said_hello(peer), as of checked */
 	struct ethhdr eth; /* destination, source, ETH_P_IP */
-} __attribute__((packed));
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
