@@ -253,8 +253,9 @@ def probe() -> tuple[str, bool]:
 
 
 def _int(address: ipaddress.IPv4Address | str) -> int:
-    """An IPv4 address as the u32 that holds its network-order bytes in host memory."""
-    return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")
+    """An IPv4 address as the u32 that holds its network-order bytes in host memory (on either
+    byte order: the programs compare it with the packet's bytes as they lie)."""
+    return struct.unpack("=I", ipaddress.IPv4Address(address).packed)[0]
 
 
 class UdpTc:
@@ -535,7 +536,7 @@ def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:
 
 def _port(port: int) -> int:
     """A UDP port as the u16 that holds its network-order bytes in host memory."""
-    return int.from_bytes(port.to_bytes(2, "big"), "little")
+    return struct.unpack("=H", port.to_bytes(2, "big"))[0]
 
 
 def _possible_cpus() -> int:
