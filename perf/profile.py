@@ -38,7 +38,10 @@ REPORT_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[([k.])\]\s+(\S+)")
 Recording = tuple[float, dict, dict[str, float]]
 # The kernel's work where the two paths differ, each the share of samples whose call stack passes
 # through it (inclusive: a stage inside another counts in both). pyflannel's data path is its tc
-# programs, a bpf_redirect to the underlay and the receive-only VXLAN device's vxlan_rcv.
+# programs, a bpf_redirect to the underlay and the receive-only VXLAN device's vxlan_rcv. A tail
+# call leaves no frame: a plain bpf_redirect (the next-hop cache) reaches the underlay's transmit
+# that way, which then counts under no stage here, where bpf_redirect_neigh's counts under
+# skb_do_redirect.
 STAGES = {
     "pyflannel's tc programs": re.compile(r"^bpf_prog_\w+_(tun_egress|udp_ingress|vxlan_ingress)$"),
     "bpf_redirect to the underlay (skb_do_redirect)": re.compile(r"^skb_do_redirect$"),

@@ -49,10 +49,6 @@ CONFIGS = {"udp": UDP, "vxlan": VXLAN, "host-gw": HOST_GW, "vxlan-direct": VXLAN
 MTU = {"udp": 1472, "vxlan": 1450, "host-gw": 1500, "vxlan-direct": 1450, "vxlan-42": 1450}
 
 
-def link_json(host: Host, device: str) -> dict:
-    return json.loads(host.ip("-d", "-j", "link", "show", device).stdout)[0]
-
-
 def txqlen(host: Host, device: str) -> int:
     """The device's transmit queue length; iproute2 prints none when it is 0."""
     return int(host.run("cat", f"/sys/class/net/{device}/tx_queue_len").stdout)
@@ -63,7 +59,7 @@ def expected_value(host: Host, backend: str, device: str = "flannel.1", vni: int
         return f'{{"PublicIP":"{host.underlay_ip}","PublicIPv6":null}}'
     if backend == "host-gw":
         return f'{{"PublicIP":"{host.underlay_ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
-    mac = link_json(host, device)["address"]
+    mac = host.link(device)["address"]
     return (f'{{"PublicIP":"{host.underlay_ip}","PublicIPv6":null,"BackendType":"vxlan",'
             f'"BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}')
 
@@ -79,7 +75,7 @@ def route_kept(host: Host, destination: ipaddress.IPv4Network, gateway: str) -> 
     or so (`ip route` would miss a gap of a few milliseconds)."""
     with inside(host.netns):  # the socket stays in the host's namespace
         rtnl = RtNetlink()
-    eth0 = link_json(host, "eth0")["ifindex"]
+    eth0 = host.link("eth0")["ifindex"]
     wanted = (destination, ipaddress.IPv4Address(gateway))
     done = threading.Event()
     polls, missing = 0, 0
@@ -140,7 +136,7 @@ def test_two_hosts_carry_traffic_with_flanneld_s_leases_devices_and_routes(
                 str(peer_subnet), "via", peer.host.underlay_ip, "dev", "eth0"]
             assert host.ip("link", "show", "flannel.1", check=False).returncode != 0
             continue
-        device = link_json(host, "flannel.1")
+        device = host.link("flannel.1")
         info = device["linkinfo"]["info_data"]
         assert (device["mtu"], info["id"], info["local"], info["link"], info["port"],
                 info["learning"]) == (1450, 1, host.underlay_ip, "eth0", 8472, False)
@@ -149,7 +145,7 @@ def test_two_hosts_carry_traffic_with_flanneld_s_leases_devices_and_routes(
         own = daemon.wait_subnet()
         assert host.ip("-4", "-o", "addr", "show", "flannel.1").stdout.split()[3] == (
             f"{own.network_address}/32")
-        peer_mac = link_json(peer.host, "flannel.1")["address"]
+        peer_mac = peer.host.link("flannel.1")["address"]
         gateway = str(peer_subnet.network_address)
         assert routed(host, peer_subnet).split() == [
             str(peer_subnet), "via", gateway, "dev", "flannel.1", "onlink"]
@@ -183,7 +179,7 @@ def test_a_vxlan_restart_keeps_subnet_device_and_mac_and_drops_what_left_meanwhi
         cluster: Cluster) -> None:
     (a, a_subnet), (b, b_subnet) = start_hosts(cluster, "vxlan", 2)
     wait_for(lambda: reaches(a.host, b.host), 5, "b reached")
-    mac, index = (link_json(a.host, "flannel.1")[key] for key in ("address", "ifindex"))
+    mac, index = (a.host.link("flannel.1")[key] for key in ("address", "ifindex"))
     a.stop()
     gone = cluster.daemon()  # a host that leaves while a is down
     gone_subnet = gone.wait_subnet()
@@ -194,7 +190,7 @@ def test_a_vxlan_restart_keeps_subnet_device_and_mac_and_drops_what_left_meanwhi
     a.start()
     assert a.wait_subnet() == a_subnet
     a.wait_log("ignoring non-vxlan subnet")
-    assert (link_json(a.host, "flannel.1")["address"], link_json(a.host, "flannel.1")["ifindex"]
+    assert (a.host.link("flannel.1")["address"], a.host.link("flannel.1")["ifindex"]
             ) == (mac, index)
     assert cluster.leases()[key_of(a_subnet, cluster.prefix)] == expected_value(a.host, "vxlan")
     wait_for(lambda: reaches(a.host, b.host) and reaches(b.host, a.host), 5, "both ways again")
@@ -361,14 +357,14 @@ def test_vxlan_vni_port_gbp_and_learning_make_flanneld_s_device_and_carry_traffi
     (a, a_subnet), (b, b_subnet) = start_hosts(cluster, "vxlan-42", 2)
     for daemon, peer, peer_subnet in ((a, b, b_subnet), (b, a, a_subnet)):
         host = daemon.host
-        device = link_json(host, "flannel.42")
+        device = host.link("flannel.42")
         info = device["linkinfo"]["info_data"]
         assert (info["id"], info["port"], info.get("gbp"), info["learning"], info["link"]) == (
             42, 4789, True, True, "eth0")
         assert host.ip("link", "show", "flannel.1", check=False).returncode != 0
         wait_for(lambda h=host, s=peer_subnet: routed(h, s) == (
             f"{s} via {s.network_address} dev flannel.42 onlink"), 2, "the peer routed")
-        peer_mac = link_json(peer.host, "flannel.42")["address"]
+        peer_mac = peer.host.link("flannel.42")["address"]
         assert host.ip("neigh", "show", "dev", "flannel.42").stdout.split() == [
             str(peer_subnet.network_address), "lladdr", peer_mac, "PERMANENT"]
     assert cluster.leases() == {
@@ -391,12 +387,12 @@ def test_a_vxlan_port_out_of_range_is_what_flanneld_makes_of_it(
     daemon.wait_subnet()
     daemon.wait_log(f"Backend.Port {port} is outside 1-65535: flannel.1 uses port {dst_port}, "
                     f"as flanneld's does ({why})")
-    device = link_json(daemon.host, "flannel.1")
+    device = daemon.host.link("flannel.1")
     assert device["linkinfo"]["info_data"]["port"] == dst_port
     daemon.stop()
     daemon.start()
     restarted_subnet(daemon)
-    assert link_json(daemon.host, "flannel.1")["address"] == device["address"]  # kept
+    assert daemon.host.link("flannel.1")["address"] == device["address"]  # kept
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -434,7 +430,7 @@ def test_a_vxlan_port_that_is_taken_is_logged_and_retried(cluster: Cluster) -> N
                         count=2)
         assert not os.path.exists(daemon.subnet_file)
     daemon.wait_subnet()
-    assert link_json(daemon.host, "flannel.1")["linkinfo"]["info_data"]["port"] == 4789
+    assert daemon.host.link("flannel.1")["linkinfo"]["info_data"]["port"] == 4789
 
 
 @dataclass
@@ -490,9 +486,9 @@ def test_beside_flanneld_the_lease_and_subnet_env_are_flanneld_s_but_for_the_hos
                            f'"PublicIP":"{p_host.underlay_ip}"')
     if mixed.backend == "vxlan":
         f_mac = json.loads(f_value)["BackendData"]["VtepMAC"]
-        assert f_mac == link_json(f_host, "flannel.1")["address"]
+        assert f_mac == f_host.link("flannel.1")["address"]
         ours = ours.replace(f'"VtepMAC":"{f_mac}"',
-                            f'"VtepMAC":"{link_json(p_host, "flannel.1")["address"]}"')
+                            f'"VtepMAC":"{p_host.link("flannel.1")["address"]}"')
     assert ours != f_value and p_value == ours
     f_env, p_env = (daemon.subnet_env() for daemon in (mixed.flanneld, mixed.pyflanneld))
     assert f_env.pop("FLANNEL_SUBNET") != p_env.pop("FLANNEL_SUBNET")
@@ -512,7 +508,7 @@ def masked_state(host: Host, backend: str) -> dict[str, object]:
         return {"vxlan devices": listed("ip", "-j", "link", "show", "type", "vxlan"),
                 "routes": masked(listed("ip", "-d", "-j", "route", "show", "dev", "eth0",
                                         "root", NETWORK), "dst", "gateway")}
-    device = link_json(host, "flannel.1")
+    device = host.link("flannel.1")
     device = {**device, "ifindex": "*", "address": "*",
               "linkinfo": {**device["linkinfo"], "info_data": {
                   **device["linkinfo"]["info_data"], "local": "*"}}}
@@ -561,12 +557,12 @@ def test_beside_flanneld_a_host_joining_and_a_lease_removed_show_on_both_within_
 def test_beside_flanneld_a_pyflanneld_restart_keeps_subnet_and_vtep_mac(mixed: Mixed) -> None:
     daemon = mixed.pyflanneld
     subnet, (_, value) = daemon.wait_subnet(), mixed_leases(mixed)
-    mac = link_json(daemon.host, "flannel.1")["address"] if mixed.backend == "vxlan" else None
+    mac = daemon.host.link("flannel.1")["address"] if mixed.backend == "vxlan" else None
     daemon.stop()
     daemon.start()
     assert restarted_subnet(daemon) == subnet
     daemon.wait_log("subnet added")
     assert mixed_leases(mixed)[1] == value
     if mac is not None:
-        assert link_json(daemon.host, "flannel.1")["address"] == mac
+        assert daemon.host.link("flannel.1")["address"] == mac
     assert wait_reachable(mixed.flanneld.host, daemon.host)

@@ -281,10 +281,6 @@ def next_hops(node: Node) -> dict[str, str]:
     return {peer: found for peer, (_, found) in latest.items()}
 
 
-def mac(node: Node, ifname: str = "eth0") -> str:
-    return json.loads(node.host.run("ip", "-j", "link", "show", ifname).stdout)[0]["address"]
-
-
 def test_the_next_hop_is_cached_and_a_neighbour_s_new_mac_is_followed(
         trio: tuple[Node, Node, Node, Node]) -> None:
     a, b, _, _ = trio
@@ -293,8 +289,8 @@ def test_the_next_hop_is_cached_and_a_neighbour_s_new_mac_is_followed(
     # later finds it.
     wait_for(lambda: udp_burst(a, b, count=5) and b.host.underlay_ip in next_hops(a), 5,
              "a's next hop to b to be cached")
-    assert next_hops(a)[b.host.underlay_ip] == mac(b)
-    old, new = mac(b), "02:00:5e:10:00:01"
+    assert next_hops(a)[b.host.underlay_ip] == b.host.link("eth0")["address"]
+    old, new = b.host.link("eth0")["address"], "02:00:5e:10:00:01"
     tap = capture(b.host.netns, "eth0")
     try:
         b.host.run("ip", "link", "set", "eth0", "address", new)
@@ -332,7 +328,7 @@ def test_without_the_next_hop_cache_every_packet_finds_its_own(testbed: Testbed)
         assert next_hops(b) == {}  # b has not sent a packet
         wait_for(lambda: udp_burst(b, a, count=5) and next_hops(b), 5,
                  "b's next hop to a to be cached")
-        assert next_hops(b) == {a.host.underlay_ip: mac(a)}
+        assert next_hops(b) == {a.host.underlay_ip: a.host.link("eth0")["address"]}
     finally:
         for node in (a, b):
             node.fastpath.stop()

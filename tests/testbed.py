@@ -77,6 +77,10 @@ class Host:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "-n", self.netns, *args, check=check)
 
+    def link(self, device: str) -> dict:
+        """`ip -d -j link show` of one device (its address, ifindex, linkinfo...)."""
+        return json.loads(self.ip("-d", "-j", "link", "show", device).stdout)[0]
+
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.netns, *args, check=check)
 
