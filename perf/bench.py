@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from perf.measure import NO_ROUND_TRIP, UDP_SOCKET_BUFFER
+from perf.measure import LATENCY_CPU, NO_ROUND_TRIP, UDP_SOCKET_BUFFER
 from perf.paths import FLANNELD_ROWS, Endpoints, PerfBed, all_paths, describe
 from perf.proc import machine, machine_busy_seconds
 from perf.report import write_report
@@ -64,12 +64,14 @@ QUICK = Plan(1, {"tcp": 1.0, "latency": 1.0, "loaded-latency": 1.0, "udp": 1.0},
 
 
 class Servers:
-    """iperf3 and qperf servers in every namespace a measurement may target; ended by PID."""
+    """iperf3 and qperf servers in every namespace a measurement may target (qperf's on the
+    CPU its client runs on); ended by PID."""
 
     def __init__(self, namespaces: list[str]) -> None:
         self.processes = []
         for netns in namespaces:
-            for command in (["iperf3", "-s", "-p", str(IPERF_PORT)], ["qperf"]):
+            for command in (["iperf3", "-s", "-p", str(IPERF_PORT)],
+                            ["taskset", "-c", str(LATENCY_CPU), "qperf"]):
                 self.processes.append(subprocess.Popen(
                     ["ip", "netns", "exec", netns, *command], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command,
             "date": started.strftime("%Y-%m-%d %H:%M UTC"), **asdict(plan),
             "loss_limit_percent": LOSS_LIMIT_PERCENT,
-            "udp_socket_buffer_bytes": udp_socket_buffer_bytes(), "machine": machine(),
+            "udp_socket_buffer_bytes": udp_socket_buffer_bytes(), "latency_cpu": LATENCY_CPU,
+            "machine": machine(),
             "background_busy_percent": [round(percent, 1) for percent in background],
             "flanneld": flanneld, "paths": {path: describe(path) for path in paths},
             "regimes": {name: asdict(REGIMES[name]) for name in args.regimes},

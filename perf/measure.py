@@ -37,6 +37,13 @@ UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 NO_ROUND_TRIP = "latency 0: no request was answered during the trial"
 # The bulk flow under which loaded-latency runs qperf has this long to fill the queues first.
 LOAD_WARMUP_SECONDS = 1.0
+# The one CPU that qperf's client and server (perf/bench.py's) both run on. Left to the
+# scheduler, a trial measured mostly where the two ends landed, not the path: on this 2-core VM
+# an unloaded request/response costs 11-13 us one way when both ends share a CPU and 31-36 us
+# when each wakes the other's idle CPU, on every path alike (vxlan and pyflannel, 8 trials of
+# each placement), and a run's trials fell on either side at random (medians 15-31 us for one
+# path). Under a bulk flow both CPUs are awake and the placement made no difference.
+LATENCY_CPU = 0
 
 
 def tcp(server: str, port: int, duration: float, streams: int,
@@ -97,8 +104,10 @@ def udp(server: str, port: int, duration: float, rate_pps: float | None) -> dict
 
 
 def latency(server: str, duration: float) -> dict[str, Any]:
-    """One-way UDP latency from qperf's udp_lat (half the request/response round trip)."""
-    out = subprocess.run(["qperf", "-t", str(max(1, round(duration))), server, "udp_lat"],
+    """One-way UDP latency from qperf's udp_lat (half the request/response round trip), the
+    client on LATENCY_CPU."""
+    out = subprocess.run(["taskset", "-c", str(LATENCY_CPU), "qperf",
+                          "-t", str(max(1, round(duration))), server, "udp_lat"],
                          capture_output=True, text=True, timeout=duration + 30)
     found = re.search(r"latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)", out.stdout)
     if out.returncode != 0 or found is None:

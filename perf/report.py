@@ -428,8 +428,10 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         "iowait) during the transfer, per GB received, whatever ran: other load on the "
         "machine counts too. Daemons' CPU: user + system time of both daemons, per GB, and "
         "each one's as % of one core.",
-        "- latency: qperf udp_lat, half the request/response round trip; under load, while "
-        "one bulk iperf3 TCP flow runs between the same containers.",
+        "- latency: qperf udp_lat, half the request/response round trip, its client and server "
+        f"both on CPU {meta['latency_cpu']} (left to the scheduler, where the two ends landed "
+        "weighed more than the path: perf/measure.py's LATENCY_CPU); under load, while one "
+        "bulk iperf3 TCP flow runs between the same containers, wherever the scheduler puts it.",
         f"- 64-byte UDP: iperf3, the highest rate offered with < {meta['loss_limit_percent']} "
         "% lost (RFC 2544's search: one trial as fast as iperf3 sends, then bisection, a "
         "lossy rate tried twice); `< x` when every rate lost packets, x the lowest tried. "

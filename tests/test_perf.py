@@ -31,7 +31,7 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     meta = data["meta"]
     assert {"command", "date", "machine", "reps", "seconds", "udp_rates", "paths",
-            "regimes", "flanneld", "udp_socket_buffer_bytes"} <= set(meta)
+            "regimes", "flanneld", "udp_socket_buffer_bytes", "latency_cpu"} <= set(meta)
     assert meta["udp_socket_buffer_bytes"] > 0
     assert "vulnerabilities" in meta["machine"]
     samples = data["samples"]
