@@ -6,10 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # What pyflanneld and the tests drive: ip, ping, iptables, a real etcd and etcdctl, the CNI plugins,
 # iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`; clang and
-# libbpf's headers build the kernel path's tc programs, libbpf1 loads them; curl and systemd
+# libbpf's headers build the kernel path's tc programs, libbpf1 loads them, bpftool reads their
+# programs, links and maps back in tests/test_kernel_path.py; curl and systemd
 # (systemd-analyze, systemctl) for the README's metrics and systemd blocks (tests/test_readme.py).
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 curl systemd
+	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 bpftool curl systemd
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
