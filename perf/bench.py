@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from perf.measure import LATENCY_CPU, NO_ROUND_TRIP, UDP_SOCKET_BUFFER
+from perf.measure import LATENCY_CPU, NO_ROUND_TRIP, QPERF, UDP_SOCKET_BUFFER
 from perf.paths import FLANNELD_ROWS, Endpoints, PerfBed, all_paths, describe
 from perf.proc import machine, machine_busy_seconds
 from perf.report import write_report
@@ -70,8 +70,7 @@ class Servers:
     def __init__(self, namespaces: list[str]) -> None:
         self.processes = []
         for netns in namespaces:
-            for command in (["iperf3", "-s", "-p", str(IPERF_PORT)],
-                            ["taskset", "-c", str(LATENCY_CPU), "qperf"]):
+            for command in (["iperf3", "-s", "-p", str(IPERF_PORT)], QPERF):
                 self.processes.append(subprocess.Popen(
                     ["ip", "netns", "exec", netns, *command], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL))

@@ -44,6 +44,8 @@ LOAD_WARMUP_SECONDS = 1.0
 # each placement), and a run's trials fell on either side at random (medians 15-31 us for one
 # path). Under a bulk flow both CPUs are awake and the placement made no difference.
 LATENCY_CPU = 0
+# qperf, client or server, on LATENCY_CPU.
+QPERF = ["taskset", "-c", str(LATENCY_CPU), "qperf"]
 
 
 def tcp(server: str, port: int, duration: float, streams: int,
@@ -106,8 +108,7 @@ def udp(server: str, port: int, duration: float, rate_pps: float | None) -> dict
 def latency(server: str, duration: float) -> dict[str, Any]:
     """One-way UDP latency from qperf's udp_lat (half the request/response round trip), the
     client on LATENCY_CPU."""
-    out = subprocess.run(["taskset", "-c", str(LATENCY_CPU), "qperf",
-                          "-t", str(max(1, round(duration))), server, "udp_lat"],
+    out = subprocess.run([*QPERF, "-t", str(max(1, round(duration))), server, "udp_lat"],
                          capture_output=True, text=True, timeout=duration + 30)
     found = re.search(r"latency\s*=\s*([\d.]+)\s*(ns|us|ms|sec)", out.stdout)
     if out.returncode != 0 or found is None:
