@@ -142,6 +142,10 @@ def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
     yield CounterMetricFamily("pyflannel_kernelpath_hellos_total",
                               "peers' hellos noted: they take whole TCP super-packets",
                               value=counters["rx_hellos"])
+    yield CounterMetricFamily("pyflannel_kernelpath_in_order_total",
+                              "received datagrams left to the loops (among those passed) behind "
+                              "their flow's merged ones, which they would overtake",
+                              value=counters["rx_in_order"])
     family = CounterMetricFamily(
         "pyflannel_kernelpath_vxlan_receive_total", "peers' whole super-packets handed to the "
         "receive device, those that arrived on flannel0 through it, and what reached it from "

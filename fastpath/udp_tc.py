@@ -72,6 +72,7 @@ BPF_LINK_TYPE_TCX = 11
 # struct bpf_link_info up to tcx's members: type, id, prog_id, then (the union is 8-aligned)
 # the interface index (0 once the device is gone) and the attach type.
 LINK_INFO = struct.Struct("=III4xII")
+MAP_INFO = struct.Struct("=IIIII")
 # What kept() hands the next run: the links and the maps (the programs live in the links), and
 # the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
@@ -82,7 +83,7 @@ KEPT = (*LINKS, *MAPS, VXLAN_PROGRAM)
 # The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
 COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
                  "tx_superpackets", "rx_superpackets", "rx_hellos", "rx_vxlan_handed",
-                 "rx_vxlan_arrived", "rx_vxlan_foreign")
+                 "rx_vxlan_arrived", "rx_vxlan_foreign", "rx_in_order")
 
 
 class UdpTcUnavailable(Exception):
@@ -404,9 +405,12 @@ class UdpTc:
     def _adopt(self, lib: ctypes.CDLL, handed: dict[str, int]) -> bool:
         kept = {name: handed.pop(name) for name in KEPT if name in handed}
         wanted = {*self._targets, *MAPS, *((VXLAN_PROGRAM,) if self.through_vxlan else ())}
+        # Kept by a build with other counters (an upgrade): that build's programs are not
+        # this one's, so this run loads its own.
         fits = set(kept) == wanted and all(
             _link_target(lib, kept[name]) == (ifindex, LINKS[name][1])
-            for name, ifindex in self._targets.items())
+            for name, ifindex in self._targets.items()) and _map_entries(
+            lib, kept["counters"]) == len(COUNTER_NAMES)
         if not fits:
             for fd in kept.values():
                 os.close(fd)
@@ -532,6 +536,16 @@ def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:
         return None
     kind, _, _, ifindex, attach_type = LINK_INFO.unpack_from(info)
     return (ifindex, attach_type) if kind == BPF_LINK_TYPE_TCX else None
+
+
+def _map_entries(lib: ctypes.CDLL, fd: int) -> int | None:
+    """max_entries of a map (struct bpf_map_info: type, id, key and value size, max_entries);
+    None for another descriptor."""
+    info = ctypes.create_string_buffer(80)
+    size = ctypes.c_uint32(len(info))
+    if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
+        return None
+    return MAP_INFO.unpack_from(info)[4]
 
 
 def _port(port: int) -> int:

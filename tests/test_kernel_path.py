@@ -23,6 +23,7 @@ import pytest
 
 from fastpath import FastPath, udp_tc
 from fastpath.dataplane import KEPT
+from fastpath.device import UDP_SEGMENT
 from fastpath.hello import HELLO_MAGIC, HELLO_PROTOCOL, hello_packet
 from fastpath.udp_tc import FILTER_PRIORITY, RX_VXLAN_DEVICE
 from tests.cluster import wait_for
@@ -34,6 +35,7 @@ from tests.test_dataplane import (
     capture,
     container_udp,
     find,
+    inner_udp,
     link,
     settled_stats,
     start_node,
@@ -157,6 +159,47 @@ def test_small_packets_go_in_the_kernel_and_bulk_tcp_through_the_loops(
         assert after_src["tx"]["bytes"] - before_src["tx"]["bytes"] > moved
         assert after_src["tx"]["tso_superpackets"] > before_src["tx"]["tso_superpackets"]
         assert after_src["kernel"]["tx_passed"] > before_src["kernel"]["tx_passed"]
+
+
+def test_a_flow_that_went_to_the_loops_merged_keeps_its_order(
+        trio: tuple[Node, Node, Node, Node]) -> None:
+    """A datagram that UDP GRO merged from many goes to the loops (one UDP_SEGMENT send from b's
+    host arrives as such); the next one of a flow it carried follows it there for 100 ms
+    (udp_tc.bpf.c's BULK_HOLD_NS) instead of overtaking it on the kernel path, while another
+    flow's takes the kernel path at once."""
+    a, b, _, _ = trio
+    assert a.host.container_netns and a.host.container_ip
+    with inside(a.host.container_netns):
+        held, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    with inside(b.host.netns):
+        merged, single = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 28 + 100)  # one inner packet each
+
+    def packet(receiver: socket.socket, i: int) -> bytes:
+        """The i-th packet for receiver, from b's subnet (as the source check asks)."""
+        return inner_udp("10.244.2.9", a.host.container_ip, receiver.getsockname()[1],
+                         i.to_bytes(4, "big") * 25)
+    with held, other, merged, single:
+        for receiver in (held, other):
+            receiver.bind((a.host.container_ip, 0))
+            receiver.settimeout(5)
+        before = settled_stats(a)[0]["kernel"]
+        merged.sendto(b"".join(packet(held, i) for i in range(3)), (a.host.underlay_ip, PORT))
+        single.sendto(packet(held, 3), (a.host.underlay_ip, PORT))
+        single.sendto(packet(other, 0), (a.host.underlay_ip, PORT))
+        assert [held.recv(1024) for _ in range(4)] == [
+            i.to_bytes(4, "big") * 25 for i in range(4)]
+        assert other.recv(1024) == bytes(100)
+        after = settled_stats(a)[0]["kernel"]
+        moved = {name: after[name] - before[name]
+                 for name in ("rx_passed", "rx_in_order", "rx_packets")}
+        assert moved == {"rx_passed": 2, "rx_in_order": 1, "rx_packets": 1}
+        time.sleep(0.2)  # the hold is over: the flow takes the kernel path again
+        single.sendto(packet(held, 4), (a.host.underlay_ip, PORT))
+        assert held.recv(1024) == (4).to_bytes(4, "big") * 25
+        final = settled_stats(a)[0]["kernel"]
+        assert final["rx_packets"] - after["rx_packets"] == 1
+        assert final["rx_in_order"] == after["rx_in_order"]
 
 
 def test_a_host_without_the_kernel_path_gets_finished_checksums_and_no_super_packets(
@@ -459,6 +502,35 @@ def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them
                 fp.stop()
 
 
+def test_kept_programs_of_a_build_with_other_counters_are_loaded_afresh(
+        testbed: Testbed) -> None:
+    """An upgrade's restart: what the kept descriptors hold is not this build's kernel path
+    (here a counters map of another size), so the next run loads its own and forwards."""
+    a = start_node(testbed, "10.244.15.0/24", kernel="on", underlay="eth0")
+    b = start_node(testbed, "10.244.16.0/24", kernel="on", underlay="eth0")
+    link(a, b)
+    resumed = None
+    try:
+        store = {name: os.dup(fd) for name, fd in a.fastpath.kept().items()}
+        links, ids = attached(a.fastpath), link_ids(store)
+        os.close(store["kernel-counters"])
+        store["kernel-counters"] = os.dup(store["kernel-config"])  # one entry
+        a.fastpath.stop()
+        with inside(a.host.netns):
+            resumed = FastPath.resume(store, kernel="on")
+        assert resumed is not None and store == {}
+        assert attached(resumed) == links and not set(link_ids(resumed.kept())) & set(ids)
+        assert b.host.container_ip
+        result = a.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2",
+                                     b.host.container_ip, check=False)
+        assert "2 received" in result.stdout, result.stdout
+        assert kernel(Node(a.host, a.subnet, resumed))["tx_packets"] >= 2
+    finally:
+        for fp in (resumed, a.fastpath, b.fastpath):
+            if fp is not None:
+                fp.stop()
+
+
 def test_the_receive_device_takes_whole_super_packets_while_no_process_runs_and_after(
         testbed: Testbed) -> None:
     """Across a restart through the fd store, as above: the device's filter stays on it (a
@@ -577,7 +649,10 @@ def test_super_packets_cross_whole_only_to_a_peer_that_said_hello(
     assert sent_whole > 0
     assert whole_e["tx"]["tso_superpackets"] == after_e["tx"]["tso_superpackets"]
     assert whole_f["rx"]["whole_superpackets"] - after_f["rx"]["whole_superpackets"] == sent_whole
-    assert whole_f["kernel"]["rx_passed"] - after_f["kernel"]["rx_passed"] == sent_whole
+    # and the datagrams of their flows that followed them to the loops (kept in order)
+    passed = {name: whole_f["kernel"][name] - after_f["kernel"][name]
+              for name in ("rx_passed", "rx_in_order")}
+    assert passed["rx_passed"] - passed["rx_in_order"] == sent_whole
     # g never said hello (it cannot take them): e cuts what it sends g, and g reads every
     # datagram whole.
     assert say_hello(g, e) == 0
