@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -465,17 +466,38 @@ def test_without_tcx_classic_filters_carry_it_and_one_a_killed_daemon_left_goes(
         node.fastpath.stop()
 
 
+@contextmanager
+def kept_pair(testbed: Testbed, first: str,
+              second: str) -> Iterator[tuple[Node, Node, dict[str, int], list[FastPath]]]:
+    """Two linked nodes with the kernel path, and what systemd's fd store would hold of the
+    first's fast path across a restart (its kept descriptors, duplicated). The fast paths
+    resumed from them go in the list: all are stopped at the end."""
+    a = start_node(testbed, first, kernel="on", underlay="eth0")
+    b = start_node(testbed, second, kernel="on", underlay="eth0")
+    link(a, b)
+    resumed: list[FastPath] = []
+    try:
+        yield a, b, {name: os.dup(fd) for name, fd in a.fastpath.kept().items()}, resumed
+    finally:
+        for fp in (*resumed, a.fastpath, b.fastpath):
+            fp.stop()
+
+
+def resume(node: Node, store: dict[str, int], resumed: list[FastPath]) -> FastPath:
+    """The next run's fast path on node's host, from the fd store."""
+    with inside(node.host.netns):
+        fp = FastPath.resume(store, kernel="on")
+    assert fp is not None and store == {}
+    resumed.append(fp)
+    return fp
+
+
 def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them(
         testbed: Testbed) -> None:
     """What systemd's fd store does across a restart: it holds the kept descriptors while no
     daemon runs. The kernel path keeps forwarding, and the next run takes the same links and
     maps back without loading the programs again."""
-    a = start_node(testbed, "10.244.11.0/24", kernel="on", underlay="eth0")
-    b = start_node(testbed, "10.244.12.0/24", kernel="on", underlay="eth0")
-    link(a, b)
-    resumed = None
-    try:
-        store = {name: os.dup(fd) for name, fd in a.fastpath.kept().items()}
+    with kept_pair(testbed, "10.244.11.0/24", "10.244.12.0/24") as (a, b, store, resumed):
         links = attached(a.fastpath)
         before = kernel(a)
         a.fastpath.stop()
@@ -484,51 +506,34 @@ def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them
         result = a.host.in_container("ping", "-c", "3", "-i", "0.2", "-W", "1",
                                      b.host.container_ip, check=False)
         assert "3 received" in result.stdout, result.stdout
-        with inside(a.host.netns):
-            resumed = FastPath.resume(store, kernel="on")
-        assert resumed is not None and store == {}
-        assert attached(resumed) == links  # the same programs, still where they were
-        assert resumed.table.routes() == [(b.subnet, (b.host.underlay_ip, PORT))]
-        after = kernel(Node(a.host, a.subnet, resumed))
+        fp = resume(a, store, resumed)
+        assert attached(fp) == links  # the same programs, still where they were
+        assert fp.table.routes() == [(b.subnet, (b.host.underlay_ip, PORT))]
+        after = kernel(Node(a.host, a.subnet, fp))
         assert after["tx_packets"] >= before["tx_packets"] + 3
         assert after["rx_packets"] >= before["rx_packets"] + 3
-        resumed.del_route(b.subnet)  # one map, written through the resumed fast path
+        fp.del_route(b.subnet)  # one map, written through the resumed fast path
         result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
                                      check=False)
         assert "Destination Net Unreachable" in result.stdout, result.stdout
-    finally:
-        for fp in (resumed, a.fastpath, b.fastpath):
-            if fp is not None:
-                fp.stop()
 
 
 def test_kept_programs_of_a_build_with_other_counters_are_loaded_afresh(
         testbed: Testbed) -> None:
     """An upgrade's restart: what the kept descriptors hold is not this build's kernel path
     (here a counters map of another size), so the next run loads its own and forwards."""
-    a = start_node(testbed, "10.244.15.0/24", kernel="on", underlay="eth0")
-    b = start_node(testbed, "10.244.16.0/24", kernel="on", underlay="eth0")
-    link(a, b)
-    resumed = None
-    try:
-        store = {name: os.dup(fd) for name, fd in a.fastpath.kept().items()}
+    with kept_pair(testbed, "10.244.15.0/24", "10.244.16.0/24") as (a, b, store, resumed):
         links, ids = attached(a.fastpath), link_ids(store)
         os.close(store["kernel-counters"])
         store["kernel-counters"] = os.dup(store["kernel-config"])  # one entry
         a.fastpath.stop()
-        with inside(a.host.netns):
-            resumed = FastPath.resume(store, kernel="on")
-        assert resumed is not None and store == {}
-        assert attached(resumed) == links and not set(link_ids(resumed.kept())) & set(ids)
+        fp = resume(a, store, resumed)
+        assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
         assert b.host.container_ip
         result = a.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2",
                                      b.host.container_ip, check=False)
         assert "2 received" in result.stdout, result.stdout
-        assert kernel(Node(a.host, a.subnet, resumed))["tx_packets"] >= 2
-    finally:
-        for fp in (resumed, a.fastpath, b.fastpath):
-            if fp is not None:
-                fp.stop()
+        assert kernel(Node(a.host, a.subnet, fp))["tx_packets"] >= 2
 
 
 def test_the_receive_device_takes_whole_super_packets_while_no_process_runs_and_after(
