@@ -219,6 +219,37 @@ struct {
 /* The most inner packets of one merged datagram whose flows are noted (UDP GRO merges 64 at most). */
 #define MERGED_MAX 64
 
+/* The flow of the IPv4 packet whose header is `ip`, at `off` in the skb. */
+static __always_inline void flow_of(struct __sk_buff *skb, const struct iphdr *ip, __u32 off,
+				    struct flow *flow)
+{
+	flow->saddr = ip->saddr;
+	flow->daddr = ip->daddr;
+	flow->protocol = ip->protocol;
+	flow->ports = 0;
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
+		bpf_skb_load_bytes(skb, off + ip->ihl * 4, &flow->ports, sizeof(flow->ports));
+}
+
+/* A flow held to one way (bulk_flows, loops_flows): when it last went that way. */
+static __always_inline void hold_flow(void *flows, const struct flow *flow, __u64 now)
+{
+	__u64 *when = bpf_map_lookup_elem(flows, flow);
+
+	if (when)
+		*when = now;
+	else
+		bpf_map_update_elem(flows, flow, &now, BPF_ANY);
+}
+
+/* Whether the flow went that way less than BULK_HOLD_NS ago. */
+static __always_inline int flow_held(void *flows, const struct flow *flow, __u64 now)
+{
+	__u64 *when = bpf_map_lookup_elem(flows, flow);
+
+	return when && now - *when < BULK_HOLD_NS;
+}
+
 /* Peers that said hello lately: their PublicIP -> when, in bpf_ktime_get_ns(). A hello counts
  * for HELLO_VALID_NS: a peer that stops saying it (a flanneld took its place) stops getting
  * whole super-packets by then. The sender says it every HELLO_SECONDS (fastpath/hello.py). */
@@ -365,17 +396,14 @@ static __always_inline int finish_checksum(struct __sk_buff *skb, struct iphdr *
 /* On a veth underlay: whether this packet may go out as it is (see the top of this file). */
 static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr *ip, __u64 now)
 {
-	struct flow flow = {ip->saddr, ip->daddr, 0, ip->protocol};
+	struct flow flow;
 
-	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
-		bpf_skb_load_bytes(skb, ip->ihl * 4, &flow.ports, sizeof(flow.ports));
+	flow_of(skb, ip, 0, &flow);
 	if (skb->gso_size) {
-		bpf_map_update_elem(&bulk_flows, &flow, &now, BPF_ANY);
+		hold_flow(&bulk_flows, &flow, now);
 		return 0;
 	}
-	__u64 *bulk = bpf_map_lookup_elem(&bulk_flows, &flow);
-
-	if (bulk && now - *bulk < BULK_HOLD_NS)
+	if (flow_held(&bulk_flows, &flow, now))
 		return 0;
 	return finish_checksum(skb, ip) == 0;
 }
@@ -617,28 +645,13 @@ static __always_inline int inner_flow(struct __sk_buff *skb, __u32 off, struct f
 
 	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl < 5)
 		return 0;
-	flow->saddr = ip.saddr;
-	flow->daddr = ip.daddr;
-	flow->protocol = ip.protocol;
-	flow->ports = 0;
-	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) &&
-	    !(ip.frag_off & bpf_htons(IP_FRAGMENT)))
-		bpf_skb_load_bytes(skb, off + ip.ihl * 4, &flow->ports, sizeof(flow->ports));
+	flow_of(skb, &ip, off, flow);
 	return 1;
 }
 
-static __always_inline void note_loops_flow(const struct flow *flow, __u64 now)
-{
-	__u64 *when = bpf_map_lookup_elem(&loops_flows, flow);
-
-	if (when)
-		*when = now;
-	else
-		bpf_map_update_elem(&loops_flows, flow, &now, BPF_ANY);
-}
-
 /* The datagram goes to the loops in bulk: note the flows of its inner packets, one after the
- * other `step` bytes apart (a merged datagram's segment size; a whole super-packet is one). */
+ * other `step` bytes apart (a merged datagram's segment size; a whole super-packet's length,
+ * as it is one). */
 static __always_inline void note_loops_flows(struct __sk_buff *skb, __u32 step)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -655,10 +668,8 @@ static __always_inline void note_loops_flows(struct __sk_buff *skb, __u32 step)
 		if (i && flow.saddr == last.saddr && flow.daddr == last.daddr &&
 		    flow.ports == last.ports && flow.protocol == last.protocol)
 			continue; /* mostly one flow after the other: noted once */
-		note_loops_flow(&flow, now);
+		hold_flow(&loops_flows, &flow, now);
 		last = flow;
-		if (!step)
-			break;
 	}
 }
 
@@ -670,11 +681,8 @@ static __always_inline int behind_loops(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_ns();
 	struct flow flow = {};
 
-	if (!noted || now - *noted >= BULK_HOLD_NS || !inner_flow(skb, ETH_HLEN + ENCAP_LEN, &flow))
-		return 0;
-	__u64 *when = bpf_map_lookup_elem(&loops_flows, &flow);
-
-	return when && now - *when < BULK_HOLD_NS;
+	return noted && now - *noted < BULK_HOLD_NS &&
+	       inner_flow(skb, ETH_HLEN + ENCAP_LEN, &flow) && flow_held(&loops_flows, &flow, now);
 }
 
 SEC("tc")
@@ -728,7 +736,7 @@ int udp_ingress(struct __sk_buff *skb)
 	int whole = skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE);
 
 	if (whole && !(cfg->flags & THROUGH_VXLAN)) {
-		note_loops_flows(skb, 0);
+		note_loops_flows(skb, skb->len);
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
