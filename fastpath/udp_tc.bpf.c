@@ -98,6 +98,9 @@ struct udp_tc_config {
 	/* Take only packets whose source lies in the subnet routed to the datagram's sender; the
 	 * loops drop the others and count them by reason. */
 	__u32 verify_source;
+	/* Which build of these programs the loader attached: a hash of this file's object, which a
+	 * restart compares before it goes on with kept programs (fastpath/udp_tc.py). Unread here. */
+	__u8 build[16];
 };
 
 /* On a veth underlay that carries GSO (TSO on): TCP super-packets go whole to whole_peers. */

@@ -17,6 +17,8 @@ programs, keeps the loops alone and says why (UdpTcUnavailable).
 import ctypes
 import errno
 import fcntl
+import functools
+import hashlib
 import ipaddress
 import os
 import socket
@@ -72,7 +74,11 @@ BPF_LINK_TYPE_TCX = 11
 # struct bpf_link_info up to tcx's members: type, id, prog_id, then (the union is 8-aligned)
 # the interface index (0 once the device is gone) and the attach type.
 LINK_INFO = struct.Struct("=III4xII")
-MAP_INFO = struct.Struct("=IIIII")
+# struct bpf_map_info up to value_size: type, id, key size, value size.
+MAP_INFO = struct.Struct("=IIII")
+# udp_tc.bpf.c's struct udp_tc_config: the fields, then the build's hash (BUILD_LEN bytes).
+CONFIG = struct.Struct("=IIIIIHHIIII16s")
+BUILD_LEN = 16
 # What kept() hands the next run: the links and the maps (the programs live in the links), and
 # the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
@@ -212,11 +218,23 @@ def segments_tcp(ifname: str) -> bool:
     return value is not None and struct.unpack_from("=I", value, 4)[0] != 0
 
 
+def _object_path() -> str:
+    return os.path.join(os.path.dirname(__file__), OBJECT_NAME)
+
+
+@functools.cache
+def _build() -> bytes:
+    """This build's hash of the object: the config map carries it (udp_tc.bpf.c's build), so
+    that a restart after an upgrade tells kept programs from its own."""
+    with open(_object_path(), "rb") as f:
+        return hashlib.sha256(f.read()).digest()[:BUILD_LEN]
+
+
 def _load(lib: ctypes.CDLL, routes: int) -> int:
     """Open the object and load its programs (the verifier checks them here) with a route map
     of `routes` entries, and a next-hop cache as long; returns the bpf_object, which the caller
     closes."""
-    path = os.path.join(os.path.dirname(__file__), OBJECT_NAME)
+    path = _object_path()
     if not os.path.isfile(path):
         raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
     obj = lib.bpf_object__open_file(path.encode(), None)
@@ -327,7 +345,7 @@ class UdpTc:
             LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
             THROUGH_VXLAN if self.through_vxlan else 0) | (
             NEXT_HOP_CACHE if self._next_hop_cache else 0)
-        return struct.pack("=IIIIIHHIIII", *self._config_fields, flags, *self._config_tail)
+        return CONFIG.pack(*self._config_fields, flags, *self._config_tail, _build())
 
     def refresh(self) -> None:
         """Follow the underlay's TSO setting (ethtool -K can change it at any time): whole
@@ -405,12 +423,12 @@ class UdpTc:
     def _adopt(self, lib: ctypes.CDLL, handed: dict[str, int]) -> bool:
         kept = {name: handed.pop(name) for name in KEPT if name in handed}
         wanted = {*self._targets, *MAPS, *((VXLAN_PROGRAM,) if self.through_vxlan else ())}
-        # Kept by a build with other counters (an upgrade): that build's programs are not
-        # this one's, so this run loads its own.
+        # Kept by another build (an upgrade): its programs and maps are not this one's, so
+        # this run loads its own.
         fits = set(kept) == wanted and all(
             _link_target(lib, kept[name]) == (ifindex, LINKS[name][1])
-            for name, ifindex in self._targets.items()) and _map_entries(
-            lib, kept["counters"]) == len(COUNTER_NAMES)
+            for name, ifindex in self._targets.items()) and _kept_build(
+            lib, kept["config"]) == _build()
         if not fits:
             for fd in kept.values():
                 os.close(fd)
@@ -538,14 +556,18 @@ def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:
     return (ifindex, attach_type) if kind == BPF_LINK_TYPE_TCX else None
 
 
-def _map_entries(lib: ctypes.CDLL, fd: int) -> int | None:
-    """max_entries of a map (struct bpf_map_info: type, id, key and value size, max_entries);
-    None for another descriptor."""
+def _kept_build(lib: ctypes.CDLL, fd: int) -> bytes | None:
+    """The build hash in a kept config map; None for a map of another layout (an older build's)
+    or another descriptor."""
     info = ctypes.create_string_buffer(80)
     size = ctypes.c_uint32(len(info))
-    if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
+    if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0 or \
+            MAP_INFO.unpack_from(info)[2:] != (4, CONFIG.size):
         return None
-    return MAP_INFO.unpack_from(info)[4]
+    key, value = ctypes.c_uint32(0), ctypes.create_string_buffer(CONFIG.size)
+    if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), value) < 0:
+        return None
+    return value.raw[-BUILD_LEN:]
 
 
 def _port(port: int) -> int:

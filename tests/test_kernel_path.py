@@ -5,6 +5,7 @@ with any peer, one whose own loops take everything included."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import json
@@ -518,16 +519,31 @@ def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them
         assert "Destination Net Unreachable" in result.stdout, result.stdout
 
 
-def test_kept_programs_of_a_build_with_other_counters_are_loaded_afresh(
-        testbed: Testbed) -> None:
+def another_builds_config(fd: int) -> None:
+    """Make a kept config map say that another build's loader wrote it."""
+    lib, key = udp_tc._lib(), ctypes.c_uint32(0)
+    value = ctypes.create_string_buffer(udp_tc.CONFIG.size)
+    assert lib.bpf_map_lookup_elem(fd, ctypes.byref(key), value) == 0
+    value.raw = value.raw[:-udp_tc.BUILD_LEN] + bytes(udp_tc.BUILD_LEN)
+    assert lib.bpf_map_update_elem(fd, ctypes.byref(key), value, udp_tc.BPF_ANY) == 0
+
+
+def test_kept_programs_of_another_build_are_loaded_afresh(testbed: Testbed) -> None:
     """An upgrade's restart: what the kept descriptors hold is not this build's kernel path
-    (here a counters map of another size), so the next run loads its own and forwards."""
+    (its config map names another build; then an older build's, whose config has another
+    layout), so the next run loads its own and forwards."""
     with kept_pair(testbed, "10.244.15.0/24", "10.244.16.0/24") as (a, b, store, resumed):
         links, ids = attached(a.fastpath), link_ids(store)
-        os.close(store["kernel-counters"])
-        store["kernel-counters"] = os.dup(store["kernel-config"])  # one entry
+        another_builds_config(store["kernel-config"])
         a.fastpath.stop()
         fp = resume(a, store, resumed)
+        assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
+        older = {name: os.dup(fd) for name, fd in fp.kept().items()}
+        os.close(older["kernel-config"])
+        older["kernel-config"] = os.dup(older["kernel-counters"])
+        ids = link_ids(older)
+        fp.stop()
+        fp = resume(a, older, resumed)
         assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
         assert b.host.container_ip
         result = a.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2",
