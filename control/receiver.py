@@ -1,8 +1,9 @@
 """The udp backend's receive-only vxlan device (fastpath/udp_tc.bpf.c): the kernel's own VXLAN
 receive takes the headers off peers' whole TCP super-packets there, which the kernel path hands
 it, and they reach flannel0 whole, with no copy. It never sends and has no neighbours, routes or
-forwarding entries; its port is bound on the PublicIP only, and the kernel path's filter on it
-drops all that udp_ingress did not hand it.
+forwarding entries; its port is open on every address (the kernel's VXLAN socket binds the
+wildcard address whatever the device's local address), and the kernel path's filter on it drops
+all that udp_ingress did not hand it.
 
 Made down before the fast path starts, so that the filter is on it before its port opens; put
 up once the fast path uses it. Like flanneld's flannel.<VNI> it stays when pyflanneld stops (a

@@ -112,8 +112,8 @@ struct udp_tc_config {
 /* tun_egress sends by the next hop it found (below) rather than by bpf_redirect_neigh. */
 #define NEXT_HOP_CACHE 8
 
-/* The receive-only vxlan device's port and VNI (fastpath/udp_tc.py's RX_VXLAN_*): it binds the
- * port on our PublicIP only. */
+/* The receive-only vxlan device's port and VNI (fastpath/udp_tc.py's RX_VXLAN_*). The kernel
+ * opens the port on every address: vxlan_ingress is what keeps it to udp_ingress's packets. */
 #define RX_VXLAN_PORT 8473
 #define RX_VXLAN_VNI 1
 /* skb->priority of what udp_ingress hands the device: "pf" and 1. */
