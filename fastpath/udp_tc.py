@@ -77,8 +77,8 @@ LINK_INFO = struct.Struct("=III4xII")
 # struct bpf_map_info up to value_size: type, id, key size, value size.
 MAP_INFO = struct.Struct("=IIII")
 # udp_tc.bpf.c's struct udp_tc_config: the fields, then the build's hash (BUILD_LEN bytes).
-CONFIG = struct.Struct("=IIIIIHHIIII16s")
 BUILD_LEN = 16
+CONFIG = struct.Struct(f"=IIIIIHHIIII{BUILD_LEN}s")
 # What kept() hands the next run: the links and the maps (the programs live in the links), and
 # the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
@@ -219,7 +219,10 @@ def segments_tcp(ifname: str) -> bool:
 
 
 def _object_path() -> str:
-    return os.path.join(os.path.dirname(__file__), OBJECT_NAME)
+    path = os.path.join(os.path.dirname(__file__), OBJECT_NAME)
+    if not os.path.isfile(path):
+        raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
+    return path
 
 
 @functools.cache
@@ -235,8 +238,6 @@ def _load(lib: ctypes.CDLL, routes: int) -> int:
     of `routes` entries, and a next-hop cache as long; returns the bpf_object, which the caller
     closes."""
     path = _object_path()
-    if not os.path.isfile(path):
-        raise UdpTcUnavailable(f"{OBJECT_NAME} was not built (clang is needed at build time)")
     obj = lib.bpf_object__open_file(path.encode(), None)
     if not obj:
         raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")

@@ -836,3 +836,15 @@ def test_the_hello_is_one_the_programs_and_the_loops_know() -> None:
         loops = f.read()
     assert f'HELLO_MAGIC = b"{HELLO_MAGIC.decode()}"' in loops
     assert f"HELLO_PROTOCOL = {HELLO_PROTOCOL}\n" in loops
+
+
+def test_a_build_without_the_object_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without clang at build time there is no udp_tc.bpf.o: the kernel path is unavailable,
+    and says why, from the first thing that needs the object (the build hash of its config)."""
+    monkeypatch.setattr(udp_tc, "OBJECT_NAME", "missing.bpf.o")
+    udp_tc._build.cache_clear()
+    try:
+        with pytest.raises(udp_tc.UdpTcUnavailable, match="missing.bpf.o was not built"):
+            udp_tc._build()
+    finally:
+        udp_tc._build.cache_clear()
