@@ -676,16 +676,19 @@ static __always_inline void note_loops_flows(struct __sk_buff *skb, __u32 step)
 	}
 }
 
-/* Whether the datagram's inner packet belongs to a flow that loops_flows holds. */
-static __always_inline int behind_loops(struct __sk_buff *skb)
+/* Whether the datagram's inner packet, whose header udp_ingress has checked, belongs to a flow
+ * that loops_flows holds. */
+static __always_inline int behind_loops(struct __sk_buff *skb, const struct iphdr *inner)
 {
 	__u32 key = 0;
 	__u64 *noted = bpf_map_lookup_elem(&loops_noted, &key);
 	__u64 now = bpf_ktime_get_ns();
-	struct flow flow = {};
+	struct flow flow;
 
-	return noted && now - *noted < BULK_HOLD_NS &&
-	       inner_flow(skb, ETH_HLEN + ENCAP_LEN, &flow) && flow_held(&loops_flows, &flow, now);
+	if (!noted || now - *noted >= BULK_HOLD_NS)
+		return 0;
+	flow_of(skb, inner, ETH_HLEN + ENCAP_LEN, &flow);
+	return flow_held(&loops_flows, &flow, now);
 }
 
 SEC("tc")
@@ -743,7 +746,7 @@ int udp_ingress(struct __sk_buff *skb)
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	if (!whole && behind_loops(skb)) {
+	if (!whole && behind_loops(skb, inner)) {
 		count(RX_PASSED, 1);
 		count(RX_IN_ORDER, 1);
 		return TC_ACT_OK;

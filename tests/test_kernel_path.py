@@ -533,18 +533,21 @@ def test_kept_programs_of_another_build_are_loaded_afresh(testbed: Testbed) -> N
     (its config map names another build; then an older build's, whose config has another
     layout), so the next run loads its own and forwards."""
     with kept_pair(testbed, "10.244.15.0/24", "10.244.16.0/24") as (a, b, store, resumed):
-        links, ids = attached(a.fastpath), link_ids(store)
+        links = attached(a.fastpath)
+
+        def resume_afresh(stopped: FastPath, store: dict[str, int]) -> FastPath:
+            """The next run, from store: the same attachments, none of the kept links."""
+            ids = link_ids(store)
+            stopped.stop()
+            fp = resume(a, store, resumed)
+            assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
+            return fp
         another_builds_config(store["kernel-config"])
-        a.fastpath.stop()
-        fp = resume(a, store, resumed)
-        assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
+        fp = resume_afresh(a.fastpath, store)
         older = {name: os.dup(fd) for name, fd in fp.kept().items()}
         os.close(older["kernel-config"])
         older["kernel-config"] = os.dup(older["kernel-counters"])
-        ids = link_ids(older)
-        fp.stop()
-        fp = resume(a, older, resumed)
-        assert attached(fp) == links and not set(link_ids(fp.kept())) & set(ids)
+        fp = resume_afresh(fp, older)
         assert b.host.container_ip
         result = a.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2",
                                      b.host.container_ip, check=False)
