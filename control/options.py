@@ -182,8 +182,9 @@ FLAGS = [
          default="0.0.0.0"),
     Flag("metrics-port", "the port for the Prometheus metrics server, GET /metrics (pyflannel; "
          "0 to disable)", _bounded(int, 0, 65535), 0),
-    Flag("fastpath-batch", "packets moved per wake-up by the fast path; 1 is per-packet "
-         "(pyflannel)", _bounded(int, 1, 1024), DEFAULT_BATCH),
+    Flag("fastpath-batch", "packets moved per wake-up by the fast path, at most 16 with offloads "
+         "(each may be a 64 KiB super-packet); 1 is per-packet (pyflannel)", _bounded(int, 1, 1024),
+         DEFAULT_BATCH),
     Flag("fastpath-offload", "TUN offloads: TCP super-packets cut into UDP GSO sends, UDP GRO "
          "receives merged into one TUN write (pyflannel; the wire format is unchanged)",
          _go_bool, True, boolean=True),

@@ -110,7 +110,7 @@ class UdpBackend:
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
                  "super-packets %s, VXLAN receive %s, next-hop cache %s", fp.tun_name, mtu,
                  ext.address,
-                 config.port, fp.batch, "on" if fp.offload else "off",
+                 config.port, fp.slots, "on" if fp.offload else "off",
                  "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
                  fp.kernel, "on" if fp.verify_source else "off",
                  "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",

@@ -26,14 +26,19 @@ from fastpath.table import kept_layout
 
 # A slot holds a virtio_net_hdr and any IPv4 packet (a TSO super-packet too) or a UDP_GRO receive.
 SLOT_BYTES = VNET_HDR_LEN + 65536
+# With offloads any slot may fill: a TSO super-packet from the TUN, a UDP GRO receive, 64 KiB
+# each, so a wake-up moves at most SUPERPACKET_SLOTS packets, 1 MiB a direction. A batch of 64
+# (4 MiB a direction, all of it touched in make perf's wire regime, where every receive is a
+# GRO one) took the daemon to 49 MiB peak RSS, at flannel's 50Mi limit; 16 took it to 46 at the
+# same speed (wire regime, 4 trials each: 7.2 against 7.4 Gbit/s with 4 streams, 7.3 against
+# 7.2 with one; 64-byte UDP through the loops alone: 62 against 59 kpps). Without offloads a
+# packet touches only the first page of its slot, and the whole batch stays.
+SUPERPACKET_SLOTS = 16
 # Send side, per slot: the headers of a super-packet's segments (scatter: up to 64 per message of
 # up to 120 bytes), or the whole segments (copy: a 64 KiB super-packet grows by one header per
-# segment). A full arena is sent and reused within the wake-up, so one message must fit. The
-# copy arena holds COPY_ARENA_SLOTS super-packets, not a batch's: a sendmmsg of 16 already
-# carries 1.5 MiB, and a batch's 6 MiB took the daemon over flannel's 50Mi limit (make perf).
+# segment). A full arena is sent and reused within the wake-up, so one message must fit.
 HEADER_BYTES_PER_SLOT = UDP_MAX_SEGMENTS * 120
 COPY_BYTES_PER_SLOT = 96 * 1024
-COPY_ARENA_SLOTS = 16
 # Send side, per slot: a header and a payload iovec per segment.
 IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
@@ -81,6 +86,7 @@ cdef class FastPath:
     cdef readonly int port
     cdef readonly int mtu
     cdef readonly int batch
+    cdef readonly int slots  # packets a wake-up moves: the batch, or SUPERPACKET_SLOTS of it
     cdef readonly bint offload
     cdef readonly str offload_missing
     cdef readonly bint scatter
@@ -246,10 +252,11 @@ cdef class FastPath:
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
                 raise OSError("eventfd failed")
-            if vector_init(&self.tx.vec, self.batch, SLOT_BYTES, 2 * self.batch,
-                           self.batch * (IOVS_PER_SLOT if self.offload else 1),
+            self.slots = min(self.batch, SUPERPACKET_SLOTS) if self.offload else self.batch
+            if vector_init(&self.tx.vec, self.slots, SLOT_BYTES, 2 * self.slots,
+                           self.slots * (IOVS_PER_SLOT if self.offload else 1),
                            self._tx_arena_bytes()) or \
-                    vector_init(&self.rx.vec, self.batch, SLOT_BYTES, self.batch, self.batch,
+                    vector_init(&self.rx.vec, self.slots, SLOT_BYTES, self.slots, self.slots,
                                 VNET_HDR_LEN + MAX_IPV4_PACKET
                                 if self.offload and not self.scatter else 1):
                 raise MemoryError("cannot allocate the packet vectors")
@@ -316,8 +323,8 @@ cdef class FastPath:
         if not self.offload:
             return 1
         if self.scatter:
-            return self.batch * HEADER_BYTES_PER_SLOT
-        return min(self.batch, COPY_ARENA_SLOTS) * COPY_BYTES_PER_SLOT
+            return self.slots * HEADER_BYTES_PER_SLOT
+        return self.slots * COPY_BYTES_PER_SLOT
 
     def _prioritise(self, ready):
         """Give the calling packet thread the asked nice value (Linux nice is per thread). The

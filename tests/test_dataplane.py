@@ -229,6 +229,31 @@ def test_counters_agree_with_what_was_sent(pair: tuple[Node, Node]) -> None:
     assert after_b["rx"]["batch_packets"] - before_b["rx"]["batch_packets"] == count
 
 
+def test_offloads_cap_a_wake_up_at_16_packets_and_the_plain_path_keeps_its_batch(
+        testbed: Testbed, pair: tuple[Node, Node]) -> None:
+    """With offloads any packet may be a 64 KiB super-packet: 16 a wake-up (1 MiB a direction)
+    keep the daemon inside flannel's 50Mi. Without them a packet touches one page of its slot,
+    and the whole batch stays."""
+    a, _ = pair
+    plain = start_node(testbed, f"10.244.{len(testbed.hosts) + 100}.0/24", batch=64,
+                       offload=False)
+    try:
+        assert (a.fastpath.batch, a.fastpath.slots) == (64, 16)
+        assert (plain.fastpath.batch, plain.fastpath.slots) == (64, 64)
+        before = a.fastpath.stats()
+        for src, dst in both_ways(pair):
+            tcp_transfer(dst.host.container_netns, dst.host.container_ip,
+                         src.host.container_netns, nbytes=16 << 20)
+        after = a.fastpath.stats()
+        for direction in ("tx", "rx"):
+            sizes = [n - m for n, m in zip(after[direction]["batch_sizes"],
+                                           before[direction]["batch_sizes"], strict=True)]
+            assert sum(sizes) > 0
+            assert sum(sizes[5:]) == 0, f"{direction}: a wake-up moved 32 or more: {sizes}"
+    finally:
+        plain.fastpath.stop()
+
+
 def inner_udp(source: str, destination: str, port: int, payload: bytes) -> bytes:
     """An IPv4/UDP packet from `source` (UDP checksum 0: none, legal for IPv4)."""
     total = 28 + len(payload)
