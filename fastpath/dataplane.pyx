@@ -86,7 +86,6 @@ cdef class FastPath:
     cdef readonly int port
     cdef readonly int mtu
     cdef readonly int batch
-    cdef readonly int slots  # packets a wake-up moves: the batch, or SUPERPACKET_SLOTS of it
     cdef readonly bint offload
     cdef readonly str offload_missing
     cdef readonly bint scatter
@@ -162,6 +161,12 @@ cdef class FastPath:
     @property
     def running(self) -> bool:
         return bool(self.threads)
+
+    @property
+    def slots(self) -> int:
+        """Packets a wake-up moves: the batch, or SUPERPACKET_SLOTS of it with offloads (which
+        start() may find missing and turn off)."""
+        return min(self.batch, SUPERPACKET_SLOTS) if self.offload else self.batch
 
     def greet(self, source, peers) -> int:
         """Say hello (fastpath/hello.py) from `source`, an address of this host's subnet, to
@@ -252,7 +257,6 @@ cdef class FastPath:
             self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
             if self.wake_fd < 0:
                 raise OSError("eventfd failed")
-            self.slots = min(self.batch, SUPERPACKET_SLOTS) if self.offload else self.batch
             if vector_init(&self.tx.vec, self.slots, SLOT_BYTES, 2 * self.slots,
                            self.slots * (IOVS_PER_SLOT if self.offload else 1),
                            self._tx_arena_bytes()) or \
@@ -322,9 +326,7 @@ cdef class FastPath:
     def _tx_arena_bytes(self) -> int:
         if not self.offload:
             return 1
-        if self.scatter:
-            return self.slots * HEADER_BYTES_PER_SLOT
-        return self.slots * COPY_BYTES_PER_SLOT
+        return self.slots * (HEADER_BYTES_PER_SLOT if self.scatter else COPY_BYTES_PER_SLOT)
 
     def _prioritise(self, ready):
         """Give the calling packet thread the asked nice value (Linux nice is per thread). The
