@@ -133,6 +133,8 @@ def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
     for name, help_text in (("packets", "IPv4 packets carried by the kernel path"),
                             ("bytes", "bytes of IPv4 packets carried by the kernel path"),
                             ("superpackets", "GSO super-packets among them, carried whole"),
+                            ("plain", "super-packets among those sent plain to, or arrived "
+                             "plain from, a peer on this kernel"),
                             ("passed", "packets the kernel path left to the loops")):
         family = CounterMetricFamily(f"pyflannel_kernelpath_{name}_total", help_text,
                                      labels=["direction"])

@@ -68,6 +68,7 @@ class Options(NamedTuple):
     fastpath_whole_superpackets: bool
     fastpath_vxlan_receive: bool
     fastpath_next_hop_cache: bool
+    fastpath_plain_superpackets: bool
     v: int
 
     @property
@@ -79,7 +80,8 @@ class Options(NamedTuple):
                 "verify_source": self.fastpath_verify_source,
                 "whole_superpackets": self.fastpath_whole_superpackets,
                 "vxlan_receiver": RX_VXLAN_DEVICE if self.fastpath_vxlan_receive else "",
-                "next_hop_cache": self.fastpath_next_hop_cache}
+                "next_hop_cache": self.fastpath_next_hop_cache,
+                "plain_superpackets": self.fastpath_plain_superpackets}
 
 
 def _endpoints(text: str) -> list[Endpoint]:
@@ -215,6 +217,11 @@ FLAGS = [
     Flag("fastpath-next-hop-cache", "with the kernel path, send to each peer by the route and "
          "neighbour looked up ten times a second, not for every packet (pyflannel)",
          _go_bool, True, boolean=True),
+    Flag("fastpath-plain-superpackets", "with whole super-packets and the next-hop cache, send "
+         "them to a peer on this same kernel (network namespaces of one machine; a second "
+         "hello says so) as plain TCP super-packets, which its kernel path takes straight "
+         "into its TUN, not through its receive device; a peer whose hellos do not count "
+         "them arriving gets the usual ones again (pyflannel)", _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

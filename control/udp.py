@@ -108,13 +108,14 @@ class UdpBackend:
                      "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
         log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
                  "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
-                 "super-packets %s, VXLAN receive %s, next-hop cache %s", fp.tun_name, mtu,
-                 ext.address,
+                 "super-packets %s, VXLAN receive %s, next-hop cache %s, plain super-packets "
+                 "%s", fp.tun_name, mtu, ext.address,
                  config.port, fp.slots, "on" if fp.offload else "off",
                  "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
                  fp.kernel, "on" if fp.verify_source else "off",
                  "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",
-                 "on" if fp.next_hop_cache and fp.kernel == "on" else "off")
+                 "on" if fp.next_hop_cache and fp.kernel == "on" else "off",
+                 "on" if fp.plain_superpackets and fp.kernel != "off" else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
@@ -147,7 +148,8 @@ class UdpBackend:
             subnet = own_subnet()
             if self.fastpath is not None and subnet is not None:
                 through_vxlan = self.fastpath.through_vxlan
-                self.fastpath.refresh()
+                for peer, why in self.fastpath.refresh().items():
+                    log.warning("udp backend: no more plain super-packets to %s: %s", peer, why)
                 if through_vxlan and not self.fastpath.through_vxlan:
                     log.warning("udp backend: whole super-packets go through the loops from "
                                 "now on: %s", self.fastpath.vxlan_missing)

@@ -12,7 +12,7 @@ from libc.stdint cimport uint64_t
 from fastpath.device import (
     TUN_OFFLOADS, TUN_USO, interface_with, missing_udp_offloads, open_tun, open_udp, tun_identity,
 )
-from fastpath.hello import hello_packet
+from fastpath.hello import boot_id, hello_packet, kernel_hello_packet
 from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underlay
 from fastpath.udp_tc import KEPT as KERNEL_KEPT
 
@@ -76,7 +76,10 @@ cdef class FastPath:
     when through_vxlan says it is used, and deletes it when not: vxlan_missing says why), the
     peers' whole super-packets go through the kernel's VXLAN receive, not the loops. With
     next_hop_cache (the default) the kernel path sends by a next hop it looks up ten times a
-    second, not for every packet (udp_tc.bpf.c's struct next_hop). `handed`
+    second, not for every packet (udp_tc.bpf.c's struct next_hop). With plain_superpackets and
+    the kernel path, super-packets to peers on this same kernel go plain, spared the vxlan
+    device (greet() says which kernel this is; refresh() refuses a peer they do not reach).
+    `handed`
     holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
     they fit this run's settings.
     """
@@ -99,6 +102,7 @@ cdef class FastPath:
     cdef readonly bint whole_superpackets
     cdef readonly str vxlan_receiver
     cdef readonly bint next_hop_cache
+    cdef readonly bint plain_superpackets
     cdef readonly str underlay
     cdef object udp_tc
     cdef str tun_pattern
@@ -117,7 +121,8 @@ cdef class FastPath:
                   bint scatter=True, bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
                   bint verify_source=True, bint whole_superpackets=False,
-                  str vxlan_receiver="", bint next_hop_cache=True, dict handed=None):
+                  str vxlan_receiver="", bint next_hop_cache=True,
+                  bint plain_superpackets=False, dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -148,6 +153,7 @@ cdef class FastPath:
         self.whole_superpackets = whole_superpackets
         self.vxlan_receiver = vxlan_receiver
         self.next_hop_cache = next_hop_cache
+        self.plain_superpackets = plain_superpackets
         self.udp_tc = None
         self.tun_pattern = tun
         self.tun_fd = -1
@@ -171,17 +177,27 @@ cdef class FastPath:
     def greet(self, source, peers) -> int:
         """Say hello (fastpath/hello.py) from `source`, an address of this host's subnet, to
         each peer in `peers` ({(ip, port): an address of its subnet}), if this host takes whole
-        super-packets (offloads on). Never waits: a hello that finds the socket's buffer full
-        goes with the next greeting. Returns the hellos sent."""
+        super-packets (offloads on); and, where the kernel path takes plain ones, the kernel
+        hello beside it. Never waits: a hello that finds the socket's buffer full goes with the
+        next greeting. Returns the hellos sent (kernel hellos not counted)."""
         if not (self.offload and self.sock is not None):
             return 0
         source = ipaddress.IPv4Address(source)
+        plain = self.udp_tc.plain_peers() if self.udp_tc is not None and \
+            self.udp_tc.plain else None
+        kernel = boot_id() if plain is not None else b""
         sent = 0
         for address, destination in peers.items():
+            destination = ipaddress.IPv4Address(destination)
             try:
-                self.sock.sendto(hello_packet(source, ipaddress.IPv4Address(destination)),
-                                 socket.MSG_DONTWAIT, address)
+                self.sock.sendto(hello_packet(source, destination), socket.MSG_DONTWAIT,
+                                 address)
                 sent += 1
+                if plain is not None:
+                    peer = plain.get(address[0])
+                    self.sock.sendto(kernel_hello_packet(
+                        source, destination, kernel, peer.received if peer else 0),
+                        socket.MSG_DONTWAIT, address)
             except OSError:  # full, or no route to that host just now
                 pass
         return sent
@@ -191,10 +207,16 @@ cdef class FastPath:
         counts for 7 s)."""
         return self.udp_tc.whole_peers() if self.udp_tc is not None else {}
 
-    def refresh(self):
-        """Follow what may change under a running fast path: the underlay's TSO setting."""
-        if self.udp_tc is not None:
-            self.udp_tc.refresh()
+    def plain_peers(self) -> dict:
+        """The peers on this kernel and the plain super-packets between us: PublicIP ->
+        udp_tc.PlainPeer."""
+        return self.udp_tc.plain_peers() if self.udp_tc is not None else {}
+
+    def refresh(self) -> dict:
+        """Follow what may change under a running fast path: the underlay's TSO setting, and
+        whether plain super-packets reach each peer on this kernel. Returns the peers refused
+        them by this call: PublicIP -> why."""
+        return self.udp_tc.refresh() if self.udp_tc is not None else {}
 
     @property
     def through_vxlan(self) -> bool:
@@ -308,7 +330,8 @@ cdef class FastPath:
                            socket.if_nametoindex(self.tun_name), self.underlay,
                            egress=self.kernel == "on", verify_source=self.verify_source,
                            send_whole=self.whole_superpackets, loops_take_whole=self.offload,
-                           receiver=self.vxlan_receiver, next_hop_cache=self.next_hop_cache)
+                           receiver=self.vxlan_receiver, next_hop_cache=self.next_hop_cache,
+                           plain=self.plain_superpackets)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin

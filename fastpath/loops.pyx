@@ -34,11 +34,13 @@ from fastpath.system cimport (
 )
 from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup
 
-# fastpath/hello.py's hello.
+# fastpath/hello.py's hellos: the hello, and the kernel hello (its magic, then 24 more bytes).
 cdef enum:
     HELLO_PROTOCOL = 253
     HELLO_LEN = 16
+    KERNEL_HELLO_LEN = 40
 cdef const char *HELLO_MAGIC = b"pyflannel-whole1"
+cdef const char *KERNEL_MAGIC = b"pyflannel-kernel"
 
 # Written before a packet that needs nothing from the kernel: no GSO, checksum complete.
 cdef uint8_t PLAIN_VNET_HDR[VNET_HDR_LEN]
@@ -353,10 +355,13 @@ cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noex
 
 
 cdef inline bint is_hello(const uint8_t *pkt, size_t n) noexcept nogil:
-    """Whether the packet is a peer's hello (fastpath/hello.py)."""
-    return (n == IPV4_HEADER_LEN + HELLO_LEN and pkt[0] == 0x45 and pkt[8] == 1
-            and pkt[9] == HELLO_PROTOCOL and memcmp(pkt + IPV4_HEADER_LEN, HELLO_MAGIC,
-                                                     HELLO_LEN) == 0)
+    """Whether the packet is a peer's hello or kernel hello (fastpath/hello.py)."""
+    if pkt[0] != 0x45 or pkt[8] != 1 or pkt[9] != HELLO_PROTOCOL:
+        return False
+    if n == IPV4_HEADER_LEN + HELLO_LEN:
+        return memcmp(pkt + IPV4_HEADER_LEN, HELLO_MAGIC, HELLO_LEN) == 0
+    return (n == IPV4_HEADER_LEN + KERNEL_HELLO_LEN
+            and memcmp(pkt + IPV4_HEADER_LEN, KERNEL_MAGIC, HELLO_LEN) == 0)
 
 
 cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:

@@ -48,6 +48,23 @@
  * packets do not arrive, e.g. a firewall on the port) the loops write the super-packet into the
  * TUN as it is (LOOPS_TAKE_WHOLE), with two copies.
  *
+ * That detour costs a pass through the kernel's VXLAN receive and one more queue (the redirect
+ * into flannel0 from the device's ingress) than kernel VXLAN's own path. A peer on this same
+ * kernel (network namespaces of one machine, where nothing on the way is a NIC) is spared it,
+ * with PLAIN_SUPERPACKETS: tun_egress sends it the super-packet plain, outer headers put on by
+ * bpf_skb_change_head, which leaves it a TCP super-packet with no encapsulation mark (and no
+ * SKB_GSO_DODGY), and outer IP ID PLAIN_ID; its udp_ingress takes the headers off and receives
+ * it on flannel0 like any small packet. Such a super-packet must never need cutting on the way
+ * (a device with TSO off, a qdisc that cuts, as tbf and cake do): the kernel's GSO would read
+ * the outer UDP header and drop it. So a peer gets them only
+ *   - while it says, by a second hello (the kernel hello), that its kernel is ours (the boot ID)
+ *     and how many of ours arrived;
+ *   - after the first one sent it (the probe) arrived, which it says at once by the outer IP ID
+ *     PLAIN_TAKEN on what it sends us for a while (TAKEN_MARK_NS), or in its next kernel hello:
+ *     until then the others go marked, so a path that cuts them costs one super-packet;
+ *   - until that count stops moving while we send: fastpath/udp_tc.py then refuses the peer
+ *     plain ones for good (a device on the way that began to cut them).
+ *
  * The hello is a datagram whose payload is an IPv4 packet with TTL 1, protocol HELLO_PROTOCOL
  * (RFC 3692's experimental 253) and HELLO_MAGIC as its payload, from the sender's subnet to the
  * receiver's. flanneld's proxy drops a packet whose TTL runs out without writing it to its TUN
@@ -98,6 +115,8 @@ struct udp_tc_config {
 	/* Take only packets whose source lies in the subnet routed to the datagram's sender; the
 	 * loops drop the others and count them by reason. */
 	__u32 verify_source;
+	/* This kernel's boot ID (/proc/sys/kernel/random/boot_id), as kernel hellos carry it. */
+	__u64 boot_id[2];
 	/* Which build of these programs the loader attached: a hash of this file's object, which a
 	 * restart compares before it goes on with kept programs (fastpath/udp_tc.py). Unread here. */
 	__u8 build[16];
@@ -111,6 +130,13 @@ struct udp_tc_config {
 #define THROUGH_VXLAN 4
 /* tun_egress sends by the next hop it found (below) rather than by bpf_redirect_neigh. */
 #define NEXT_HOP_CACHE 8
+/* With SEND_WHOLE and NEXT_HOP_CACHE: super-packets go plain to peers on this kernel (the top). */
+#define PLAIN_SUPERPACKETS 16
+/* The outer IP ID of a plain super-packet ("pf"; a DF datagram's ID means nothing, RFC 6864),
+ * and of what goes back to its sender for TAKEN_MARK_NS after the first arrived ("pg"). */
+#define PLAIN_ID 0x7066
+#define PLAIN_TAKEN 0x7067
+#define TAKEN_MARK_NS (1000 * 1000 * 1000ULL)
 
 /* The receive-only vxlan device's port and VNI (fastpath/udp_tc.py's RX_VXLAN_*). The kernel
  * opens the port on every address: vxlan_ingress is what keeps it to udp_ingress's packets. */
@@ -142,6 +168,8 @@ enum udp_tc_counter {
 	RX_VXLAN_ARRIVED, /* and how many of them vxlan_ingress received on flannel0 */
 	RX_VXLAN_FOREIGN, /* what reached the vxlan device without the mark: dropped */
 	RX_IN_ORDER, /* among RX_PASSED, datagrams left to the loops behind their flow's (loops_flows) */
+	TX_PLAIN,   /* super-packets among TX_SUPERPACKETS sent plain (PLAIN_SUPERPACKETS) */
+	RX_PLAIN,   /* plain super-packets that arrived, taken here or left to the loops */
 	COUNTERS,
 };
 
@@ -174,6 +202,7 @@ struct next_hop {
 	__u8 resolved;     /* the FIB gave a neighbour on the underlay: eth holds it */
 	__u8 said_hello;   /* said_hello(peer), as of checked */
 	struct ethhdr eth; /* destination, source, ETH_P_IP */
+	__u64 first_plain; /* the peer's first plain super-packet arrived then (0: none) */
 };
 
 struct {
@@ -253,22 +282,38 @@ static __always_inline int flow_held(void *flows, const struct flow *flow, __u64
 	return when && now - *when < BULK_HOLD_NS;
 }
 
-/* Peers that said hello lately: their PublicIP -> when, in bpf_ktime_get_ns(). A hello counts
- * for HELLO_VALID_NS: a peer that stops saying it (a flanneld took its place) stops getting
- * whole super-packets by then. The sender says it every HELLO_SECONDS (fastpath/hello.py). */
+/* Peers that said hello lately, by PublicIP; times in bpf_ktime_get_ns(). A hello counts for
+ * HELLO_VALID_NS: a peer that stops saying it (a flanneld took its place) stops getting whole
+ * super-packets by then. The sender says it every HELLO_SECONDS (fastpath/hello.py), and with
+ * PLAIN_SUPERPACKETS a kernel hello beside it. fastpath/udp_tc.py's PEER reads this. */
 #define HELLO_PROTOCOL 253
 #define HELLO_LEN 16
+#define KERNEL_HELLO_LEN 40 /* magic, boot ID, a count */
 #define HELLO_VALID_NS (7 * 1000 * 1000 * 1000ULL)
+struct peer {
+	__u64 hello;          /* when it last said it takes whole super-packets */
+	__u64 same_kernel;    /* when it last said, by a kernel hello, that its kernel is ours */
+	__u64 plain_sent;     /* plain super-packets sent to it */
+	__u64 plain_taken;    /* how many of ours had arrived, says its last kernel hello */
+	__u64 confirmed;      /* it said one of ours arrived: all go plain */
+	__u64 plain_received; /* plain super-packets that arrived from it */
+	__u64 first_plain;    /* when the first of them arrived */
+	__u64 refused;        /* set by fastpath/udp_tc.py: its plain ones got lost; no more */
+};
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __be32);
-	__type(value, __u64);
+	__type(value, struct peer);
 } whole_peers SEC(".maps");
 
-/* "pyflannel-whole1" (fastpath/hello.py's HELLO_MAGIC) as two words in network byte order. */
+/* "pyflannel-whole1" and "pyflannel-kernel" (fastpath/hello.py's HELLO_MAGIC, KERNEL_MAGIC) as
+ * two words each in network byte order. */
 #define HELLO_MAGIC_0 0x7079666c616e6e65ULL
 #define HELLO_MAGIC_1 0x6c2d77686f6c6531ULL
+#define KERNEL_MAGIC_1 0x6c2d6b65726e656cULL
+#define WHOLE_HELLO 1
+#define KERNEL_HELLO 2
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -413,9 +458,33 @@ static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr 
 
 static __always_inline int said_hello(__be32 peer, __u64 now)
 {
-	__u64 *when = bpf_map_lookup_elem(&whole_peers, &peer);
+	struct peer *p = bpf_map_lookup_elem(&whole_peers, &peer);
 
-	return when && now - *when < HELLO_VALID_NS;
+	return p && p->hello && now - p->hello < HELLO_VALID_NS;
+}
+
+/* The peer's entry, made (all zero) if it has none; NULL only if the map refuses. */
+static __always_inline struct peer *peer_entry(__be32 ip)
+{
+	struct peer *p = bpf_map_lookup_elem(&whole_peers, &ip);
+
+	if (p)
+		return p;
+	struct peer fresh = {};
+
+	bpf_map_update_elem(&whole_peers, &ip, &fresh, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&whole_peers, &ip);
+}
+
+/* The entry of a peer that takes plain super-packets now (the top), else NULL: confirmed, or
+ * for the probe. */
+static __always_inline struct peer *plain_peer(__be32 ip, __u64 now)
+{
+	struct peer *p = bpf_map_lookup_elem(&whole_peers, &ip);
+
+	if (!p || !p->same_kernel || now - p->same_kernel >= HELLO_VALID_NS || p->refused)
+		return NULL;
+	return p->confirmed || !p->plain_sent ? p : NULL;
 }
 
 /* With NEXT_HOP_CACHE: the entry for the peer at `key` when it is current and names a neighbour,
@@ -447,23 +516,59 @@ static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
 	__builtin_memcpy(hop->eth.h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(hop->eth.h_source, fib.smac, ETH_ALEN);
 	hop->eth.h_proto = bpf_htons(ETH_P_IP);
-	hop->said_hello = said_hello(route->ip, now);
+	struct peer *p = bpf_map_lookup_elem(&whole_peers, &route->ip);
+
+	hop->said_hello = p && p->hello && now - p->hello < HELLO_VALID_NS;
+	hop->first_plain = p ? p->first_plain : 0;
 	hop->peer = route->ip;
 	hop->checked = now;
 	return NULL;
 }
 
-/* Whether the inner packet at `inner` (IPv4, its header in the linear part) is a hello. */
-static __always_inline int is_hello(struct __sk_buff *skb, const struct iphdr *inner, __u32 off)
+/* Which hello the inner packet at `inner` (IPv4, its header in the linear part) is: WHOLE_HELLO,
+ * KERNEL_HELLO (its payload then in `kernel`), or none (0). */
+static __always_inline int hello_kind(struct __sk_buff *skb, const struct iphdr *inner, __u32 off,
+				      __u64 kernel[KERNEL_HELLO_LEN / 8])
 {
-	__u64 payload[2];
+	__u32 len = bpf_ntohs(inner->tot_len) - sizeof(*inner);
 
-	if (inner->ttl != 1 || inner->protocol != HELLO_PROTOCOL || inner->ihl != 5 ||
-	    bpf_ntohs(inner->tot_len) != sizeof(*inner) + HELLO_LEN ||
-	    bpf_skb_load_bytes(skb, off + sizeof(*inner), payload, HELLO_LEN))
+	if (inner->ttl != 1 || inner->protocol != HELLO_PROTOCOL || inner->ihl != 5)
 		return 0;
-	return payload[0] == bpf_cpu_to_be64(HELLO_MAGIC_0) &&
-	       payload[1] == bpf_cpu_to_be64(HELLO_MAGIC_1);
+	if (len == HELLO_LEN) {
+		if (bpf_skb_load_bytes(skb, off + sizeof(*inner), kernel, HELLO_LEN))
+			return 0;
+		return kernel[0] == bpf_cpu_to_be64(HELLO_MAGIC_0) &&
+		       kernel[1] == bpf_cpu_to_be64(HELLO_MAGIC_1) ? WHOLE_HELLO : 0;
+	}
+	if (len != KERNEL_HELLO_LEN ||
+	    bpf_skb_load_bytes(skb, off + sizeof(*inner), kernel, KERNEL_HELLO_LEN))
+		return 0;
+	return kernel[0] == bpf_cpu_to_be64(HELLO_MAGIC_0) &&
+	       kernel[1] == bpf_cpu_to_be64(KERNEL_MAGIC_1) ? KERNEL_HELLO : 0;
+}
+
+/* Note a peer's hello. A kernel hello counts only with our boot ID: a peer on another kernel
+ * never gets plain super-packets. */
+static __always_inline void note_hello(const struct udp_tc_config *cfg, __be32 sender, int kind,
+				       const __u64 kernel[KERNEL_HELLO_LEN / 8])
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	if (kind == KERNEL_HELLO &&
+	    (kernel[2] != cfg->boot_id[0] || kernel[3] != cfg->boot_id[1]))
+		return;
+	struct peer *p = peer_entry(sender);
+
+	if (!p)
+		return;
+	if (kind == WHOLE_HELLO) {
+		p->hello = now;
+		return;
+	}
+	p->plain_taken = bpf_be64_to_cpu(kernel[4]);
+	if (p->plain_taken)
+		p->confirmed = 1;
+	p->same_kernel = now;
 }
 
 /* Whether `source` lies in the subnet routed to `sender`: the one route lookup of the loops'
@@ -523,6 +628,11 @@ int tun_egress(struct __sk_buff *skb)
 		    inner->protocol == IPPROTO_TCP &&
 		    (hop ? hop->said_hello : said_hello(route->ip, now));
 
+	/* hop: plain ones go by the next hop, whose Ethernet header goes in with the others (the
+	 * packet that looks it up again goes marked, by bpf_redirect_neigh, as any other does) */
+	struct peer *plain = whole && hop && (cfg->flags & PLAIN_SUPERPACKETS) ?
+				     plain_peer(route->ip, now) : NULL;
+
 	if (cfg->underlay_is_veth && !whole) {
 		if (!fit_for_any_peer(skb, inner, now)) {
 			count(TX_PASSED, 1);
@@ -541,20 +651,27 @@ int tun_egress(struct __sk_buff *skb)
 	__u32 packets = segments(skb);
 
 	decrement_ttl(inner);
-	/* FIXED_GSO: the inner MSS stays what TCP chose for flannel0's MTU, which already leaves
-	 * room for these 28 bytes. The ENCAP flags make a super-packet a UDP-tunnel one, cut by
-	 * the underlay's device (or its GSO) into datagrams each carrying one whole inner packet. */
-	/* On a veth only a whole super-packet gets here, and the ENCAP flags would mark any other
-	 * packet as encapsulated for good: the peer's kernel path takes the outer header off but
-	 * not that mark, and its bridge would then compute again a checksum finished above. */
-	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
-				cfg->underlay_is_veth && !whole ? BPF_F_ADJ_ROOM_FIXED_GSO :
-				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
-				BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
-		return TC_ACT_SHOT; /* TTL already spent: no second path for this one */
-	/* Room for the Ethernet header: ours, or the one bpf_redirect_neigh fills in. */
-	if (bpf_skb_change_head(skb, ETH_HLEN, 0))
-		return TC_ACT_SHOT;
+	if (plain) {
+		/* All the headers in front, the super-packet's own offsets and type untouched. */
+		if (bpf_skb_change_head(skb, ETH_HLEN + ENCAP_LEN, 0))
+			return TC_ACT_SHOT; /* TTL already spent: no second path for this one */
+	} else {
+		/* FIXED_GSO: the inner MSS stays what TCP chose for flannel0's MTU, which already
+		 * leaves room for these 28 bytes. The ENCAP flags make a super-packet a UDP-tunnel
+		 * one, cut by the underlay's device (or its GSO) into datagrams each carrying one
+		 * whole inner packet. On a veth only a whole super-packet gets here, and the ENCAP
+		 * flags would mark any other packet as encapsulated for good: the peer's kernel path
+		 * takes the outer header off but not that mark, and its bridge would then compute
+		 * again a checksum finished above. */
+		if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+					cfg->underlay_is_veth && !whole ? BPF_F_ADJ_ROOM_FIXED_GSO :
+					BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+					BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+			return TC_ACT_SHOT;
+		/* Room for the Ethernet header: ours, or the one bpf_redirect_neigh fills in. */
+		if (bpf_skb_change_head(skb, ETH_HLEN, 0))
+			return TC_ACT_SHOT;
+	}
 
 	struct {
 		__u16 align; /* puts ip on a 4-byte boundary */
@@ -566,6 +683,9 @@ int tun_egress(struct __sk_buff *skb)
 			.version = 4,
 			.ihl = 5,
 			.tot_len = bpf_htons(inner_len + ENCAP_LEN),
+			.id = plain ? bpf_htons(PLAIN_ID) :
+			      hop && hop->first_plain && now - hop->first_plain < TAKEN_MARK_NS ?
+			      bpf_htons(PLAIN_TAKEN) : 0,
 			.frag_off = bpf_htons(IP_DF),
 			.ttl = OUTER_TTL,
 			.protocol = IPPROTO_UDP,
@@ -588,6 +708,10 @@ int tun_egress(struct __sk_buff *skb)
 	if (packets > 1)
 		count(TX_SUPERPACKETS, 1);
 	count(TX_BYTES, inner_len);
+	if (plain) {
+		__sync_fetch_and_add(&plain->plain_sent, 1);
+		count(TX_PLAIN, 1);
+	}
 	if (hop)
 		return bpf_redirect(cfg->underlay_ifindex, 0);
 	/* The kernel finds the next hop to the peer and its MAC, as for any packet it routes. */
@@ -691,6 +815,22 @@ static __always_inline int behind_loops(struct __sk_buff *skb, const struct iphd
 	return flow_held(&loops_flows, &flow, now);
 }
 
+/* The first plain super-packet from the peer at `sender` (its inner source `source`) arrived:
+ * say so on what goes back to it from now on (PLAIN_TAKEN), from this CPU's next hop at once
+ * (the ACK of that super-packet leaves from here), from the others' when they look again. */
+static __always_inline void note_first_plain(const struct udp_tc_config *cfg, struct peer *p,
+					     __be32 source, __be32 sender)
+{
+	p->first_plain = bpf_ktime_get_ns();
+	if ((source & cfg->netmask) != cfg->network)
+		return;
+	__u32 key = (bpf_ntohl(source) - bpf_ntohl(cfg->network)) >> cfg->shift;
+	struct next_hop *hop = bpf_map_lookup_elem(&next_hops, &key);
+
+	if (hop && hop->peer == sender)
+		hop->first_plain = p->first_plain;
+}
+
 SEC("tc")
 int udp_ingress(struct __sk_buff *skb)
 {
@@ -715,14 +855,15 @@ int udp_ingress(struct __sk_buff *skb)
 	 * the daemon what UDP GRO merged (many datagrams, whose first packet is shorter than the
 	 * whole), while a UDP-tunnel super-packet from a peer's tun_egress carries one inner
 	 * packet that is as long as the whole. */
-	if (!(outer->frag_off & bpf_htons(IP_FRAGMENT)) && inner->version == 4 &&
-	    is_hello(skb, inner, ETH_HLEN + ENCAP_LEN)) {
-		__be32 sender = outer->saddr;
-		__u64 now = bpf_ktime_get_ns();
+	__be32 sender = outer->saddr;
+	__u64 hello[KERNEL_HELLO_LEN / 8];
+	int hello_of = !(outer->frag_off & bpf_htons(IP_FRAGMENT)) && inner->version == 4 ?
+			       hello_kind(skb, inner, ETH_HLEN + ENCAP_LEN, hello) : 0;
 
+	if (hello_of) {
 		/* From the sender's own subnet, as any packet of its (verify_source). */
 		if (!cfg->verify_source || senders_own(cfg, inner->saddr, sender))
-			bpf_map_update_elem(&whole_peers, &sender, &now, BPF_ANY);
+			note_hello(cfg, sender, hello_of, hello);
 		count(RX_HELLOS, 1);
 		return TC_ACT_SHOT;
 	}
@@ -738,8 +879,28 @@ int udp_ingress(struct __sk_buff *skb)
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
+	/* A peer's plain super-packet (see the top): taken in here as any packet. It arrived, which
+	 * the peer hears from our kernel hellos, wherever it goes from here. */
+	int plain = skb->gso_size && outer->id == bpf_htons(PLAIN_ID);
+
+	if (plain) {
+		struct peer *p = peer_entry(sender);
+
+		if (p) {
+			if (!p->first_plain)
+				note_first_plain(cfg, p, inner->saddr, sender);
+			__sync_fetch_and_add(&p->plain_received, 1);
+		}
+		count(RX_PLAIN, 1);
+	} else if (outer->id == bpf_htons(PLAIN_TAKEN)) {
+		/* The peer says our probe arrived (the top). */
+		struct peer *p = bpf_map_lookup_elem(&whole_peers, &sender);
+
+		if (p && !p->confirmed)
+			p->confirmed = 1;
+	}
 	/* A peer's whole super-packet: the loops write it into the TUN as it is (see the top). */
-	int whole = skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE);
+	int whole = !plain && skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE);
 
 	if (whole && !(cfg->flags & THROUGH_VXLAN)) {
 		note_loops_flows(skb, skb->len);

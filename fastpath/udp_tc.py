@@ -24,6 +24,10 @@ import os
 import socket
 import struct
 import time
+from collections import deque
+from dataclasses import dataclass
+
+from fastpath.hello import boot_id
 
 OBJECT_NAME = "udp_tc.bpf.o"
 LIBBPF_SONAMES = ("libbpf.so.1", "libbpf.so.0")
@@ -55,7 +59,7 @@ ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's nam
 ETHTOOL_GTSO = 0x1E  # struct ethtool_value: cmd, then whether TCP segmentation offload is on
 
 # udp_tc.bpf.c's config flags.
-SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN, NEXT_HOP_CACHE = 1, 2, 4, 8
+SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN, NEXT_HOP_CACHE, PLAIN_SUPERPACKETS = 1, 2, 4, 8, 16
 # The receive-only vxlan device through which the kernel's own VXLAN receive takes the headers
 # off a peer's whole super-packet (udp_tc.bpf.c's RX_VXLAN_*). The control plane makes it.
 RX_VXLAN_DEVICE = "pyflannel-rx"
@@ -78,7 +82,14 @@ LINK_INFO = struct.Struct("=III4xII")
 MAP_INFO = struct.Struct("=IIII")
 # udp_tc.bpf.c's struct udp_tc_config: the fields, then the build's hash (BUILD_LEN bytes).
 BUILD_LEN = 16
-CONFIG = struct.Struct(f"=IIIIIHHIIII{BUILD_LEN}s")
+CONFIG = struct.Struct(f"=IIIIIHHIIII16s{BUILD_LEN}s")
+# udp_tc.bpf.c's struct peer, whole_peers' value: hello, same_kernel, plain_sent, plain_taken,
+# confirmed, plain_received, first_plain, refused.
+PEER = struct.Struct("=QQQQQQQQ")
+# refresh() refuses a peer plain super-packets when some went to it between one refresh and the
+# next and the count its kernel hellos give did not move from the first to three refreshes
+# later (it says hello every 2 s): the last PLAIN_REFRESHES refreshes tell.
+PLAIN_REFRESHES = 4
 # What kept() hands the next run: the links and the maps (the programs live in the links), and
 # the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
@@ -89,7 +100,18 @@ KEPT = (*LINKS, *MAPS, VXLAN_PROGRAM)
 # The counters of udp_tc.bpf.c's enum udp_tc_counter, in its order.
 COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes", "rx_passed",
                  "tx_superpackets", "rx_superpackets", "rx_hellos", "rx_vxlan_handed",
-                 "rx_vxlan_arrived", "rx_vxlan_foreign", "rx_in_order")
+                 "rx_vxlan_arrived", "rx_vxlan_foreign", "rx_in_order", "tx_plain", "rx_plain")
+
+
+@dataclass(frozen=True)
+class PlainPeer:
+    """What whole_peers says of a peer on this kernel (udp_tc.bpf.c's struct peer)."""
+    since: float  # seconds since its last kernel hello
+    sent: int  # plain super-packets sent to it
+    taken: int  # of those, how many had arrived, by its last kernel hello
+    confirmed: bool  # it said the first arrived: all go plain (before, only that probe)
+    received: int  # plain super-packets that arrived from it
+    refused: bool  # refused plain ones for good (refresh())
 
 
 class UdpTcUnavailable(Exception):
@@ -298,7 +320,7 @@ class UdpTc:
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
                  underlay: str, egress: bool, verify_source: bool = True,
                  send_whole: bool = False, loops_take_whole: bool = False,
-                 receiver: str = "", next_hop_cache: bool = True) -> None:
+                 receiver: str = "", next_hop_cache: bool = True, plain: bool = False) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -312,6 +334,11 @@ class UdpTc:
         self._send_whole = send_whole and egress and self.underlay_is_veth
         self._loops_take_whole = loops_take_whole
         self._next_hop_cache = next_hop_cache
+        # Plain super-packets with peers on this kernel: taken from them whenever the programs
+        # run (what says so is the kernel hello, fastpath/hello.py), sent where whole ones go
+        # by the next-hop cache.
+        self.plain = plain
+        self._plain_seen: dict[str, deque[tuple[int, int]]] = {}  # (sent, taken) per refresh
         self.receiver_ifindex = 0
         self.vxlan_missing = _vxlan_missing(receiver, loops_take_whole, self.underlay_is_veth)
         if receiver and not self.vxlan_missing:
@@ -325,7 +352,7 @@ class UdpTc:
             _int(self.network.network_address), _int(self.network.netmask), 32 - subnet_len,
             self.size, _int(local_ip), _port(port))
         self._config_tail = (self.underlay_ifindex, tun_ifindex, self.underlay_is_veth,
-                             verify_source)
+                             verify_source, boot_id())
         self.sends_whole = False
         self._config = self._pack_config()
         # Where each program goes: name in LINKS -> interface index.
@@ -345,15 +372,18 @@ class UdpTc:
         flags = (SEND_WHOLE if self.sends_whole else 0) | (
             LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
             THROUGH_VXLAN if self.through_vxlan else 0) | (
-            NEXT_HOP_CACHE if self._next_hop_cache else 0)
+            NEXT_HOP_CACHE if self._next_hop_cache else 0) | (
+            PLAIN_SUPERPACKETS if self.plain else 0)
         return CONFIG.pack(*self._config_fields, flags, *self._config_tail, _build())
 
-    def refresh(self) -> None:
+    def refresh(self) -> dict[str, str]:
         """Follow the underlay's TSO setting (ethtool -K can change it at any time): whole
         super-packets onto a veth that cuts them in software would reach the peer as datagrams
         that its UDP GRO does not merge (their UDP checksum is 0), slower than the loops' way.
         And give the vxlan device up, for good, when what udp_ingress hands it does not arrive:
-        the loops take whole super-packets then."""
+        the loops take whole super-packets then. Called every few seconds (the daemon: every
+        HELLO_SECONDS); returns the peers refused plain super-packets by this call, and why
+        (_check_plain)."""
         if self.through_vxlan and "counters" in self._fds:
             counters = self.counters()  # arrived is read after handed: never ahead of it
             seen = (counters["rx_vxlan_handed"], counters["rx_vxlan_arrived"])
@@ -363,6 +393,41 @@ class UdpTc:
                 self.forgo_vxlan(f"{handed} super-packets handed to it did not arrive (a "
                                  f"firewall on UDP port {RX_VXLAN_PORT}?)")
         self._write_config()
+        return self._check_plain() if self.plain and "whole_peers" in self._fds else {}
+
+    def _check_plain(self) -> dict[str, str]:
+        """Refuse, for good, plain super-packets to a peer whose kernel hellos say that none of
+        those sent it between the last refresh but three and the one after arrived: something
+        on the way cuts them (udp_tc.bpf.c), and so drops every one. Marked ones, which anything
+        may cut, go there then. A loss here and there (a full queue) leaves the count moving,
+        and a TCP flow whose every super-packet is lost sends few more, so one is enough. A
+        probe that got lost (the programs hold the rest back already) is refused so, too."""
+        refused = {}
+        peers = self.plain_peers()
+        for ip in self._plain_seen.keys() - peers.keys():
+            del self._plain_seen[ip]
+        for ip, peer in peers.items():
+            if peer.refused:
+                continue
+            seen = self._plain_seen.setdefault(ip, deque(maxlen=PLAIN_REFRESHES))
+            seen.append((peer.sent, peer.taken))
+            if len(seen) < PLAIN_REFRESHES:
+                continue
+            (sent0, taken0), (sent1, _), _, (_, taken3) = seen
+            if sent1 > sent0 and taken3 == taken0:
+                self._refuse(ip)
+                refused[ip] = (f"none of {sent1 - sent0} plain super-packets sent to it arrived "
+                               f"(a device on the way with TSO off?)")
+        return refused
+
+    def _refuse(self, ip: str) -> None:
+        lib, fd = _lib(), self._fds["whole_peers"]
+        key, value = ctypes.c_uint32(_int(ip)), ctypes.create_string_buffer(PEER.size)
+        if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), value) == 0:
+            fields = list(PEER.unpack(value.raw))
+            fields[-1] = 1
+            value.raw = PEER.pack(*fields)
+            lib.bpf_map_update_elem(fd, ctypes.byref(key), value, BPF_ANY)
 
     def forgo_vxlan(self, why: str) -> None:
         """Leave whole super-packets to the loops from now on, not the vxlan device."""
@@ -379,15 +444,29 @@ class UdpTc:
 
     def whole_peers(self) -> dict[str, float]:
         """The peers whose hello the ingress program noted: PublicIP -> seconds since."""
-        lib, fd = _lib(), self._fds["whole_peers"]
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns()'s clock
-        key, next_key, when = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint64()
-        peers: dict[str, float] = {}
+        return {ip: (now - peer[0]) / 1e9 for ip, peer in self._peers().items() if peer[0]}
+
+    def plain_peers(self) -> dict[str, PlainPeer]:
+        """The peers on this kernel, by PublicIP: those whose kernel hello the ingress program
+        noted or that sent plain super-packets."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        return {ip: PlainPeer((now - same) / 1e9 if same else float("inf"), sent, taken,
+                              bool(confirmed), received, bool(refused))
+                for ip, (_, same, sent, taken, confirmed, received, _, refused)
+                in self._peers().items() if same or received}
+
+    def _peers(self) -> dict[str, tuple[int, ...]]:
+        """whole_peers as it is: PublicIP -> PEER's fields."""
+        lib, fd = _lib(), self._fds["whole_peers"]
+        key, next_key = ctypes.c_uint32(), ctypes.c_uint32()
+        value = ctypes.create_string_buffer(PEER.size)
+        peers = {}
         previous = None
         while lib.bpf_map_get_next_key(fd, previous, ctypes.byref(next_key)) == 0:
             key.value = next_key.value
-            if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(when)) == 0:
-                peers[str(ipaddress.IPv4Address(bytes(key)))] = (now - when.value) / 1e9
+            if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), value) == 0:
+                peers[str(ipaddress.IPv4Address(bytes(key)))] = PEER.unpack(value.raw)
             previous = ctypes.byref(key)
         return peers
 

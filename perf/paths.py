@@ -38,9 +38,12 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
     # TCP super-packets whole to the veth peers that say hello (on by default): without them.
     "pyflannel-no-whole": ["--fastpath-whole-superpackets=false"],
-    # The receiving host takes them in through the kernel's VXLAN receive (on by default):
-    # without it, its loops write them into the TUN.
-    "pyflannel-no-vxlan-receive": ["--fastpath-vxlan-receive=false"],
+    # Between hosts on one kernel (this testbed's) they go plain (on by default): without, they
+    # go as to any peer, the receiving host taking them in through the kernel's VXLAN receive
+    # (on by default); without that too, its loops write them into the TUN.
+    "pyflannel-no-plain": ["--fastpath-plain-superpackets=false"],
+    "pyflannel-no-vxlan-receive": ["--fastpath-plain-superpackets=false",
+                                   "--fastpath-vxlan-receive=false"],
     # Source verification (on by default): what it costs.
     "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
     # The kernel path's next hop looked up ten times a second (on by default): for every packet.

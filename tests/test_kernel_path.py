@@ -26,7 +26,14 @@ import pytest
 from fastpath import FastPath, udp_tc
 from fastpath.dataplane import KEPT
 from fastpath.device import UDP_SEGMENT
-from fastpath.hello import HELLO_MAGIC, HELLO_PROTOCOL, hello_packet
+from fastpath.hello import (
+    HELLO_MAGIC,
+    HELLO_PROTOCOL,
+    KERNEL_MAGIC,
+    boot_id,
+    hello_packet,
+    kernel_hello_packet,
+)
 from fastpath.udp_tc import FILTER_PRIORITY, RX_VXLAN_DEVICE
 from tests.cluster import wait_for
 from tests.test_dataplane import (
@@ -809,13 +816,162 @@ def test_a_firewall_on_the_device_s_port_sends_whole_super_packets_back_to_the_l
                    str(udp_tc.RX_VXLAN_PORT), "-j", "DROP")
 
 
+@pytest.fixture(scope="module")
+def plain(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
+    # p sends whole super-packets, plain to peers on this kernel (all of the testbed's); q, r and
+    # t take them, marked ones through their receive devices.
+    p = start_node(testbed, "10.244.41.0/24", kernel="on", underlay="eth0",
+                   whole_superpackets=True, plain_superpackets=True)
+    q, r, t = (start_node(testbed, f"10.244.{n}.0/24", kernel="on", underlay="eth0",
+                          whole_superpackets=True, plain_superpackets=True,
+                          vxlan_receiver=RX_VXLAN_DEVICE) for n in (42, 43, 44))
+    link(p, q, r, t)
+    try:
+        yield p, q, r, t
+    finally:
+        for node in (p, q, r, t):
+            node.fastpath.stop()
+
+
+def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after}
+
+
+def test_super_packets_go_plain_to_a_peer_on_this_kernel(
+        plain: tuple[Node, Node, Node, Node]) -> None:
+    """q's kernel hello says its kernel is p's: p sends it a first TCP super-packet plain, q
+    says at once (on what it sends back) that it arrived, and then all go plain; q's kernel path
+    takes each straight in (not through its receive device, nor its loops), and q's next kernel
+    hello tells p they all arrived."""
+    p, q, _, _ = plain
+    assert say_hello(q, p) == 1  # the hello, and the kernel hello beside it
+    wait_for(lambda: q.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted q's kernel")
+    assert not p.fastpath.plain_peers()[q.host.underlay_ip].confirmed
+    before_p, before_q = settled_stats(p, q)
+    tcp(p, q)
+    after_p, after_q = settled_stats(p, q)
+    assert p.fastpath.plain_peers()[q.host.underlay_ip].confirmed
+    sent, taken = moved(before_p["kernel"], after_p["kernel"]), moved(before_q["kernel"],
+                                                                       after_q["kernel"])
+    # All but a few: those before the confirmation, and those that looked the next hop up again
+    # (ten times a second), went as to any peer, through q's receive device.
+    assert sent["tx_plain"] > sent["tx_superpackets"] * 3 / 4
+    assert taken["rx_plain"] == sent["tx_plain"]
+    assert taken["rx_vxlan_handed"] == sent["tx_superpackets"] - sent["tx_plain"]
+    assert after_q["rx"]["whole_superpackets"] == before_q["rx"]["whole_superpackets"]
+    assert after_q["rx"]["packets"] == before_q["rx"]["packets"]  # none reached the loops
+    received = q.fastpath.plain_peers()[p.host.underlay_ip].received
+    say_hello(q, p)
+    wait_for(lambda: p.fastpath.plain_peers()[q.host.underlay_ip].taken == received, 5,
+             "p heard how many arrived")
+    assert p.fastpath.plain_peers()[q.host.underlay_ip].sent == received
+    with inside(p.host.netns):
+        assert p.fastpath.refresh() == {}
+
+
+def test_a_kernel_hello_counts_only_from_this_kernel(
+        plain: tuple[Node, Node, Node, Node]) -> None:
+    """A kernel hello with another boot ID (a peer on another machine, whose super-packets a
+    NIC on the way would cut) is dropped unnoted: p sends that peer marked ones."""
+    p, _, r, _ = plain
+    source = ipaddress.IPv4Network(r.subnet).network_address
+    destination = ipaddress.IPv4Network(p.subnet).network_address
+    before = kernel(p)["rx_hellos"]
+    with inside(r.host.netns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(kernel_hello_packet(source, destination, bytes(16), 0),
+                    (p.host.underlay_ip, PORT))
+        wait_for(lambda: kernel(p)["rx_hellos"] == before + 1, 5, "p saw the hello")
+        assert r.host.underlay_ip not in p.fastpath.plain_peers()
+        sock.sendto(kernel_hello_packet(source, destination, boot_id(), 0),
+                    (p.host.underlay_ip, PORT))
+        wait_for(lambda: r.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted r's kernel")
+
+
+@contextmanager
+def cutting(testbed: Testbed, node: Node) -> Iterator[None]:
+    """The bridge's port to the node with TSO and GSO off: it cuts what it sends the node in
+    software, and the kernel's GSO drops a plain super-packet, which it cannot cut."""
+    port = f"u{testbed.hosts.index(node.host) + 1}"
+    sh("ip", "netns", "exec", testbed.underlay, "ethtool", "-K", port, "tso", "off", "gso", "off")
+    try:
+        yield
+    finally:
+        sh("ip", "netns", "exec", testbed.underlay, "ethtool", "-K", port, "tso", "on", "gso",
+           "on")
+
+
+def refused_while_sending(src: Node, dst: Node) -> str:
+    """A TCP transfer from src to dst, during which each says hello and src refreshes, as the
+    daemons do every 2 s (faster here); why src refused dst plain super-packets. The transfer
+    completes (tcp() checks every byte arrived)."""
+    with inside(src.host.netns):
+        assert src.fastpath.refresh() == {}  # the daemon's run so far: nothing was sent
+    with ThreadPoolExecutor(1) as pool:
+        moving = pool.submit(tcp, src, dst)
+        refused: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while dst.host.underlay_ip not in refused and time.monotonic() < deadline:
+            say_hello(dst, src)
+            time.sleep(0.3)
+            with inside(src.host.netns):
+                refused = src.fastpath.refresh()
+        moving.result(60)
+    assert src.fastpath.plain_peers()[dst.host.underlay_ip].refused
+    return refused.get(dst.host.underlay_ip, "")
+
+
+def test_plain_super_packets_that_stop_arriving_are_refused_for_good(
+        testbed: Testbed, plain: tuple[Node, Node, Node, Node]) -> None:
+    """Once the path to r cuts super-packets, r's kernel hellos count none arriving: p's
+    refresh refuses r plain ones and sends it marked ones, which the port cuts into datagrams.
+    The transfer under way completes."""
+    p, _, r, _ = plain
+    say_hello(r, p)
+    wait_for(lambda: r.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted r's kernel")
+    tcp(p, r)
+    assert p.fastpath.plain_peers()[r.host.underlay_ip].confirmed
+    with cutting(testbed, r):
+        before = kernel(p)
+        assert "none of" in refused_while_sending(p, r)
+        assert kernel(p)["tx_plain"] > before["tx_plain"]  # those that got lost
+        before_p, before_r = settled_stats(p, r)
+        tcp(p, r)
+        after_p, after_r = settled_stats(p, r)
+        assert after_p["kernel"]["tx_plain"] == before_p["kernel"]["tx_plain"]
+        assert after_p["kernel"]["tx_superpackets"] > before_p["kernel"]["tx_superpackets"]
+        assert after_r["kernel"]["rx_plain"] == before_r["kernel"]["rx_plain"]
+        say_hello(r, p)  # a later kernel hello leaves the refusal as it is
+        time.sleep(0.3)
+        assert p.fastpath.plain_peers()[r.host.underlay_ip].refused
+
+
+def test_a_path_that_cuts_them_from_the_start_costs_one_super_packet(
+        testbed: Testbed, plain: tuple[Node, Node, Node, Node]) -> None:
+    """To t, whose path cuts super-packets from the start, p sends one plain (the probe), which
+    is lost; the rest go marked, and p refuses t plain ones when t's hellos count none."""
+    p, _, _, t = plain
+    say_hello(t, p)
+    wait_for(lambda: t.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted t's kernel")
+    with cutting(testbed, t):
+        before = kernel(p)
+        refused_while_sending(p, t)
+        probes = kernel(p)["tx_plain"] - before["tx_plain"]
+        assert 1 <= probes <= os.cpu_count()  # one per CPU at most, if they raced
+        assert kernel(p)["tx_superpackets"] - before["tx_superpackets"] > probes
+        assert not p.fastpath.plain_peers()[t.host.underlay_ip].confirmed
+
+
 def test_hellos_that_reach_the_loops_are_counted_not_dropped(
         trio: tuple[Node, Node, Node, Node]) -> None:
-    a, _, _, d = trio  # d has no kernel path: a's hello reaches its loops
+    a, _, _, d = trio  # d has no kernel path: a's hellos reach its loops
     before_d = settled_stats(d)[0]
     assert say_hello(a, d) == 1
-    wait_for(lambda: d.fastpath.stats()["rx"]["hellos"] == before_d["rx"]["hellos"] + 1, 5,
-             "d counted a's hello")
+    with inside(a.host.netns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(kernel_hello_packet(ipaddress.IPv4Network(a.subnet).network_address,
+                                        ipaddress.IPv4Network(d.subnet).network_address,
+                                        boot_id(), 0), (d.host.underlay_ip, PORT))
+    wait_for(lambda: d.fastpath.stats()["rx"]["hellos"] == before_d["rx"]["hellos"] + 2, 5,
+             "d counted a's hello and kernel hello")
     after_d = d.fastpath.stats()
     assert after_d["rx"]["drop_ttl"] == before_d["rx"]["drop_ttl"]
     assert after_d["rx"]["packets"] == before_d["rx"]["packets"]
@@ -839,6 +995,20 @@ def test_the_hello_is_one_the_programs_and_the_loops_know() -> None:
         loops = f.read()
     assert f'HELLO_MAGIC = b"{HELLO_MAGIC.decode()}"' in loops
     assert f"HELLO_PROTOCOL = {HELLO_PROTOCOL}\n" in loops
+    # The kernel hello: the same magic's first word, then its own; the boot ID; the count.
+    kernel_hello = kernel_hello_packet(ipaddress.IPv4Address("10.244.1.0"),
+                                       ipaddress.IPv4Address("10.244.2.0"), boot_id(), 7)
+    assert kernel_hello[:2] == packet[:2] and kernel_hello[4:10] == packet[4:10]
+    assert reference_checksum(kernel_hello[:20]) == 0
+    payload = kernel_hello[20:]
+    assert payload[:16] == KERNEL_MAGIC and payload[32:] == (7).to_bytes(8, "big")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert payload[16:32] == bytes.fromhex(f.read().strip().replace("-", ""))
+    word = int(re.search(r"#define KERNEL_MAGIC_1 (0x[0-9a-f]+)ULL", program)[1], 16)
+    assert words[0].to_bytes(8, "big") + word.to_bytes(8, "big") == KERNEL_MAGIC
+    assert f"#define KERNEL_HELLO_LEN {len(payload)} " in program
+    assert f'KERNEL_MAGIC = b"{KERNEL_MAGIC.decode()}"' in loops
+    assert f"KERNEL_HELLO_LEN = {len(payload)}\n" in loops
 
 
 def test_a_build_without_the_object_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
