@@ -115,7 +115,7 @@ class UdpBackend:
                  fp.kernel, "on" if fp.verify_source else "off",
                  "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",
                  "on" if fp.next_hop_cache and fp.kernel == "on" else "off",
-                 "on" if fp.plain_superpackets and fp.kernel != "off" else "off")
+                 "on" if fp.sends_plain else "off")
         return mtu
 
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:

@@ -241,6 +241,12 @@ cdef class FastPath:
         path sending onto a veth that takes them (TSO on)."""
         return self.udp_tc is not None and self.udp_tc.sends_whole
 
+    @property
+    def sends_plain(self) -> bool:
+        """Whether they go plain to peers on this kernel: plain_superpackets, with whole ones,
+        the next-hop cache and no queueing discipline on the underlay that could cut them."""
+        return self.udp_tc is not None and self.udp_tc.sends_plain
+
     def set_route(self, subnet, ip, int port):
         """Send packets for `subnet` (e.g. "10.244.3.0/24") to UDP ip:port."""
         self.table.set(subnet, ip, port)

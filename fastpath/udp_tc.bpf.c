@@ -56,7 +56,9 @@
  * SKB_GSO_DODGY), and outer IP ID PLAIN_ID; its udp_ingress takes the headers off and receives
  * it on flannel0 like any small packet. Such a super-packet must never need cutting on the way
  * (a device with TSO off, a qdisc that cuts, as tbf and cake do): the kernel's GSO would read
- * the outer UDP header and drop it. So a peer gets them only
+ * the outer UDP header and drop it. So they go only where the underlay has no queueing
+ * discipline that could (fastpath/udp_tc.py's CUTTING_QDISCS, looked at every 2 s), and to a
+ * peer only
  *   - while it says, by a second hello (the kernel hello), that its kernel is ours (the boot ID)
  *     and how many of ours arrived;
  *   - after the first one sent it (the probe) arrived, which it says at once by the outer IP ID

@@ -45,9 +45,14 @@ TCX_LINKS = "tcx links (the kernel path forwards across a restart, Linux 6.6+)"
 MAX_KERNEL_SUBNETS = 1 << 20
 
 NETLINK_ROUTE = 0
-RTM_DELTFILTER = 45
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+RTM_DELTFILTER, RTM_GETQDISC = 45, 38
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCA_KIND = 1
+# Queueing disciplines that may cut a TCP super-packet in software on its way out (tbf one
+# longer than its burst, cake at low rates, taprio, netem corrupting): where the underlay has
+# one, plain super-packets are not sent (udp_tc.bpf.c).
+CUTTING_QDISCS = frozenset({"tbf", "cake", "taprio", "netem"})
 ETH_P_ALL = 0x0003
 TC_INGRESS_PARENT = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 NLMSGHDR = struct.Struct("=IHHII")
@@ -226,6 +231,30 @@ def _ethtool(ifname: str, command: int, size: int) -> bytes | None:
     return answer.raw
 
 
+def qdiscs(ifindex: int) -> set[str]:
+    """The kinds of the queueing disciplines on the interface ("fq_codel", "tbf"...), of the
+    calling thread's network namespace."""
+    with _netlink() as sock:
+        sock.send(NLMSGHDR.pack(NLMSGHDR.size + TCMSG.size, RTM_GETQDISC,
+                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + bytes(TCMSG.size))
+        kinds = set()
+        while True:
+            reply = sock.recv(1 << 16)
+            offset = 0
+            while offset < len(reply):
+                length, kind, _, _, _ = NLMSGHDR.unpack_from(reply, offset)
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return kinds
+                if TCMSG.unpack_from(reply, offset + NLMSGHDR.size)[1] == ifindex:
+                    attr = offset + NLMSGHDR.size + TCMSG.size
+                    while attr + 4 <= offset + length:
+                        size, name = struct.unpack_from("=HH", reply, attr)
+                        if name == TCA_KIND:
+                            kinds.add(reply[attr + 4:attr + size].rstrip(b"\0").decode())
+                        attr += (size + 3) & ~3
+                offset += (length + 3) & ~3
+
+
 def driver(ifname: str) -> str:
     """The interface's driver ("veth", "virtio_net", "mlx5_core"...); "" when it has none to
     tell."""
@@ -353,7 +382,7 @@ class UdpTc:
             self.size, _int(local_ip), _port(port))
         self._config_tail = (self.underlay_ifindex, tun_ifindex, self.underlay_is_veth,
                              verify_source, boot_id())
-        self.sends_whole = False
+        self.sends_whole = self.sends_plain = False
         self._config = self._pack_config()
         # Where each program goes: name in LINKS -> interface index.
         self._targets = {"ingress": self.underlay_ifindex}
@@ -367,17 +396,22 @@ class UdpTc:
         """udp_tc.bpf.c's struct udp_tc_config for now; sends_whole says whether it sends whole
         super-packets to the peers that said hello: asked for, and the veth hands them over
         whole, which it does with TSO on (on any other device they go out whole anyway, for the
-        device to cut)."""
+        device to cut); sends_plain whether they go plain to peers on this kernel: asked for,
+        with the next-hop cache, and no queueing discipline on the underlay that could cut them
+        (CUTTING_QDISCS)."""
         self.sends_whole = self._send_whole and segments_tcp(self.underlay)
+        self.sends_plain = self.plain and self.sends_whole and self._next_hop_cache and not (
+            qdiscs(self.underlay_ifindex) & CUTTING_QDISCS)
         flags = (SEND_WHOLE if self.sends_whole else 0) | (
             LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
             THROUGH_VXLAN if self.through_vxlan else 0) | (
             NEXT_HOP_CACHE if self._next_hop_cache else 0) | (
-            PLAIN_SUPERPACKETS if self.plain else 0)
+            PLAIN_SUPERPACKETS if self.sends_plain else 0)
         return CONFIG.pack(*self._config_fields, flags, *self._config_tail, _build())
 
     def refresh(self) -> dict[str, str]:
-        """Follow the underlay's TSO setting (ethtool -K can change it at any time): whole
+        """Follow the underlay's TSO setting and queueing disciplines (ethtool -K and tc can
+        change them at any time): whole
         super-packets onto a veth that cuts them in software would reach the peer as datagrams
         that its UDP GRO does not merge (their UDP checksum is 0), slower than the loops' way.
         And give the vxlan device up, for good, when what udp_ingress hands it does not arrive:

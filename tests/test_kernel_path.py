@@ -53,6 +53,16 @@ from tests.test_packet import reference_checksum
 from tests.testbed import Testbed, inside, sh, tcp_transfer
 
 
+def linked(*nodes: Node) -> Iterator[tuple[Node, ...]]:
+    """A fixture's nodes, each routing the others' subnets, stopped when it ends."""
+    link(*nodes)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.fastpath.stop()
+
+
 @pytest.fixture(scope="module")
 def trio(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
     # a and b run both programs; c receives in the kernel but sends through its loops, with
@@ -63,12 +73,7 @@ def trio(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
     c = start_node(testbed, "10.244.3.0/24", batch=1, offload=False, kernel="rx",
                    underlay="eth0")
     d = start_node(testbed, "10.244.4.0/24")
-    link(a, b, c, d)
-    try:
-        yield a, b, c, d
-    finally:
-        for node in (a, b, c, d):
-            node.fastpath.stop()
+    yield from linked(a, b, c, d)
 
 
 def kernel(node: Node) -> dict[str, int]:
@@ -636,12 +641,7 @@ def whole(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
     g = start_node(testbed, "10.244.7.0/24", batch=1, offload=False)
     h = start_node(testbed, "10.244.8.0/24", kernel="on", underlay="eth0",
                    whole_superpackets=True, vxlan_receiver=RX_VXLAN_DEVICE)
-    link(e, f, g, h)
-    try:
-        yield e, f, g, h
-    finally:
-        for node in (e, f, g, h):
-            node.fastpath.stop()
+    yield from linked(e, f, g, h)
 
 
 def say_hello(src: Node, dst: Node) -> int:
@@ -825,12 +825,7 @@ def plain(testbed: Testbed) -> Iterator[tuple[Node, Node, Node, Node]]:
     q, r, t = (start_node(testbed, f"10.244.{n}.0/24", kernel="on", underlay="eth0",
                           whole_superpackets=True, plain_superpackets=True,
                           vxlan_receiver=RX_VXLAN_DEVICE) for n in (42, 43, 44))
-    link(p, q, r, t)
-    try:
-        yield p, q, r, t
-    finally:
-        for node in (p, q, r, t):
-            node.fastpath.stop()
+    yield from linked(p, q, r, t)
 
 
 def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -885,6 +880,32 @@ def test_a_kernel_hello_counts_only_from_this_kernel(
         sock.sendto(kernel_hello_packet(source, destination, boot_id(), 0),
                     (p.host.underlay_ip, PORT))
         wait_for(lambda: r.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted r's kernel")
+
+
+def test_no_plain_super_packets_where_a_queueing_discipline_could_cut_them(
+        plain: tuple[Node, Node, Node, Node]) -> None:
+    """tbf on p's underlay cuts a super-packet longer than its burst in software: p sends
+    marked ones while it is there (the daemon refreshes every 2 s), plain ones again after."""
+    p, q, _, _ = plain
+    say_hello(q, p)
+    wait_for(lambda: q.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted q's kernel")
+    assert p.fastpath.sends_plain
+    p.host.run("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "1gbit", "burst",
+               "64kb", "latency", "50ms")
+    try:
+        with inside(p.host.netns):
+            p.fastpath.refresh()
+        assert not p.fastpath.sends_plain
+        before = settled_stats(p)[0]["kernel"]
+        tcp(p, q)
+        after = settled_stats(p)[0]["kernel"]
+        assert after["tx_superpackets"] > before["tx_superpackets"]
+        assert after["tx_plain"] == before["tx_plain"]
+    finally:
+        p.host.run("tc", "qdisc", "del", "dev", "eth0", "root")
+    with inside(p.host.netns):
+        p.fastpath.refresh()
+    assert p.fastpath.sends_plain
 
 
 @contextmanager
