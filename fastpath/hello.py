@@ -15,6 +15,7 @@ on the same kernel sends plain ones while that count keeps up; an older pyflanne
 kernel hello as it drops any packet whose TTL ran out.
 """
 
+import functools
 import ipaddress
 import struct
 import uuid
@@ -30,8 +31,10 @@ IPV4_DF = 0x4000
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+@functools.cache
 def boot_id() -> bytes:
-    """This kernel's boot ID, the same in every network namespace: 16 bytes."""
+    """This kernel's boot ID, the same in every network namespace and for its whole life: 16
+    bytes."""
     with open(BOOT_ID) as f:
         return uuid.UUID(f.read().strip()).bytes
 

@@ -458,11 +458,17 @@ static __always_inline int fit_for_any_peer(struct __sk_buff *skb, struct iphdr 
 	return finish_checksum(skb, ip) == 0;
 }
 
+/* Whether a hello said `when` (0: never) still counts. */
+static __always_inline int fresh(__u64 when, __u64 now)
+{
+	return when && now - when < HELLO_VALID_NS;
+}
+
 static __always_inline int said_hello(__be32 peer, __u64 now)
 {
 	struct peer *p = bpf_map_lookup_elem(&whole_peers, &peer);
 
-	return p && p->hello && now - p->hello < HELLO_VALID_NS;
+	return p && fresh(p->hello, now);
 }
 
 /* The peer's entry, made (all zero) if it has none; NULL only if the map refuses. */
@@ -484,7 +490,7 @@ static __always_inline struct peer *plain_peer(__be32 ip, __u64 now)
 {
 	struct peer *p = bpf_map_lookup_elem(&whole_peers, &ip);
 
-	if (!p || !p->same_kernel || now - p->same_kernel >= HELLO_VALID_NS || p->refused)
+	if (!p || !fresh(p->same_kernel, now) || p->refused)
 		return NULL;
 	return p->confirmed || !p->plain_sent ? p : NULL;
 }
@@ -520,7 +526,7 @@ static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
 	hop->eth.h_proto = bpf_htons(ETH_P_IP);
 	struct peer *p = bpf_map_lookup_elem(&whole_peers, &route->ip);
 
-	hop->said_hello = p && p->hello && now - p->hello < HELLO_VALID_NS;
+	hop->said_hello = p && fresh(p->hello, now);
 	hop->first_plain = p ? p->first_plain : 0;
 	hop->peer = route->ip;
 	hop->checked = now;

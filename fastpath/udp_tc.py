@@ -111,7 +111,6 @@ COUNTER_NAMES = ("tx_packets", "tx_bytes", "tx_passed", "rx_packets", "rx_bytes"
 @dataclass(frozen=True)
 class PlainPeer:
     """What whole_peers says of a peer on this kernel (udp_tc.bpf.c's struct peer)."""
-    since: float  # seconds since its last kernel hello
     sent: int  # plain super-packets sent to it
     taken: int  # of those, how many had arrived, by its last kernel hello
     confirmed: bool  # it said the first arrived: all go plain (before, only that probe)
@@ -484,9 +483,7 @@ class UdpTc:
     def plain_peers(self) -> dict[str, PlainPeer]:
         """The peers on this kernel, by PublicIP: those whose kernel hello the ingress program
         noted or that sent plain super-packets."""
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        return {ip: PlainPeer((now - same) / 1e9 if same else float("inf"), sent, taken,
-                              bool(confirmed), received, bool(refused))
+        return {ip: PlainPeer(sent, taken, bool(confirmed), received, bool(refused))
                 for ip, (_, same, sent, taken, confirmed, received, _, refused)
                 in self._peers().items() if same or received}
 
