@@ -956,6 +956,9 @@ def test_plain_super_packets_that_stop_arriving_are_refused_for_good(
         assert "none of" in refused_while_sending(p, r)
         assert kernel(p)["tx_plain"] > before["tx_plain"]  # those that got lost
         before_p, before_r = settled_stats(p, r)
+        say_hello(r, p)  # settling may have taken longer than a hello lasts (7 s)
+        wait_for(lambda: p.fastpath.whole_peers().get(r.host.underlay_ip, 99) < 1, 5,
+                 "p noted r's hello")
         tcp(p, r)
         after_p, after_r = settled_stats(p, r)
         assert after_p["kernel"]["tx_plain"] == before_p["kernel"]["tx_plain"]
