@@ -2,6 +2,6 @@
 
 import sys
 
-from control.cli import main
+from control.service.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Self
 
-from control.subnetenv import read_variables
+from control.host.subnetenv import read_variables
 from tests.etcd import EtcdServer
 from tests.testbed import Host, Testbed
 

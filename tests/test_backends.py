@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from control.lease import PeerLease
-from control.rtnl import RtNetlink
-from control.vxlan import vtep_mac
+from control.backend.vxlan import vtep_mac
+from control.host.rtnl import RtNetlink
+from control.subnet.lease import PeerLease
 from fastpath.udp_tc import BPF_TCX_INGRESS, LIBBPF_SONAMES, RX_VXLAN_DEVICE
 from tests.cluster import PREFIX, Cluster, Flanneld, key_of, put_config, wait_for
 from tests.etcd import EtcdServer

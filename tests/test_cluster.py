@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from control.endpoints import healthz_page
+from control.service.endpoints import healthz_page
 from fastpath.udp_tc import RX_VXLAN_DEVICE
 from tests.cluster import (
     FIGURE_2_CONFIG,

@@ -1,5 +1,5 @@
-"""The `flannel` CNI plugin (control/cni.py): flannel's plugin v1.1.0 run beside ours as the
-oracle for the delegate config and every error; the real `bridge` and `host-local` plugins
+"""The `flannel` CNI plugin (control/programs/cni.py): flannel's plugin v1.1.0 run beside ours as
+the oracle for the delegate config and every error; the real `bridge` and `host-local` plugins
 for containers on a pyflanneld cluster."""
 
 from __future__ import annotations
@@ -185,10 +185,10 @@ def test_del_of_an_unknown_container_succeeds(files: Path) -> None:
 def test_start_up_is_cheap(files: Path) -> None:
     """It runs once per container: only the standard library's small parts are imported."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import control.cni"],
+        [sys.executable, "-X", "importtime", "-c", "import control.programs.cni"],
         capture_output=True, text=True)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()[1:]}
-    assert "control.cni" in imported
+    assert "control.programs.cni" in imported
     heavy = {"uvloop", "aetcd", "etcd", "grpc", "prometheus_client", "fastpath", "asyncio",
              "subprocess", "typing"}
     assert not {name.split(".")[0] for name in imported} & heavy

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from control.config import ConfigError, VxlanConfig, parse_config
+from control.subnet.config import ConfigError, VxlanConfig, parse_config
 
 
 def net(text: str) -> ipaddress.IPv4Network:

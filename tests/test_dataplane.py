@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from control.host import ExternalInterface
-from control.receiver import finish_receiver, prepare_receiver
-from control.rtnl import RtNetlink
+from control.backend.udp_receiver import finish_receiver, prepare_receiver
+from control.host.interface import ExternalInterface
+from control.host.rtnl import RtNetlink
 from fastpath import FastPath
 from fastpath.device import SO_RCVBUFFORCE, UDP_SEGMENT, open_tun, open_udp
 from tests.conftest import require_host_network_tools

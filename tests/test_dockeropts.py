@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from control.subnetenv import SubnetEnv, write_subnet_env
+from control.host.subnetenv import SubnetEnv, write_subnet_env
 
 BIP, MTU, MASQ = '--bip=10.10.16.1/20', '--mtu=1472', '--ip-masq=false'
 
@@ -26,7 +26,7 @@ def run(tmp_path: object, ip_masq: bool | None, *flags: str,
         write_subnet_env(subnet_env, SubnetEnv(ipaddress.IPv4Network("10.0.0.0/8"),
                                                ipaddress.IPv4Network("10.10.16.0/20"), 1472,
                                                ip_masq))
-    result = subprocess.run([sys.executable, "-m", "control.dockeropts", "-f", subnet_env,
+    result = subprocess.run([sys.executable, "-m", "control.programs.dockeropts", "-f", subnet_env,
                              "-d", docker_env, *flags], capture_output=True, text=True,
                             env={"PATH": os.environ["PATH"], **(environ or {})})
     written = open(docker_env).read() if os.path.exists(docker_env) else ""

@@ -179,7 +179,8 @@ def test_etcd_gone_for_longer_than_the_lease_keeps_packets_flowing(setup: Setup)
                                                  out).groups())
     print(f"{setup.api}: {sent - received} of {sent} pings lost while etcd was gone")
     # On v2 etcd expires every lease when it comes back; the peers keep the routes for a grace
-    # (control/watch.py) while the owners take their subnets again, so nothing falls in between.
+    # (control/subnet/watch.py) while the owners take their subnets again, so nothing falls in
+    # between.
     assert sent > 150 and sent - received <= 1
 
 

@@ -20,14 +20,14 @@ from tests.testbed import Testbed
 # other builds; bringing back pyroute2 (+10 MiB) or the other API's client (+7-13 MiB) fails it.
 IDLE_HWM_LIMIT_MIB = {"v3": 47, "v2": 40}
 CLIENT_MODULES = {"v3": {"aetcd", "grpc"}, "v2": {"etcd", "urllib3"}}
-NEVER_IMPORTED = {"pyroute2"}  # control/rtnl.py does the netlink
+NEVER_IMPORTED = {"pyroute2"}  # control/host/rtnl.py does the netlink
 GRPC_LIBRARY = "cygrpc"  # gRPC's shared object, mapped once grpc is imported
 
 # pyflanneld's own entry point, writing the names of every module it imported when it exits
 # (it leaves through os._exit, past atexit).
 MAIN_LISTING_MODULES = """
 import os, sys
-from control.cli import main
+from control.service.cli import main
 listing = sys.argv.pop(1)
 leave = os._exit
 def listing_then_exit(status):

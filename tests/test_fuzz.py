@@ -14,9 +14,9 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control.config import ConfigError, parse_config
-from control.lease import LeaseError, decode_lease
-from control.vxlan import vtep_mac
+from control.backend.vxlan import vtep_mac
+from control.subnet.config import ConfigError, parse_config
+from control.subnet.lease import LeaseError, decode_lease
 from fastpath import offload, packet
 from tests.test_offload import (
     ACK,

@@ -1,4 +1,4 @@
-"""control.host's netlink in a test host's namespace: the external interface by each of
+"""control.host.interface's netlink in a test host's namespace: the external interface by each of
 flanneld's rules, and the TUN's address, MTU, state and route (on a TUN of its own here)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from control.host import HostError, Netlink
+from control.host.interface import HostError, Netlink
 from tests.testbed import Host, Testbed, inside
 
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")

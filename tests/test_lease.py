@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from control.config import parse_config
-from control.lease import (
+from control.subnet.config import parse_config
+from control.subnet.lease import (
     PICK_FROM,
     LeaseError,
     OutOfSubnetsError,

@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from control.options import VERSION, Endpoint, parse_args
+from control.service.options import VERSION, Endpoint, parse_args
 from tests.flanneld import REPO
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from control.options import FLAGS, parse_args
-from control.subnetenv import read_variables
+from control.host.subnetenv import read_variables
+from control.service.options import FLAGS, parse_args
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, key_of, put_config, stop_all, wait_for
 from tests.etcd import EtcdServer
 from tests.fdstore import KEPT_NAMES
@@ -124,15 +124,22 @@ def environment_file(path: Path) -> dict[str, str]:
 
 # ---- the layout -----------------------------------------------------------------------------
 
-def test_layout_names_every_control_module_and_no_other() -> None:
+def test_layout_names_every_control_room_and_module_and_no_other() -> None:
+    """The Layout section's `control/` bullet has one sub-bullet per subpackage (`name/`), which
+    names, in backquotes, every module in it and no other."""
     with open(os.path.join(REPO, "README.md")) as f:
         layout = f.read().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     bullet = layout.split("\n- `control/`", 1)[1].split("\n- ", 1)[0]
+    rooms = re.split(r"\n  - `([a-z_]+)/`", bullet)[1:]
     # Backquoted identifiers: the modules, and the two commands the bullet names.
-    named = set(re.findall(r"`([a-z_0-9]+)`", bullet)) - {"pyflanneld", "flannel"}
-    modules = {path.stem for path in Path(REPO, "control").glob("*.py")
-               if not path.stem.startswith("__")}
-    assert named == modules
+    named = {room: set(re.findall(r"`([a-z_0-9]+)`", text)) - {"pyflanneld", "flannel"}
+             for room, text in zip(rooms[::2], rooms[1::2], strict=True)}
+    control = Path(REPO, "control")
+    on_disk = {room.name: {path.stem for path in room.glob("*.py")
+                           if not path.stem.startswith("__")}
+               for room in control.iterdir() if (room / "__init__.py").exists()}
+    assert named == on_disk
+    assert {path.stem for path in control.glob("*.py")} == {"__init__", "__main__"}
 
 
 # ---- systemd --------------------------------------------------------------------------------
@@ -156,7 +163,7 @@ def test_systemd_block_writes_a_unit_systemd_accepts_and_flags_pyflanneld_accept
 
     # The unit is the one shipped in the package, started by this pyflanneld's full path.
     unit = (root / UNIT.lstrip("/")).read_text().splitlines()
-    shipped = (importlib.resources.files("control") / "pyflanneld.service").read_text()
+    shipped = (importlib.resources.files("control.service") / "pyflanneld.service").read_text()
     assert f"ExecStart={VENV_BIN}/pyflanneld" in unit
     assert [line for line in unit if not line.startswith("ExecStart=")] == [
         line for line in shipped.splitlines() if not line.startswith("ExecStart=")]

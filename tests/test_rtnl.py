@@ -1,5 +1,5 @@
-"""control.rtnl against the real kernel, in a test host's namespace, for what flanneld's vxlan and
-host-gw backends do: a vxlan link made as flanneld makes flannel.1, routes through a gateway
+"""control.host.rtnl against the real kernel, in a test host's namespace, for what flanneld's vxlan
+and host-gw backends do: a vxlan link made as flanneld makes flannel.1, routes through a gateway
 (onlink on the vxlan link, plain on the underlay), permanent neighbours and fdb entries. Each
 result is checked twice: with rtnl's own readers and with iproute2 (`ip -d link`, `ip route`,
 `ip neigh`, `bridge fdb`), which parses the kernel's answers independently.
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from control.rtnl import RtNetlink, VxlanLink, format_mac, parse_mac
+from control.host.rtnl import RtNetlink, VxlanLink, format_mac, parse_mac
 from tests.testbed import Host, Testbed, inside
 
 VNI = 1

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from control.sdnotify import handed_fds, notify, watchdog_period
+from control.service.sdnotify import handed_fds, notify, watchdog_period
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config
 from tests.etcd import EtcdServer
 from tests.testbed import Testbed, inside

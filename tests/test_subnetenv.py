@@ -4,7 +4,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from control.host.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 
 ENV = SubnetEnv(ipaddress.IPv4Network("10.244.0.0/16"), ipaddress.IPv4Network("10.244.33.0/24"),
                 1472, False)

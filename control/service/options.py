@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
-from control.subnetenv import DEFAULT_SUBNET_FILE
+from control.host.subnetenv import DEFAULT_SUBNET_FILE
 from fastpath import DEFAULT_BATCH
 from fastpath.udp_tc import KERNEL_MODES, RX_VXLAN_DEVICE, RX_VXLAN_PORT
 
@@ -263,7 +263,7 @@ class _PrintSystemdUnit(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
         import importlib.resources  # only here: it is slow to import
 
-        unit = (importlib.resources.files("control") / "pyflanneld.service").read_text()
+        unit = (importlib.resources.files("control.service") / "pyflanneld.service").read_text()
         command = os.path.abspath(sys.argv[0])
         if os.path.basename(command) == "pyflanneld" and os.access(command, os.X_OK):
             unit = unit.replace("\nExecStart=pyflanneld\n", f"\nExecStart={command}\n")

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from control.handover import resume_fastpath
-from control.options import parse_args
-from control.sdnotify import handed_fds
+from control.service.handover import resume_fastpath
+from control.service.options import parse_args
+from control.service.sdnotify import handed_fds
 
 
 def configure_logging(verbosity: int) -> None:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     resumed = resume_fastpath(handed, options)
     import uvloop
 
-    from control.daemon import run_daemon
+    from control.service.daemon import run_daemon
 
     status = uvloop.run(run_daemon(options, handed, resumed))
     # Everything is stopped and closed by now: the interpreter's own teardown (gRPC's and the

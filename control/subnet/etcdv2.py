@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import etcd
 import urllib3.exceptions
 
-from control.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
+from control.subnet.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
 
 # A long poll returns at least this often: a watch restarted from elsewhere (a resync) does
 # not leave many threads waiting.

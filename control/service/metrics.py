@@ -17,12 +17,12 @@ from prometheus_client.core import (
     Metric,
 )
 
-from control.endpoints import Page
+from control.service.endpoints import Page
 
 if TYPE_CHECKING:
-    from control.lease import LeaseKeeper
-    from control.registry import EtcdCounts
-    from control.watch import SubnetWatcher
+    from control.subnet.lease import LeaseKeeper
+    from control.subnet.registry import EtcdCounts
+    from control.subnet.watch import SubnetWatcher
     from fastpath import FastPath
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"

@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from control.config import NetworkConfig
-from control.registry import Registry, RegistryError
+from control.subnet.config import NetworkConfig
+from control.subnet.registry import Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.lease")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import errno
 import logging
 
-from control.host import ExternalInterface
-from control.rtnl import RtNetlink, VxlanLink
+from control.host.interface import ExternalInterface
+from control.host.rtnl import RtNetlink, VxlanLink
 from fastpath import FastPath
 from fastpath.udp_tc import RX_VXLAN_DEVICE, RX_VXLAN_PORT, RX_VXLAN_VNI
 

@@ -9,13 +9,13 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
-from control.backend import BackendError
-from control.config import NetworkConfig
-from control.handover import kept_names, release_resumed
-from control.host import ExternalInterface, HostError, Netlink
-from control.lease import PeerLease, encode_lease
-from control.options import Options
-from control.receiver import delete_receiver, finish_receiver, prepare_receiver
+from control.backend.common import BackendError
+from control.backend.udp_receiver import delete_receiver, finish_receiver, prepare_receiver
+from control.host.interface import ExternalInterface, HostError, Netlink
+from control.service.handover import kept_names, release_resumed
+from control.service.options import Options
+from control.subnet.config import NetworkConfig
+from control.subnet.lease import PeerLease, encode_lease
 from fastpath import FastPath
 from fastpath.hello import HELLO_SECONDS
 from fastpath.table import MAX_SUBNETS

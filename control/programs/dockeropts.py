@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from control.subnetenv import DEFAULT_SUBNET_FILE, read_variables
+from control.host.subnetenv import DEFAULT_SUBNET_FILE, read_variables
 
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
 OPTION_PREFIX = "DOCKER_OPT_"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from control.host import ExternalInterface
-from control.lease import PeerLease, encode_lease
+from control.host.interface import ExternalInterface
+from control.subnet.lease import PeerLease, encode_lease
 
 
 class AllocBackend:

@@ -12,12 +12,11 @@ import logging
 import os
 import signal
 
-from control.backend import Backend, BackendError, clear_other_backends, make_backend
-from control.config import ConfigError, NetworkConfig, parse_config
-from control.endpoints import healthz_page, serve_http
-from control.handover import keep_for_next_run, release, restart_in_place
-from control.host import ExternalInterface, HostError, Netlink
-from control.iptables import (
+from control.backend.common import Backend, BackendError
+from control.backend.manager import clear_other_backends, make_backend
+from control.backend.udp import UdpBackend
+from control.host.interface import ExternalInterface, HostError, Netlink
+from control.host.iptables import (
     IPTablesError,
     Rule,
     RuleKeeper,
@@ -25,13 +24,15 @@ from control.iptables import (
     masq_rules,
     supports_random_fully,
 )
-from control.lease import LeaseKeeper, OutOfSubnetsError
-from control.options import Options
-from control.registry import Registry, RegistryError, answering_first
-from control.sdnotify import notify, watchdog_period
-from control.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
-from control.udp import UdpBackend
-from control.watch import SubnetWatcher
+from control.host.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
+from control.service.endpoints import healthz_page, serve_http
+from control.service.handover import keep_for_next_run, release, restart_in_place
+from control.service.options import Options
+from control.service.sdnotify import notify, watchdog_period
+from control.subnet.config import ConfigError, NetworkConfig, parse_config
+from control.subnet.lease import LeaseKeeper, OutOfSubnetsError
+from control.subnet.registry import Registry, RegistryError, answering_first
+from control.subnet.watch import SubnetWatcher
 from fastpath import FastPath
 
 log = logging.getLogger("pyflanneld")
@@ -50,7 +51,7 @@ async def open_registry(options: Options) -> Registry:
     with gRPC) of the 50Mi flannel gives flanneld."""
     endpoints = await answering_first([(e.host, e.port) for e in options.etcd_endpoints])
     if options.etcd_api == "v2":
-        from control.etcdv2 import EtcdV2Registry
+        from control.subnet.etcdv2 import EtcdV2Registry
 
         cert = None
         if options.etcd_certfile and options.etcd_keyfile:
@@ -59,7 +60,7 @@ async def open_registry(options: Options) -> Registry:
                               protocol=options.etcd_endpoints[0].scheme,
                               username=options.etcd_username, password=options.etcd_password,
                               cert=cert, ca_cert=options.etcd_cafile)
-    from control.etcdv3 import EtcdV3Registry, TLSFiles
+    from control.subnet.etcdv3 import EtcdV3Registry, TLSFiles
 
     tls = None
     if options.etcd_endpoints[0].scheme == "https":
@@ -101,7 +102,7 @@ class Daemon:
     def __init__(self, options: Options, handed: dict[str, int] | None = None,
                  resumed: FastPath | None = None) -> None:
         """handed: descriptors the previous run kept (systemd's fd store); resumed: the fast
-        path already forwarding on some of them (control/handover.py)."""
+        path already forwarding on some of them (control/service/handover.py)."""
         self.options = options
         self.handed = dict(handed or {})
         self.resumed = resumed
@@ -170,7 +171,7 @@ class Daemon:
                                     {b"/healthz": healthz_page(lambda: keeper.held)}, "healthz"))
         if options.metrics_port:
             # prometheus_client costs memory: only a daemon that serves metrics imports it.
-            from control.metrics import DaemonCollector, metrics_page
+            from control.service.metrics import DaemonCollector, metrics_page
 
             fastpath = self.backend.fastpath if isinstance(self.backend, UdpBackend) else None
             page = metrics_page(DaemonCollector(keeper, watcher, registry.counts, fastpath))

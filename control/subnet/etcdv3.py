@@ -22,7 +22,7 @@ import aetcd.rpc  # noqa: E402
 import aetcd.watcher  # noqa: E402
 import grpc  # noqa: E402
 
-from control.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
+from control.subnet.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
 
 # Unary calls are bounded here; the watch stream is not (aetcd would apply its timeout to it).
 CALL_TIMEOUT = 5.0

@@ -8,11 +8,11 @@ import errno
 import ipaddress
 import logging
 
-from control.backend import BackendError, prune_routes_via_peers
-from control.config import NetworkConfig
-from control.host import ExternalInterface
-from control.lease import PeerLease, encode_lease
-from control.rtnl import RtNetlink
+from control.backend.common import BackendError, prune_routes_via_peers
+from control.host.interface import ExternalInterface
+from control.host.rtnl import RtNetlink
+from control.subnet.config import NetworkConfig
+from control.subnet.lease import PeerLease, encode_lease
 
 log = logging.getLogger("pyflanneld.hostgw")
 

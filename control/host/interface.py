@@ -12,7 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from control.rtnl import RtNetlink
+from control.host.rtnl import RtNetlink
 
 
 class HostError(Exception):

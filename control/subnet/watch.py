@@ -14,10 +14,10 @@ import ipaddress
 import logging
 from collections.abc import Callable
 
-from control.backend import Backend
-from control.config import NetworkConfig
-from control.lease import LeaseError, PeerLease, decode_lease, parse_subnet_name
-from control.registry import Change, Entry, HistoryLostError, Registry, RegistryError
+from control.backend.common import Backend
+from control.subnet.config import NetworkConfig
+from control.subnet.lease import LeaseError, PeerLease, decode_lease, parse_subnet_name
+from control.subnet.registry import Change, Entry, HistoryLostError, Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.watch")
 

@@ -19,8 +19,8 @@ import sys
 import time
 from typing import NoReturn
 
-from control.options import Options
-from control.sdnotify import LISTEN_FDS_START, notify
+from control.service.options import Options
+from control.service.sdnotify import LISTEN_FDS_START, notify
 from fastpath import FastPath
 from fastpath.dataplane import KEPT_ANY
 from fastpath.device import tun_identity
