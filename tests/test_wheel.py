@@ -41,7 +41,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         names = wheel.namelist()
     # The compiled fast path, its tc programs, the unit file; no Cython sources needed.
     assert sum(name.startswith("fastpath/") and name.endswith(".so") for name in names) == 5
-    assert "fastpath/udp_tc.bpf.o" in names and "control/pyflanneld.service" in names
+    assert "fastpath/udp_tc.bpf.o" in names and "control/service/pyflanneld.service" in names
     yield str(venv / "bin")
 
 
