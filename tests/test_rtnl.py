@@ -254,6 +254,21 @@ def test_host_gw_routes_and_the_default_route_on_the_underlay(
         host.ip("route", "del", "10.9.0.0/16", "table", "100", check=False)
 
 
+def test_ipv6_routes_and_addresses_are_left_out(host: Host, rtnl: RtNetlink, eth0: int) -> None:
+    """Every request names its family: a route dump of family 0 would list IPv6 routes too
+    (pyroute2's rtmsg() alone would say AF_INET, its ndmsg and ifaddrmsg 0)."""
+    if host.run("cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() != "0":
+        pytest.skip("IPv6 is off in the test namespace")
+    host.ip("-6", "address", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad")
+    host.ip("-6", "route", "add", "default", "via", "2001:db8:1::fe", "dev", "eth0")
+    host.ip("-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:1::2", "dev", "eth0")
+    underlay = ipaddress.IPv4Network(f"{host.underlay_ip}/24", strict=False)
+    assert rtnl.routes(eth0) == [(underlay, None)]
+    assert eth0 not in rtnl.default_route_interfaces()
+    assert [a for i, a in rtnl.ipv4_addresses() if i == eth0] == [
+        ipaddress.IPv4Address(host.underlay_ip)]
+    assert "2001:db8:2::/64" in host.ip("-6", "route", "show", "dev", "eth0").stdout
+
 def test_permanent_neighbours_are_replaced_listed_and_deleted(
         host: Host, rtnl: RtNetlink, eth0: int, flannel: int) -> None:
     rtnl.set_up(flannel, VXLAN_MTU)  # a link going down flushes even permanent entries

@@ -1,22 +1,64 @@
-"""Just the rtnetlink that pyflanneld needs, over a plain AF_NETLINK socket: list links, IPv4
-addresses and default routes; add and delete an address; set a link's MTU and bring it up;
-replace a route. For flanneld's vxlan and host-gw backends also: read, create and delete a vxlan
-link; replace, list and delete routes through a gateway, permanent neighbours (ARP entries) and
-a vxlan link's forwarding database (fdb) entries.
+"""Just the rtnetlink that pyflanneld needs: list links, IPv4 addresses and default routes; add and
+delete an address; set a link's MTU and bring it up; replace a route. For flanneld's vxlan and
+host-gw backends also: read, create and delete a vxlan link; replace, list and delete routes
+through a gateway, permanent neighbours (ARP entries) and a vxlan link's forwarding database (fdb)
+entries.
 
-pyroute2 did this before, but importing it cost pyflanneld 10 MiB of resident memory (its package
-imports every netlink family it knows), a fifth of the 50Mi that flannel's manifest gives
-flanneld.
+The messages are pyroute2's (ifinfmsg, ifaddrmsg, rtmsg, ndmsg: their fields and attributes,
+nested vxlan data included, encoded and parsed by pyroute2); the socket is this module's own, a
+plain AF_NETLINK one. pyroute2's package __init__ is never run: it imports the whole library (NDB
+with sqlite3, IPDB, the asyncio sockets, unittest.mock), and `from pyroute2 import IPRoute` costs
+pyflanneld 10.5 MiB, where this module costs 1.4 MiB imported and 2.3 MiB with every request run
+(docs/netlink.md; tests/test_netlink_footprint.py keeps both figures).
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import sys
+import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+# pyroute2's modules that this one reaches; the whole set that importing them loads is
+# tests/test_netlink_footprint.py's to keep small.
+PYROUTE2_MESSAGE_MODULES = ("pyroute2.netlink.rtnl.ifinfmsg", "pyroute2.netlink.rtnl.ifaddrmsg",
+                            "pyroute2.netlink.rtnl.rtmsg", "pyroute2.netlink.rtnl.ndmsg")
+
+
+def _pyroute2_messages() -> tuple[Any, Any, Any, Any]:
+    """pyroute2's ifinfmsg, ifaddrmsg, rtmsg and ndmsg classes, imported without running
+    pyroute2/__init__.py. Where the package is imported already (by whatever else shares the
+    process) its modules serve as they are; otherwise a bare package object named pyroute2,
+    pointing at the installed package's folder, stands in for it, and Python imports the four
+    modules (and pyroute2.netlink, .common and .config, which they import) from there. That
+    depends on pyroute2's layout, the same from 0.7.12 to 0.9.7; pyproject.toml pins the version
+    and a layout that moved fails this import, not a request."""
+    if "pyroute2" not in sys.modules:
+        found = importlib.util.find_spec("pyroute2")  # finds; runs nothing
+        if found is None or not found.submodule_search_locations:
+            raise ImportError("pyroute2 is not installed", name="pyroute2")
+        package = types.ModuleType("pyroute2", "pyroute2's folder, its __init__ not run: "
+                                   "control.host.rtnl imports only its rtnetlink messages")
+        package.__path__ = list(found.submodule_search_locations)
+        package.__spec__ = importlib.machinery.ModuleSpec(
+            "pyroute2", None, origin=found.origin, is_package=True)
+        package.__spec__.submodule_search_locations = package.__path__
+        sys.modules["pyroute2"] = package
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    from pyroute2.netlink.rtnl.ndmsg import ndmsg
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+    return ifinfmsg, ifaddrmsg, rtmsg, ndmsg
+
+
+IfInfMsg, IfAddrMsg, RtMsg, NdMsg = _pyroute2_messages()
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
@@ -25,6 +67,8 @@ NLMSG_MIN_TYPE = 16  # below: netlink's own control messages
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP_INTR = 0x10
+# ROOT | MATCH. Its 0x200 is also NLM_F_EXCL's (and 0x100 NLM_F_REPLACE's): a flags word does
+# not tell a dump from a create, so a request says which it is by how it is sent (_dump).
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
@@ -41,32 +85,12 @@ RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
-NLA_F_NESTED = 0x8000
-IFLA_ADDRESS = 1
-IFLA_IFNAME = 3
-IFLA_MTU = 4
-IFLA_TXQLEN = 13
-IFLA_LINKINFO = 18
-IFLA_INFO_KIND = 1
-IFLA_INFO_DATA = 2
-IFLA_VXLAN_ID = 1
-IFLA_VXLAN_LINK = 3
-IFLA_VXLAN_LOCAL = 4
-IFLA_VXLAN_LEARNING = 7
-IFLA_VXLAN_PORT = 15  # big-endian
-IFLA_VXLAN_GBP = 23  # a flag: present or absent
-IFA_ADDRESS = 1
-IFA_LOCAL = 2
-RTA_DST = 1
-RTA_OIF = 4
-RTA_GATEWAY = 5
-RTA_TABLE = 15
 RTNH_F_ONLINK = 0x4
 RTM_F_CLONED = 0x200
-NDA_DST = 1
-NDA_LLADDR = 2
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+AF_UNSPEC = socket.AF_UNSPEC
+AF_INET = socket.AF_INET
 AF_BRIDGE = 7
 ENODEV = 19
 IFF_UP = 0x1
@@ -81,15 +105,33 @@ RTN_UNSPEC = 0  # in a delete: any type
 RTN_UNICAST = 1
 
 NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change mask
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
-RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst/src length, tos, table, protocol, scope, type
-NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
-RTATTR = struct.Struct("=HH")  # length, type
 NLMSGERR = struct.Struct("=i")
 RECV_BYTES = 1 << 16  # a dump message is at most 32 KiB
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 DUMP_ATTEMPTS = 5  # a dump that the kernel marks interrupted (links changed meanwhile) is redone
+
+# pyroute2's attribute list: (name, value) pairs, a nested one's value {"attrs": [...]}
+Attrs = Sequence[tuple[str, Any]]
+
+
+# Each request's fixed header with every field given, zero unless the request sets it; the
+# family always is (a route dump of family 0 would list IPv6 routes too, and rtmsg() left alone
+# makes it AF_INET).
+_LINK = {"family": AF_UNSPEC, "ifi_type": 0, "index": 0, "flags": 0, "change": 0}
+_ADDRESS = {"family": AF_UNSPEC, "prefixlen": 0, "flags": 0, "scope": RT_SCOPE_UNIVERSE,
+            "index": 0}
+_ROUTE = {"family": AF_UNSPEC, "dst_len": 0, "src_len": 0, "tos": 0, "table": 0, "proto": 0,
+          "scope": 0, "type": 0, "flags": 0}
+_NEIGH = {"family": AF_UNSPEC, "ifindex": 0, "state": 0, "flags": 0, "ndm_type": 0}
+
+
+def _route_attrs(destination: ipaddress.IPv4Network, index: int,
+                 gateway: ipaddress.IPv4Address | None) -> Attrs:
+    attrs: list[tuple[str, Any]] = [("RTA_DST", str(destination.network_address)),
+                                    ("RTA_OIF", index)]
+    if gateway is not None:
+        attrs.append(("RTA_GATEWAY", str(gateway)))
+    return attrs
 
 
 @dataclass(frozen=True)
@@ -130,62 +172,48 @@ def format_mac(value: bytes) -> str:
     return ":".join(f"{octet:02x}" for octet in value)
 
 
-def _align(length: int) -> int:
-    return (length + 3) & ~3
+def _text(value: Any) -> str:
+    """A string attribute as pyroute2 parsed it: str, or bytes where it was not UTF-8."""
+    if isinstance(value, bytes):
+        return value.rstrip(b"\0").decode(errors="replace")
+    return "" if value is None else str(value)
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    return RTATTR.pack(RTATTR.size + len(value), kind) + value.ljust(_align(len(value)), b"\0")
+def _ipv4(value: Any) -> ipaddress.IPv4Address | None:
+    """An address attribute as pyroute2 parsed it ("198.18.0.1"); None if absent or not
+    IPv4."""
+    try:
+        return ipaddress.IPv4Address(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
-def _attrs(data: bytes, offset: int) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    while offset + RTATTR.size <= len(data):
-        length, kind = RTATTR.unpack_from(data, offset)
-        if length < RTATTR.size:
-            break
-        found[kind & 0x3FFF] = data[offset + RTATTR.size:offset + length]  # without flag bits
-        offset += _align(length)
-    return found
+def _kind(message: Any) -> str | None:
+    """IFLA_INFO_KIND of a link message: None for a link with no kind (lo, most physical
+    NICs)."""
+    kind = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    return None if kind is None else _text(kind)
 
 
-def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+def _vxlan_link(message: Any) -> VxlanLink:
+    data = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")  # pyroute2's vxlan class
 
+    def vxlan(name: str) -> Any:
+        return data.get_attr(name) if hasattr(data, "get_attr") else None
 
-def _u32(value: bytes) -> int:
-    return struct.unpack_from("=I", value)[0]
-
-
-def _ipv4(value: bytes | None) -> ipaddress.IPv4Address | None:
-    return ipaddress.IPv4Address(value) if value is not None and len(value) == 4 else None
-
-
-def _kind(attrs: dict[int, bytes]) -> str | None:
-    """IFLA_INFO_KIND of a link message's attributes: None for a link with no kind (lo, most
-    physical NICs)."""
-    info = _attrs(attrs.get(IFLA_LINKINFO, b""), 0)
-    kind = info.get(IFLA_INFO_KIND)
-    return None if kind is None else kind.rstrip(b"\0").decode(errors="replace")
-
-
-def _vxlan_link(message: bytes) -> VxlanLink:
-    _, _, index, flags, _ = IFINFOMSG.unpack_from(message, NLMSGHDR.size)
-    attrs = _attrs(message, NLMSGHDR.size + IFINFOMSG.size)
-    data = _attrs(_attrs(attrs.get(IFLA_LINKINFO, b""), 0).get(IFLA_INFO_DATA, b""), 0)
     return VxlanLink(
-        index=index,
-        name=attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
-        mtu=_u32(attrs.get(IFLA_MTU, b"\0\0\0\0")),
-        mac=format_mac(attrs.get(IFLA_ADDRESS, b"")),
-        up=bool(flags & IFF_UP),
-        vni=_u32(data.get(IFLA_VXLAN_ID, b"\0\0\0\0")),
+        index=message["index"],
+        name=_text(message.get_attr("IFLA_IFNAME")),
+        mtu=message.get_attr("IFLA_MTU") or 0,
+        mac=(message.get_attr("IFLA_ADDRESS") or "").lower(),
+        up=bool(message["flags"] & IFF_UP),
+        vni=vxlan("IFLA_VXLAN_ID") or 0,
         # The kernel leaves out LOCAL when none was set and LINK when no underlay was given.
-        local=_ipv4(data.get(IFLA_VXLAN_LOCAL)),
-        link=_u32(data.get(IFLA_VXLAN_LINK, b"\0\0\0\0")),
-        port=struct.unpack("!H", data.get(IFLA_VXLAN_PORT, b"\0\0"))[0],
-        learning=bool(data.get(IFLA_VXLAN_LEARNING, b"\0")[0]),
-        gbp=IFLA_VXLAN_GBP in data,
+        local=_ipv4(vxlan("IFLA_VXLAN_LOCAL")),
+        link=vxlan("IFLA_VXLAN_LINK") or 0,
+        port=vxlan("IFLA_VXLAN_PORT") or 0,
+        learning=bool(vxlan("IFLA_VXLAN_LEARNING")),
+        gbp=bool(vxlan("IFLA_VXLAN_GBP")),
     )
 
 
@@ -202,15 +230,24 @@ class RtNetlink:
     def close(self) -> None:
         self._sock.close()
 
-    def _send(self, kind: int, flags: int, body: bytes) -> int:
+    def _send(self, kind: int, flags: int, cls: Any, fields: dict[str, int],
+              attrs: Attrs = ()) -> int:
+        """Send a request as pyroute2's message class `cls`, with every field of its fixed
+        header given (pyroute2's defaults, such as rtmsg's family AF_INET, are not relied on)
+        and its attributes by name; pyroute2 encodes it, this socket sends it."""
         self._seq += 1
-        self._sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | flags,
-                                      self._seq, 0) + body)
+        message = cls()
+        message.update(fields)
+        message["attrs"] = list(attrs)
+        message["header"].update(type=kind, flags=NLM_F_REQUEST | flags,
+                                 sequence_number=self._seq, pid=0)
+        message.encode()  # the header's length too
+        self._sock.send(bytes(message.data))
         return self._seq
 
-    def _replies(self, seq: int) -> Iterator[tuple[int, bytes]]:
-        """(flags, message) of each reply to request `seq`, up to NLMSG_DONE or the
-        acknowledgement; an error reply raises."""
+    def _replies(self, seq: int, cls: Any) -> Iterator[tuple[int, Any]]:
+        """(flags, message parsed as `cls`) of each reply to request `seq`, up to NLMSG_DONE or
+        the acknowledgement; an error reply raises."""
         while True:
             data = self._sock.recv(RECV_BYTES)
             offset = 0
@@ -219,7 +256,7 @@ class RtNetlink:
                 if length < NLMSGHDR.size:
                     break
                 message = data[offset:offset + length]
-                offset += _align(length)
+                offset += (length + 3) & ~3
                 if msg_seq != seq:
                     continue  # a late reply to an earlier request
                 if kind == NLMSG_DONE:
@@ -230,65 +267,62 @@ class RtNetlink:
                         raise OSError(-error, os.strerror(-error))
                     return
                 if kind >= NLMSG_MIN_TYPE:
-                    yield flags, message
+                    parsed = cls(message)
+                    parsed.decode()  # attributes are parsed when first read
+                    yield flags, parsed
 
-    def _dump(self, kind: int, body: bytes) -> list[bytes]:
+    def _dump(self, kind: int, cls: Any, fields: dict[str, int]) -> list[Any]:
         for _ in range(DUMP_ATTEMPTS):
-            replies = list(self._replies(self._send(kind, NLM_F_DUMP, body)))
+            replies = list(self._replies(self._send(kind, NLM_F_DUMP, cls, fields), cls))
             if not any(flags & NLM_F_DUMP_INTR for flags, _ in replies):
                 return [message for _, message in replies]
         raise OSError(f"netlink dump {kind} kept being interrupted")
 
-    def _change(self, kind: int, flags: int, body: bytes) -> None:
-        for _ in self._replies(self._send(kind, NLM_F_ACK | flags, body)):
+    def _change(self, kind: int, flags: int, cls: Any, fields: dict[str, int],
+                attrs: Attrs = ()) -> None:
+        for _ in self._replies(self._send(kind, NLM_F_ACK | flags, cls, fields, attrs), cls):
             pass
 
-    def _get(self, kind: int, body: bytes) -> list[bytes]:
+    def _get(self, kind: int, cls: Any, fields: dict[str, int], attrs: Attrs = ()) -> list[Any]:
         """The messages the kernel answers a request (not a dump) with; the acknowledgement
         that NLM_F_ACK asks for marks their end."""
-        return [message for _, message in self._replies(self._send(kind, NLM_F_ACK, body))]
+        return [message for _, message in
+                self._replies(self._send(kind, NLM_F_ACK, cls, fields, attrs), cls)]
 
     def links(self) -> list[Link]:
-        links = []
-        for message in self._dump(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            _, _, index, _, _ = IFINFOMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + IFINFOMSG.size)
-            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
-            links.append(Link(index, name, _u32(attrs.get(IFLA_MTU, b"\0\0\0\0"))))
-        return links
+        return [Link(message["index"], _text(message.get_attr("IFLA_IFNAME")),
+                     message.get_attr("IFLA_MTU") or 0)
+                for message in self._dump(RTM_GETLINK, IfInfMsg, _LINK)]
 
     def ipv4_addresses(self) -> list[tuple[int, ipaddress.IPv4Address]]:
         """(interface index, address) of every IPv4 address, in the kernel's order."""
         found = []
-        for message in self._dump(RTM_GETADDR, IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
-            family, _, _, _, index = IFADDRMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + IFADDRMSG.size)
+        for message in self._dump(RTM_GETADDR, IfAddrMsg, {**_ADDRESS, "family": AF_INET}):
             # IFA_LOCAL is this end's address (IFA_ADDRESS is the peer's on point-to-point).
-            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-            if family == socket.AF_INET and address and len(address) == 4:
-                found.append((index, ipaddress.IPv4Address(address)))
+            address = _ipv4(message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS"))
+            if message["family"] == AF_INET and address is not None:
+                found.append((message["index"], address))
         return found
+
+    def _main_table_routes(self) -> Iterator[Any]:
+        """The IPv4 routes of the main table, cached (cloned) ones left out."""
+        for message in self._dump(RTM_GETROUTE, RtMsg, {**_ROUTE, "family": AF_INET}):
+            table = message.get_attr("RTA_TABLE") or message["table"]
+            if (message["family"] == AF_INET and table == RT_TABLE_MAIN
+                    and not message["flags"] & RTM_F_CLONED):
+                yield message
 
     def default_route_interfaces(self) -> list[int]:
         """The output interface of each IPv4 default route in the main table (multipath
         routes, which have none, are left out)."""
-        found = []
-        for message in self._dump(RTM_GETROUTE, RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0,
-                                                            0)):
-            family, dst_len, _, _, table, _, _, _, _ = RTMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + RTMSG.size)
-            if RTA_TABLE in attrs:
-                table = _u32(attrs[RTA_TABLE])
-            if (family == socket.AF_INET and dst_len == 0 and table == RT_TABLE_MAIN
-                    and RTA_OIF in attrs):
-                found.append(_u32(attrs[RTA_OIF]))
-        return found
+        return [message.get_attr("RTA_OIF") for message in self._main_table_routes()
+                if message["dst_len"] == 0 and message.get_attr("RTA_OIF") is not None]
 
     def _address(self, kind: int, flags: int, index: int,
                  address: ipaddress.IPv4Address, prefixlen: int) -> None:
-        body = (IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-                + _attr(IFA_LOCAL, address.packed) + _attr(IFA_ADDRESS, address.packed))
-        self._change(kind, flags, body)
+        self._change(kind, flags, IfAddrMsg,
+                     {**_ADDRESS, "family": AF_INET, "prefixlen": prefixlen, "index": index},
+                     [("IFA_LOCAL", str(address)), ("IFA_ADDRESS", str(address))])
 
     def add_address(self, index: int, address: ipaddress.IPv4Address, prefixlen: int) -> None:
         self._address(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, index, address, prefixlen)
@@ -310,9 +344,9 @@ class RtNetlink:
 
     def set_up(self, index: int, mtu: int) -> None:
         """Set the link's MTU and bring it up."""
-        body = (IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)
-                + _attr(IFLA_MTU, struct.pack("=I", mtu)))
-        self._change(RTM_NEWLINK, 0, body)
+        self._change(RTM_NEWLINK, 0, IfInfMsg,
+                     {**_LINK, "index": index, "flags": IFF_UP, "change": IFF_UP},
+                     [("IFLA_MTU", mtu)])
 
     def replace_route(self, destination: ipaddress.IPv4Network, index: int,
                       gateway: ipaddress.IPv4Address | None = None, onlink: bool = False) -> None:
@@ -322,28 +356,23 @@ class RtNetlink:
         kernel take the gateway as on the link though no route says so: vxlan's `ip route
         replace 10.244.64.0/24 via 10.244.64.0 dev flannel.1 proto boot onlink`, whose gateway
         is the remote subnet's own address."""
-        body = (RTMSG.pack(socket.AF_INET, destination.prefixlen, 0, 0, RT_TABLE_MAIN,
-                           RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST,
-                           RTNH_F_ONLINK if onlink else 0)
-                + _attr(RTA_DST, destination.network_address.packed)
-                + _attr(RTA_OIF, struct.pack("=I", index)))
-        if gateway is not None:
-            body += _attr(RTA_GATEWAY, gateway.packed)
-        self._change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
+        self._change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, RtMsg,
+                     {**_ROUTE, "family": AF_INET, "dst_len": destination.prefixlen,
+                      "table": RT_TABLE_MAIN, "proto": RTPROT_BOOT, "scope": RT_SCOPE_UNIVERSE,
+                      "type": RTN_UNICAST, "flags": RTNH_F_ONLINK if onlink else 0},
+                     _route_attrs(destination, index, gateway))
 
-    def _link_message(self, index: int = 0, name: str | None = None) -> bytes | None:
+    def _link_message(self, index: int = 0, name: str | None = None) -> Any | None:
         """The kernel's RTM_NEWLINK message for one link, by index or by name; None if there is
         no such link."""
-        body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
-        if name is not None:
-            body += _attr(IFLA_IFNAME, name.encode() + b"\0")
         try:
-            messages = self._get(RTM_GETLINK, body)
+            messages = self._get(RTM_GETLINK, IfInfMsg, {**_LINK, "index": index},
+                                 [] if name is None else [("IFLA_IFNAME", name)])
         except OSError as err:
             if err.errno == ENODEV:
                 return None
             raise
-        return next((m for m in messages if NLMSGHDR.unpack_from(m)[1] == RTM_NEWLINK), None)
+        return next((m for m in messages if m["header"]["type"] == RTM_NEWLINK), None)
 
     def link_kind(self, index: int) -> str | None:
         """The link's IFLA_INFO_KIND ("vxlan", "veth", "tun", ...), None for a link that has
@@ -351,7 +380,7 @@ class RtNetlink:
         message = self._link_message(index)
         if message is None:
             raise OSError(ENODEV, f"{os.strerror(ENODEV)}: link {index}")
-        return _kind(_attrs(message, NLMSGHDR.size + IFINFOMSG.size))
+        return _kind(message)
 
     def vxlan(self, name: str) -> VxlanLink | None:
         """The vxlan link of that name, None if there is no link of that name; a ValueError if
@@ -359,7 +388,7 @@ class RtNetlink:
         message = self._link_message(name=name)
         if message is None:
             return None
-        if _kind(_attrs(message, NLMSGHDR.size + IFINFOMSG.size)) != "vxlan":
+        if _kind(message) != "vxlan":
             raise ValueError(f"{name} exists and is not a vxlan device")
         return _vxlan_link(message)
 
@@ -377,94 +406,81 @@ class RtNetlink:
         The one exception to one request per call: the kernel acknowledges RTM_NEWLINK without
         the new index (it ignores NLM_F_ECHO there, 6.18 included), so a second request looks
         the link up by name."""
-        data = [_attr(IFLA_VXLAN_ID, struct.pack("=I", vni)),
-                _attr(IFLA_VXLAN_LOCAL, local.packed),
-                _attr(IFLA_VXLAN_LEARNING, struct.pack("=B", learning))]
+        data: list[tuple[str, Any]] = [("IFLA_VXLAN_ID", vni), ("IFLA_VXLAN_LOCAL", str(local)),
+                                       ("IFLA_VXLAN_LEARNING", int(learning))]
         if link:
-            data.append(_attr(IFLA_VXLAN_LINK, struct.pack("=I", link)))
+            data.append(("IFLA_VXLAN_LINK", link))
         if port:
-            data.append(_attr(IFLA_VXLAN_PORT, struct.pack("!H", port)))
+            data.append(("IFLA_VXLAN_PORT", port))
         if gbp:
-            data.append(_attr(IFLA_VXLAN_GBP, b""))
-        body = (IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-                + _attr(IFLA_IFNAME, name.encode() + b"\0")
-                + _attr(IFLA_TXQLEN, struct.pack("=I", 0)))
+            data.append(("IFLA_VXLAN_GBP", True))
+        attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", name), ("IFLA_TXQLEN", 0)]
         if mtu is not None:
-            body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+            attrs.append(("IFLA_MTU", mtu))
         if mac is not None:
-            body += _attr(IFLA_ADDRESS, parse_mac(mac))
-        body += _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"vxlan\0"),
-                        _nested(IFLA_INFO_DATA, *data))
-        self._change(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+            attrs.append(("IFLA_ADDRESS", format_mac(parse_mac(mac))))
+        attrs.append(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "vxlan"),
+                                                  ("IFLA_INFO_DATA", {"attrs": data})]}))
+        self._change(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, IfInfMsg, _LINK, attrs)
         message = self._link_message(name=name)
         if message is None:
             raise OSError(ENODEV, f"{os.strerror(ENODEV)}: {name} is gone right after creation")
-        return IFINFOMSG.unpack_from(message, NLMSGHDR.size)[2]
+        return message["index"]
 
     def delete_link(self, index: int) -> None:
-        self._change(RTM_DELLINK, 0, IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0))
+        self._change(RTM_DELLINK, 0, IfInfMsg, {**_LINK, "index": index})
 
     def delete_route(self, destination: ipaddress.IPv4Network, index: int,
                      gateway: ipaddress.IPv4Address | None = None) -> None:
         """Delete the main table's route for `destination` out of the link (and through
         `gateway` if given), whatever its protocol, scope and type, as `ip route del` does;
         ESRCH if there is none."""
-        body = (RTMSG.pack(socket.AF_INET, destination.prefixlen, 0, 0, RT_TABLE_MAIN,
-                           RTPROT_UNSPEC, RT_SCOPE_NOWHERE, RTN_UNSPEC, 0)
-                + _attr(RTA_DST, destination.network_address.packed)
-                + _attr(RTA_OIF, struct.pack("=I", index)))
-        if gateway is not None:
-            body += _attr(RTA_GATEWAY, gateway.packed)
-        self._change(RTM_DELROUTE, 0, body)
+        self._change(RTM_DELROUTE, 0, RtMsg,
+                     {**_ROUTE, "family": AF_INET, "dst_len": destination.prefixlen,
+                      "table": RT_TABLE_MAIN, "proto": RTPROT_UNSPEC, "scope": RT_SCOPE_NOWHERE,
+                      "type": RTN_UNSPEC},
+                     _route_attrs(destination, index, gateway))
 
     def routes(self, index: int
                ) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]]:
         """(destination, gateway) of each IPv4 route in the main table out of the link, the
         default route as 0.0.0.0/0 and gateway None for a route without one. Multipath routes,
         which have no single output interface, are left out."""
-        found = []
-        for message in self._dump(RTM_GETROUTE, RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0,
-                                                            0)):
-            (family, dst_len, _, _, table, _, _, _,
-             flags) = RTMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + RTMSG.size)
-            if RTA_TABLE in attrs:
-                table = _u32(attrs[RTA_TABLE])
-            if (family != socket.AF_INET or table != RT_TABLE_MAIN or flags & RTM_F_CLONED
-                    or RTA_OIF not in attrs or _u32(attrs[RTA_OIF]) != index):
-                continue
-            destination = attrs.get(RTA_DST, bytes(4))
-            found.append((ipaddress.IPv4Network((destination, dst_len)),
-                          _ipv4(attrs.get(RTA_GATEWAY))))
-        return found
+        return [(ipaddress.IPv4Network((message.get_attr("RTA_DST") or "0.0.0.0",
+                                        message["dst_len"])),
+                 _ipv4(message.get_attr("RTA_GATEWAY")))
+                for message in self._main_table_routes() if message.get_attr("RTA_OIF") == index]
 
     def _neigh(self, kind: int, flags: int, family: int, index: int, state: int, ntf: int,
-               attrs: bytes) -> None:
+               attrs: Attrs) -> None:
         # ndm_type RTN_UNICAST as flanneld's netlink library sends it; the kernel ignores it.
-        self._change(kind, flags, NDMSG.pack(family, index, state, ntf, RTN_UNICAST) + attrs)
+        self._change(kind, flags, NdMsg, {"family": family, "ifindex": index, "state": state,
+                                          "flags": ntf, "ndm_type": RTN_UNICAST}, attrs)
 
     def replace_neigh(self, index: int, ip: ipaddress.IPv4Address, mac: str) -> None:
         """A permanent ARP entry, as `ip neigh replace IP lladdr MAC dev LINK nud permanent`:
         flanneld's vxlan backend answers ARP for each remote subnet's gateway address with it."""
-        self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, socket.AF_INET, index,
-                    NUD_PERMANENT, 0, _attr(NDA_DST, ip.packed) + _attr(NDA_LLADDR, parse_mac(mac)))
+        self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_INET, index, NUD_PERMANENT, 0,
+                    [("NDA_DST", str(ip)), ("NDA_LLADDR", format_mac(parse_mac(mac)))])
 
     def delete_neigh(self, index: int, ip: ipaddress.IPv4Address) -> None:
         """Delete the link's ARP entry for `ip`; ENOENT if there is none."""
-        self._neigh(RTM_DELNEIGH, 0, socket.AF_INET, index, 0, 0, _attr(NDA_DST, ip.packed))
+        self._neigh(RTM_DELNEIGH, 0, AF_INET, index, 0, 0, [("NDA_DST", str(ip))])
+
+    def _neighbour_dump(self, family: int, index: int) -> Iterator[Any]:
+        """The dump is of every link's and is filtered here: the kernel filters on the header's
+        index only for sockets that asked for strict checking."""
+        for message in self._dump(RTM_GETNEIGH, NdMsg, {**_NEIGH, "family": family}):
+            if message["family"] == family and message["ifindex"] == index:
+                yield message
 
     def neighbours(self, index: int) -> list[tuple[ipaddress.IPv4Address, str]]:
-        """(address, MAC) of the link's permanent IPv4 neighbours. The dump is of every link's
-        and is filtered here: the kernel filters on the header's index only for sockets that
-        asked for strict checking."""
+        """(address, MAC) of the link's permanent IPv4 neighbours."""
         found = []
-        for message in self._dump(RTM_GETNEIGH, NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
-            family, link, state, _, _ = NDMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + NDMSG.size)
-            ip = _ipv4(attrs.get(NDA_DST))
-            if (family == socket.AF_INET and link == index and state & NUD_PERMANENT
-                    and ip is not None and NDA_LLADDR in attrs):
-                found.append((ip, format_mac(attrs[NDA_LLADDR])))
+        for message in self._neighbour_dump(AF_INET, index):
+            ip, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
+            if message["state"] & NUD_PERMANENT and ip is not None and mac:
+                found.append((ip, _text(mac).lower()))
         return found
 
     def replace_fdb(self, index: int, mac: str, dst: ipaddress.IPv4Address) -> None:
@@ -472,7 +488,7 @@ class RtNetlink:
         dst DST self permanent`: frames to MAC go in UDP to the remote host DST. Replacing sets
         the MAC's (first) remote, so a remote that moved is not left behind."""
         self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_BRIDGE, index, NUD_PERMANENT,
-                    NTF_SELF, _attr(NDA_LLADDR, parse_mac(mac)) + _attr(NDA_DST, dst.packed))
+                    NTF_SELF, [("NDA_LLADDR", format_mac(parse_mac(mac))), ("NDA_DST", str(dst))])
 
     def delete_fdb(self, index: int, mac: str, dst: ipaddress.IPv4Address) -> None:
         """Delete the link's fdb entry for MAC to DST; ENOENT if the link has no entry for MAC.
@@ -480,17 +496,14 @@ class RtNetlink:
         success and deletes nothing, as `bridge fdb del` shows: a remote that moved keeps its
         entry."""
         self._neigh(RTM_DELNEIGH, 0, AF_BRIDGE, index, 0, NTF_SELF,
-                    _attr(NDA_LLADDR, parse_mac(mac)) + _attr(NDA_DST, dst.packed))
+                    [("NDA_LLADDR", format_mac(parse_mac(mac))), ("NDA_DST", str(dst))])
 
     def fdb(self, index: int) -> list[tuple[str, ipaddress.IPv4Address]]:
         """(MAC, remote) of the link's fdb entries that have an IPv4 remote: a vxlan link's.
-        Entries without one (a NIC's own and multicast addresses) are left out. The dump is of
-        every link's, filtered here, as neighbours() explains."""
+        Entries without one (a NIC's own and multicast addresses) are left out."""
         found = []
-        for message in self._dump(RTM_GETNEIGH, NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)):
-            family, link, _, _, _ = NDMSG.unpack_from(message, NLMSGHDR.size)
-            attrs = _attrs(message, NLMSGHDR.size + NDMSG.size)
-            dst = _ipv4(attrs.get(NDA_DST))
-            if family == AF_BRIDGE and link == index and dst is not None and NDA_LLADDR in attrs:
-                found.append((format_mac(attrs[NDA_LLADDR]), dst))
+        for message in self._neighbour_dump(AF_BRIDGE, index):
+            dst, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
+            if dst is not None and mac:
+                found.append((_text(mac).lower(), dst))
         return found
