@@ -18,8 +18,9 @@ from tests.testbed import Testbed
 
 # Idle VmHWM (peak since start) measured on 2026-12-07 at 46.4 MiB on v3 and 35.2 MiB on v2
 # (45.0 and 33.3 before rtnl took pyroute2's message classes, docs/netlink.md); pyroute2's
-# whole package (+10.5 MiB) or the other API's client (+7-13 MiB) fails it.
-IDLE_HWM_LIMIT_MIB = {"v3": 47, "v2": 40}
+# whole package (+10.5 MiB) or the other API's client (+7-13 MiB) fails it, while a build's or
+# a machine's drift of a megabyte does not (the peak under load is make perf's to hold at 50).
+IDLE_HWM_LIMIT_MIB = {"v3": 48, "v2": 40}
 CLIENT_MODULES = {"v3": {"aetcd", "grpc"}, "v2": {"etcd", "urllib3"}}
 # control/host/rtnl.py takes pyroute2's rtnetlink messages only, never what pyroute2's package
 # __init__ would bring (tests/test_netlink_footprint.py has the whole list).
