@@ -1,6 +1,7 @@
-"""The README's copy-paste blocks under "## pyflanneld", run as written: systemd, metrics and the
-CNI plugin wired into a container runtime (the wheel's block runs in test_wheel.py); and its
-layout, which names the modules as they are.
+"""The README's copy-paste blocks, run as written: systemd, metrics and the CNI plugin wired into a
+container runtime (the wheel's block runs in test_wheel.py); every other command block checked
+(make targets that exist, pyflanneld command lines that parse); its flag tables, which name
+every flag with its default; and its layout, which names the modules as they are.
 
 Blocks that write to /etc, /opt, /var/lib or /run run in a private mount namespace where those
 directories are directories of the test's own, so nothing on the machine changes."""
@@ -12,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -23,18 +25,23 @@ from pathlib import Path
 import pytest
 
 from control.host.subnetenv import read_variables
-from control.service.options import FLAGS, parse_args
+from control.service.options import FLAGS, Flag, parse_args
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, key_of, put_config, stop_all, wait_for
 from tests.etcd import EtcdServer
 from tests.fdstore import KEPT_NAMES
 from tests.flanneld import REPO
-from tests.readme import readme_block
+from tests.readme import command_blocks, readme_block, readme_section
 from tests.testbed import CNI_PATH, Testbed, inside, sh
 
 VENV_BIN = os.path.dirname(sys.executable)  # where the package's commands are installed
-SYSTEMD_BLOCK = "To run it under systemd"
-METRICS_BLOCK = "To read them on the host of the daemon above:"
-CNI_BLOCK = "To install it, with Debian's `bridge`"
+# The README's blocks that tests run: (its section's heading, the text that introduces it).
+WHEEL = ("On a host: the wheel", "")  # run by test_wheel.py
+SYSTEMD_BLOCK = ("On a host: systemd", "To run it under systemd")
+METRICS_BLOCK = ("When something is wrong",
+                 "To read the metrics on the host of the systemd unit above:")
+CNI_BLOCK = ("On a host: the CNI plugin and Docker", "To install it, with Debian's `bridge`")
+RUN_BLOCKS = [WHEEL, SYSTEMD_BLOCK, METRICS_BLOCK, CNI_BLOCK]
+FLAGS_SECTION = "Running it"
 # systemctl asks the running systemd (PID 1) to act: the offline checks leave these lines out,
 # by name; test_systemd_block_starts_pyflanneld_under_a_real_systemd runs them on a systemd of
 # its own.
@@ -142,12 +149,82 @@ def test_layout_names_every_control_room_and_module_and_no_other() -> None:
     assert {path.stem for path in control.glob("*.py")} == {"__init__", "__main__"}
 
 
+# ---- the other command blocks and the flag tables --------------------------------------------
+
+def makefile_names() -> tuple[set[str], set[str]]:
+    """The Makefile's targets and its variables a command line may set."""
+    with open(os.path.join(REPO, "Makefile")) as f:
+        text = f.read()
+    targets = set(re.findall(r"^([a-z][\w-]*):", text, re.M))
+    variables = set(re.findall(r"^([A-Z][A-Z_]*) *[?:]?=", text, re.M))
+    return targets, variables
+
+
+def test_every_command_block_is_run_or_checked() -> None:
+    """A block the tests do not run is `make` lines, each a target of the Makefile with its
+    variables, or `pyflanneld` lines whose flags pyflanneld takes."""
+    run = {readme_block(*block) for block in RUN_BLOCKS}
+    targets, variables = makefile_names()
+    blocks = command_blocks()
+    assert run <= {block for _, block in blocks}
+    for heading, block in blocks:
+        if block in run:
+            continue
+        commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+        assert all(command[0] in ("make", "pyflanneld") for command in commands), \
+            f"a block under {heading!r} that no test runs or checks:\n{block}"
+        for command in commands:
+            if command[0] == "make":
+                assignments = [word.split("=", 1)[0] for word in command[1:] if "=" in word]
+                goals = [word for word in command[1:] if "=" not in word]
+                assert set(goals) <= targets, (heading, command)
+                assert set(assignments) <= variables, (heading, command)
+            else:
+                try:
+                    parse_args(command[1:], environ={})
+                except SystemExit as exit:
+                    pytest.fail(f"pyflanneld refuses {command} in README's {heading!r}: "
+                                f"status {exit.code}")
+
+
+def shown_default(flag: Flag) -> str:
+    """A flag's default as the README's tables show it."""
+    value = flag.default
+    if value is None or value == []:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):  # the etcd endpoints
+        return ",".join(f"{e.scheme}://{e.host}:{e.port}" for e in value)
+    return str(value)
+
+
+def test_flag_tables_name_every_flag_with_its_default() -> None:
+    """The tables of "Running it" name each flag of `pyflanneld --help` once, with its default
+    (flags of one row share it): read from control/service/options.py, not copied by hand."""
+    rows = [line.split("|")[1:-1] for line in readme_section(FLAGS_SECTION).splitlines()
+            if line.startswith("| `--")]
+    shown: dict[str, str] = {}
+    for first, default, _ in rows:
+        for name in re.findall(r"`--([a-z-]+)`", first):
+            assert name not in shown, f"--{name} has two rows"
+            shown[name] = default.strip().strip("`")
+    usage = subprocess.run([os.path.join(VENV_BIN, "pyflanneld"), "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    offered = set(re.findall(r"^  (?:-h, )?--([a-z][a-z-]*)", usage, re.M)) - {"help"}
+    assert set(shown) == offered
+    for flag in FLAGS:
+        assert shown[flag.name] == shown_default(flag), f"--{flag.name}"
+
+
 # ---- systemd --------------------------------------------------------------------------------
 
 def test_systemd_block_writes_a_unit_systemd_accepts_and_flags_pyflanneld_accepts(
         tmp_path: Path) -> None:
     require("unshare", "mount", "systemd-analyze", "systemctl")
-    block = readme_block("pyflanneld", SYSTEMD_BLOCK)
+    block = readme_block(*SYSTEMD_BLOCK)
     lines = block.splitlines()
     for line in NEEDS_RUNNING_SYSTEMD:
         assert line in lines, f"the README's systemd block no longer has {line!r}"
@@ -175,7 +252,7 @@ def test_systemd_block_writes_a_unit_systemd_accepts_and_flags_pyflanneld_accept
     assert [(e.host, e.port) for e in options.etcd_endpoints] == [("10.0.0.1", 2379)]
     assert options.iface == ["eth0"] and options.ip_masq
     # The metrics block reads the port this one sets.
-    assert f":{options.metrics_port}/metrics" in readme_block("pyflanneld", METRICS_BLOCK)
+    assert f":{options.metrics_port}/metrics" in readme_block(*METRICS_BLOCK)
 
     # systemd-analyze verify needs no running systemd: it loads the unit offline and checks
     # its directives and that ExecStart is an executable (a bare `pyflanneld` is not found
@@ -219,7 +296,7 @@ def test_metrics_block_shows_the_daemons_metrics(cluster: list[Flanneld]) -> Non
     daemon.wait_log("metrics server listening")
     # In the host's network namespace, as on the host.
     scraped = daemon.host.run("bash", "-euo", "pipefail", "-c",
-                              readme_block("pyflanneld", METRICS_BLOCK)).stdout.splitlines()
+                              readme_block(*METRICS_BLOCK)).stdout.splitlines()
     assert scraped and all(line.startswith("pyflannel_") for line in scraped), scraped
     assert "pyflannel_lease_held 1.0" in scraped
     assert "pyflannel_routes 1.0" in scraped  # the other host's subnet
@@ -229,12 +306,13 @@ def test_metrics_block_shows_the_daemons_metrics(cluster: list[Flanneld]) -> Non
 # A systemd of the test's own, kept from the machine: PID 1 of new PID, UTS and mount
 # namespaces, in a test host's network namespace. Private to it: the README's /etc directories,
 # /run (its state, and pyflanneld's subnet.env), the cgroup hierarchies, /tmp, /var/tmp and
-# /var/log; /proc/sys is read-only but for the namespace's own net/. Every unit of the machine's
-# but the targets, and every generator, is masked: the service's default dependencies
-# (sysinit.target) would otherwise start the machine's boot services, whose sysctl, tmpfiles
-# (it empties /tmp) and sysusers change the whole machine. It boots pf.target, which pulls in
-# nothing, and default.target names it too. pyflanneld's output goes to a file by a drop-in
-# (there is no journal); the rest of its unit is the one the block writes.
+# /var/log, each an empty tmpfs but for what the test runs from (kept_paths(): a checkout or venv
+# under /tmp stays in sight); /proc/sys is read-only but for the namespace's own net/. Every
+# unit of the machine's but the targets, and every generator, is masked: the service's default
+# dependencies (sysinit.target) would otherwise start the machine's boot services, whose sysctl,
+# tmpfiles (it empties /tmp) and sysusers change the whole machine. It boots pf.target, which
+# pulls in nothing, and default.target names it too. pyflanneld's output goes to a file by a
+# drop-in (there is no journal); the rest of its unit is the one the block writes.
 SYSTEMD = "/lib/systemd/systemd"
 MACHINE_UNITS = "/usr/lib/systemd/system"  # /lib/systemd/system too, where /lib is usr/lib
 MACHINE_GENERATORS = "/usr/lib/systemd/system-generators"
@@ -242,7 +320,23 @@ MASKED_KINDS = (".service", ".socket", ".mount", ".automount", ".path", ".timer"
 TARGET = "[Unit]\nDescription=pyflannel's test: nothing but what is started by hand\n" \
          "DefaultDependencies=no\n"
 BOOT_SYSTEMD = r"""
-for dir in /run /tmp /var/tmp /var/log; do mount -t tmpfs pf-private "$dir"; done
+last_stage= last_dir=
+for dir in $SYSTEMD_PRIVATE; do
+    stage=$ROOT/.layers/private${dir//\//-}
+    mkdir "$stage"
+    mount --no-mtab -t tmpfs pf-private "$stage"
+    while IFS= read -r keep; do
+        case $keep in "$dir"/*)
+            mkdir -p "$stage${keep#"$dir"}"
+            mount --no-mtab --rbind "$keep" "$stage${keep#"$dir"}";;
+        esac
+    done <<< "$KEEP"
+    case $ROOT/ in
+        "$dir"/*) last_stage=$stage last_dir=$dir;;
+        *) mount --no-mtab --move "$stage" "$dir";;
+    esac
+done
+if [ -n "$last_dir" ]; then mount --no-mtab --move "$last_stage" "$last_dir"; fi
 mkdir -p /run/lock
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
@@ -256,6 +350,26 @@ grep -q DefaultDependencies=no /etc/systemd/system/pf.target
 [ "$(readlink /etc/systemd/system/systemd-tmpfiles-setup.service)" = /dev/null ]
 exec env container=pyflannel-test SYSTEMD_LOG_TARGET=console "$SYSTEMD" --unit=pf.target
 """
+# Each an empty tmpfs for the test's systemd, made under $ROOT with what $KEEP holds under it bound
+# back in place, then moved over the machine's directory: the one that holds $ROOT last, as
+# covering it hides the others' stages. --no-mtab: libmount's table in /run/mount is the
+# machine's file, or gone once /run is covered.
+SYSTEMD_PRIVATE = ["/run", "/tmp", "/var/tmp", "/var/log"]
+
+
+def kept_paths() -> list[str]:
+    """What the test's systemd must still see under its private directories: the checkout (the
+    editable install's sources), the venv (pyflanneld, the unit's ExecStart) and the interpreter
+    the venv runs on, where any of them lies under one of those directories (a clone in /tmp);
+    each once, and none inside another."""
+    paths = {spelling(path) for path in (REPO, sys.prefix, sys.base_prefix)
+             for spelling in (os.path.abspath, os.path.realpath)}
+    private = [path for path in paths
+               if any(path.startswith(d + os.sep) for d in SYSTEMD_PRIVATE)]
+    return sorted(path for path in private
+                  if not any(path.startswith(other + os.sep) for other in private))
+
+
 # The one the machine lacks first: the overlay that makes it would hide the others' mounts.
 SYSTEMD_PATHS = ["/etc/systemd/system-generators", "/etc/systemd/system", "/etc/default"]
 # What a booting systemd sets for the whole machine unless kept from it (PID 1 raises the file
@@ -296,7 +410,9 @@ class OwnSystemd:
         self.output = root / "systemd.log"
         with open(self.output, "w") as output:
             self.process = subprocess.Popen(
-                argv, env={**env, "SYSTEMD": SYSTEMD}, stdin=subprocess.DEVNULL,
+                argv, env={**env, "SYSTEMD": SYSTEMD, "KEEP": "\n".join(kept_paths()),
+                           "SYSTEMD_PRIVATE": " ".join(SYSTEMD_PRIVATE)},
+                stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT)
         self.pid = 0  # systemd's, as this namespace sees it (unshare's one child)
 
@@ -347,7 +463,7 @@ def test_systemd_block_starts_pyflanneld_under_a_real_systemd(
     require("unshare", "nsenter", "mount", "systemctl", files=(SYSTEMD,))
     bed, etcd = bed_and_etcd
     host = bed.add_host()
-    block = readme_block("pyflanneld", SYSTEMD_BLOCK)
+    block = readme_block(*SYSTEMD_BLOCK)
     placeholder = "FLANNELD_ETCD_ENDPOINTS=http://10.0.0.1:2379"
     assert placeholder in block and "FLANNELD_IFACE=eth0" in block
     block = block.replace(placeholder, f"FLANNELD_ETCD_ENDPOINTS={etcd.endpoint}")
@@ -426,7 +542,7 @@ def test_cni_block_wires_a_runtime_whose_containers_reach_each_other(
     plugins = [os.path.join(CNI_PATH, name) for name in ("bridge", "host-local", "portmap")]
     require("unshare", "mount", "ip", "iptables", "ping", files=tuple(plugins))
     bed = bed_and_etcd[0]
-    block = readme_block("pyflanneld", CNI_BLOCK)
+    block = readme_block(*CNI_BLOCK)
     written = ["/opt/cni/bin/flannel", "/etc/cni/net.d/10-flannel.conflist",
                "/run/flannel/subnet.env", "/var/lib/cni/networks/cbr0", "/var/lib/cni/results"]
     before = on_the_machine(written)
