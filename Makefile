@@ -8,9 +8,12 @@ PY := $(VENV)/bin/python
 # iperf3, qperf and ethtool (make perf's wire regime); linux-perf for `make profile`; clang and
 # libbpf's headers build the kernel path's tc programs, libbpf1 loads them, bpftool reads their
 # programs, links and maps back in tests/test_kernel_path.py; curl and systemd
-# (systemd-analyze, systemctl) for the README's metrics and systemd blocks (tests/test_readme.py).
+# (systemd-analyze, systemctl) for the README's metrics and systemd blocks (tests/test_readme.py);
+# openssl makes the tests' CAs and certificates (tests/etcd.py, tests/kubeapi.py). kubectl comes
+# from Debian's kubernetes-client only where no kubectl is installed: it would clash over
+# /usr/bin/kubectl with the Cloud SDK's `kubectl` package that some machines carry.
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 bpftool curl systemd
+	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 bpftool curl systemd openssl
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
@@ -24,7 +27,7 @@ install: deb $(STAMP)
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
-	done); \
+	done; command -v kubectl >/dev/null || echo kubernetes-client); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
