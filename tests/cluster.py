@@ -85,20 +85,21 @@ class LoggedDaemon:
 class Flanneld(LoggedDaemon):
     """One pyflanneld process."""
 
-    def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer, api: str,
+    def __init__(self, bed: Testbed, host: Host, etcd: EtcdServer | None, api: str,
                  *extra: str, iface: str | None = "eth0",
                  python_args: tuple[str, ...] = ("-m", "control"),
                  program: list[str] | None = None,
                  environ: dict[str, str] | None = None) -> None:
         """python_args: how Python runs pyflanneld (a test may wrap the entry point); program:
         another pyflanneld command altogether (an installed one); environ: variables for it
-        (FLANNELD_*, NOTIFY_SOCKET...)."""
+        (FLANNELD_*, NOTIFY_SOCKET...). Without etcd, the Kubernetes flags are in `extra`."""
         subnet_file = os.path.join(bed.workdir, f"{host.netns}.env")
+        store = [] if etcd is None else ["--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
+                                         *etcd.client_flags()]
         super().__init__(host, subnet_file, os.path.join(bed.workdir, f"{host.netns}.log"),
                          ["ip", "netns", "exec", host.netns,
                           *(program or [sys.executable, *python_args]),
-                          "--etcd-endpoints", etcd.endpoint, "--etcd-api", api,
-                          "--subnet-file", subnet_file, *etcd.client_flags(),
+                          *store, "--subnet-file", subnet_file,
                           *(["--iface", iface] if iface else []), *extra], environ)
 
     def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.cluster import Cluster, stop_all
 from tests.etcd import EtcdServer
+from tests.kubeapi import KubeApi
 from tests.testbed import Testbed
 
 
@@ -44,6 +45,26 @@ def bed_and_etcd() -> Iterator[tuple[Testbed, EtcdServer]]:
         etcd = EtcdServer(bed)
         try:
             yield bed, etcd
+        finally:
+            etcd.stop()
+
+
+CLUSTER_CIDR = "10.244.0.0/16"  # the controller manager's --cluster-cidr in the kube tests
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
+    """A Kubernetes control plane for the module (tests/kubeapi.py), on the tests' etcd (its
+    keys under a prefix of their own)."""
+    require_host_network_tools()
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        try:
+            api = KubeApi(bed, etcd, cluster_cidr=CLUSTER_CIDR)
+            try:
+                yield bed, etcd, api
+            finally:
+                api.stop()
         finally:
             etcd.stop()
 

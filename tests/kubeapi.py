@@ -45,6 +45,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -270,15 +271,28 @@ class KubeApi:
             end_process(self.apiserver, timeout=STOP_GRACE)
         self.apiserver = None
 
-    def restart(self) -> None:
+    def restart(self, down: float = 0.0) -> None:
         """Stop the API server (SIGTERM, by PID; SIGKILL after STOP_GRACE s, so its clients'
-        watches are cut then) and start it again on the same address and store; returns once
-        it is ready. The controller manager stays up and reconnects."""
+        watches are cut then), leave it down `down` seconds more, and start it again on the
+        same address and store; returns once it is ready. The controller manager stays up and
+        reconnects."""
         self._end_apiserver()
+        time.sleep(down)
         started = time.monotonic()
         self._launch_apiserver()
         self.wait_ready()
         self.timings["apiserver_restart"] = time.monotonic() - started
+
+    @contextmanager
+    def controller_manager_paused(self) -> Iterator[None]:
+        """The controller manager stopped (SIGSTOP, by PID) for the block: Nodes registered
+        meanwhile get no podCIDR until it goes on."""
+        assert self.controller_manager is not None
+        self.controller_manager.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.controller_manager.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """End the controller manager, then the API server (before etcd: with etcd gone first it

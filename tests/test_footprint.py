@@ -25,7 +25,8 @@ CLIENT_MODULES = {"v3": {"aetcd", "grpc"}, "v2": {"etcd", "urllib3"}}
 # control/host/rtnl.py takes pyroute2's rtnetlink messages only, never what pyroute2's package
 # __init__ would bring (tests/test_netlink_footprint.py has the whole list).
 NEVER_IMPORTED = {"sqlite3", "unittest", "pyroute2.iproute", "pyroute2.ndb", "pyroute2.ipdb",
-                  "pyroute2.netns", "pyroute2.nslink"}
+                  "pyroute2.netns", "pyroute2.nslink",
+                  "httpx", "yaml", "control.subnet.kube"}  # --kube-subnet-mgr's alone
 GRPC_LIBRARY = "cygrpc"  # gRPC's shared object, mapped once grpc is imported
 
 # pyflanneld's own entry point, writing the names of every module it imported when it exits

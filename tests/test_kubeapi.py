@@ -16,7 +16,7 @@ import pytest
 
 from tests import kubeapi
 from tests.cluster import LoggedDaemon
-from tests.conftest import require_host_network_tools
+from tests.conftest import CLUSTER_CIDR
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
 from tests.kubeapi import (
@@ -29,25 +29,8 @@ from tests.kubeapi import (
 )
 from tests.testbed import Host, Testbed
 
-CLUSTER_CIDR = "10.244.0.0/16"
 ANNOTATION = "flannel.alpha.coreos.com/"
 STRATEGIC = "application/strategic-merge-patch+json"
-
-
-@pytest.fixture(scope="module")
-def kube() -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
-    """One control plane for the module, on the tests' etcd (its keys under a prefix)."""
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            api = KubeApi(bed, etcd, cluster_cidr=CLUSTER_CIDR)
-            try:
-                yield bed, etcd, api
-            finally:
-                api.stop()
-        finally:
-            etcd.stop()
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:

@@ -1,7 +1,8 @@
-"""pyflanneld's life: find the interface, wait for a usable config, take a lease, start the fast
-path and address its TUN, write subnet.env, then keep the lease and the routes current until
-SIGTERM or SIGINT. On the way out the fast path stops (the TUN goes with it); the lease stays in
-etcd, as flanneld leaves it, so a restart takes the same subnet back. SIGHUP stops it the same
+"""pyflanneld's life: open the subnet manager (etcd, or the Kubernetes API with
+--kube-subnet-mgr), find the interface, wait for a usable config, take a lease, start the
+backend, write subnet.env, then keep the lease and the routes current until SIGTERM or SIGINT.
+On the way out the fast path stops (the TUN goes with it); the lease stays, as flanneld leaves
+it, so a restart takes the same subnet back. SIGHUP stops it the same
 way but keeps what the backend keeps for a restart, for the process to exec itself again."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import NamedTuple
 
 from control.backend.common import Backend, BackendError
 from control.backend.manager import clear_other_backends, make_backend
@@ -30,8 +33,8 @@ from control.service.handover import keep_for_next_run, release, restart_in_plac
 from control.service.options import Options
 from control.service.sdnotify import notify, watchdog_period
 from control.subnet.config import ConfigError, NetworkConfig, parse_config
-from control.subnet.lease import LeaseKeeper, OutOfSubnetsError
-from control.subnet.registry import Registry, RegistryError, answering_first
+from control.subnet.lease import Keeper, LeaseKeeper, OutOfSubnetsError
+from control.subnet.registry import LeaseStore, Registry, RegistryError, answering_first
 from control.subnet.watch import SubnetWatcher
 from fastpath import FastPath
 
@@ -45,10 +48,65 @@ class Fatal(Exception):
     """Ends the daemon with status 1, as the same problem ends flanneld."""
 
 
-async def open_registry(options: Options) -> Registry:
-    """The registry for --etcd-api, on the endpoints in the order that answers first. Only that
-    API's client is imported: the other one would cost 7 MiB (python-etcd) to 13 MiB (aetcd
-    with gRPC) of the 50Mi flannel gives flanneld."""
+class SubnetManager(NamedTuple):
+    """The subnet manager the flags chose: where the config and the leases are, and what takes
+    and keeps this host's lease there (for the config, this host's public IP and the backend's
+    lease value)."""
+
+    registry: Registry
+    keeper: Callable[[NetworkConfig, ipaddress.IPv4Address, bytes], Keeper]
+    watching: str  # what the watch follows, for the log
+
+
+async def open_subnet_manager(options: Options) -> SubnetManager:
+    """etcd's, or the Kubernetes API's with --kube-subnet-mgr: the one place that asks. Only
+    the chosen one's client is imported: the others would cost 7 MiB (python-etcd), 13 MiB
+    (aetcd with gRPC) or 7 MiB (httpx) of the 50Mi flannel gives flanneld."""
+    if options.kube_subnet_mgr:
+        return await open_kube_manager(options)
+    registry = await open_etcd(options)
+
+    def keeper(config: NetworkConfig, public_ip: ipaddress.IPv4Address,
+               value: bytes) -> Keeper:
+        return LeaseKeeper(registry, config, public_ip, value,
+                           read_previous_subnet(options.subnet_file),
+                           ttl=options.subnet_lease_ttl,
+                           renew_margin=options.subnet_lease_renew_margin * 60)
+
+    return SubnetManager(registry, keeper, f"{options.etcd_prefix.rstrip('/')}/subnets/")
+
+
+async def open_kube_manager(options: Options) -> SubnetManager:
+    """The API server and this host's Node. A configuration that cannot work ends the daemon,
+    as it ends flanneld; an API server that does not answer yet is asked again every second
+    (flanneld exits, and its Pod restarts)."""
+    from control.subnet.kube import NodeLease, open_kube
+    from control.subnet.kubeclient import KubeApiError, KubeConfigError
+
+    while True:
+        try:
+            registry, node = await open_kube(options.kubeconfig_file, options.kube_api_url,
+                                             options.kube_annotation_prefix,
+                                             options.net_config_path)
+            break
+        except (KubeConfigError, ValueError) as err:
+            raise Fatal(f"Failed to create SubnetManager: {err}") from err
+        except KubeApiError as err:
+            log.error("Failed to create SubnetManager: %s; trying again in %gs", err,
+                      CONFIG_RETRY_SECONDS)
+            await asyncio.sleep(CONFIG_RETRY_SECONDS)
+    log.info("Created subnet manager: Kubernetes Subnet Manager - %s", node)
+
+    def keeper(config: NetworkConfig, public_ip: ipaddress.IPv4Address,
+               value: bytes) -> Keeper:
+        return NodeLease(registry, node, config.network, config.subnet_len, value,
+                         set_network_unavailable=options.set_node_network_unavailable)
+
+    return SubnetManager(registry, keeper, "Nodes")
+
+
+async def open_etcd(options: Options) -> LeaseStore:
+    """The registry for --etcd-api, on the endpoints in the order that answers first."""
     endpoints = await answering_first([(e.host, e.port) for e in options.etcd_endpoints])
     if options.etcd_api == "v2":
         from control.subnet.etcdv2 import EtcdV2Registry
@@ -75,7 +133,7 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
     """Read <prefix>/config until it is there and its backend can run here, logging why not
     every second, as flanneld does: daemons may start before the operator writes it. The
     backend is prepared (the vxlan device made) but holds no lease yet."""
-    key = f"{options.etcd_prefix.rstrip('/')}/config"
+    key = registry.config_source
     while True:
         try:
             raw = await registry.get_config()
@@ -115,7 +173,8 @@ class Daemon:
 
     async def serve(self) -> None:
         options = self.options
-        self.registry = registry = await open_registry(options)
+        manager = await open_subnet_manager(options)
+        self.registry = registry = manager.registry
         try:
             ext = self.netlink.external_interface(options.iface, options.iface_regex)
         except HostError as err:
@@ -131,10 +190,7 @@ class Daemon:
                  config.backend_type, f" port {config.port}" if config.backend_type == "udp"
                  else "")
 
-        keeper = LeaseKeeper(registry, config, public_ip, self.backend.lease_value(),
-                             read_previous_subnet(options.subnet_file),
-                             ttl=options.subnet_lease_ttl,
-                             renew_margin=options.subnet_lease_renew_margin * 60)
+        keeper = manager.keeper(config, public_ip, self.backend.lease_value())
         try:
             subnet = await keeper.acquire()
         except OutOfSubnetsError as err:
@@ -153,13 +209,13 @@ class Daemon:
 
         watcher = SubnetWatcher(registry, config, self.backend,
                                 own_subnet=lambda: keeper.subnet,
-                                own_value=self.backend.lease_value(), on_own_lost=keeper.lost)
+                                own_value=lambda: keeper.value, on_own_lost=keeper.lost)
 
         async def on_new_subnet(new: ipaddress.IPv4Network) -> None:
             await self._move_to(new)
             watcher.resync()
 
-        tasks = [watcher.run(), keeper.keep(on_new_subnet)]
+        tasks = [watcher.run(), keeper.keep(on_new_subnet), keeper.complete()]
         if isinstance(self.backend, UdpBackend):
             tasks.append(self.backend.greet_peers(lambda: keeper.subnet, lambda: watcher.peers))
         self.random_fully = options.ip_masq and await supports_random_fully()
@@ -180,7 +236,7 @@ class Daemon:
         period = watchdog_period()
         if period is not None:
             tasks.append(self._ping_watchdog(period))
-        log.info("running: watching %s/subnets/", options.etcd_prefix.rstrip("/"))
+        log.info("running: watching %s", manager.watching)
         async with asyncio.TaskGroup() as group:
             for task in tasks:
                 group.create_task(task)
@@ -283,7 +339,7 @@ async def run_daemon(options: Options, handed: dict[str, int] | None = None,
             if signum == signal.SIGHUP:  # copies: stopping the backend closes its own
                 kept = daemon.backend.kept() if daemon.backend is not None else {}
                 carried = {name: os.dup(fd) for name, fd in kept.items()}
-            log.info("stopped; the lease stays in etcd")
+            log.info("stopped; the lease stays")
             return 0
         serving.result()
         return 0

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from control.service.endpoints import Page
 
 if TYPE_CHECKING:
-    from control.subnet.lease import LeaseKeeper
+    from control.subnet.lease import Keeper
     from control.subnet.registry import EtcdCounts
     from control.subnet.watch import SubnetWatcher
     from fastpath import FastPath
@@ -36,7 +36,7 @@ DROP_PREFIX = "drop_"
 class DaemonCollector:
     """A prometheus_client collector over one daemon's state."""
 
-    def __init__(self, keeper: LeaseKeeper, watcher: SubnetWatcher, etcd: EtcdCounts,
+    def __init__(self, keeper: Keeper, watcher: SubnetWatcher, etcd: EtcdCounts,
                  fastpath: FastPath | None) -> None:
         self.keeper = keeper
         self.watcher = watcher

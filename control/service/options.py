@@ -26,6 +26,8 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/coreos.com/network"
 SUBNET_TTL = 24 * 60 * 60  # flanneld's subnetTTL
 DEFAULT_ETCD_PORT = 2379
+KUBE_ANNOTATION_PREFIX = "flannel.alpha.coreos.com"
+KUBE_NET_CONFIG = "/etc/kube-flannel/net-conf.json"
 
 
 # NamedTuples, not dataclasses: a restart reads its flags before anything else, and making
@@ -58,6 +60,12 @@ class Options(NamedTuple):
     healthz_port: int
     metrics_ip: str
     metrics_port: int
+    kube_subnet_mgr: bool
+    kube_api_url: str | None
+    kubeconfig_file: str | None
+    kube_annotation_prefix: str
+    net_config_path: str
+    set_node_network_unavailable: bool
     fastpath_batch: int
     fastpath_offload: bool
     fastpath_scatter: bool
@@ -184,6 +192,18 @@ FLAGS = [
          default="0.0.0.0"),
     Flag("metrics-port", "the port for the Prometheus metrics server, GET /metrics (pyflannel; "
          "0 to disable)", _bounded(int, 0, 65535), 0),
+    Flag("kube-subnet-mgr", "contact the Kubernetes API for subnet assignment instead of etcd",
+         _go_bool, False, boolean=True),
+    Flag("kube-api-url", "Kubernetes API server URL. Does not need to be specified if flannel is "
+         "running in a pod"),
+    Flag("kubeconfig-file", "kubeconfig file location. Does not need to be specified if flannel "
+         "is running in a pod"),
+    Flag("kube-annotation-prefix", "Kubernetes annotation prefix. Can contain single slash "
+         "\"/\", otherwise it will be appended at the end", default=KUBE_ANNOTATION_PREFIX),
+    Flag("net-config-path", "path to the network configuration file (with --kube-subnet-mgr)",
+         default=KUBE_NET_CONFIG),
+    Flag("set-node-network-unavailable", "set NetworkUnavailable after ready (with "
+         "--kube-subnet-mgr)", _go_bool, True, boolean=True),
     Flag("fastpath-batch", "packets moved per wake-up by the fast path, at most 16 with offloads "
          "(each may be a 64 KiB super-packet); 1 is per-packet (pyflannel)", _bounded(int, 1, 1024),
          DEFAULT_BATCH),

@@ -61,6 +61,7 @@ class EtcdV2Registry:
                  cert: tuple[str, str] | None = None, ca_cert: str | None = None) -> None:
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets"
+        self.config_source = f"{self._prefix}/config"
         # One endpoint is host + port; several are a tuple of them, which python-etcd only takes
         # with allow_reconnect (it then asks etcd for its members).
         where: dict[str, Any] = ({"host": endpoints[0][0], "port": endpoints[0][1]}

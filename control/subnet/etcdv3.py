@@ -89,6 +89,7 @@ class EtcdV3Registry:
         self._credentials = tls.credentials() if tls is not None else None
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets/".encode()
+        self.config_source = f"{self._prefix}/config"
         self._client = self._new_client()
         self.counts = EtcdCounts()
 

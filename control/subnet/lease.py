@@ -16,9 +16,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from control.subnet.config import NetworkConfig
-from control.subnet.registry import Registry, RegistryError
+from control.subnet.registry import LeaseStore, RegistryError
 
 log = logging.getLogger("pyflanneld.lease")
 
@@ -163,12 +164,37 @@ def readable_leases(entries: Iterable[tuple[str, bytes]]
     return leases
 
 
+class Keeper(Protocol):
+    """This host's lease, as the daemon, the watch and /metrics see it, whichever subnet
+    manager holds it (LeaseKeeper in etcd, kube.py's NodeLease in Kubernetes)."""
+
+    subnet: ipaddress.IPv4Network | None
+    value: bytes  # the lease's value as the registry shows it: the watch compares it
+    errors: int  # failed attempts to take or keep it
+
+    @property
+    def held(self) -> bool: ...
+
+    def expires_in(self) -> float: ...
+
+    def lost(self) -> None:
+        """The watch saw this host's lease changed by another, or gone."""
+
+    async def acquire(self) -> ipaddress.IPv4Network: ...
+
+    async def complete(self) -> None:
+        """Once the host serves its subnet (subnet.env written)."""
+
+    async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]
+                   ) -> None: ...
+
+
 class LeaseKeeper:
     """Takes this host's lease and keeps it: renews it `renew_margin` seconds before it expires,
     and takes one again when it is lost (expired, deleted, or taken over), calling `on_change`
     when that gives a different subnet. The lease is kept on exit, as flanneld does."""
 
-    def __init__(self, registry: Registry, config: NetworkConfig,
+    def __init__(self, registry: LeaseStore, config: NetworkConfig,
                  public_ip: ipaddress.IPv4Address, value: bytes,
                  previous: ipaddress.IPv4Network | None, *, ttl: int,
                  renew_margin: float = 3600.0, rng: random.Random | None = None) -> None:
@@ -179,7 +205,7 @@ class LeaseKeeper:
         self._ttl = ttl
         self._renew_margin = renew_margin
         self._rng = rng or random.Random()
-        self._value = value  # the backend's lease value for this host
+        self.value = value  # the backend's lease value for this host
         self._lost = asyncio.Event()
         self.subnet: ipaddress.IPv4Network | None = None
         self._renew_at = 0.0  # time.monotonic()
@@ -225,10 +251,10 @@ class LeaseKeeper:
             name = subnet_name(choice.subnet)
             started = time.monotonic()
             if choice.reuse:
-                await self._registry.update_subnet(name, self._value, self._ttl, None)
+                await self._registry.update_subnet(name, self.value, self._ttl, None)
                 log.info("found lease %s for this host's IP %s; reusing it", choice.subnet,
                          self._public_ip)
-            elif await self._registry.create_subnet(name, self._value, self._ttl):
+            elif await self._registry.create_subnet(name, self.value, self._ttl):
                 log.info("leased subnet %s to this host (%s)", choice.subnet, self._public_ip)
             else:
                 log.info("subnet %s was taken by another host meanwhile; choosing again",
@@ -237,6 +263,9 @@ class LeaseKeeper:
             self._renew_at = started + self._ttl - self._renew_margin
             return choice.subnet
         raise RegistryError(f"another host won the race for a subnet {RACE_RETRIES} times")
+
+    async def complete(self) -> None:
+        """Nothing to add in etcd once the host serves its subnet."""
 
     async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]) -> None:
         """Renew before expiry; take a lease again when lost. Runs until cancelled."""
@@ -271,7 +300,7 @@ class LeaseKeeper:
         started = time.monotonic()
         try:
             renewed = await self._registry.update_subnet(
-                subnet_name(self.subnet), self._value, self._ttl, self._value)
+                subnet_name(self.subnet), self.value, self._ttl, self.value)
         except RegistryError as err:
             self.errors += 1
             retry = min(60.0, max(1.0, self._renew_margin / 4))

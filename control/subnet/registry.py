@@ -1,6 +1,7 @@
-"""Where leases live: one small interface over etcd, with one implementation per etcd API
-(etcdv3.py through aetcd, etcdv2.py through python-etcd). Storage only; the lease policy is in
-lease.py and the route keeping in watch.py, written once against this interface."""
+"""Where leases live: one small interface, with etcd's v3 API (etcdv3.py through aetcd), its v2
+API (etcdv2.py through python-etcd) and the Kubernetes API (kube.py) behind it. Storage only;
+the lease policy is in lease.py (kube.py's NodeLease in Kubernetes) and the route keeping in
+watch.py, written once against this interface."""
 
 from __future__ import annotations
 
@@ -104,13 +105,28 @@ class Change:
 
 
 class Registry(Protocol):
+    """What the daemon and the watch read: the config, and the leases listed and watched
+    (etcd's keys under <prefix>/subnets/, or kube.py's Nodes as such keys)."""
+
     counts: EtcdCounts
+    config_source: str  # where the config is, for the log: a key, or a file
 
     async def get_config(self) -> bytes | None:
-        """The value at <prefix>/config, or None when the key does not exist."""
+        """The config, or None when there is none."""
 
     async def list_subnets(self) -> tuple[list[Entry], int]:
         """Every key under <prefix>/subnets/, and the revision the listing reflects."""
+
+    def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
+        """Every change under <prefix>/subnets/ after `after_revision`, in order, on one stream.
+        Raises HistoryLostError when those changes are gone and RegistryError when the stream
+        breaks (resume from the last revision seen)."""
+
+    async def close(self) -> None: ...
+
+
+class LeaseStore(Registry, Protocol):
+    """An etcd registry, where this host writes and renews its own lease (lease.py)."""
 
     async def create_subnet(self, name: str, value: bytes, ttl: int) -> bool:
         """Create <prefix>/subnets/<name> expiring in ttl seconds, only if it does not exist.
@@ -122,10 +138,3 @@ class Registry(Protocol):
         exactly that value (False otherwise: the lease was lost)."""
 
     async def delete_subnet(self, name: str) -> None: ...
-
-    def watch_subnets(self, after_revision: int) -> AsyncIterator[Change]:
-        """Every change under <prefix>/subnets/ after `after_revision`, in order, on one stream.
-        Raises HistoryLostError when those changes are gone and RegistryError when the stream
-        breaks (resume from the last revision seen)."""
-
-    async def close(self) -> None: ...

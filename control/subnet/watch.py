@@ -32,7 +32,7 @@ EXPIRED_GRACE_SECONDS = 10.0
 class SubnetWatcher:
     def __init__(self, registry: Registry, config: NetworkConfig, backend: Backend,
                  own_subnet: Callable[[], ipaddress.IPv4Network | None],
-                 own_value: bytes, on_own_lost: Callable[[], None]) -> None:
+                 own_value: Callable[[], bytes], on_own_lost: Callable[[], None]) -> None:
         self._registry = registry
         self._config = config
         self._backend = backend
@@ -100,7 +100,7 @@ class SubnetWatcher:
             if subnet is None:
                 continue
             if subnet == own:
-                own_seen = entry.value == self._own_value
+                own_seen = entry.value == self._own_value()
                 continue
             peer = self._peer(subnet, entry.value)
             if peer is not None:
@@ -119,7 +119,7 @@ class SubnetWatcher:
         if subnet is None:
             return
         if subnet == self._own_subnet():
-            if change.value != self._own_value:
+            if change.value != self._own_value():
                 self._on_own_lost()
             return
         if change.expired and subnet in self.peers:
