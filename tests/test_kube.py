@@ -5,6 +5,7 @@ flanneld falls over (no podCIDR yet, no or garbage annotations, a podCIDR it can
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -65,13 +66,14 @@ def node_with_container(bed: Testbed, api: KubeApi, name: str,
 
 @pytest.mark.parametrize(("backend", "backend_type", "mtu"), [
     ({"Type": "udp"}, "", 1472), ({"Type": "vxlan"}, "vxlan", 1450),
-    ({"Type": "host-gw"}, "host-gw", 1500)])
+    ({"Type": "host-gw"}, "host-gw", 1500), ({"Type": "alloc"}, "", 1500)],
+    ids=["udp", "vxlan", "host-gw", "alloc"])
 def test_the_node_carries_what_flanneld_writes(
         kube: tuple[Testbed, EtcdServer, KubeApi], daemons: list[Flanneld | KubeFlanneld],
         backend: dict[str, Any], backend_type: str, mtu: int) -> None:
     bed, _, api = kube
     host = bed.add_host()
-    name = f"own-{backend_type or 'udp'}"
+    name = f"own-{backend['Type']}"
     api.register_node(name, host.underlay_ip)
     cidr = api.wait_pod_cidr(name)
     daemon = KubePyflanneld(bed, host, api, name, backend)
@@ -256,3 +258,38 @@ def test_the_watch_resumes_after_the_api_server_restarts_and_loses_no_node(
     received = int(out.split(" received")[0].rsplit(", ", 1)[-1])
     assert sent > 50 and sent - received <= 2, out
     api.delete_node("meanwhile")
+
+
+def test_what_nodes_deleted_while_it_was_down_left_is_removed_at_start(
+        kube: tuple[Testbed, EtcdServer, KubeApi], daemons: list[Flanneld | KubeFlanneld]) -> None:
+    """flanneld keeps the routes, neighbours and fdb entries of Nodes deleted while it was down
+    (flannel 2554): pyflanneld's first listing removes them."""
+    bed, _, api = kube
+    members = []
+    for index in range(2):
+        host = bed.add_host()
+        name = f"gone-{index}"
+        api.register_node(name, host.underlay_ip)
+        api.wait_pod_cidr(name)
+        daemon = KubePyflanneld(bed, host, api, name, {"Type": "vxlan"})
+        daemons.append(daemon)
+        daemon.start()
+        members.append(daemon)
+    staying, leaving = members
+    cidr = api.wait_pod_cidr("gone-1")
+    staying.wait_log(f"subnet added: {cidr}", timeout=30)
+    vtep = str(ipaddress.IPv4Network(cidr).network_address)
+    assert cidr in staying.host.ip("route", "show", "dev", "flannel.1").stdout
+    assert vtep in staying.host.ip("neigh", "show", "dev", "flannel.1").stdout
+    assert leaving.host.underlay_ip in staying.host.run("bridge", "fdb", "show", "dev",
+                                                        "flannel.1").stdout
+    assert staying.stop() == 0
+    assert leaving.stop() == 0
+    api.delete_node("gone-1")
+    staying.start()
+    staying.wait_log("running: watching Nodes", timeout=30)
+    wait_for(lambda: cidr not in staying.host.ip("route", "show", "dev", "flannel.1").stdout,
+             10, "the deleted Node's route removed")
+    assert vtep not in staying.host.ip("neigh", "show", "dev", "flannel.1").stdout
+    assert leaving.host.underlay_ip not in staying.host.run("bridge", "fdb", "show", "dev",
+                                                            "flannel.1").stdout
