@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Generator
@@ -65,6 +66,7 @@ class ApiTarget:
     key_file: str | None = None
     token: str | None = None
     token_file: str | None = None  # read at every request: a ServiceAccount token rotates
+    inline_dir: str | None = None  # the kubeconfig's inline *-data as files: gone once read
 
 
 class _Bearer(httpx.Auth):
@@ -114,11 +116,13 @@ def from_kubeconfig(path: str, api_url: str | None) -> ApiTarget:
     user = _named(loaded.get("users"), context.get("user", ""), "user", path) \
         if context.get("user") else {}
     base = os.path.dirname(os.path.abspath(path))
-    inline = tempfile.mkdtemp(prefix="pyflanneld-kubeconfig-")
+    inline: list[str] = []
 
     def file_of(section: dict[str, Any], key: str) -> str | None:
         if section.get(f"{key}-data"):
-            return _data_file(section[f"{key}-data"], inline, key)
+            if not inline:
+                inline.append(tempfile.mkdtemp(prefix="pyflanneld-kubeconfig-"))
+            return _data_file(section[f"{key}-data"], inline[0], key)
         value = section.get(key)
         return os.path.join(base, value) if isinstance(value, str) and value else None
 
@@ -129,7 +133,8 @@ def from_kubeconfig(path: str, api_url: str | None) -> ApiTarget:
                      insecure=bool(cluster.get("insecure-skip-tls-verify")),
                      cert_file=file_of(user, "client-certificate"),
                      key_file=file_of(user, "client-key"), token=user.get("token"),
-                     token_file=file_of(user, "tokenFile"))
+                     token_file=file_of(user, "tokenFile"),
+                     inline_dir=inline[0] if inline else None)
 
 
 def in_cluster(environ: dict[str, str], account_dir: str = SERVICE_ACCOUNT_DIR
@@ -156,7 +161,8 @@ def find_api(kubeconfig: str | None, api_url: str | None, environ: dict[str, str
     target = in_cluster(environ, account_dir)
     if target is not None:
         return target
-    fallback = environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    fallback = environ.get("KUBECONFIG") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".kube", "config")
     if os.path.exists(fallback):
         return from_kubeconfig(fallback, None)
     raise KubeConfigError("fail to create kubernetes config: not in a Pod (no "
@@ -169,13 +175,19 @@ class KubeClient:
 
     def __init__(self, target: ApiTarget) -> None:
         verify: ssl.SSLContext | bool = True
-        if target.server.startswith("https://"):
-            if target.insecure:
-                verify = False
-            else:
-                verify = ssl.create_default_context(cafile=target.ca_file)
-                if target.cert_file and target.key_file:
-                    verify.load_cert_chain(target.cert_file, target.key_file)
+        try:
+            if target.server.startswith("https://"):
+                if target.insecure:
+                    verify = False
+                else:
+                    verify = ssl.create_default_context(cafile=target.ca_file)
+                    if target.cert_file and target.key_file:
+                        verify.load_cert_chain(target.cert_file, target.key_file)
+        except (OSError, ssl.SSLError) as err:
+            raise KubeConfigError(f"fail to create kubernetes config: {err}") from None
+        finally:
+            if target.inline_dir is not None:
+                shutil.rmtree(target.inline_dir, ignore_errors=True)
         self.server = target.server
         self._http = httpx.AsyncClient(
             base_url=target.server, verify=verify, auth=_Bearer(target.token, target.token_file),
