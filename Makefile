@@ -39,11 +39,14 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 # A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API,
-# BACKEND=vxlan or host-gw for those backends.
+# BACKEND=vxlan or host-gw for those backends; SUBNET_MGR=kube for the subnets in Kubernetes
+# (the real kube-apiserver and controller manager v1.19.0 of ../shared/reference/, and
+# pyflanneld --kube-subnet-mgr under deploy/kube-pyflannel.yml's ClusterRole).
 API ?= v3
 BACKEND ?= udp
+SUBNET_MGR ?= etcd
 demo: install
-	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND)
+	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND) --subnet-mgr $(SUBNET_MGR)
 
 # The paper's Table 1 side by side, in three regimes (about 50 minutes); QUICK=1 for one short
 # pass (about 5). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference

@@ -1,23 +1,36 @@
 """`make demo`: a three-host pyflannel cluster in network namespaces, with traffic across it.
 
-etcd on its own host, the paper's Figure 2 config (its udp backend, or --backend vxlan or
-host-gw), pyflanneld on three hosts, and on each host a
-container attached by the real CNI bridge plugin from its FLANNEL_SUBNET, as flannel's CNI plugin
-does. Then every container pings every other, iperf3 runs between two of them, and the leases in
-etcd and each subnet.env are shown. Everything is torn down at the end, also on failure.
+With `--subnet-mgr etcd` (the default): etcd on its own host, the paper's Figure 2 config (its udp
+backend, or --backend vxlan or host-gw), pyflanneld on three hosts. With `--subnet-mgr kube`: the
+real kube-apiserver and controller manager v1.19.0 (tests/kubeapi.py, the reference builds of
+../shared/reference/) instead of the etcd config, three Nodes registered as kubelets register
+them, and pyflanneld --kube-subnet-mgr on each as deploy/kube-pyflannel.yml runs it: its
+ServiceAccount bound to the manifest's ClusterRole, the manifest's net-conf.json (its backend
+replaced by --backend), --ip-masq. Either way, on each host a container attached by the `flannel`
+CNI plugin from its FLANNEL_SUBNET, which delegates to the real `bridge` plugin. Then every
+container pings every other, iperf3 runs between two of them, and the leases (in etcd, or on the
+Nodes) and each subnet.env are shown. Everything is torn down at the end, also on failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
+import yaml
+
+from tests import kubeapi
 from tests.cluster import FIGURE_2_CONFIG, PREFIX, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
+from tests.flanneld import REPO
 from tests.testbed import Testbed
+
+MANIFEST = os.path.join(REPO, "deploy", "kube-pyflannel.yml")
+ANNOTATIONS = "flannel.alpha.coreos.com/"
 
 
 def say(text: str) -> None:
@@ -44,39 +57,144 @@ def iperf3(server: Flanneld, client: Flanneld, seconds: int) -> float:
         listener.wait()
 
 
+def kube_reference_missing() -> str | None:
+    """What --subnet-mgr kube lacks here (the reference Kubernetes builds), or None."""
+    wanted = [os.path.join(kubeapi.REFERENCE, os.path.basename(binary))
+              for binary in (kubeapi.KUBE_APISERVER, kubeapi.KUBE_CONTROLLER_MANAGER)]
+    missing = [path for path in wanted if not os.access(path, os.X_OK)]
+    if not missing:
+        return None
+    return ("SUBNET_MGR=kube runs the real Kubernetes API server and controller manager: the "
+            f"reference builds kube-apiserver-v1.19.0 and kube-controller-manager-v1.19.0 in "
+            f"{kubeapi.REFERENCE}, which are not on this machine (missing: "
+            f"{', '.join(missing)}). Run `make demo` with the etcd subnet manager instead, or put "
+            "the builds there (../shared/reference/README.md says how they are built).")
+
+
+def manifest(kind: str) -> dict:
+    with open(MANIFEST) as f:
+        return next(doc for doc in yaml.safe_load_all(f) if doc and doc["kind"] == kind)
+
+
+class Etcd:
+    """The subnet manager of `--subnet-mgr etcd`: the config in etcd, leases in its keyspace."""
+
+    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, backend: str) -> None:
+        self.bed, self.etcd, self.api = bed, etcd, api
+        self.config = FIGURE_2_CONFIG
+        if backend != "udp":
+            self.config = {**FIGURE_2_CONFIG, "Backend": {"Type": backend}}
+        self.network = self.config["Network"]
+        put_config(etcd, api, self.config)
+        say(f"config at {PREFIX}/config ({api} API): {json.dumps(self.config)}")
+
+    def daemon(self) -> Flanneld:
+        return Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api)
+
+    def show_leases(self) -> None:
+        say(f"leases in etcd ({self.api} keyspace)")
+        for key, value in self.etcd.get_prefix(f"{PREFIX}/subnets/", self.api).items():
+            print(f"    {key} = {value}")
+
+    def stop(self) -> None:
+        pass
+
+
+class Kube:
+    """The subnet manager of `--subnet-mgr kube`: the API server, Nodes with podCIDRs, and
+    pyflanneld under the manifest's ServiceAccount and ClusterRole."""
+
+    def __init__(self, bed: Testbed, etcd: EtcdServer, backend: str) -> None:
+        self.bed = bed
+        net_conf = json.loads(manifest("ConfigMap")["data"]["net-conf.json"])
+        net_conf["Backend"] = {"Type": backend}
+        self.network = net_conf["Network"]
+        self.api = kubeapi.KubeApi(bed, etcd, cluster_cidr=self.network)
+        try:
+            say(f"kube-apiserver v1.19.0 at {self.api.server} (host {self.api.host.netns}, "
+                f"stored in etcd), controller manager: nodeipam --cluster-cidr={self.network}")
+            subject = manifest("ClusterRoleBinding")["subjects"][0]
+            namespace, account = subject["namespace"], subject["name"]
+            self.account = self.api.service_account_files(namespace, account)
+            self.api.bind_cluster_role(manifest("ClusterRole")["metadata"]["name"], namespace,
+                                       account, manifest("ClusterRole")["rules"])
+            rules = "; ".join(f"{','.join(rule['resources'])} {','.join(rule['verbs'])}"
+                              for rule in manifest("ClusterRole")["rules"])
+            say(f"ServiceAccount {namespace}/{account} bound to deploy/kube-pyflannel.yml's "
+                f"ClusterRole flannel ({rules})")
+            self.net_conf = os.path.join(bed.workdir, "net-conf.json")
+            with open(self.net_conf, "w") as f:
+                json.dump(net_conf, f)
+            say(f"net-conf.json: {json.dumps(net_conf)}")
+            self.nodes: list[str] = []
+        except BaseException:
+            self.api.stop()
+            raise
+
+    def daemon(self) -> Flanneld:
+        host = self.bed.add_host()
+        name = f"node{len(self.nodes) + 1}"
+        self.api.register_node(name, host.underlay_ip)
+        if not self.nodes:
+            say("waiting for the controller manager's first podCIDR (its node IPAM starts "
+                "after 10 s)")
+        cidr = self.api.wait_pod_cidr(name)
+        self.nodes.append(name)
+        say(f"Node {name} ({host.underlay_ip}) registered, podCIDR {cidr}")
+        return Flanneld(self.bed, host, None, "", "--kube-subnet-mgr", "--ip-masq",
+                        f"--kubeconfig-file={self.account.kubeconfig}",
+                        f"--net-config-path={self.net_conf}", environ={"NODE_NAME": name})
+
+    def show_leases(self) -> None:
+        say("leases on the Nodes (spec.podCIDR and flannel's annotations)")
+        for node in self.api.nodes():
+            annotations = {key.removeprefix(ANNOTATIONS): value for key, value
+                           in (node["metadata"].get("annotations") or {}).items()
+                           if key.startswith(ANNOTATIONS)}
+            conditions = {c["type"]: c["status"] for c in node["status"].get("conditions") or []}
+            print(f"    {node['metadata']['name']} {node['spec'].get('podCIDR')} "
+                  f"NetworkUnavailable={conditions.get('NetworkUnavailable')} "
+                  f"{json.dumps(annotations, sort_keys=True)}")
+
+    def stop(self) -> None:
+        self.api.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--etcd-api", choices=["v3", "v2"], default="v3")
+    parser.add_argument("--etcd-api", choices=["v3", "v2"], default="v3",
+                        help="etcd's API for --subnet-mgr etcd")
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"], default="udp")
+    parser.add_argument("--subnet-mgr", choices=["etcd", "kube"], default="etcd",
+                        help="where the subnets are: etcd, or the Kubernetes API")
     args = parser.parse_args()
-    api = args.etcd_api
-    config = FIGURE_2_CONFIG
-    if args.backend != "udp":
-        config = {**FIGURE_2_CONFIG, "Backend": {"Type": args.backend}}
+    if args.subnet_mgr == "kube" and (missing := kube_reference_missing()):
+        print(f"demo: {missing}", file=sys.stderr)
+        return 2
 
     started = time.monotonic()
     with Testbed() as bed:
         say(f"testbed: underlay bridge in namespace {bed.underlay}, hosts on 198.18.0.0/24")
         etcd = EtcdServer(bed)
         daemons: list[Flanneld] = []
+        manager: Etcd | Kube | None = None
         try:
-            say(f"etcd {api} API on {etcd.endpoint} (host {etcd.host.netns})")
-            put_config(etcd, api, config)
-            say(f"config at {PREFIX}/config: {json.dumps(config)}")
-
+            say(f"etcd on {etcd.endpoint} (host {etcd.host.netns})")
+            manager = (Etcd(bed, etcd, args.etcd_api, args.backend) if args.subnet_mgr == "etcd"
+                       else Kube(bed, etcd, args.backend))
             for _ in range(args.hosts):
-                host = bed.add_host()
-                daemons.append(Flanneld(bed, host, etcd, api).start())
+                daemons.append(manager.daemon().start())
             say(f"started pyflanneld on {', '.join(d.host.netns for d in daemons)}")
             for daemon in daemons:
-                subnet = daemon.wait_subnet()
+                subnet = daemon.wait_subnet(timeout=40)
                 mtu = int(daemon.subnet_env()["FLANNEL_MTU"])
-                address = bed.add_container(daemon.host, str(subnet), mtu)
+                address = bed.add_container(daemon.host, str(subnet), mtu,
+                                            network=manager.network)
                 say(f"{daemon.host.netns} ({daemon.host.underlay_ip}) leased {subnet}; container "
                     f"{daemon.host.container_netns} at {address} (CNI bridge, MTU {mtu})")
             for daemon in daemons:
-                daemon.wait_log("subnet added", count=len(daemons) - 1)
+                daemon.wait_log("subnet added", count=len(daemons) - 1, timeout=20)
 
             say("ping from every container to every other")
             failures = 0
@@ -96,16 +214,18 @@ def main() -> int:
                 f"{daemons[1].host.container_ip}, through pyflannel's {args.backend} backend")
             print(f"    {iperf3(daemons[1], daemons[0], 3):.2f} Gbit/s")
 
-            say(f"leases in etcd ({api} keyspace)")
-            for key, value in etcd.get_prefix(f"{PREFIX}/subnets/", api).items():
-                print(f"    {key} = {value}")
+            manager.show_leases()
             for daemon in daemons:
                 say(f"{daemon.subnet_file}")
                 with open(daemon.subnet_file) as f:
                     print("".join(f"    {line}" for line in f))
         finally:
-            say("tearing down: pyflanneld (SIGTERM), etcd, namespaces")
+            say("tearing down: pyflanneld (SIGTERM), "
+                + ("the API server and controller manager, " if args.subnet_mgr == "kube" else "")
+                + "etcd, namespaces")
             stop_all(daemons)
+            if manager is not None:
+                manager.stop()
             etcd.stop()
     say(f"done in {time.monotonic() - started:.0f} s"
         + (f"; {failures} ping pair(s) FAILED" if failures else ": every container reached "

@@ -31,6 +31,8 @@ from typing import Any
 import httpx
 
 log = logging.getLogger("pyflanneld.kube")
+# httpx logs every request, the watch among them, at INFO: a DaemonSet's log would fill with them.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
