@@ -135,10 +135,17 @@ def test_a_mixed_cluster_with_flanneld_routes_joins_and_leaves(
     wait_for(lambda: flannel_annotations(api, name).get("kube-subnet-manager"), 30,
              "the newcomer's annotations")
     annotated = time.monotonic()
+    for watcher in members[1:]:
+        assert isinstance(watcher, Flanneld)
+        watcher.wait_log(f"subnet added: {cidr}", timeout=10)
+    assert time.monotonic() - annotated < 2.0
+    # ... and reached from every host, flanneld's included.
+    bed.add_container(joining, str(newcomer.wait_subnet()),
+                      int(newcomer.subnet_env()["FLANNEL_MTU"]), network=CLUSTER_CIDR)
+    for host in hosts:
+        assert wait_reachable(host, joining), f"{host.netns} -> the newcomer"
     watcher = members[1]
     assert isinstance(watcher, Flanneld)
-    watcher.wait_log(f"subnet added: {cidr}", timeout=10)
-    assert time.monotonic() - annotated < 2.0
     # Deleted: unrouted (its route gone from the pyflanneld host).
     newcomer.stop()
     api.delete_node(name)
