@@ -17,7 +17,7 @@ from fastpath.udp_tc import KERNEL_MODES, UdpTc, UdpTcUnavailable, detach_underl
 from fastpath.udp_tc import KEPT as KERNEL_KEPT
 
 from fastpath.loops cimport RxCounters, RxLoop, TxCounters, TxLoop, rx_run, tx_run, vector_free, vector_init
-from fastpath.offload cimport MAX_IPV4_PACKET, UDP_MAX_SEGMENTS, VNET_HDR_LEN
+from fastpath.offload cimport UDP_MAX_SEGMENTS, VNET_HDR_LEN
 from fastpath.system cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store, pthread_self, pthread_setname_np,
 )
@@ -34,11 +34,10 @@ SLOT_BYTES = VNET_HDR_LEN + 65536
 # 7.2 with one; 64-byte UDP through the loops alone: 62 against 59 kpps). Without offloads a
 # packet touches only the first page of its slot, and the whole batch stays.
 SUPERPACKET_SLOTS = 16
-# Send side, per slot: the headers of a super-packet's segments (scatter: up to 64 per message of
-# up to 120 bytes), or the whole segments (copy: a 64 KiB super-packet grows by one header per
-# segment). A full arena is sent and reused within the wake-up, so one message must fit.
+# Send side, per slot: the headers of a super-packet's segments (up to 64 per message of up to
+# 120 bytes; the payloads stay in the slot). A full arena is sent and reused within the wake-up,
+# so one message must fit.
 HEADER_BYTES_PER_SLOT = UDP_MAX_SEGMENTS * 120
-COPY_BYTES_PER_SLOT = 96 * 1024
 # Send side, per slot: a header and a payload iovec per segment.
 IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
@@ -74,14 +73,12 @@ cdef class FastPath:
     the peers that said hello (greet(); see udp_tc.bpf.c). With vxlan_receiver, the name of the
     receive-only vxlan device (udp_tc.RX_VXLAN_DEVICE, made down by the caller, who puts it up
     when through_vxlan says it is used, and deletes it when not: vxlan_missing says why), the
-    peers' whole super-packets go through the kernel's VXLAN receive, not the loops. With
-    next_hop_cache (the default) the kernel path sends by a next hop it looks up ten times a
-    second, not for every packet (udp_tc.bpf.c's struct next_hop). With plain_superpackets and
-    the kernel path, super-packets to peers on this same kernel go plain, spared the vxlan
-    device (greet() says which kernel this is; refresh() refuses a peer they do not reach).
-    `handed`
-    holds descriptors an earlier run kept (`kept()`, named as in KEPT_ANY), taken over where
-    they fit this run's settings.
+    peers' whole super-packets go through the kernel's VXLAN receive, not the loops. The kernel
+    path sends by a next hop it looks up ten times a second, not for every packet (udp_tc.bpf.c's
+    struct next_hop). With plain_superpackets and the kernel path, super-packets to peers on
+    this same kernel go plain, spared the vxlan device (greet() says which kernel this is;
+    refresh() refuses a peer they do not reach). `handed` holds descriptors an earlier run kept
+    (`kept()`, named as in KEPT_ANY), taken over where they fit this run's settings.
     """
 
     cdef readonly RouteTable table
@@ -91,7 +88,6 @@ cdef class FastPath:
     cdef readonly int batch
     cdef readonly bint offload
     cdef readonly str offload_missing
-    cdef readonly bint scatter
     cdef readonly bint udp_coalesce
     cdef readonly bint verify_source
     cdef readonly int nice
@@ -101,7 +97,6 @@ cdef class FastPath:
     cdef readonly str kernel_missing
     cdef readonly bint whole_superpackets
     cdef readonly str vxlan_receiver
-    cdef readonly bint next_hop_cache
     cdef readonly bint plain_superpackets
     cdef readonly str underlay
     cdef object udp_tc
@@ -118,11 +113,10 @@ cdef class FastPath:
 
     def __cinit__(self, network, int subnet_len, str bind_ip, int port, *, str tun="flannel%d",
                   int mtu=DEFAULT_MTU, int batch=DEFAULT_BATCH, bint offload=True,
-                  bint scatter=True, bint udp_coalesce=True, int nice=0,
+                  bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
                   bint verify_source=True, bint whole_superpackets=False,
-                  str vxlan_receiver="", bint next_hop_cache=True,
-                  bint plain_superpackets=False, dict handed=None):
+                  str vxlan_receiver="", bint plain_superpackets=False, dict handed=None):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
@@ -136,7 +130,6 @@ cdef class FastPath:
         self.batch = batch
         self.offload = offload
         self.offload_missing = ""
-        self.scatter = scatter
         self.udp_coalesce = udp_coalesce
         self.verify_source = verify_source
         if not -20 <= nice <= 19:
@@ -152,7 +145,6 @@ cdef class FastPath:
         self.kernel_missing = ""
         self.whole_superpackets = whole_superpackets
         self.vxlan_receiver = vxlan_receiver
-        self.next_hop_cache = next_hop_cache
         self.plain_superpackets = plain_superpackets
         self.udp_tc = None
         self.tun_pattern = tun
@@ -243,8 +235,8 @@ cdef class FastPath:
 
     @property
     def sends_plain(self) -> bool:
-        """Whether they go plain to peers on this kernel: plain_superpackets, with whole ones,
-        the next-hop cache and no queueing discipline on the underlay that could cut them."""
+        """Whether they go plain to peers on this kernel: plain_superpackets, with whole ones
+        and no queueing discipline on the underlay that could cut them."""
         return self.udp_tc is not None and self.udp_tc.sends_plain
 
     def set_route(self, subnet, ip, int port):
@@ -287,10 +279,8 @@ cdef class FastPath:
                 raise OSError("eventfd failed")
             if vector_init(&self.tx.vec, self.slots, SLOT_BYTES, 2 * self.slots,
                            self.slots * (IOVS_PER_SLOT if self.offload else 1),
-                           self._tx_arena_bytes()) or \
-                    vector_init(&self.rx.vec, self.slots, SLOT_BYTES, self.slots, self.slots,
-                                VNET_HDR_LEN + MAX_IPV4_PACKET
-                                if self.offload and not self.scatter else 1):
+                           self.slots * HEADER_BYTES_PER_SLOT if self.offload else 0) or \
+                    vector_init(&self.rx.vec, self.slots, SLOT_BYTES, self.slots, self.slots, 0):
                 raise MemoryError("cannot allocate the packet vectors")
         except BaseException:
             self._close()
@@ -305,7 +295,6 @@ cdef class FastPath:
         self.rx.verify_source = self.verify_source
         self.rx.mtu = self.mtu
         self.tx.offload = self.rx.offload = self.offload
-        self.tx.scatter = self.rx.scatter = self.scatter
         self.rx.udp_coalesce = self.udp_coalesce
         # Each thread passes the barrier once it has its priority, so nice_error is known
         # when start() returns.
@@ -334,10 +323,9 @@ cdef class FastPath:
         try:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
-                           egress=self.kernel == "on", verify_source=self.verify_source,
+                           verify_source=self.verify_source,
                            send_whole=self.whole_superpackets, loops_take_whole=self.offload,
-                           receiver=self.vxlan_receiver, next_hop_cache=self.next_hop_cache,
-                           plain=self.plain_superpackets)
+                           receiver=self.vxlan_receiver, plain=self.plain_superpackets)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin
@@ -351,11 +339,6 @@ cdef class FastPath:
             detach_underlay(underlay)
             return
         self.udp_tc = udp_tc
-
-    def _tx_arena_bytes(self) -> int:
-        if not self.offload:
-            return 1
-        return self.slots * (HEADER_BYTES_PER_SLOT if self.scatter else COPY_BYTES_PER_SLOT)
 
     def _prioritise(self, ready):
         """Give the calling packet thread the asked nice value (Linux nice is per thread). The

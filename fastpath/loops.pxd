@@ -33,9 +33,8 @@ cdef struct PacketVector:
     sockaddr_in *addrs
     uint8_t *control      # max_msgs * CONTROL_LEN
     uint32_t *segments    # datagrams carried by each message
-    uint8_t *out          # send: segment headers (or whole segments when copying); receive:
-                          # a merged packet gathered into one buffer when copying
-    size_t out_size
+    uint8_t *out          # send: the headers of super-packets' segments; NULL where there are
+    size_t out_size       # none (no offloads, and the receive side)
 
 
 cdef struct TxCounters:
@@ -82,7 +81,6 @@ cdef struct TxLoop:
     int sock_fd
     int wake_fd                # readable once stop is asked
     bint offload               # the TUN has IFF_VNET_HDR with CSUM and TSO4
-    bint scatter               # segments go out as iovecs; False: copied into `out` first
     const uint64_t *stop
     const route_table_t *table
     PacketVector vec
@@ -98,7 +96,6 @@ cdef struct RxLoop:
     int sock_fd
     int wake_fd
     bint offload               # the TUN takes a virtio_net_hdr; the socket has UDP_GRO
-    bint scatter               # merged packets are written as iovecs; False: gathered first
     bint udp_coalesce          # UDP datagrams of one flow are merged too (USO)
     bint verify_source         # deliver only what the sender's own subnet sends
     const uint64_t *stop

@@ -12,7 +12,7 @@
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp
 from posix.uio cimport iovec, writev
 from posix.unistd cimport read, write
 
@@ -20,7 +20,7 @@ from fastpath.offload cimport (
     IPPROTO_TCP, MAX_IPV4_PACKET, TCP_CWR, UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
-    Coalescer, TsoCut, finish_checksum, gather, gro_append, gro_finish, gro_header_len, gro_start,
+    Coalescer, TsoCut, finish_checksum, gro_append, gro_finish, gro_header_len, gro_start,
     tso_header, tso_plan, tso_segment_len, virtio_net_hdr,
 )
 from fastpath.packet cimport (
@@ -48,7 +48,8 @@ cdef uint8_t PLAIN_VNET_HDR[VNET_HDR_LEN]
 
 cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
                      unsigned int max_msgs, unsigned int max_iovs, size_t out_size) noexcept nogil:
-    """Allocate the slots, the message headers, the iovecs and the arena; -1 if out of memory."""
+    """Allocate the slots, the message headers, the iovecs and the arena (none for out_size 0);
+    -1 if out of memory."""
     vec.slots = slots
     vec.slot_size = slot_size
     vec.max_msgs = max_msgs
@@ -60,9 +61,9 @@ cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
     vec.addrs = <sockaddr_in *>calloc(max_msgs, sizeof(sockaddr_in))
     vec.control = <uint8_t *>calloc(max_msgs, CONTROL_LEN)
     vec.segments = <uint32_t *>calloc(max_msgs, sizeof(uint32_t))
-    vec.out = <uint8_t *>calloc(1, out_size)
+    vec.out = <uint8_t *>calloc(1, out_size) if out_size else NULL
     if not (vec.data and vec.msgs and vec.iovs and vec.addrs and vec.control and vec.segments
-            and vec.out):
+            and (vec.out or not out_size)):
         vector_free(vec)
         return -1
     return 0
@@ -195,7 +196,8 @@ cdef inline void add_message(TxLoop *loop, unsigned int iovs, uint64_t entry, si
 cdef inline void queue_superpacket(TxLoop *loop, uint8_t *pkt, size_t n, uint16_t gso_size,
                                    uint64_t entry) noexcept nogil:
     """Cut a TCP super-packet into segments and queue them, 64 (and 65507 bytes) per message at
-    most: as header and payload iovecs, or copied whole into the arena."""
+    most, as iovecs: each segment's headers, written into the arena, then its payload where the
+    TUN read put it (no payload is copied)."""
     cdef TsoCut cut
     if not tso_plan(pkt, n, gso_size, &cut):
         pf_add(&loop.counters.drop_bad_offload, 1)
@@ -206,38 +208,23 @@ cdef inline void queue_superpacket(TxLoop *loop, uint8_t *pkt, size_t n, uint16_
     cdef size_t per_message = UDP_MAX_PAYLOAD // segment
     if per_message > UDP_MAX_SEGMENTS:
         per_message = UDP_MAX_SEGMENTS
-    cdef size_t first = 0, take, j, this, length
+    cdef size_t first = 0, take, j
     cdef uint8_t *o
     cdef iovec *iov
     while first < cut.count:
         take = cut.count - first if cut.count - first < per_message else per_message
-        length = (take - 1) * segment + cut.hl + tso_segment_len(&cut, first + take - 1)
-        if loop.scatter:
-            reserve(loop, 2 * take, take * cut.hl)
-        else:
-            reserve(loop, 1, length)
+        reserve(loop, 2 * take, take * cut.hl)
         o = vec.out + loop.out_used
         iov = vec.iovs + loop.iovs_used
         for j in range(take):
-            this = tso_segment_len(&cut, first + j)
             tso_header(pkt, &cut, first + j, o)
-            if loop.scatter:
-                iov[2 * j].iov_base = o
-                iov[2 * j].iov_len = cut.hl
-                iov[2 * j + 1].iov_base = pkt + cut.hl + (first + j) * gso_size
-                iov[2 * j + 1].iov_len = this
-                o += cut.hl
-            else:
-                memcpy(o + cut.hl, pkt + cut.hl + (first + j) * gso_size, this)
-                o += segment
-        if loop.scatter:
-            loop.out_used += take * cut.hl
-            add_message(loop, 2 * take, entry, segment if take > 1 else 0, <uint32_t>take)
-        else:
-            iov[0].iov_base = vec.out + loop.out_used
-            iov[0].iov_len = length
-            loop.out_used += length
-            add_message(loop, 1, entry, segment if take > 1 else 0, <uint32_t>take)
+            iov[2 * j].iov_base = o
+            iov[2 * j].iov_len = cut.hl
+            iov[2 * j + 1].iov_base = pkt + cut.hl + (first + j) * gso_size
+            iov[2 * j + 1].iov_len = tso_segment_len(&cut, first + j)
+            o += cut.hl
+        loop.out_used += take * cut.hl
+        add_message(loop, 2 * take, entry, segment if take > 1 else 0, <uint32_t>take)
         first += take
 
 
@@ -327,12 +314,7 @@ cdef inline void flush(RxLoop *loop) noexcept nogil:
     cdef uint64_t packets = c.iovcnt - 1
     cdef uint64_t inner_bytes = c.len + (packets - 1) * c.hl
     cdef size_t total = gro_finish(c)
-    cdef ssize_t written
-    if loop.scatter:
-        written = writev(loop.tun_fd, c.iov, c.iovcnt)
-    else:
-        written = write(loop.tun_fd, loop.vec.out, gather(c.iov, c.iovcnt, loop.vec.out))
-    if written == <ssize_t>total:
+    if writev(loop.tun_fd, c.iov, c.iovcnt) == <ssize_t>total:
         pf_add(&loop.counters.packets, packets)
         pf_add(&loop.counters.bytes, inner_bytes)
         pf_add(&loop.counters.coalesced, packets - 1)

@@ -7,8 +7,7 @@
 # and the payloads stay where the TUN read put them, so one sendmsg with UDP_SEGMENT sends them
 # all from iovecs (header, payload, header, payload...). On the way in, UDP_GRO hands us many
 # datagrams per receive; the Coalescer merges consecutive segments of one TCP flow back into one
-# super-packet for one TUN write, again as iovecs into the receive buffer. gather() copies
-# iovecs into one buffer instead, for the copying variant (--fastpath-scatter=false).
+# super-packet for one TUN write, again as iovecs into the receive buffer.
 # All inline and GIL-free; offload.pyx wraps them for the table-driven tests.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -269,13 +268,3 @@ cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
     cdef size_t total = VNET_HDR_LEN + c.len
     c.len = 0
     return total
-
-
-cdef inline size_t gather(const iovec *iov, size_t iovcnt, uint8_t *out) noexcept nogil:
-    """Copy what iovecs point at into one buffer (the copying alternative to handing the kernel
-    the iovecs); returns the bytes copied."""
-    cdef size_t i, n = 0
-    for i in range(iovcnt):
-        memcpy(out + n, iov[i].iov_base, iov[i].iov_len)
-        n += iov[i].iov_len
-    return n

@@ -4,6 +4,16 @@ from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, malloc
 
 
+cdef size_t gather(const iovec *iov, size_t iovcnt, uint8_t *out) noexcept:
+    """Copy what iovecs point at into one buffer (what writev would write); returns the bytes
+    copied."""
+    cdef size_t i, n = 0
+    for i in range(iovcnt):
+        memcpy(out + n, iov[i].iov_base, iov[i].iov_len)
+        n += iov[i].iov_len
+    return n
+
+
 def finish(const uint8_t[:] vnet, const uint8_t[:] packet) -> bytes:
     """The packet with the checksum that its virtio_net_hdr left partial completed."""
     if vnet.shape[0] != VNET_HDR_LEN:

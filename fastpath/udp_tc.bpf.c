@@ -130,10 +130,8 @@ struct udp_tc_config {
 #define LOOPS_TAKE_WHOLE 2
 /* With LOOPS_TAKE_WHOLE: the local vxlan device takes such a datagram instead (see the top). */
 #define THROUGH_VXLAN 4
-/* tun_egress sends by the next hop it found (below) rather than by bpf_redirect_neigh. */
-#define NEXT_HOP_CACHE 8
-/* With SEND_WHOLE and NEXT_HOP_CACHE: super-packets go plain to peers on this kernel (the top). */
-#define PLAIN_SUPERPACKETS 16
+/* With SEND_WHOLE: super-packets go plain to peers on this kernel (the top). */
+#define PLAIN_SUPERPACKETS 8
 /* The outer IP ID of a plain super-packet ("pf"; a DF datagram's ID means nothing, RFC 6864),
  * and of what goes back to its sender for TAKEN_MARK_NS after the first arrived ("pg"). */
 #define PLAIN_ID 0x7066
@@ -191,9 +189,10 @@ struct {
 
 /* What tun_egress found out about a peer, on one CPU, at most NEXT_HOP_CHECK_NS ago: the
  * Ethernet header of a frame to it out of the underlay (FIB lookup), and whether it said hello.
- * bpf_redirect_neigh looks up the route and the neighbour for every packet, which measured 1.5 %
- * of a core at 10 Gbit/s; with NEXT_HOP_CACHE the packet that finds the entry due is sent by
- * bpf_redirect_neigh and looks again, and the rest go by bpf_redirect with the header found. So
+ * bpf_redirect_neigh looks up the route and the neighbour for every packet it sends, which
+ * measured 1.5 % of a core at 10 Gbit/s; here only the packet that finds the entry due is sent
+ * by bpf_redirect_neigh and looks again, and the rest go by bpf_redirect with the header found
+ * (plain super-packets need it: their Ethernet header goes in with the outer ones). So
  * a peer's new MAC is followed within NEXT_HOP_CHECK_NS, and the kernel still sees our traffic
  * use the neighbour entry (that packet's), which keeps it probed and current as with every
  * packet. Indexed like routes; per CPU, so written without locks. */
@@ -495,14 +494,12 @@ static __always_inline struct peer *plain_peer(__be32 ip, __u64 now)
 	return p->confirmed || !p->plain_sent ? p : NULL;
 }
 
-/* With NEXT_HOP_CACHE: the entry for the peer at `key` when it is current and names a neighbour,
- * else NULL (the caller sends by bpf_redirect_neigh). An entry that is due is made again here. */
+/* The entry for the peer at `key` when it is current and names a neighbour, else NULL (the caller
+ * sends by bpf_redirect_neigh). An entry that is due is made again here. */
 static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
 						 const struct udp_tc_config *cfg, __u32 key,
 						 const struct udp_tc_route *route, __u64 now)
 {
-	if (!(cfg->flags & NEXT_HOP_CACHE))
-		return NULL;
 	struct next_hop *hop = bpf_map_lookup_elem(&next_hops, &key);
 
 	if (!hop)

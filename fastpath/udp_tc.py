@@ -34,9 +34,9 @@ LIBBPF_SONAMES = ("libbpf.so.1", "libbpf.so.0")
 # What `tc filter show` names our filters by: their priority is the udp backend's port.
 FILTER_PRIORITY = 8285
 FILTER_HANDLE = 1
-# The daemon's --fastpath-kernel: off; rx, the receive side only; on, both sides. Both are safe
-# with any peer (see udp_tc.bpf.c).
-KERNEL_MODES = ("off", "rx", "on")
+# The daemon's --fastpath-kernel: off, or on (both programs, safe with any peer: see
+# udp_tc.bpf.c).
+KERNEL_MODES = ("off", "on")
 # Its name in `python -m fastpath`'s report.
 KERNEL_PATH = "the kernel path (tc-BPF programs through libbpf1, Linux 5.10+)"
 TCX_LINKS = "tcx links (the kernel path forwards across a restart, Linux 6.6+)"
@@ -64,7 +64,7 @@ ETHTOOL_DRVINFO_SIZE = 196  # struct ethtool_drvinfo: cmd, then the driver's nam
 ETHTOOL_GTSO = 0x1E  # struct ethtool_value: cmd, then whether TCP segmentation offload is on
 
 # udp_tc.bpf.c's config flags.
-SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN, NEXT_HOP_CACHE, PLAIN_SUPERPACKETS = 1, 2, 4, 8, 16
+SEND_WHOLE, LOOPS_TAKE_WHOLE, THROUGH_VXLAN, PLAIN_SUPERPACKETS = 1, 2, 4, 8
 # The receive-only vxlan device through which the kernel's own VXLAN receive takes the headers
 # off a peer's whole super-packet (udp_tc.bpf.c's RX_VXLAN_*). The control plane makes it.
 RX_VXLAN_DEVICE = "pyflannel-rx"
@@ -336,9 +336,9 @@ class UdpTc:
     the caller) on a veth underlay where peers' whole super-packets arrive, those go through it
     (udp_tc.bpf.c): vxlan_ingress is attached to its ingress as a classic tc filter, which stays
     when this process is gone, so the device's port never takes anything but what udp_ingress
-    hands it. through_vxlan says whether they do; why not, in vxlan_missing. With
-    next_hop_cache, tun_egress sends by a next hop it looks up ten times a second, not for every
-    packet (udp_tc.bpf.c's struct next_hop).
+    hands it. through_vxlan says whether they do; why not, in vxlan_missing. tun_egress sends
+    by a next hop it looks up ten times a second, not for every packet (udp_tc.bpf.c's struct
+    next_hop).
 
     set_route/del_route take the same subnets as the fast path's table and may be called while
     packets flow; each is one map write.
@@ -346,9 +346,9 @@ class UdpTc:
 
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
-                 underlay: str, egress: bool, verify_source: bool = True,
+                 underlay: str, verify_source: bool = True,
                  send_whole: bool = False, loops_take_whole: bool = False,
-                 receiver: str = "", next_hop_cache: bool = True, plain: bool = False) -> None:
+                 receiver: str = "", plain: bool = False) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
@@ -359,9 +359,8 @@ class UdpTc:
         self.underlay = underlay
         self.underlay_is_veth = driver(underlay) == "veth"
         self.tun_ifindex = tun_ifindex
-        self._send_whole = send_whole and egress and self.underlay_is_veth
+        self._send_whole = send_whole and self.underlay_is_veth
         self._loops_take_whole = loops_take_whole
-        self._next_hop_cache = next_hop_cache
         # Plain super-packets with peers on this kernel: taken from them whenever the programs
         # run (what says so is the kernel hello, fastpath/hello.py), sent where whole ones go
         # by the next-hop cache.
@@ -383,10 +382,8 @@ class UdpTc:
                              verify_source, boot_id())
         self.sends_whole = self.sends_plain = False
         self._config = self._pack_config()
-        # Where each program goes: name in LINKS -> interface index.
-        self._targets = {"ingress": self.underlay_ifindex}
-        if egress:
-            self._targets["egress"] = tun_ifindex
+        # Where each program goes: name in LINKS -> interface index (ingress first).
+        self._targets = {"ingress": self.underlay_ifindex, "egress": tun_ifindex}
         self._fds: dict[str, int] = {}  # the links (tcx) and the maps, by name in KEPT
         self._ingress_filter = False  # a classic tc filter, which only a detach removes
         self._netlink: socket.socket | None = None
@@ -396,15 +393,14 @@ class UdpTc:
         super-packets to the peers that said hello: asked for, and the veth hands them over
         whole, which it does with TSO on (on any other device they go out whole anyway, for the
         device to cut); sends_plain whether they go plain to peers on this kernel: asked for,
-        with the next-hop cache, and no queueing discipline on the underlay that could cut them
+        with whole ones, and no queueing discipline on the underlay that could cut them
         (CUTTING_QDISCS)."""
         self.sends_whole = self._send_whole and segments_tcp(self.underlay)
-        self.sends_plain = self.plain and self.sends_whole and self._next_hop_cache and not (
+        self.sends_plain = self.plain and self.sends_whole and not (
             qdiscs(self.underlay_ifindex) & CUTTING_QDISCS)
         flags = (SEND_WHOLE if self.sends_whole else 0) | (
             LOOPS_TAKE_WHOLE if self._loops_take_whole else 0) | (
             THROUGH_VXLAN if self.through_vxlan else 0) | (
-            NEXT_HOP_CACHE if self._next_hop_cache else 0) | (
             PLAIN_SUPERPACKETS if self.sends_plain else 0)
         return CONFIG.pack(*self._config_fields, flags, *self._config_tail, _build())
 

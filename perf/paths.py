@@ -29,12 +29,10 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
     "pyflannel": [],
     "pyflannel-etcdv2": ["--etcd-api", "v2"],
     # One lever off (or on) per row, each against the defaults row.
-    "pyflannel-copy": ["--fastpath-scatter=false"],
     "pyflannel-no-udp-coalesce": ["--fastpath-udp-coalesce=false"],
     "pyflannel-nice0": ["--fastpath-nice", "0"],
     "pyflannel-nooffload": ["--fastpath-offload=false"],
-    # The kernel path (tc programs beside the loops): on by default; receive side only; none.
-    "pyflannel-kernel-rx": ["--fastpath-kernel", "rx"],
+    # The kernel path (tc programs beside the loops): on by default; without it.
     "pyflannel-kernel-off": ["--fastpath-kernel", "off"],
     # TCP super-packets whole to the veth peers that say hello (on by default): without them.
     "pyflannel-no-whole": ["--fastpath-whole-superpackets=false"],
@@ -46,8 +44,6 @@ PYFLANNEL_ROWS: dict[str, list[str]] = {
                                    "--fastpath-vxlan-receive=false"],
     # Source verification (on by default): what it costs.
     "pyflannel-no-verify-source": ["--fastpath-verify-source=false"],
-    # The kernel path's next hop looked up ten times a second (on by default): for every packet.
-    "pyflannel-no-next-hop-cache": ["--fastpath-next-hop-cache=false"],
     # Loops alone, one read, one send per packet, no offloads: the shape of flanneld's C proxy.
     "pyflannel-batch1": ["--fastpath-kernel", "off", "--fastpath-batch", "1",
                          "--fastpath-offload=false"],

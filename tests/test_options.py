@@ -44,17 +44,20 @@ def test_environment_fills_what_the_command_line_leaves() -> None:
 
 def test_fast_path_levers_default_to_what_make_perf_chose() -> None:
     defaults = parse_args([], environ={})
-    assert (defaults.fastpath_batch, defaults.fastpath_offload, defaults.fastpath_scatter,
-            defaults.fastpath_udp_coalesce, defaults.fastpath_nice) == (64, True, True, True, -10)
-    turned = parse_args(["--fastpath-scatter=false", "--fastpath-udp-coalesce=false",
-                         "--fastpath-nice", "0"], environ={"FLANNELD_FASTPATH_BATCH": "1"})
-    assert (turned.fastpath_batch, turned.fastpath_scatter, turned.fastpath_udp_coalesce,
-            turned.fastpath_nice) == (1, False, False, 0)
+    assert (defaults.fastpath_batch, defaults.fastpath_offload, defaults.fastpath_udp_coalesce,
+            defaults.fastpath_nice, defaults.fastpath_kernel) == (64, True, True, -10, "on")
+    turned = parse_args(["--fastpath-udp-coalesce=false", "--fastpath-nice", "0",
+                         "--fastpath-kernel", "off"], environ={"FLANNELD_FASTPATH_BATCH": "1"})
+    assert (turned.fastpath_batch, turned.fastpath_udp_coalesce, turned.fastpath_nice,
+            turned.fastpath_kernel) == (1, False, 0, "off")
 
 
 @pytest.mark.parametrize(("argv", "environ", "named"), [
     (["--fastpath-nice", "-21"], {}, "--fastpath-nice"),
-    (["--fastpath-scatter=sometimes"], {}, "--fastpath-scatter"),
+    (["--fastpath-udp-coalesce=sometimes"], {}, "--fastpath-udp-coalesce"),
+    (["--fastpath-kernel", "rx"], {}, "--fastpath-kernel"),
+    (["--fastpath-scatter=false"], {}, "--fastpath-scatter"),  # levers that did not pay
+    (["--fastpath-next-hop-cache=false"], {}, "--fastpath-next-hop-cache"),
     (["--bogus"], {}, "--bogus"),
     (["--public-ip", "300.1.1.1"], {}, "--public-ip"),
     (["--etcd-endpoints", "ftp://x"], {}, "--etcd-endpoints"),

@@ -106,15 +106,13 @@ class UdpBackend:
         if fp.whole_superpackets and not fp.sends_whole:
             log.info("udp backend: TCP super-packets go out whole only from the kernel path "
                      "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
-        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, scatter %s, "
-                 "UDP coalescing %s, nice %d, kernel path %s, source check %s, whole "
-                 "super-packets %s, VXLAN receive %s, next-hop cache %s, plain super-packets "
-                 "%s", fp.tun_name, mtu, ext.address,
+        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, UDP coalescing "
+                 "%s, nice %d, kernel path %s, source check %s, whole super-packets %s, VXLAN "
+                 "receive %s, plain super-packets %s", fp.tun_name, mtu, ext.address,
                  config.port, fp.slots, "on" if fp.offload else "off",
-                 "on" if fp.scatter else "off", "on" if fp.udp_coalesce else "off", fp.nice,
-                 fp.kernel, "on" if fp.verify_source else "off",
+                 "on" if fp.udp_coalesce else "off", fp.nice, fp.kernel,
+                 "on" if fp.verify_source else "off",
                  "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",
-                 "on" if fp.next_hop_cache and fp.kernel == "on" else "off",
                  "on" if fp.sends_plain else "off")
         return mtu
 

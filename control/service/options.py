@@ -68,14 +68,12 @@ class Options(NamedTuple):
     set_node_network_unavailable: bool
     fastpath_batch: int
     fastpath_offload: bool
-    fastpath_scatter: bool
     fastpath_udp_coalesce: bool
     fastpath_nice: int
     fastpath_kernel: str
     fastpath_verify_source: bool
     fastpath_whole_superpackets: bool
     fastpath_vxlan_receive: bool
-    fastpath_next_hop_cache: bool
     fastpath_plain_superpackets: bool
     v: int
 
@@ -83,12 +81,10 @@ class Options(NamedTuple):
     def fastpath_levers(self) -> dict[str, Any]:
         """The fast path's switchable levers (FastPath's keyword arguments), from the flags."""
         return {"batch": self.fastpath_batch, "offload": self.fastpath_offload,
-                "scatter": self.fastpath_scatter, "udp_coalesce": self.fastpath_udp_coalesce,
-                "nice": self.fastpath_nice, "kernel": self.fastpath_kernel,
-                "verify_source": self.fastpath_verify_source,
+                "udp_coalesce": self.fastpath_udp_coalesce, "nice": self.fastpath_nice,
+                "kernel": self.fastpath_kernel, "verify_source": self.fastpath_verify_source,
                 "whole_superpackets": self.fastpath_whole_superpackets,
                 "vxlan_receiver": RX_VXLAN_DEVICE if self.fastpath_vxlan_receive else "",
-                "next_hop_cache": self.fastpath_next_hop_cache,
                 "plain_superpackets": self.fastpath_plain_superpackets}
 
 
@@ -210,18 +206,15 @@ FLAGS = [
     Flag("fastpath-offload", "TUN offloads: TCP super-packets cut into UDP GSO sends, UDP GRO "
          "receives merged into one TUN write (pyflannel; the wire format is unchanged)",
          _go_bool, True, boolean=True),
-    Flag("fastpath-scatter", "with offloads, hand segments to the kernel as iovecs where they "
-         "lie instead of copying them into one buffer first (pyflannel)",
-         _go_bool, True, boolean=True),
     Flag("fastpath-udp-coalesce", "with offloads, merge received UDP datagrams of one flow "
          "into one TUN write that the kernel splits again (Linux 6.2+; pyflannel)",
          _go_bool, True, boolean=True),
     Flag("fastpath-nice", "nice value of the fast path's packet threads, -20..19: below 0 they "
          "run ahead of the applications they carry for, as the kernel's forwarding does "
          "(pyflannel)", _bounded(int, -20, 19), -10),
-    Flag("fastpath-kernel", "carry the common case in the kernel with two tc-BPF programs, "
-         "the rest still through the loops: off; rx, decapsulate in the kernel; on, also "
-         "encapsulate; both safe with any peer (pyflannel)", _one_of(KERNEL_MODES), "on"),
+    Flag("fastpath-kernel", "on: carry the common case in the kernel with two tc-BPF programs "
+         "(encapsulate, decapsulate), the rest still through the loops, safe with any peer; "
+         "off: the loops alone (pyflannel)", _one_of(KERNEL_MODES), "on"),
     Flag("fastpath-verify-source", "deliver a received packet only when its source lies in "
          "the subnet leased to the host that sent the datagram; false where hosts reach each "
          "other through NAT (pyflannel)", _go_bool, True, boolean=True),
@@ -234,14 +227,11 @@ FLAGS = [
          f"device {RX_VXLAN_DEVICE} (UDP port {RX_VXLAN_PORT} on the PublicIP, which takes "
          "nothing from elsewhere), not the loops; the wire is unchanged (pyflannel)",
          _go_bool, True, boolean=True),
-    Flag("fastpath-next-hop-cache", "with the kernel path, send to each peer by the route and "
-         "neighbour looked up ten times a second, not for every packet (pyflannel)",
-         _go_bool, True, boolean=True),
-    Flag("fastpath-plain-superpackets", "with whole super-packets and the next-hop cache, send "
-         "them to a peer on this same kernel (network namespaces of one machine; a second "
-         "hello says so) as plain TCP super-packets, which its kernel path takes straight "
-         "into its TUN, not through its receive device; a peer whose hellos do not count "
-         "them arriving gets the usual ones again (pyflannel)", _go_bool, True, boolean=True),
+    Flag("fastpath-plain-superpackets", "with whole super-packets, send them to a peer on this "
+         "same kernel (network namespaces of one machine; a second hello says so) as plain TCP "
+         "super-packets, which its kernel path takes straight into its TUN, not through its "
+         "receive device; a peer whose hellos do not count them arriving gets the usual ones "
+         "again (pyflannel)", _go_bool, True, boolean=True),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 
