@@ -17,7 +17,7 @@ DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client container
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
-.PHONY: install deb demo test perf scale leases profile lint clean wheel
+.PHONY: install deb demo test perf scale leases kube-scale profile lint clean wheel
 
 # Compiled to bytecode as a wheel's install does: every daemon start would compile them again
 # otherwise (where PYTHONDONTWRITEBYTECODE is set), which a restart's stall would show.
@@ -67,6 +67,14 @@ scale: install
 LEASES ?= 10000
 leases: install
 	$(PY) -m perf.leases --leases $(LEASES) --api $(API)
+
+# NODES Nodes in a real API server (tests/kubeapi.py; 5,000 is Kubernetes' supported maximum), a
+# few of them real hosts: a joining pyflanneld's start-up and peak RSS, CPU under 100 Node changes
+# per second, a new Node's time to its route, beside flanneld v0.20.2 as kube-flannel.yml runs it
+# and past its EVENT_QUEUE_DEPTH (perf/SCALE.md). NODES=500 for a quick pass (about 5 minutes).
+NODES ?= 5000
+kube-scale: install
+	$(PY) -m perf.kubescale --nodes $(NODES) --flanneld '$(FLANNELD)'
 
 # Where one TCP stream and four spend the machine over pyflannel and over kernel VXLAN
 # (perf/PROFILE.md).

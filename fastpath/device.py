@@ -15,6 +15,7 @@ TUN_CLONE_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
+TUNSETPERSIST = 0x400454CB
 SIOCGIFADDR = 0x8915
 SIOCGIFMTU = 0x8921
 IFF_TUN = 0x0001
@@ -119,6 +120,13 @@ def offloaded(fd: int, name: str, offload: bool) -> tuple[int, str, bool, bool]:
             pass
         fcntl.ioctl(fd, TUNSETOFFLOAD, TSO_OFFLOADS)
     return fd, name, offload, uso
+
+
+def set_persistent(fd: int, persistent: bool) -> None:
+    """Have the TUN behind `fd` outlive its last descriptor (IFF_PERSIST), or not: a persistent
+    TUN stays, with its addresses, routes and tc programs, for the next run to open by its name;
+    one that is not goes with its last descriptor."""
+    fcntl.ioctl(fd, TUNSETPERSIST, int(persistent))
 
 
 def tun_identity(fd: int) -> tuple[str, int]:

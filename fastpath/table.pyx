@@ -3,6 +3,7 @@
 import ipaddress
 import os
 import socket
+import stat
 import struct
 
 from libc.stdint cimport uint32_t, uint64_t
@@ -39,7 +40,8 @@ cdef class RouteTable:
     set() and delete() may be called from Python while the loops look entries up without a lock.
     With `fd`, a table that an earlier run left in that memfd is adopted (with its routes) when
     it is for the same Network and SubnetLen; otherwise, or without one, a new empty one is made.
-    The table owns the memfd either way.
+    A regular file (a tmpfs one, where routes outlive the process) is made this table's when it
+    does not hold one: the table lives in it from then on. The table owns the fd either way.
     """
 
     def __cinit__(self, network, int subnet_len, int fd=-1):
@@ -54,6 +56,10 @@ cdef class RouteTable:
         header = (MAGIC, int(net.network_address), subnet_len, size)
         self.mapping_bytes = HEADER_BYTES + size * sizeof(uint64_t)
         self.adopted = fd >= 0 and os.fstat(fd).st_size == self.mapping_bytes
+        if fd >= 0 and not self.adopted and stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)  # whatever it held goes: zero-filled again, no routes
+            os.ftruncate(fd, self.mapping_bytes)
+            self.adopted = True  # the header check below finds it empty
         if fd >= 0 and not self.adopted:
             os.close(fd)
         if not self.adopted:

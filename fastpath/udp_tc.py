@@ -165,6 +165,8 @@ def _lib() -> ctypes.CDLL:
             ("bpf_tc_attach", ctypes.c_int, [vp, vp]),
             ("bpf_link_create", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, vp]),
             ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, vp, vp]),
+            ("bpf_obj_pin", ctypes.c_int, [ctypes.c_int, ctypes.c_char_p]),
+            ("bpf_obj_get", ctypes.c_int, [ctypes.c_char_p]),
             ("libbpf_set_print", vp, [vp]),
         ):
             function = getattr(lib, name)
@@ -691,3 +693,19 @@ def _possible_cpus() -> int:
         low, _, high = part.partition("-")
         count += int(high or low) - int(low) + 1
     return count
+
+
+def pin(fd: int, path: str) -> None:
+    """Pin the BPF link, map or program behind `fd` at `path` in a bpffs: it outlives this
+    process (a pinned link stays attached) until the pin is removed. OSError when it cannot."""
+    result = _lib().bpf_obj_pin(fd, path.encode())
+    if result < 0:
+        raise OSError(-result, f"pinning at {path}: {os.strerror(-result)}")
+
+
+def pinned(path: str) -> int:
+    """A new descriptor of the BPF object pinned at `path`. OSError when there is none."""
+    fd = _lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        raise OSError(-fd, f"{path}: {os.strerror(-fd)}")
+    return fd

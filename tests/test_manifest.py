@@ -116,7 +116,8 @@ def test_the_daemonset_runs_pyflanneld_as_flannel_s_runs_flanneld() -> None:
         {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]
 
     main = container(spec, "kube-flannel")
-    assert main["args"] == ["--ip-masq", "--kube-subnet-mgr"]
+    assert main["args"] == ["--ip-masq", "--kube-subnet-mgr",
+                            "--fastpath-pin-dir=/sys/fs/bpf/pyflannel"]
     assert main["resources"] == {"requests": {"cpu": "100m", "memory": "50Mi"},
                                  "limits": {"cpu": "100m", "memory": "50Mi"}}
     assert main["securityContext"] == {"privileged": False,
@@ -248,7 +249,9 @@ class InClusterPyflanneld(Flanneld):
         environ.update(POD_NAME=pod, POD_NAMESPACE=NAMESPACE, SA=SERVICE_ACCOUNT_DIR,
                        KUBERNETES_SERVICE_HOST=api.address, KUBERNETES_SERVICE_PORT=str(api.port))
         # --iface: the test host has no default route to find eth0 by.
-        super().__init__(bed, host, None, "", *main["args"], f"--net-config-path={net_conf}",
+        # The pins go in a folder of the test's (the host's /sys/fs/bpf is everyone's).
+        args = [arg for arg in main["args"] if not arg.startswith("--fastpath-pin-dir")]
+        super().__init__(bed, host, None, "", *args, f"--net-config-path={net_conf}",
                          program=["unshare", "--mount", "sh", "-c", IN_CLUSTER_MOUNT,
                                   account_dir, sys.executable, "-m", "control"],
                          environ=environ)

@@ -44,5 +44,8 @@ class AllocBackend:
     def status(self) -> str:
         return "alloc"
 
+    def leave(self) -> None:
+        """Nothing kept for a next run but the kernel's own state, as flanneld leaves it."""
+
     def stop(self) -> None:
         """Nothing running."""

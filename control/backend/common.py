@@ -48,6 +48,9 @@ class Backend(Protocol):
 
     def status(self) -> str: ...
 
+    def leave(self) -> None:
+        """This host leaves the cluster: remove what was kept for a next run."""
+
     def stop(self) -> None: ...
 
 

@@ -77,5 +77,8 @@ class HostGwBackend:
     def status(self) -> str:
         return f"host-gw on {self._ext.name}"
 
+    def leave(self) -> None:
+        """Nothing kept for a next run but the kernel's own state, as flanneld leaves it."""
+
     def stop(self) -> None:
         """The routes stay, as flanneld leaves them: a restart keeps forwarding."""

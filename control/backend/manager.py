@@ -12,6 +12,7 @@ from control.host.interface import ExternalInterface, Netlink
 from control.host.rtnl import RtNetlink
 from control.service.handover import release_resumed
 from control.service.options import Options
+from control.service.pinstore import PinStore
 from control.subnet.config import NetworkConfig
 from fastpath import FastPath
 
@@ -45,7 +46,7 @@ def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface
 
 
 def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalInterface,
-                         keep_device: str | None) -> None:
+                         keep_device: str | None, pins: PinStore | None = None) -> None:
     """Remove what another backend left on this host in an earlier run (the backend type
     changed in between): vxlan devices of flannel's naming other than `keep_device`, and
     host-gw's routes into the Network out of the external interface. The udp backend's TUN
@@ -79,3 +80,6 @@ def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalIn
                      ext.name)
         if delete_receiver(rtnl):
             log.info("deleted %s, left by an earlier udp backend", RX_VXLAN_DEVICE)
+        if pins is not None and pins.forget(None):
+            log.info("removed the data plane an earlier udp backend kept for a restart (%s)",
+                     pins.pin_dir)

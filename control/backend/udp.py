@@ -14,6 +14,7 @@ from control.backend.udp_receiver import delete_receiver, finish_receiver, prepa
 from control.host.interface import ExternalInterface, HostError, Netlink
 from control.service.handover import kept_names, release_resumed
 from control.service.options import Options
+from control.service.pinstore import PinStore
 from control.subnet.config import NetworkConfig
 from control.subnet.lease import PeerLease, encode_lease
 from fastpath import FastPath
@@ -40,6 +41,8 @@ class UdpBackend:
         self._public_ip = public_ip
         self._options = options
         self.fastpath: FastPath | None = None
+        self._pins = (PinStore(options.fastpath_pin_dir, options.subnet_file)
+                      if options.fastpath_pin_dir else None)
 
     def prepare(self) -> None:
         subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)
@@ -74,9 +77,10 @@ class UdpBackend:
                          "(--fastpath-vxlan-receive is off)")
         elif not prepare_receiver(self._netlink.rtnl, ext):
             levers["vxlan_receiver"] = ""
+        handed = {"routes": self._pins.routes_fd()} if self._pins is not None else None
         self.fastpath = fp = FastPath(
             config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
-            underlay=ext.name, **levers)
+            underlay=ext.name, handed=handed, **levers)
         try:
             fp.start()
         except OSError as err:
@@ -94,6 +98,8 @@ class UdpBackend:
             raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
                                f"{err}") from err
         finish_receiver(self._netlink.rtnl, fp)
+        if self._pins is not None:
+            self._pins.keep(fp)
         if fp.nice_error:
             log.warning("udp backend: cannot give the packet threads nice %d: %s", fp.nice,
                         fp.nice_error)
@@ -163,6 +169,12 @@ class UdpBackend:
 
     def status(self) -> str:
         return f"udp on {self.fastpath.tun_name}" if self.fastpath else "udp"
+
+    def leave(self) -> None:
+        """What --fastpath-pin-dir kept for a next run goes: the pins, the routes file, and the
+        TUN's persistence (it goes as the fast path stops)."""
+        if self._pins is not None:
+            self._pins.forget(self.fastpath)
 
     def stop(self) -> None:
         if self.fastpath is not None:

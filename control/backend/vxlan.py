@@ -246,5 +246,8 @@ class VxlanBackend:
     def status(self) -> str:
         return f"vxlan on {self.device}"
 
+    def leave(self) -> None:
+        """Nothing kept for a next run but the kernel's own state, as flanneld leaves it."""
+
     def stop(self) -> None:
         """The device and its entries stay, as flanneld leaves them: a restart reuses them."""

@@ -22,9 +22,9 @@ import socket
 import struct
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 # pyroute2's modules that this one reaches; the whole set that importing them loads is
 # tests/test_netlink_footprint.py's to keep small.
@@ -109,6 +109,8 @@ NLMSGERR = struct.Struct("=i")
 RECV_BYTES = 1 << 16  # a dump message is at most 32 KiB
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 DUMP_ATTEMPTS = 5  # a dump that the kernel marks interrupted (links changed meanwhile) is redone
+
+T = TypeVar("T")
 
 # pyroute2's attribute list: (name, value) pairs, a nested one's value {"attrs": [...]}
 Attrs = Sequence[tuple[str, Any]]
@@ -271,11 +273,20 @@ class RtNetlink:
                     parsed.decode()  # attributes are parsed when first read
                     yield flags, parsed
 
-    def _dump(self, kind: int, cls: Any, fields: dict[str, int]) -> list[Any]:
+    def _dump(self, kind: int, cls: Any, fields: dict[str, int],
+              pick: Callable[[Any], T | None]) -> list[T]:
+        """What `pick` keeps of each message of a dump (None: nothing), taken as the messages
+        arrive: held whole, pyroute2's messages of a dump of 5,000 routes or neighbours cost
+        the daemon 16-20 MiB each (perf/SCALE.md)."""
         for _ in range(DUMP_ATTEMPTS):
-            replies = list(self._replies(self._send(kind, NLM_F_DUMP, cls, fields), cls))
-            if not any(flags & NLM_F_DUMP_INTR for flags, _ in replies):
-                return [message for _, message in replies]
+            picked, interrupted = [], False
+            for flags, message in self._replies(self._send(kind, NLM_F_DUMP, cls, fields), cls):
+                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                value = pick(message)
+                if value is not None:
+                    picked.append(value)
+            if not interrupted:
+                return picked
         raise OSError(f"netlink dump {kind} kept being interrupted")
 
     def _change(self, kind: int, flags: int, cls: Any, fields: dict[str, int],
@@ -290,33 +301,38 @@ class RtNetlink:
                 self._replies(self._send(kind, NLM_F_ACK, cls, fields, attrs), cls)]
 
     def links(self) -> list[Link]:
-        return [Link(message["index"], _text(message.get_attr("IFLA_IFNAME")),
-                     message.get_attr("IFLA_MTU") or 0)
-                for message in self._dump(RTM_GETLINK, IfInfMsg, _LINK)]
+        return self._dump(RTM_GETLINK, IfInfMsg, _LINK, lambda message: Link(
+            message["index"], _text(message.get_attr("IFLA_IFNAME")),
+            message.get_attr("IFLA_MTU") or 0))
 
     def ipv4_addresses(self) -> list[tuple[int, ipaddress.IPv4Address]]:
         """(interface index, address) of every IPv4 address, in the kernel's order."""
-        found = []
-        for message in self._dump(RTM_GETADDR, IfAddrMsg, {**_ADDRESS, "family": AF_INET}):
+        def pick(message: Any) -> tuple[int, ipaddress.IPv4Address] | None:
             # IFA_LOCAL is this end's address (IFA_ADDRESS is the peer's on point-to-point).
             address = _ipv4(message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS"))
             if message["family"] == AF_INET and address is not None:
-                found.append((message["index"], address))
-        return found
+                return message["index"], address
+            return None
 
-    def _main_table_routes(self) -> Iterator[Any]:
-        """The IPv4 routes of the main table, cached (cloned) ones left out."""
-        for message in self._dump(RTM_GETROUTE, RtMsg, {**_ROUTE, "family": AF_INET}):
+        return self._dump(RTM_GETADDR, IfAddrMsg, {**_ADDRESS, "family": AF_INET}, pick)
+
+    def _main_table_routes(self, pick: Callable[[Any], T | None]) -> list[T]:
+        """What `pick` keeps of the IPv4 routes of the main table, cached (cloned) ones left
+        out."""
+        def main(message: Any) -> T | None:
             table = message.get_attr("RTA_TABLE") or message["table"]
             if (message["family"] == AF_INET and table == RT_TABLE_MAIN
                     and not message["flags"] & RTM_F_CLONED):
-                yield message
+                return pick(message)
+            return None
+
+        return self._dump(RTM_GETROUTE, RtMsg, {**_ROUTE, "family": AF_INET}, main)
 
     def default_route_interfaces(self) -> list[int]:
         """The output interface of each IPv4 default route in the main table (multipath
         routes, which have none, are left out)."""
-        return [message.get_attr("RTA_OIF") for message in self._main_table_routes()
-                if message["dst_len"] == 0 and message.get_attr("RTA_OIF") is not None]
+        return self._main_table_routes(
+            lambda message: message.get_attr("RTA_OIF") if message["dst_len"] == 0 else None)
 
     def _address(self, kind: int, flags: int, index: int,
                  address: ipaddress.IPv4Address, prefixlen: int) -> None:
@@ -446,10 +462,14 @@ class RtNetlink:
         """(destination, gateway) of each IPv4 route in the main table out of the link, the
         default route as 0.0.0.0/0 and gateway None for a route without one. Multipath routes,
         which have no single output interface, are left out."""
-        return [(ipaddress.IPv4Network((message.get_attr("RTA_DST") or "0.0.0.0",
-                                        message["dst_len"])),
-                 _ipv4(message.get_attr("RTA_GATEWAY")))
-                for message in self._main_table_routes() if message.get_attr("RTA_OIF") == index]
+        def pick(message: Any) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None] | None:
+            if message.get_attr("RTA_OIF") != index:
+                return None
+            return (ipaddress.IPv4Network((message.get_attr("RTA_DST") or "0.0.0.0",
+                                           message["dst_len"])),
+                    _ipv4(message.get_attr("RTA_GATEWAY")))
+
+        return self._main_table_routes(pick)
 
     def _neigh(self, kind: int, flags: int, family: int, index: int, state: int, ntf: int,
                attrs: Attrs) -> None:
@@ -467,21 +487,23 @@ class RtNetlink:
         """Delete the link's ARP entry for `ip`; ENOENT if there is none."""
         self._neigh(RTM_DELNEIGH, 0, AF_INET, index, 0, 0, [("NDA_DST", str(ip))])
 
-    def _neighbour_dump(self, family: int, index: int) -> Iterator[Any]:
+    def _neighbour_dump(self, family: int, index: int, pick: Callable[[Any], T | None]
+                        ) -> list[T]:
         """The dump is of every link's and is filtered here: the kernel filters on the header's
         index only for sockets that asked for strict checking."""
-        for message in self._dump(RTM_GETNEIGH, NdMsg, {**_NEIGH, "family": family}):
-            if message["family"] == family and message["ifindex"] == index:
-                yield message
+        return self._dump(RTM_GETNEIGH, NdMsg, {**_NEIGH, "family": family},
+                          lambda message: pick(message) if message["family"] == family
+                          and message["ifindex"] == index else None)
 
     def neighbours(self, index: int) -> list[tuple[ipaddress.IPv4Address, str]]:
         """(address, MAC) of the link's permanent IPv4 neighbours."""
-        found = []
-        for message in self._neighbour_dump(AF_INET, index):
+        def pick(message: Any) -> tuple[ipaddress.IPv4Address, str] | None:
             ip, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
             if message["state"] & NUD_PERMANENT and ip is not None and mac:
-                found.append((ip, _text(mac).lower()))
-        return found
+                return ip, _text(mac).lower()
+            return None
+
+        return self._neighbour_dump(AF_INET, index, pick)
 
     def replace_fdb(self, index: int, mac: str, dst: ipaddress.IPv4Address) -> None:
         """A permanent fdb entry on the vxlan link itself, as `bridge fdb replace MAC dev LINK
@@ -501,9 +523,8 @@ class RtNetlink:
     def fdb(self, index: int) -> list[tuple[str, ipaddress.IPv4Address]]:
         """(MAC, remote) of the link's fdb entries that have an IPv4 remote: a vxlan link's.
         Entries without one (a NIC's own and multicast addresses) are left out."""
-        found = []
-        for message in self._neighbour_dump(AF_BRIDGE, index):
+        def pick(message: Any) -> tuple[str, ipaddress.IPv4Address] | None:
             dst, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
-            if dst is not None and mac:
-                found.append((_text(mac).lower(), dst))
-        return found
+            return (_text(mac).lower(), dst) if dst is not None and mac else None
+
+        return self._neighbour_dump(AF_BRIDGE, index, pick)

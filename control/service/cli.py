@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     # A restart's data plane first: forwarding again on the descriptors the last run kept
     # before the control plane's imports and etcd, which take most of a restart.
     handed = handed_fds()
+    if not handed and options.fastpath_pin_dir:  # no fd store: what the last run pinned
+        from control.service.pinstore import PinStore
+
+        handed = PinStore(options.fastpath_pin_dir, options.subnet_file).handed()
     resumed = resume_fastpath(handed, options)
     import uvloop
 

@@ -31,6 +31,7 @@ from control.host.subnetenv import SubnetEnv, read_previous_subnet, write_subnet
 from control.service.endpoints import healthz_page, serve_http
 from control.service.handover import keep_for_next_run, release, restart_in_place
 from control.service.options import Options
+from control.service.pinstore import PinStore
 from control.service.sdnotify import notify, watchdog_period
 from control.subnet.config import ConfigError, NetworkConfig, parse_config
 from control.subnet.lease import Keeper, LeaseKeeper, OutOfSubnetsError
@@ -143,7 +144,9 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
             config = parse_config(raw)
             backend = make_backend(config, netlink, ext, public_ip, options, resumed)
             backend.prepare()
-            clear_other_backends(config, netlink.rtnl, ext, backend.device)
+            pins = (PinStore(options.fastpath_pin_dir, options.subnet_file)
+                    if options.fastpath_pin_dir else None)
+            clear_other_backends(config, netlink.rtnl, ext, backend.device, pins)
             return config, backend
         except (ConfigError, BackendError) as err:
             log.error("config %s: %s; trying again in %gs", key, err, CONFIG_RETRY_SECONDS)
@@ -170,6 +173,18 @@ class Daemon:
         self.subnet_env: SubnetEnv | None = None
         self.iptables = RuleKeeper(options.iptables_resync)
         self.random_fully = False
+        self.keeper: Keeper | None = None  # once the subnet manager is open
+        self.leaving = False  # this host leaves the cluster as the daemon stops
+
+    async def host_leaves(self) -> bool:
+        """Whether the subnet manager says this host is leaving (a few seconds at most)."""
+        if self.keeper is None:
+            return False
+        try:
+            async with asyncio.timeout(STOP_GRACE_SECONDS):
+                return await self.keeper.leaving()
+        except TimeoutError:
+            return False
 
     async def serve(self) -> None:
         options = self.options
@@ -190,7 +205,7 @@ class Daemon:
                  config.backend_type, f" port {config.port}" if config.backend_type == "udp"
                  else "")
 
-        keeper = manager.keeper(config, public_ip, self.backend.lease_value())
+        self.keeper = keeper = manager.keeper(config, public_ip, self.backend.lease_value())
         try:
             subnet = await keeper.acquire()
         except OutOfSubnetsError as err:
@@ -289,6 +304,9 @@ class Daemon:
         if self.registry is not None:
             await self.registry.close()
         if self.backend is not None:
+            if self.leaving:
+                log.info("this host leaves the cluster: removing what was kept for a restart")
+                self.backend.leave()
             self.backend.stop()
         if self.resumed is not None:  # when no backend took it over (stop() is idempotent)
             self.resumed.stop()
@@ -329,6 +347,7 @@ async def run_daemon(options: Options, handed: dict[str, int] | None = None,
             else:
                 log.info("got %s: stopping", signum.name)
                 notify("STOPPING=1")
+                daemon.leaving = await daemon.host_leaves()
             serving.cancel()
             await asyncio.wait({serving}, timeout=STOP_GRACE_SECONDS)
             if not serving.done():

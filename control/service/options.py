@@ -75,6 +75,7 @@ class Options(NamedTuple):
     fastpath_whole_superpackets: bool
     fastpath_vxlan_receive: bool
     fastpath_plain_superpackets: bool
+    fastpath_pin_dir: str | None
     v: int
 
     @property
@@ -232,6 +233,10 @@ FLAGS = [
          "super-packets, which its kernel path takes straight into its TUN, not through its "
          "receive device; a peer whose hellos do not count them arriving gets the usual ones "
          "again (pyflannel)", _go_bool, True, boolean=True),
+    Flag("fastpath-pin-dir", "keep the udp backend's data plane across a restart where no fd "
+         "store holds it (a DaemonSet): its TUN persistent, the kernel path pinned in this bpffs "
+         "folder (e.g. /sys/fs/bpf/pyflannel), the routes beside the subnet file; removed when "
+         "this host's Pod is deleted or another backend runs (pyflannel; off by default)"),
     Flag("v", "log verbosity (klog style: 0 info, 2 and up debug)", _bounded(int, 0, 10), 0),
 ]
 

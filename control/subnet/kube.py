@@ -58,8 +58,11 @@ class KubeRegistry:
     """The Nodes as lease entries (subnet name, lease value), listed and watched; the network
     config from the file at --net-config-path."""
 
-    def __init__(self, client: KubeClient, keys: Annotations, net_config_path: str) -> None:
+    def __init__(self, client: KubeClient, keys: Annotations, net_config_path: str,
+                 pod: tuple[str, str] | None = None) -> None:
+        """pod: (namespace, name) of this daemon's Pod, where it runs in one."""
         self.client = client
+        self.pod = pod
         self.keys = keys
         self.config_source = net_config_path
         self.counts = EtcdCounts()  # the same counts, the API server's here
@@ -180,6 +183,7 @@ class NodeLease:
                  subnet_len: int, value: bytes, *, set_network_unavailable: bool) -> None:
         self._client = registry.client
         self._keys = registry.keys
+        self._pod = registry.pod
         self.node = node
         self._network = network
         self._subnet_len = subnet_len
@@ -267,6 +271,20 @@ class NodeLease:
                           "in %gs: %s", self.node, RETRY_SECONDS, err)
                 await asyncio.sleep(RETRY_SECONDS)
 
+    async def leaving(self) -> bool:
+        """Whether this daemon's Pod is being deleted (its DaemonSet removed or replaced, as
+        by kube-flannel.yml applied over it, or its node drained), not restarted in place;
+        without a Pod, or when the API server does not say, a stop is a restart."""
+        if self._pod is None:
+            return False
+        try:
+            pod = await self._client.get_pod(*self._pod)
+        except KubeApiError as err:
+            log.warning("cannot tell whether Pod %s/%s is deleted (%s): taking this stop for a "
+                        "restart", *self._pod, err)
+            return False
+        return pod is None or bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
     async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]) -> None:
         """Take the lease again whenever it is lost. Runs until cancelled."""
         while True:
@@ -292,4 +310,6 @@ async def open_kube(kubeconfig: str | None, api_url: str | None, prefix: str,
     except BaseException:
         await client.close()
         raise
-    return KubeRegistry(client, keys, net_config_path), node
+    pod = (environ["POD_NAMESPACE"], environ["POD_NAME"]) if environ.get("POD_NAME") and \
+        environ.get("POD_NAMESPACE") else None
+    return KubeRegistry(client, keys, net_config_path, pod), node

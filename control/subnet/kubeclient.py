@@ -200,15 +200,22 @@ class KubeClient:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The answer's JSON. Its body is read here, not kept by httpx's Response: a Response
+        and its stream refer to each other, so one whose body was read whole (request(),
+        aread()) lives on with it until the cycle collector's next full pass, which a daemon
+        holding thousands of leases rarely runs. A listing's pages (360 KB each at 50
+        kubelet-sized Nodes) piled up so: listing 5,000 Nodes raised the daemon's peak RSS by
+        9.8 MiB, and by 5.6 MiB read this way (perf/SCALE.md)."""
         try:
-            response = await self._http.request(method, path, **kwargs)
+            async with self._http.stream(method, path, **kwargs) as response:
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
         except httpx.HTTPError as err:
             raise KubeApiError(f"{method} {path}: {err or type(err).__name__}") from None
         if response.status_code >= 400:
             raise KubeApiError(f"{method} {path}: {response.status_code} "
-                               f"{_message(response.content)}", response.status_code)
+                               f"{_message(body)}", response.status_code)
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
             raise KubeApiError(f"{method} {path}: the answer is not JSON") from None
 
@@ -216,6 +223,15 @@ class KubeClient:
         """The Node, None when there is none of that name."""
         try:
             return await self._request("GET", f"/api/v1/nodes/{name}")
+        except KubeApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod, None when there is none of that name."""
+        try:
+            return await self._request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
         except KubeApiError as err:
             if err.status == 404:
                 return None

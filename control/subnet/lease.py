@@ -185,6 +185,10 @@ class Keeper(Protocol):
     async def complete(self) -> None:
         """Once the host serves its subnet (subnet.env written)."""
 
+    async def leaving(self) -> bool:
+        """Whether this host leaves the cluster as the daemon stops (what it kept for a next
+        run then goes), rather than restarting."""
+
     async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]
                    ) -> None: ...
 
@@ -266,6 +270,10 @@ class LeaseKeeper:
 
     async def complete(self) -> None:
         """Nothing to add in etcd once the host serves its subnet."""
+
+    async def leaving(self) -> bool:
+        """etcd cannot tell: a stop is taken for a restart."""
+        return False
 
     async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]) -> None:
         """Renew before expiry; take a lease again when lost. Runs until cancelled."""

@@ -1,0 +1,180 @@
+"""A restart where nothing holds descriptors across it (a DaemonSet's container): with
+--fastpath-pin-dir the udp backend's TUN stays (persistent), its kernel path stays pinned in a
+bpffs and goes on forwarding, and the next run takes them up (control/service/pinstore.py); the
+vxlan and host-gw backends leave forwarding to the kernel. A TCP flow's longest stall across a
+kill and a new start is printed (`pytest -s`; the figures go to perf/SCALE.md) and held to a
+generous bound. What was kept goes when the host leaves: its Pod deleted, or another backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import Cluster, Flanneld, wait_for
+from tests.etcd import EtcdServer
+from tests.kubeapi import KubeApi
+from tests.test_kube import KubePyflanneld
+from tests.test_restart import BOUND_SECONDS, Flow
+from tests.testbed import Testbed, sh
+
+
+@pytest.fixture(scope="module")
+def bpffs(testbed: Testbed) -> Iterator[str]:
+    """A bpffs of the module's own (pins are global: each host pins in a folder of it)."""
+    path = os.path.join(testbed.workdir, "bpffs")
+    os.makedirs(path)
+    sh("mount", "-t", "bpf", "bpf", path)
+    try:
+        yield path
+    finally:
+        sh("umount", "-l", path)
+
+
+def pin_flags(bpffs: str, daemon_name: str) -> list[str]:
+    return ["--fastpath-pin-dir", os.path.join(bpffs, daemon_name)]
+
+
+def stop(daemon: Flanneld, how: str) -> None:
+    if how == "SIGTERM":
+        assert daemon.stop() == 0
+    else:
+        assert daemon.process is not None
+        daemon.process.kill()
+        daemon.process.wait()
+        daemon.process = None
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_restart_with_the_data_plane_pinned_barely_stalls_a_flow(
+        cluster: Cluster, bpffs: str, how: str) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    a = cluster.daemon(start=False)
+    a.command += pin_flags(bpffs, f"{a.host.netns}-{how}")
+    a.start()
+    b = cluster.daemon()
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+        daemon.wait_log("subnet added")
+    pins = os.path.join(bpffs, f"{a.host.netns}-{how}")
+    wait_for(lambda: os.path.isdir(pins) and len(os.listdir(pins)) >= 6, 10,
+             "the kernel path pinned")
+    flow = Flow(a.host, b.host)
+    try:
+        wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
+        restarted = time.monotonic()
+        stop(a, how)
+        # Nobody runs: the TUN and the pinned kernel path still forward.
+        assert "flannel0" in a.host.ip("link", "show").stdout
+        a.start()
+        a.wait_log("went on with the fast path the previous run kept")
+        wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
+                 "the flow running again")
+        time.sleep(1)
+        stall = flow.longest_gap(restarted)
+    finally:
+        flow.close()
+    print(f"\n{cluster.api}, {how}, pinned: the flow's longest stall across the restart: "
+          f"{stall:.3f} s")
+    assert stall <= BOUND_SECONDS
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_a_restart_of_a_kernel_backend_does_not_stall_a_flow(cluster: Cluster,
+                                                              backend: str) -> None:
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
+    a, b = cluster.daemon(), cluster.daemon()
+    mtu = 1450 if backend == "vxlan" else 1500
+    for daemon in (a, b):
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), mtu)
+        daemon.wait_log("subnet added")
+    flow = Flow(a.host, b.host)
+    try:
+        wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
+        restarted = time.monotonic()
+        stop(a, "SIGKILL")
+        a.start()
+        a.wait_log("subnet added")
+        time.sleep(1)
+        stall = flow.longest_gap(restarted)
+    finally:
+        flow.close()
+    print(f"\n{cluster.api}, {backend}, SIGKILL: the flow's longest stall across the restart: "
+          f"{stall:.3f} s")
+    assert stall <= BOUND_SECONDS
+
+
+def test_what_was_kept_goes_when_the_pod_is_deleted(
+        kube: tuple[Testbed, EtcdServer, KubeApi]) -> None:
+    """A Pod deleted (kube-flannel.yml applied over this DaemonSet, the DaemonSet removed, the
+    node drained) is no restart: its pyflanneld removes the persistent TUN, the pins and the
+    routes file as it stops, so that flanneld finds the host as it would without pyflannel. A
+    stop of a Pod that stays keeps them."""
+    bed, _, api = kube
+    path = os.path.join(bed.workdir, "bpffs")
+    os.makedirs(path, exist_ok=True)
+    sh("mount", "-t", "bpf", "bpf", path)
+    try:
+        host = bed.add_host()
+        api.register_node("leaving", host.underlay_ip)
+        api.wait_pod_cidr("leaving")
+        api.ensure_namespace("kube-flannel")
+        api.request("POST", "/api/v1/namespaces/kube-flannel/serviceaccounts",
+                    {"metadata": {"name": "leaving"}}, check=False)
+        api.request("POST", "/api/v1/namespaces/kube-flannel/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "kube-flannel-ds-leaving", "namespace": "kube-flannel"},
+            "spec": {"nodeName": "leaving", "terminationGracePeriodSeconds": 600,
+                     "serviceAccountName": "leaving", "automountServiceAccountToken": False,
+                     "containers": [{"name": "kube-flannel", "image": "pyflannel:0.1.0"}]}})
+        pins = os.path.join(path, "leaving")
+        daemon = KubePyflanneld(bed, host, api, "leaving", {"Type": "udp"},
+                                "--fastpath-pin-dir", pins)
+        daemon.environ.update(POD_NAME="kube-flannel-ds-leaving", POD_NAMESPACE="kube-flannel")
+        daemon.start()
+        daemon.wait_log("running: watching Nodes", timeout=40)
+        kept = daemon.subnet_file + ".kept"
+        wait_for(lambda: os.path.isdir(pins) and os.listdir(pins), 10, "the pins")
+        # A stop with the Pod staying: a restart, everything kept.
+        assert daemon.stop() == 0
+        assert os.listdir(pins) and os.path.isdir(kept)
+        assert "flannel0" in host.ip("link", "show").stdout
+        daemon.start()
+        daemon.wait_log("went on with the fast path the previous run kept", timeout=40)
+        # The Pod deleted (no kubelet here: it stays, marked, for its grace period).
+        api.request("DELETE", "/api/v1/namespaces/kube-flannel/pods/kube-flannel-ds-leaving")
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+        assert "this host leaves the cluster" in daemon.log()
+        assert not os.path.exists(pins) and not os.path.exists(kept)
+        wait_for(lambda: "flannel0" not in host.ip("link", "show").stdout, 5,
+                 "the TUN gone with its last descriptor")
+        filters = subprocess.run(["bpftool", "net", "show"], capture_output=True, text=True,
+                                 check=False).stdout
+        assert "tun_egress" not in filters or host.netns not in filters
+    finally:
+        sh("umount", "-l", path)
+        api.request("DELETE", "/api/v1/nodes/leaving", check=False)
+
+
+def test_another_backend_removes_what_the_udp_backend_kept(cluster: Cluster,
+                                                           bpffs: str) -> None:
+    cluster.config({"Network": "10.244.0.0/16"})
+    a = cluster.daemon(start=False)
+    pins = pin_flags(bpffs, f"{a.host.netns}-switch")
+    a.command += pins
+    a.start()
+    a.wait_subnet()
+    wait_for(lambda: os.path.isdir(pins[1]) and os.listdir(pins[1]), 10, "the pins")
+    assert a.stop() == 0
+    assert "flannel0" in a.host.ip("link", "show").stdout
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    a.start()
+    a.wait_log("removed the data plane an earlier udp backend kept")
+    a.wait_subnet()
+    assert not os.path.exists(pins[1])
+    wait_for(lambda: "flannel0" not in a.host.ip("link", "show").stdout, 5, "flannel0 gone")
+    assert a.stop() == 0
