@@ -64,6 +64,22 @@ def node_with_container(bed: Testbed, api: KubeApi, name: str,
                       network=CLUSTER_CIDR)
 
 
+def two_nodes(bed: Testbed, api: KubeApi, daemons: list[Flanneld | KubeFlanneld], prefix: str,
+              backend: str) -> list[KubePyflanneld]:
+    """Two hosts registered as Nodes <prefix>-0 and -1, with their podCIDRs, each with a
+    pyflanneld (not started) for it."""
+    members = []
+    for index in range(2):
+        host = bed.add_host()
+        name = f"{prefix}-{index}"
+        api.register_node(name, host.underlay_ip)
+        api.wait_pod_cidr(name)
+        daemon = KubePyflanneld(bed, host, api, name, {"Type": backend})
+        daemons.append(daemon)
+        members.append(daemon)
+    return members
+
+
 @pytest.mark.parametrize(("backend", "backend_type", "mtu"), [
     ({"Type": "udp"}, "", 1472), ({"Type": "vxlan"}, "vxlan", 1450),
     ({"Type": "host-gw"}, "host-gw", 1500), ({"Type": "alloc"}, "", 1500)],
@@ -234,16 +250,9 @@ def test_the_watch_resumes_after_the_api_server_restarts_and_loses_no_node(
     """The API server goes away and comes back: forwarding never stops, the watch resumes (410
     Gone: a new listing), and a Node that joined meanwhile is routed."""
     bed, _, api = kube
-    members = []
-    for index in range(2):
-        host = bed.add_host()
-        name = f"restart-{index}"
-        api.register_node(name, host.underlay_ip)
-        api.wait_pod_cidr(name)
-        daemon = KubePyflanneld(bed, host, api, name, {"Type": "udp"})
-        daemons.append(daemon)
-        node_with_container(bed, api, name, daemon)
-        members.append(daemon)
+    members = two_nodes(bed, api, daemons, "restart", "udp")
+    for daemon in members:
+        node_with_container(bed, api, daemon.node_name, daemon)
     a, b = (daemon.host for daemon in members)
     assert wait_reachable(a, b)
     assert a.container_netns and b.container_ip
@@ -272,16 +281,9 @@ def test_what_nodes_deleted_while_it_was_down_left_is_removed_at_start(
     """flanneld keeps the routes, neighbours and fdb entries of Nodes deleted while it was down
     (flannel 2554): pyflanneld's first listing removes them."""
     bed, _, api = kube
-    members = []
-    for index in range(2):
-        host = bed.add_host()
-        name = f"gone-{index}"
-        api.register_node(name, host.underlay_ip)
-        api.wait_pod_cidr(name)
-        daemon = KubePyflanneld(bed, host, api, name, {"Type": "vxlan"})
-        daemons.append(daemon)
+    members = two_nodes(bed, api, daemons, "gone", "vxlan")
+    for daemon in members:
         daemon.start()
-        members.append(daemon)
     staying, leaving = members
     cidr = api.wait_pod_cidr("gone-1")
     staying.wait_log(f"subnet added: {cidr}", timeout=30)

@@ -219,23 +219,20 @@ class KubeClient:
         except ValueError:
             raise KubeApiError(f"{method} {path}: the answer is not JSON") from None
 
-    async def get_node(self, name: str) -> dict[str, Any] | None:
-        """The Node, None when there is none of that name."""
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`, None when there is none."""
         try:
-            return await self._request("GET", f"/api/v1/nodes/{name}")
+            return await self._request("GET", path)
         except KubeApiError as err:
             if err.status == 404:
                 return None
             raise
 
+    async def get_node(self, name: str) -> dict[str, Any] | None:
+        return await self._get(f"/api/v1/nodes/{name}")
+
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The Pod, None when there is none of that name."""
-        try:
-            return await self._request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
-        except KubeApiError as err:
-            if err.status == 404:
-                return None
-            raise
+        return await self._get(f"/api/v1/namespaces/{namespace}/pods/{name}")
 
     async def pod_node_name(self, namespace: str, pod: str) -> str:
         """The Node a Pod runs on (flanneld's way when NODE_NAME is not set)."""
