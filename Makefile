@@ -17,7 +17,7 @@ DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client container
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
-.PHONY: install deb demo test perf scale leases kube-scale profile lint clean wheel
+.PHONY: install deb demo test perf scale leases kube-scale limits profile lint clean wheel
 
 # Compiled to bytecode as a wheel's install does: every daemon start would compile them again
 # otherwise (where PYTHONDONTWRITEBYTECODE is set), which a restart's stall would show.
@@ -75,6 +75,12 @@ leases: install
 NODES ?= 5000
 kube-scale: install
 	$(PY) -m perf.kubescale --nodes $(NODES) --flanneld '$(FLANNELD)'
+
+# Each daemon inside flannel's DaemonSet limits (memory 50Mi, cpu 100m, in cgroups), beside
+# flanneld's: TCP, CPU throttling, charged memory (BPF maps included), OOM kills, with a warm and
+# a cold page cache (docs/daemonset-limits.md; about 15 minutes).
+limits: install
+	$(PY) -m perf.limits --out perf/quick/limits.json --flanneld '$(FLANNELD)'
 
 # Where one TCP stream and four spend the machine over pyflannel and over kernel VXLAN
 # (perf/PROFILE.md).
