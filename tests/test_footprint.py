@@ -14,9 +14,9 @@ import pytest
 
 from control.service.options import KUBE_ANNOTATION_PREFIX
 from tests.cluster import FIGURE_2_CONFIG, Flanneld
-from tests.conftest import CLUSTER_CIDR
 from tests.etcd import EtcdServer
 from tests.kubeapi import KubeApi
+from tests.test_kube import KubePyflanneld
 from tests.testbed import Testbed
 
 # Idle VmHWM (peak since start) measured on 2026-12-07 at 46.4 MiB on v3, 35.2 MiB on v2 and
@@ -120,14 +120,9 @@ def test_kube_mode_loads_no_etcd_client_and_idles_small(
             KUBE_ANNOTATION_PREFIX + "/backend-type": "",
             KUBE_ANNOTATION_PREFIX + "/backend-data": "null"}},
         "spec": {"podCIDR": "10.244.250.0/24", "podCIDRs": ["10.244.250.0/24"]}})
-    net_conf = os.path.join(bed.workdir, "footprint-net-conf.json")
-    with open(net_conf, "w") as f:
-        json.dump({"Network": CLUSTER_CIDR, "Backend": {"Type": "udp"}}, f)
     listing = os.path.join(bed.workdir, "modules-kube.txt")
-    daemon = Flanneld(bed, host, None, "", "--kube-subnet-mgr",
-                      f"--kubeconfig-file={api.node_kubeconfig('footprint')}",
-                      f"--net-config-path={net_conf}", environ={"NODE_NAME": "footprint"},
-                      python_args=("-c", MAIN_LISTING_MODULES, listing))
+    daemon = KubePyflanneld(bed, host, api, "footprint", {"Type": "udp"},
+                            python_args=("-c", MAIN_LISTING_MODULES, listing))
     try:
         names, hwm_mib, grpc_mapped = run_listing(daemon, listing, "10.244.250.0/24")
     finally:

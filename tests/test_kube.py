@@ -33,14 +33,15 @@ class KubePyflanneld(Flanneld):
     """pyflanneld in kube mode for Node `node_name`, with that node's kubelet certificate."""
 
     def __init__(self, bed: Testbed, host: Host, api: KubeApi, node_name: str,
-                 backend: dict[str, Any], *flags: str) -> None:
+                 backend: dict[str, Any], *flags: str,
+                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
         net_conf = os.path.join(bed.workdir, f"{host.netns}-net-conf.json")
         with open(net_conf, "w") as f:
             json.dump({"Network": CLUSTER_CIDR, "Backend": backend}, f)
         super().__init__(bed, host, None, "", "--kube-subnet-mgr",
                          f"--kubeconfig-file={api.node_kubeconfig(node_name)}",
                          f"--net-config-path={net_conf}", *flags,
-                         environ={"NODE_NAME": node_name})
+                         environ={"NODE_NAME": node_name}, python_args=python_args)
         self.node_name = node_name
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +17,7 @@ from tests.cluster import Cluster, Flanneld, wait_for
 from tests.etcd import EtcdServer
 from tests.kubeapi import KubeApi
 from tests.test_kube import KubePyflanneld
-from tests.test_restart import BOUND_SECONDS, Flow
+from tests.test_restart import BOUND_SECONDS, restart_under_a_flow
 from tests.testbed import Testbed, sh
 
 
@@ -38,71 +37,30 @@ def pin_flags(bpffs: str, daemon_name: str) -> list[str]:
     return ["--fastpath-pin-dir", os.path.join(bpffs, daemon_name)]
 
 
-def stop(daemon: Flanneld, how: str) -> None:
-    if how == "SIGTERM":
-        assert daemon.stop() == 0
-    else:
-        assert daemon.process is not None
-        daemon.process.kill()
-        daemon.process.wait()
-        daemon.process = None
-
-
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_restart_with_the_data_plane_pinned_barely_stalls_a_flow(
         cluster: Cluster, bpffs: str, how: str) -> None:
     cluster.config({"Network": "10.244.0.0/16"})
-    a = cluster.daemon(start=False)
-    a.command += pin_flags(bpffs, f"{a.host.netns}-{how}")
-    a.start()
-    b = cluster.daemon()
-    for daemon in (a, b):
-        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
-        daemon.wait_log("subnet added")
-    pins = os.path.join(bpffs, f"{a.host.netns}-{how}")
-    wait_for(lambda: os.path.isdir(pins) and len(os.listdir(pins)) >= 6, 10,
-             "the kernel path pinned")
-    flow = Flow(a.host, b.host)
-    try:
-        wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
-        restarted = time.monotonic()
-        stop(a, how)
-        # Nobody runs: the TUN and the pinned kernel path still forward.
+    flags = pin_flags(bpffs, f"{cluster.prefix.strip('/').replace('/', '-')}-{how}")
+
+    def still_forwarding(a: Flanneld) -> None:
+        """Nobody runs: the TUN and the pinned kernel path are still there."""
+        assert len(os.listdir(flags[1])) >= 6
         assert "flannel0" in a.host.ip("link", "show").stdout
-        a.start()
-        a.wait_log("went on with the fast path the previous run kept")
-        wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
-                 "the flow running again")
-        time.sleep(1)
-        stall = flow.longest_gap(restarted)
-    finally:
-        flow.close()
+
+    stall = restart_under_a_flow(cluster, how, None, a_flags=flags, kept=True,
+                                 while_down=still_forwarding)
     print(f"\n{cluster.api}, {how}, pinned: the flow's longest stall across the restart: "
           f"{stall:.3f} s")
     assert stall <= BOUND_SECONDS
-    assert a.stop() == 0
 
 
 @pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
 def test_a_restart_of_a_kernel_backend_does_not_stall_a_flow(cluster: Cluster,
                                                               backend: str) -> None:
     cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
-    a, b = cluster.daemon(), cluster.daemon()
-    mtu = 1450 if backend == "vxlan" else 1500
-    for daemon in (a, b):
-        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), mtu)
-        daemon.wait_log("subnet added")
-    flow = Flow(a.host, b.host)
-    try:
-        wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
-        restarted = time.monotonic()
-        stop(a, "SIGKILL")
-        a.start()
-        a.wait_log("subnet added")
-        time.sleep(1)
-        stall = flow.longest_gap(restarted)
-    finally:
-        flow.close()
+    stall = restart_under_a_flow(cluster, "SIGKILL", None,
+                                 mtu=1450 if backend == "vxlan" else 1500)
     print(f"\n{cluster.api}, {backend}, SIGKILL: the flow's longest stall across the restart: "
           f"{stall:.3f} s")
     assert stall <= BOUND_SECONDS

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -103,12 +104,20 @@ def daemon_with_store(cluster: Cluster, fdstore: FdStore) -> Flanneld:
     return daemon
 
 
-def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None) -> float:
-    """The flow's longest stall while a restarts (with its kept descriptors, given a store)."""
-    a = cluster.daemon() if fdstore is None else daemon_with_store(cluster, fdstore)
+def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None, *,
+                         a_flags: Sequence[str] = (), kept: bool = False, mtu: int = 1472,
+                         while_down: Callable[[Flanneld], None] = lambda a: None) -> float:
+    """The flow's longest stall while a restarts (with its kept descriptors, given a store; with
+    `kept`, it must go on with what the last run kept, as `a_flags` may have it keep)."""
+    if fdstore is None:
+        a = cluster.daemon(start=False)
+        a.command += a_flags
+        a.start()
+    else:
+        a = daemon_with_store(cluster, fdstore)
     b = cluster.daemon()
     for daemon in (a, b):
-        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), 1472)
+        cluster.bed.add_container(daemon.host, str(daemon.wait_subnet()), mtu)
     for daemon in (a, b):
         daemon.wait_log("subnet added")
     flow = Flow(a.host, b.host)
@@ -131,9 +140,10 @@ def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None) ->
                 a.process.kill()
                 a.process.wait()
                 a.process = None
+            while_down(a)
             a.start(handed=fdstore.handed() if fdstore else None)
             a.wait_log("subnet added")
-            if fdstore is not None:
+            if fdstore is not None or kept:
                 a.wait_log("went on with the fast path the previous run kept")
         wait_for(lambda: flow.reads and flow.reads[-1] > time.monotonic() - 0.1, 10,
                  "the flow running again")

@@ -41,8 +41,7 @@ class UdpBackend:
         self._public_ip = public_ip
         self._options = options
         self.fastpath: FastPath | None = None
-        self._pins = (PinStore(options.fastpath_pin_dir, options.subnet_file)
-                      if options.fastpath_pin_dir else None)
+        self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
         subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from control.service.handover import resume_fastpath
 from control.service.options import parse_args
+from control.service.pinstore import PinStore
 from control.service.sdnotify import handed_fds
 
 
@@ -30,10 +31,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     # A restart's data plane first: forwarding again on the descriptors the last run kept
     # before the control plane's imports and etcd, which take most of a restart.
     handed = handed_fds()
-    if not handed and options.fastpath_pin_dir:  # no fd store: what the last run pinned
-        from control.service.pinstore import PinStore
-
-        handed = PinStore(options.fastpath_pin_dir, options.subnet_file).handed()
+    pins = PinStore.of(options)
+    if not handed and pins is not None:  # no fd store: what the last run pinned
+        handed = pins.handed()
     resumed = resume_fastpath(handed, options)
     import uvloop
 

@@ -144,9 +144,8 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
             config = parse_config(raw)
             backend = make_backend(config, netlink, ext, public_ip, options, resumed)
             backend.prepare()
-            pins = (PinStore(options.fastpath_pin_dir, options.subnet_file)
-                    if options.fastpath_pin_dir else None)
-            clear_other_backends(config, netlink.rtnl, ext, backend.device, pins)
+            clear_other_backends(config, netlink.rtnl, ext, backend.device,
+                                 PinStore.of(options))
             return config, backend
         except (ConfigError, BackendError) as err:
             log.error("config %s: %s; trying again in %gs", key, err, CONFIG_RETRY_SECONDS)

@@ -24,6 +24,7 @@ import shutil
 import socket
 
 from control.service.handover import KEPT_PREFIX
+from control.service.options import Options
 from fastpath import FastPath
 from fastpath.dataplane import KERNEL_PREFIX
 from fastpath.device import open_tun, set_persistent
@@ -39,6 +40,13 @@ class PinStore:
     def __init__(self, pin_dir: str, subnet_file: str) -> None:
         self.pin_dir = pin_dir
         self.state_dir = subnet_file + ".kept"
+
+    @classmethod
+    def of(cls, options: Options) -> PinStore | None:
+        """The store --fastpath-pin-dir asks for, None without the flag."""
+        if not options.fastpath_pin_dir:
+            return None
+        return cls(options.fastpath_pin_dir, options.subnet_file)
 
     def routes_fd(self) -> int:
         """The tmpfs file the fast path's route table lives in (kept as it changes)."""
