@@ -632,10 +632,14 @@ int tun_egress(struct __sk_buff *skb)
 	}
 	__u64 now = bpf_ktime_get_ns();
 	struct next_hop *hop = next_hop(skb, cfg, key, route, now);
-	/* Sent whole over a veth: a TCP super-packet to a peer that said it takes them. */
+	/* Sent whole over a veth: a TCP super-packet to a peer that said it takes them. The next
+	 * hop found on this CPU may predate the peer's first hello by up to NEXT_HOP_CHECK_NS:
+	 * where it says no, the peer's entry says. (A super-packet that goes the loops' way holds
+	 * its flow there for BULK_HOLD_NS, lost if no daemon runs: a restart with the kernel path
+	 * pinned.) */
 	int whole = cfg->underlay_is_veth && skb->gso_size && (cfg->flags & SEND_WHOLE) &&
 		    inner->protocol == IPPROTO_TCP &&
-		    (hop ? hop->said_hello : said_hello(route->ip, now));
+		    ((hop && hop->said_hello) || said_hello(route->ip, now));
 
 	/* hop: plain ones go by the next hop, whose Ethernet header goes in with the others (the
 	 * packet that looks it up again goes marked, by bpf_redirect_neigh, as any other does) */

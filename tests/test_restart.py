@@ -106,9 +106,11 @@ def daemon_with_store(cluster: Cluster, fdstore: FdStore) -> Flanneld:
 
 def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None, *,
                          a_flags: Sequence[str] = (), kept: bool = False, mtu: int = 1472,
+                         settled: Callable[[Flanneld], object] = lambda a: True,
                          while_down: Callable[[Flanneld], None] = lambda a: None) -> float:
     """The flow's longest stall while a restarts (with its kept descriptors, given a store; with
-    `kept`, it must go on with what the last run kept, as `a_flags` may have it keep)."""
+    `kept`, it must go on with what the last run kept, as `a_flags` may have it keep), once the
+    flow runs and `settled` says a is as a running cluster's host would be."""
     if fdstore is None:
         a = cluster.daemon(start=False)
         a.command += a_flags
@@ -123,6 +125,7 @@ def restart_under_a_flow(cluster: Cluster, how: str, fdstore: FdStore | None, *,
     flow = Flow(a.host, b.host)
     try:
         wait_for(lambda: len(flow.reads) > 100, 10, "the flow running")
+        wait_for(lambda: settled(a), 10, "the sending host settled")
         restarted = time.monotonic()
         assert a.process is not None
         if how == "SIGHUP":

@@ -24,6 +24,7 @@ from fastpath.table import MAX_SUBNETS
 log = logging.getLogger("pyflanneld.udp")
 
 UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
+GREET_AGAIN_SECONDS = (0.05, 0.5)  # a new peer's further hellos (add_peer)
 
 
 class UdpBackend:
@@ -41,6 +42,7 @@ class UdpBackend:
         self._public_ip = public_ip
         self._options = options
         self.fastpath: FastPath | None = None
+        self._subnet: ipaddress.IPv4Network | None = None  # this host's, once started
         self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
@@ -91,6 +93,7 @@ class UdpBackend:
         """Address and route the running fast path's TUN, and say how it runs."""
         config, ext, fp = self._config, self._ext, self.fastpath
         assert fp is not None
+        self._subnet = subnet
         try:
             self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
         except HostError as err:
@@ -124,12 +127,29 @@ class UdpBackend:
     def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
         assert self.fastpath is not None
         self._netlink.readdress_tun(self.fastpath.tun_name, old, new)
+        self._subnet = new
 
     def add_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease,
                  old: PeerLease | None) -> bool:
         assert self.fastpath is not None
         self.fastpath.set_route(subnet, str(lease.public_ip), self._config.port)
+        if old is None or old.public_ip != lease.public_ip:
+            # A new peer hears at once that this host takes whole super-packets, not at the
+            # next greeting (up to HELLO_SECONDS): until then its TCP super-packets to this
+            # host go through its loops, which stall while its daemon restarts. And again
+            # moments later: a hello that arrives before the peer has this host's lease (two
+            # hosts that start together) fails its source check.
+            self._greet(subnet, str(lease.public_ip))
+            for delay in GREET_AGAIN_SECONDS:
+                asyncio.get_running_loop().call_later(delay, self._greet, subnet,
+                                                      str(lease.public_ip))
         return True
+
+    def _greet(self, subnet: ipaddress.IPv4Network, public_ip: str) -> None:
+        """Say hello to one peer now (greet_peers says hello to all every HELLO_SECONDS)."""
+        if self.fastpath is not None and self.fastpath.running and self._subnet is not None:
+            self.fastpath.greet(self._subnet.network_address,
+                                {(public_ip, self._config.port): subnet.network_address})
 
     def remove_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease) -> None:
         assert self.fastpath is not None
