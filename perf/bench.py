@@ -1,6 +1,7 @@
 """`make perf`: the paper's Table 1 (direct, udp, vxlan, host-gw), measured side by side in one
 run on a namespace testbed, with pyflannel in the udp row, one row per pyflannel lever
-(perf/paths.py's PYFLANNEL_ROWS) and, given a flanneld binary, flanneld's own udp and vxlan rows.
+(perf/paths.py's PYFLANNEL_ROWS) and, given a flanneld binary, flanneld's own udp and vxlan rows;
+and pyflannel's and flanneld's rows again inside flannel's DaemonSet limits (DAEMONSET_ROWS).
 
 Every path runs every workload in three regimes (perf/underlay.py): the underlay shaped to
 100 Mbit/s (the paper's NIC), unshaped, and `wire` (1500-byte frames on the underlay), in rounds
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from perf.measure import LATENCY_CPU, NO_ROUND_TRIP, QPERF, UDP_SOCKET_BUFFER
-from perf.paths import FLANNELD_ROWS, Endpoints, PerfBed, all_paths, describe
+from perf.paths import FLANNELD_ROWS, Endpoints, PerfBed, all_paths, base_row, describe
 from perf.proc import machine, machine_busy_seconds
 from perf.report import write_report
 from perf.underlay import REGIMES
@@ -216,8 +217,10 @@ def background_busy_percent() -> float:
 
 
 def run(paths: list[str], regimes: list[str], workloads: list[Workload], plan: Plan,
-        flanneld: str | None) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
-    """Every measurement; and each daemon row's peak RSS, client's and server's."""
+        flanneld: str | None
+        ) -> tuple[list[dict[str, Any]], dict[str, list[int]], dict[str, Any]]:
+    """Every measurement; each daemon row's peak RSS, client's and server's; and what the
+    DaemonSet rows' cgroups were charged and did (PerfBed.cgroups)."""
     samples: list[dict[str, Any]] = []
     order = rounds(regimes, paths, plan.reps)
     total = sum(len(regime_workloads(regime, workloads)) for regime, _, _ in order)
@@ -255,7 +258,7 @@ def run(paths: list[str], regimes: list[str], workloads: list[Workload], plan: P
                 servers.close()
         finally:
             bed.close()
-    return samples, bed.peak_rss
+    return samples, bed.peak_rss, bed.cgroups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if flanneld and not os.access(flanneld, os.X_OK):
         parser.error(f"--flanneld {args.flanneld}: not an executable file")
     paths = args.paths or all_paths(flanneld is not None)
-    if not flanneld and set(paths) & set(FLANNELD_ROWS):
-        parser.error(f"{', '.join(FLANNELD_ROWS)} need --flanneld")
+    if not flanneld and {base_row(path) for path in paths} & set(FLANNELD_ROWS):
+        parser.error(f"{', '.join(FLANNELD_ROWS)} and their DaemonSet rows need --flanneld")
     base = QUICK if args.quick else FULL
     plan = Plan(args.reps or base.reps,
                 dict.fromkeys(base.seconds, args.seconds) if args.seconds else base.seconds,
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.UTC)
     background = [background_busy_percent()]
-    samples, peak_rss = run(paths, args.regimes, workloads, plan, flanneld)
+    samples, peak_rss, cgroups = run(paths, args.regimes, workloads, plan, flanneld)
     background.append(background_busy_percent())
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m perf.bench", *given])
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "background_busy_percent": [round(percent, 1) for percent in background],
             "flanneld": flanneld, "paths": {path: describe(path) for path in paths},
             "regimes": {name: asdict(REGIMES[name]) for name in args.regimes},
+            "daemonset_cgroups": cgroups,
             "wall_seconds": round((datetime.datetime.now(datetime.UTC) - started)
                                   .total_seconds())}
     peaks = {row: {"sender": client, "receiver": server}

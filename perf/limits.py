@@ -20,11 +20,8 @@ the limit raised by the difference measured.
 
 Every row gets a fresh testbed (hosts, etcd, containers, cgroups), deleted afterwards.
 
-The hook for perf/paths.py is tests/limits.py's DaemonLimits (there, not here, so that
-perf/paths.py can import it without a cycle: this module imports perf/paths.py):
-`daemon.command = limits.command(name, argv)` before a daemon starts (the command joins cgroup
-`name` and execs, keeping its PID), and `limits.release(name)` once it has stopped (its Usage;
-the cgroup is removed).
+`make perf` repeats its own rows within the same limits (perf/paths.py's DAEMONSET_ROWS), warm
+only, through the same tests/limits.py.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from perf.underlay import REGIMES, Underlay
 from tests.cluster import FIGURE_2_CONFIG, Flanneld, put_config, stop_all
 from tests.etcd import EtcdServer
 from tests.flanneld import RealFlanneld
+from tests.limits import DAEMONSET_CPU_MILLIS, DAEMONSET_MEMORY_BYTES, DaemonLimits
 from tests.testbed import Host, Testbed, sh
 
 # pyflanneld's rows: row name -> extra pyflanneld flags. The first row runs pyflanneld's
@@ -62,6 +63,16 @@ FLANNELD_ROWS: dict[str, dict[str, Any]] = {
     "flanneld-udp": {"Type": "udp", "Port": 7890},  # FIGURE_2_CONFIG's, as pyflanneld's rows
     "flanneld-vxlan": {"Type": "vxlan"},
 }
+# Rows inside flannel's DaemonSet limits: each daemon in a cgroup of its own with
+# kube-flannel.yml's requests = limits, memory 50Mi and cpu 100m (tests/limits.py), as a
+# Kubernetes node runs it; row name -> the row it repeats so. Its files are in the page cache
+# (`make limits` also starts them cold: docs/daemonset-limits.md).
+DAEMONSET_ROWS: dict[str, str] = {
+    "pyflannel-daemonset": DEFAULT_ROW,
+    "pyflannel-vxlan-daemonset": "pyflannel-vxlan",
+    "flanneld-udp-daemonset": "flanneld-udp",
+    "flanneld-vxlan-daemonset": "flanneld-vxlan",
+}
 # The paper's Table 1 row each path stands beside.
 PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "pyflannel-vxlan": "vxlan",
               "pyflannel-host-gw": "host-gw", "vxlan": "vxlan", "host-gw": "host-gw",
@@ -80,8 +91,15 @@ def all_paths(with_flanneld: bool) -> list[str]:
     baseline, kernel VXLAN, comes right after pyflanneld's defaults: the targets compare those
     two rows, so in every round they are measured within a minute of each other."""
     others = [row for row in PYFLANNEL_ROWS if row != DEFAULT_ROW]
+    limited = [row for row, base in DAEMONSET_ROWS.items()
+               if with_flanneld or base not in FLANNELD_ROWS]
     return ["direct", DEFAULT_ROW, "vxlan", *others, "host-gw",
-            *(FLANNELD_ROWS if with_flanneld else [])]
+            *(FLANNELD_ROWS if with_flanneld else []), *limited]
+
+
+def base_row(path: str) -> str:
+    """The row whose daemons a path runs (a DaemonSet row's, inside the limits)."""
+    return DAEMONSET_ROWS.get(path, path)
 
 
 def etcd_api(flags: list[str]) -> str:
@@ -97,14 +115,18 @@ def etcd_api(flags: list[str]) -> str:
 def describe(path: str) -> dict[str, Any]:
     """What a path is, for the report: its kind, flags or backend, and its paper row."""
     info: dict[str, Any] = {"paper": PAPER_ROWS.get(path)}
-    if path in PYFLANNEL_ROWS:
-        info.update(kind="pyflannel", flags=PYFLANNEL_ROWS[path],
-                    etcd_api=etcd_api(PYFLANNEL_ROWS[path]),
-                    backend=PYFLANNEL_BACKENDS.get(path, FIGURE_2_CONFIG["Backend"]))
-    elif path in FLANNELD_ROWS:
-        info.update(kind="flanneld", backend=FLANNELD_ROWS[path], etcd_api="v3")
+    row = base_row(path)
+    if row in PYFLANNEL_ROWS:
+        info.update(kind="pyflannel", flags=PYFLANNEL_ROWS[row],
+                    etcd_api=etcd_api(PYFLANNEL_ROWS[row]),
+                    backend=PYFLANNEL_BACKENDS.get(row, FIGURE_2_CONFIG["Backend"]))
+    elif row in FLANNELD_ROWS:
+        info.update(kind="flanneld", backend=FLANNELD_ROWS[row], etcd_api="v3")
     else:
         info.update(kind="kernel")
+    if path in DAEMONSET_ROWS:
+        info.update(daemonset={"repeats": row, "memory_bytes": DAEMONSET_MEMORY_BYTES,
+                               "cpu_millis": DAEMONSET_CPU_MILLIS})
     return info
 
 
@@ -144,6 +166,10 @@ class PerfBed:
         self.daemons: list[Flanneld | RealFlanneld] = []  # the client's, then the server's
         # Each row's peak RSS (VmHWM) of the client's and the server's daemon, over the run.
         self.peak_rss: dict[str, list[int]] = {}
+        # The DaemonSet rows' cgroups, and what each row's were charged and did over the run
+        # (tests/limits.py's Usage of each start, client's and server's).
+        self.limits = DaemonLimits()
+        self.cgroups: dict[str, list[list[dict[str, Any]]]] = {}
         try:
             self._build()
         except BaseException:
@@ -231,7 +257,8 @@ class PerfBed:
         self._forget_path_mtus()
         for side, peer in self.pairs():
             side.host.ip("route", "del", str(peer.subnet), check=False)
-        self._run_row(path if path in PYFLANNEL_ROWS or path in FLANNELD_ROWS else None)
+        self._run_row(path if base_row(path) in PYFLANNEL_ROWS or
+                      base_row(path) in FLANNELD_ROWS else None)
         if path == "vxlan":
             self._add_vxlan()
         for side, peer in self.pairs():
@@ -265,23 +292,29 @@ class PerfBed:
             return
         self._stop_daemons()
         self.running = row  # before they start: stopped by the next switch even if they fail
-        if row in PYFLANNEL_ROWS:
+        if base_row(row or "") in PYFLANNEL_ROWS:
             self._start_pyflanneld(row)
-        elif row in FLANNELD_ROWS:
+        elif base_row(row or "") in FLANNELD_ROWS:
             self._start_flanneld(row)
+
+    def _limited(self, row: str, daemon: Flanneld | RealFlanneld) -> None:
+        """A DaemonSet row's daemon runs in its host's cgroup (made on its first start)."""
+        if row in DAEMONSET_ROWS:
+            daemon.command = self.limits.command(daemon.host.netns, daemon.command)
 
     def _start_pyflanneld(self, row: str) -> None:
         """Both daemons with the row's flags; they take the containers' subnets back (from etcd,
         or from their subnet files on a keyspace they have not used yet)."""
         assert self.etcd is not None
-        flags = PYFLANNEL_ROWS[row]
+        flags = PYFLANNEL_ROWS[base_row(row)]
         api = etcd_api(flags)
         put_config(self.etcd, api, {**FIGURE_2_CONFIG,
-                                    "Backend": PYFLANNEL_BACKENDS.get(row,
+                                    "Backend": PYFLANNEL_BACKENDS.get(base_row(row),
                                                                       FIGURE_2_CONFIG["Backend"])})
         daemons = [Flanneld(self.bed, side.host, self.etcd, api, *flags) for side in self.sides]
         self.daemons = list(daemons)
         for daemon in daemons:
+            self._limited(row, daemon)
             daemon.start()
         for side, daemon in zip(self.sides, daemons, strict=True):
             daemon.wait_log("subnet added")
@@ -296,12 +329,13 @@ class PerfBed:
         re-watch from the current revision), so if the hosts cannot reach each other the
         first is restarted: its listing then has the second's lease."""
         assert self.etcd is not None and self.flanneld_binary
-        backend = FLANNELD_ROWS[row]
+        backend = FLANNELD_ROWS[base_row(row)]
         put_config(self.etcd, "v3", {**FIGURE_2_CONFIG, "Backend": backend})
         if backend["Type"] == "vxlan":
             self._remove_vxlan()
         for side in self.sides:
             daemon = RealFlanneld(self.flanneld_binary, self.bed, side.host, self.etcd)
+            self._limited(row, daemon)
             self.daemons.append(daemon)
             self._check_subnet(row, side, daemon.start())
         first = self.daemons[0]
@@ -329,9 +363,9 @@ class PerfBed:
         row, daemons = self.running, self.daemons
         self.running, self.daemons = None, []
         self._record_peaks(row, daemons)
-        if row in FLANNELD_ROWS:
-            assert self.etcd is not None
-            vxlan = FLANNELD_ROWS[row]["Type"] == "vxlan"
+        if base_row(row or "") in FLANNELD_ROWS:
+            assert self.etcd is not None and row is not None
+            vxlan = FLANNELD_ROWS[base_row(row)]["Type"] == "vxlan"
             for daemon in daemons:
                 assert isinstance(daemon, RealFlanneld)
                 daemon.stop()
@@ -339,6 +373,10 @@ class PerfBed:
             put_config(self.etcd, "v3", FIGURE_2_CONFIG)
         else:
             stop_all([d for d in daemons if isinstance(d, Flanneld)])
+        if row in DAEMONSET_ROWS:  # each start's cgroups, charges and all, then gone
+            self.cgroups.setdefault(row, []).append(
+                [self.limits.release(side.host.netns).as_dict() for side in self.sides
+                 if side.host.netns in self.limits.cgroups])
 
     def _record_peaks(self, row: str | None, daemons: list[Flanneld | RealFlanneld]) -> None:
         if row is None or not daemons:  # none started (the row's setup failed)
@@ -369,9 +407,12 @@ class PerfBed:
             self._stop_daemons()
         finally:
             try:
-                if self.underlay is not None:
-                    self.underlay.leave()
+                self.limits.close()
             finally:
-                if self.etcd is not None:
-                    self.etcd.stop()
-                self.bed.close()
+                try:
+                    if self.underlay is not None:
+                        self.underlay.leave()
+                finally:
+                    if self.etcd is not None:
+                        self.etcd.stop()
+                    self.bed.close()

@@ -255,12 +255,46 @@ def memory_table(results: Results) -> list[str]:
     return lines + [""]
 
 
+def daemonset_table(results: Results) -> list[str]:
+    """What the DaemonSet rows' cgroups were charged and how their CPU quota held them, over
+    every start of the run (a row's daemons start afresh in every round)."""
+    cgroups = results.meta.get("daemonset_cgroups") or {}
+    if not cgroups:
+        return []
+    limits = next(info["daemonset"] for info in results.meta["paths"].values()
+                  if "daemonset" in info)
+    lines = [f"### inside flannel's DaemonSet limits (memory {limits['memory_bytes'] // 2**20}"
+             f" MiB, CPU {limits['cpu_millis']}m, each daemon in a cgroup of its own)", ""]
+    lines += _header(["path", "starts", "charged at peak, MiB (sender / receiver)",
+                      "of it kernel, MiB", "limit hit (failcnt)", "OOM kills",
+                      "CPU periods throttled", "measurements failed"])
+    for path, starts in cgroups.items():
+        sides = list(zip(*starts, strict=True))  # per daemon: its usage at each start
+
+        def peak(key: str, sides: list[tuple[dict[str, Any], ...]] = sides) -> str:
+            values = [max((u[key] or 0) for u in side) for side in sides]
+            return " / ".join(f"{v / 2**20:.1f}" for v in values)
+
+        def total(key: str, sides: list[tuple[dict[str, Any], ...]] = sides) -> str:
+            return " / ".join(str(sum(u[key] for u in side)) for side in sides)
+
+        throttled = " / ".join(
+            f"{100 * sum(u['nr_throttled'] for u in side) / periods:.0f} %"
+            if (periods := sum(u["nr_periods"] for u in side)) else "-" for side in sides)
+        errors = [s for s in results.samples if s["path"] == path and "error" in s]
+        lines.append(_row([path, str(len(starts)), peak("memory_peak_bytes"),
+                           peak("kernel_peak_bytes"), total("failcnt"), total("oom_kills"),
+                           throttled, str(len(errors))]))
+    return lines + [""]
+
+
 def tables(results: Results) -> str:
     lines = targets_table(results)
     for regime in results.regimes:
         lines += regime_tables(results, regime)
     if results.peaks:
         lines += memory_table(results)
+    lines += daemonset_table(results)
     errors = [s for s in results.samples if "error" in s]
     if errors:
         lines += ["Failed measurements:", ""]
@@ -369,7 +403,13 @@ def _path_lines(meta: dict[str, Any]) -> list[str]:
                          "reference)"}
     lines = []
     for name, info in meta["paths"].items():
-        if info["kind"] == "pyflannel":
+        if "daemonset" in info:
+            limits = info["daemonset"]
+            lines.append(f"  - `{name}`: `{limits['repeats']}`'s daemons, each in a cgroup "
+                         f"with memory {limits['memory_bytes'] // 2**20} MiB and CPU "
+                         f"{limits['cpu_millis']}m (kube-flannel.yml's requests = limits), as "
+                         "a Kubernetes node runs them; their files already in the page cache")
+        elif info["kind"] == "pyflannel":
             flags = " ".join(info["flags"]) or "its defaults"
             backend = info.get("backend", {}).get("Type", "udp")
             lines.append(f"  - `{name}`: pyflanneld with {flags}"

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from perf.bench import DEFAULT_FLANNELD, WORKLOADS, rounds
-from perf.paths import DEFAULT_ROW, PYFLANNEL_ROWS, PerfBed, etcd_api
+from perf.paths import DEFAULT_ROW, PYFLANNEL_ROWS, PerfBed, describe, etcd_api
 from tests.conftest import require_host_network_tools
+from tests.limits import DAEMONSET_CPU_MILLIS, DAEMONSET_MEMORY_BYTES
 
 
 def test_every_kind_of_measurement(tmp_path: Path) -> None:
@@ -87,5 +88,31 @@ def test_no_path_inherits_the_path_mtu_another_taught_the_containers() -> None:
         assert "mtu 1450" in client.in_container("ip", "route", "show", "cache").stdout
         bed.use(DEFAULT_ROW, "unshaped")
         assert "mtu" not in client.in_container("ip", "route", "show", "cache").stdout
+    finally:
+        bed.close()
+
+
+def test_a_daemonset_row_runs_its_daemons_inside_flannels_limits() -> None:
+    """`pyflannel-daemonset` runs the default row's daemons, each in a cgroup of its own with
+    kube-flannel.yml's limits; the next row finds them gone, their charges kept for the
+    report."""
+    require_host_network_tools()
+    assert describe("pyflannel-daemonset")["daemonset"]["repeats"] == DEFAULT_ROW
+    bed = PerfBed()
+    try:
+        bed.use("pyflannel-daemonset", "unshaped")
+        cgroups = list(bed.limits.cgroups.values())
+        assert sorted(pid for cgroup in cgroups for pid in cgroup.pids()) == \
+            sorted(bed.daemon_pids())
+        assert all(cgroup.usage().memory_limit_bytes == DAEMONSET_MEMORY_BYTES
+                   for cgroup in cgroups)
+        bed.use(DEFAULT_ROW, "unshaped")
+        assert not bed.limits.cgroups
+        [start] = bed.cgroups["pyflannel-daemonset"]
+        assert len(start) == 2
+        for usage in start:
+            assert (usage["memory_limit_bytes"], usage["cpu_millis"]) == \
+                (DAEMONSET_MEMORY_BYTES, DAEMONSET_CPU_MILLIS)
+            assert usage["memory_peak_bytes"] > 0 and usage["oom_kills"] == 0
     finally:
         bed.close()
