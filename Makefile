@@ -12,8 +12,15 @@ PY := $(VENV)/bin/python
 # openssl makes the tests' CAs and certificates (tests/etcd.py, tests/kubeapi.py). kubectl comes
 # from Debian's kubernetes-client only where no kubectl is installed: it would clash over
 # /usr/bin/kubectl with the Cloud SDK's `kubectl` package that some machines carry.
+# The guests on Debian 12's Linux 6.1 (tests/guests.py, docs/guests.md): QEMU, and busybox-static
+# and kmod for virtme-ng's initramfs and the guests' modules.
 DEB_PACKAGES := iproute2 iputils-ping iptables etcd-server etcd-client containernetworking-plugins \
-	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 bpftool curl systemd openssl
+	iperf3 qperf ethtool linux-perf clang libbpf-dev libbpf1 bpftool curl systemd openssl \
+	qemu-system-x86 busybox-static kmod
+# The guests' kernel: Debian 12's newest generic linux-image-6.1.0-*-amd64 (9p as a module),
+# unpacked here and never installed (its postinst would run depmod, linux-update-symlinks and
+# /etc/kernel/postinst.d's initramfs and grub hooks on this machine).
+GUEST_KERNELS := /var/cache/pyflannel
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard fastpath/*.pyx fastpath/*.pxd fastpath/*.py fastpath/*.bpf.c)
 
@@ -32,6 +39,19 @@ deb:
 		echo "installing Debian packages:" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@ls $(GUEST_KERNELS)/linux-image-6.1.*/boot/vmlinuz-6.1.* >/dev/null 2>&1 || { \
+		newest() { apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$$' | \
+			cut -d' ' -f1 | sort -V | tail -n1; }; \
+		package=$$(newest); [ -n "$$package" ] || { apt-get update -q && package=$$(newest); }; \
+		[ -n "$$package" ] || { echo "apt knows no linux-image-6.1.0-*-amd64" >&2; exit 1; }; \
+		echo "unpacking $$package into $(GUEST_KERNELS)/$$package"; \
+		rm -rf $(GUEST_KERNELS)/download $(GUEST_KERNELS)/$$package.new && \
+		mkdir -p $(GUEST_KERNELS)/download && \
+		(cd $(GUEST_KERNELS)/download && apt-get download -q -o APT::Sandbox::User=root $$package) && \
+		dpkg-deb -x $(GUEST_KERNELS)/download/$${package}_*.deb $(GUEST_KERNELS)/$$package.new && \
+		depmod -b $(GUEST_KERNELS)/$$package.new $${package#linux-image-} && \
+		mv $(GUEST_KERNELS)/$$package.new $(GUEST_KERNELS)/$$package && \
+		rm -rf $(GUEST_KERNELS)/download; }
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
