@@ -257,6 +257,13 @@ class Guest:
         # links them from /lib/modules, which this machine may lack (and the read-only root
         # cannot get), at their path under /var/cache, which virtme hides under a tmpfs. The
         # kernel's module loader (and iptables, which asks it) use a modprobe told where.
+        # A repository under /tmp (a clone there, as CI may make) would vanish under the
+        # guest's own /tmp, and with it the .venv the guest runs pyflanneld from: it is kept
+        # aside and put back at its path.
+        keep_repository = (
+            f"mkdir -p /run/pf-repo && mount --bind {REPOSITORY} /run/pf-repo",
+            f"mkdir -p {REPOSITORY} && mount --bind /run/pf-repo {REPOSITORY}",
+        ) if REPOSITORY.startswith("/tmp/") else ("", "")
         script = f"""
             mkdir -p /run/pf-kernel
             mount -t 9p -o trans=virtio,version=9p2000.L,ro pfkernel /run/pf-kernel
@@ -269,7 +276,9 @@ class Guest:
             /run/pf-modprobe virtio_net
             /run/pf-modprobe tun
             for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+            {keep_repository[0]}
             mount -t tmpfs -o mode=1777 tmpfs /tmp
+            {keep_repository[1]}
             mkdir -p /run/pf-var/upper /run/pf-var/work
             mount -t overlay overlay -o lowerdir=/var,upperdir=/run/pf-var/upper,\
 workdir=/run/pf-var/work /var
