@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from typing import Any, Self
 
 from tests.cluster import Flanneld
-from tests.testbed import FLANNEL_CNI, Testbed, sh
+from tests.testbed import FLANNEL_CNI, ClosedOnSigterm, Testbed, sh
 
 # Where `make deb` unpacks kernel packages: <KERNEL_CACHE>/<package>/{boot,lib/modules}.
 KERNEL_CACHE = "/var/cache/pyflannel"
@@ -490,7 +490,7 @@ workdir=/run/pf-var/work /var
         return self.container_ip
 
 
-class Guests:
+class Guests(ClosedOnSigterm):
     """The guests of one testbed. Use as a context manager: it powers them all off and deletes
     their taps and files, also when a test fails or the run is ended by SIGTERM."""
 
@@ -532,21 +532,6 @@ class Guests:
             list(pool.map(Guest.close, self.guests))
         self.guests.clear()
 
-    def __enter__(self) -> Self:
-        self._sigterm = None
-        if threading.current_thread() is threading.main_thread():
-            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        if self._sigterm is not None:
-            signal.signal(signal.SIGTERM, self._sigterm)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # As tests.testbed does: a run ended by SIGTERM unwinds through every `with`, as ^C does.
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class GuestFlanneld(Flanneld):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Self
 
 CLONE_NEWNET = 0x40000000
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
@@ -89,7 +90,31 @@ class Host:
         return sh("ip", "netns", "exec", self.container_netns, *args, check=check)
 
 
-class Testbed:
+class ClosedOnSigterm:
+    """A `with` whose close() also runs when the run is ended by SIGTERM (a CI timeout, `kill`):
+    the signal unwinds as ^C does, through every fixture and `with`, so that what was made is
+    deleted."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class Testbed(ClosedOnSigterm):
     """Namespaces joined by a veth underlay through a bridge. Use as a context manager."""
 
     __test__ = False  # a fixture, not a test class
@@ -167,22 +192,6 @@ class Testbed:
         self.namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Testbed:
-        # A run ended by SIGTERM (a CI timeout, `kill`) unwinds as one interrupted by ^C does,
-        # through every fixture and `with`, so that what it made is deleted.
-        self._sigterm = None
-        if threading.current_thread() is threading.main_thread():
-            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        if self._sigterm is not None:
-            signal.signal(signal.SIGTERM, self._sigterm)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def end_process(process: subprocess.Popen, sig: int = signal.SIGTERM,
