@@ -5,10 +5,13 @@ forwarding entries; its port is open on every address (the kernel's VXLAN socket
 wildcard address whatever the device's local address), and the kernel path's filter on it drops
 all that udp_ingress did not hand it.
 
-Made down before the fast path starts, so that the filter is on it before its port opens; put
-up once the fast path uses it. Like flanneld's flannel.<VNI> it stays when pyflanneld stops (a
-restart through the fd store goes on using it, its filter still guarding it); it goes when the
-fast path does not use it, and with the udp backend (clear_other_backends).
+Made only on a veth underlay: whole super-packets cross only a veth (a peer on another machine
+gets them cut by the NIC into datagrams), so elsewhere the device would never take a packet and
+its port 8473 stays closed. Made down before the fast path starts, so that the filter is on it
+before its port opens; put up once the fast path uses it. Like flanneld's flannel.<VNI> it stays
+when pyflanneld stops (a restart through the fd store goes on using it, its filter still
+guarding it); it goes when the fast path does not use it, and with the udp backend
+(clear_other_backends).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 from control.host.interface import ExternalInterface
 from control.host.rtnl import RtNetlink, VxlanLink
 from fastpath import FastPath
-from fastpath.udp_tc import RX_VXLAN_DEVICE, RX_VXLAN_PORT, RX_VXLAN_VNI
+from fastpath.udp_tc import RX_VXLAN_DEVICE, RX_VXLAN_PORT, RX_VXLAN_VNI, driver
 
 log = logging.getLogger("pyflanneld.udp")
 
@@ -31,8 +34,14 @@ def _fits(link: VxlanLink, ext: ExternalInterface) -> bool:
 
 def prepare_receiver(rtnl: RtNetlink, ext: ExternalInterface) -> bool:
     """The device for this external interface: the one there if it fits, else a new one, down.
-    False when there can be none (a kernel without vxlan, the name taken by another kind of
-    device), logged: the loops take whole super-packets then."""
+    False when there is no use for one (not a veth underlay) or there can be none (a kernel
+    without vxlan, the name taken by another kind of device), logged: the loops take whole
+    super-packets then."""
+    if driver(ext.name) != "veth":
+        if delete_receiver(rtnl):
+            log.info("deleted %s: super-packets arrive whole only over a veth, not over %s",
+                     RX_VXLAN_DEVICE, ext.name)
+        return False
     try:
         link = rtnl.vxlan(RX_VXLAN_DEVICE)
         if link is not None and not _fits(link, ext):
