@@ -71,10 +71,22 @@ class LoggedDaemon:
 
     def wait_subnet(self, timeout: float = 20.0) -> ipaddress.IPv4Network:
         """The subnet this daemon leased, once its subnet.env is written."""
+        subnet = self.wait_env_subnet("FLANNEL_SUBNET", timeout)
+        assert isinstance(subnet, ipaddress.IPv4Network)
+        return subnet
+
+    def wait_ipv6_subnet(self, timeout: float = 20.0) -> ipaddress.IPv6Network:
+        """The IPv6 subnet this daemon leased, once its subnet.env is written."""
+        subnet = self.wait_env_subnet("FLANNEL_IPV6_SUBNET", timeout)
+        assert isinstance(subnet, ipaddress.IPv6Network)
+        return subnet
+
+    def wait_env_subnet(self, key: str, timeout: float
+                        ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.exists(self.subnet_file) and "FLANNEL_SUBNET" in self.subnet_env():
-                return ipaddress.IPv4Network(self.subnet_env()["FLANNEL_SUBNET"], strict=False)
+            if os.path.exists(self.subnet_file) and key in self.subnet_env():
+                return ipaddress.ip_network(self.subnet_env()[key], strict=False)
             if self.process is not None and self.process.poll() is not None:
                 break
             time.sleep(0.05)

@@ -30,14 +30,15 @@ class RealFlanneld(LoggedDaemon):
     """One flanneld process in a host's namespace, on etcd's v3 API, with its own subnet file
     and log in the testbed's workdir."""
 
-    def __init__(self, binary: str, bed: Testbed, host: Host, etcd: EtcdServer) -> None:
+    def __init__(self, binary: str, bed: Testbed, host: Host, etcd: EtcdServer,
+                 *flags: str) -> None:
         subnet_file = os.path.join(bed.workdir, f"{host.netns}-flanneld.env")
         super().__init__(host, subnet_file,
                          os.path.join(bed.workdir, f"{host.netns}-flanneld.log"),
                          ["ip", "netns", "exec", host.netns, binary,
                           f"--etcd-endpoints={etcd.endpoint}", f"--etcd-prefix={PREFIX}",
                           "--iface=eth0", f"--subnet-file={subnet_file}",
-                          *etcd.client_flags()])
+                          *etcd.client_flags(), *flags])
 
     def start(self) -> RealFlanneld:
         if os.path.exists(self.subnet_file):

@@ -334,6 +334,8 @@ def test_interface_by_address(cluster: Cluster) -> None:
 ])
 def test_no_usable_interface_exits_non_zero(cluster: Cluster, flags: list[str],
                                             reason: str) -> None:
+    """Once the config is read, as flanneld looks for the interface of its families then."""
+    cluster.config({"Network": "10.244.0.0/16", "Backend": {"Type": "alloc"}})
     daemon = cluster.daemon(*flags, iface=None)
     assert daemon.process is not None and daemon.process.wait(20) == 1
     assert reason in daemon.log()
@@ -566,7 +568,7 @@ def test_ip_masq_rules_let_containers_reach_the_underlay_and_go_on_exit(
     wait_for(lambda: daemon.host.run("iptables", "-S").stdout.count("flanneld forward") == 3,
              10, "the rules were not installed")  # the forward rules come last
     nat = daemon.host.run("iptables", "-t", "nat", "-S").stdout
-    assert f"-A FLANNEL-POSTRTG -s {subnet} -d 10.244.0.0/16 -m comment --comment " \
+    assert f"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d {subnet} -m comment --comment " \
            '"flanneld masq" -j RETURN' in nat
     assert "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in nat
     assert "-A FLANNEL-FWD -s 10.244.0.0/16" in daemon.host.run("iptables", "-S").stdout

@@ -302,8 +302,9 @@ def test_any_lease_value_is_read_or_refused_with_a_reason(raw: bytes) -> None:
         assert str(err)
         return
     assert lease.public_ip != ipaddress.IPv4Address(0)
+    assert lease.public_ip is not None or lease.public_ipv6 is not None
     try:
-        mac = vtep_mac(lease)
+        mac = vtep_mac(lease.backend_data)
     except ValueError as err:
         assert str(err)
         return

@@ -72,3 +72,27 @@ def test_tun_is_addressed_routed_and_readdressed_as_flanneld_does(
     assert "10.244.9.0/32" in addresses and "10.244.3.0" not in addresses
     with pytest.raises(HostError, match="interface nosuch0 does not exist"):
         netlink.configure_tun("nosuch0", SUBNET, NETWORK, 1372)
+
+
+def test_external_interface_as_flanneld_picks_ipv4_addresses(host: Host, netlink: Netlink
+                                                            ) -> None:
+    """A global address before a link-local one (whatever their order), loopback none; with
+    no --iface, the interface that holds --public-ip, not the default route's."""
+    host.ip("link", "set", "tun0", "up")
+    host.ip("addr", "add", "169.254.0.1/16", "dev", "tun0")
+    host.ip("addr", "add", "192.0.2.1/24", "dev", "tun0")
+    assert netlink.external_interface(["tun0"], []).address == ipaddress.IPv4Address("192.0.2.1")
+    host.ip("addr", "del", "192.0.2.1/24", "dev", "tun0")
+    assert netlink.external_interface(["tun0"], []).address == \
+        ipaddress.IPv4Address("169.254.0.1")
+    with pytest.raises(HostError, match="^failed to find IPv4 address for interface lo$"):
+        netlink.external_interface(["lo"], [])
+    assert netlink.external_interface(["127.0.0.1"], []).name == "lo"  # named: taken as is
+    host.ip("route", "add", "default", "via", "198.18.0.254", "dev", "eth0")
+    ext = netlink.external_interface([], [], public_ip=ipaddress.IPv4Address("169.254.0.1"))
+    assert (ext.name, ext.ipv6, ext.public_ipv6) == ("tun0", None, None)
+    # A --public-ip that is no local address (behind NAT): the default route's interface.
+    ext = netlink.external_interface([], [], public_ip=ipaddress.IPv4Address("203.0.113.9"))
+    assert ext.name == "eth0"
+    with pytest.raises(HostError, match="^none defined stack$"):
+        netlink.external_interface([], [], ipv4=False, ipv6=False)

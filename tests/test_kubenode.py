@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from control.service.options import KUBE_ANNOTATION_PREFIX
+from control.subnet.config import parse_config
 from control.subnet.kubenode import (
     Annotations,
     NodeError,
@@ -21,10 +22,17 @@ from control.subnet.kubenode import (
     pod_subnet,
     wanted_annotations,
 )
-from control.subnet.lease import decode_lease, encode_lease
+from control.subnet.lease import PeerLease, Subnets, decode_lease, encode_lease
 
 KEYS = Annotations.for_prefix(KUBE_ANNOTATION_PREFIX)
-NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
+NETWORK = parse_config(b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+DUAL = parse_config(b'{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                         b'"IPv6Network": "fd00::/48", "Backend": {"Type": "vxlan"}}')
+ONLY6 = parse_config(b'{"EnableIPv4": false, "EnableIPv6": true, '
+                          b'"IPv6Network": "fd00::/48", "Backend": {"Type": "vxlan"}}')
+V4 = Subnets(ipaddress.IPv4Network("10.244.3.0/24"))
+V6 = ipaddress.IPv6Network("fd00:0:0:3::/64")
+ME6 = ipaddress.IPv6Address("2001:db8::5")
 VXLAN_DATA = '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}'
 
 
@@ -70,12 +78,21 @@ def test_a_bad_annotation_prefix_is_refused_with_flanneld_s_words(prefix: str,
 
 
 def test_the_own_subnet_is_the_ipv4_pod_cidr_and_none_while_there_is_none() -> None:
-    assert pod_subnet(node(cidr="10.244.3.0/24"), NETWORK) == ipaddress.IPv4Network(
-        "10.244.3.0/24")
+    assert pod_subnet(node(cidr="10.244.3.0/24"), NETWORK) == V4
+    # an IPv6 podCIDR is left alone where the config has no IPv6 (flanneld refuses the Node)
     assert pod_subnet(node(cidr="10.244.3.0/24", cidrs=["fd00:0:0:3::/64", "10.244.3.0/24"]),
-                      NETWORK) == ipaddress.IPv4Network("10.244.3.0/24")
-    assert pod_subnet(node(), NETWORK) is None
-    assert pod_subnet(node(cidrs=["fd00::/64"]), NETWORK) is None
+                      NETWORK) == V4
+    assert pod_subnet(node(), NETWORK) == Subnets(None)
+    assert pod_subnet(node(cidrs=["fd00::/64"]), NETWORK) == Subnets(None)
+
+
+def test_the_own_subnets_in_dual_stack_and_ipv6_only_are_the_pod_cidrs_of_each_family() -> None:
+    both = node(cidrs=["10.244.3.0/24", "fd00:0:0:3::/64"])
+    assert pod_subnet(both, DUAL) == Subnets(V4.ipv4, V6)
+    assert pod_subnet(both, ONLY6) == Subnets(None, V6)
+    assert pod_subnet(node(cidr="10.244.3.0/24"), DUAL) == V4  # no IPv6 one yet: waited for
+    with pytest.raises(NodeError, match="IPv6Network doesn't contain 'fd01:0:0:3::/64'"):
+        pod_subnet(node(cidrs=["10.244.3.0/24", "fd01:0:0:3::/64"]), DUAL)
 
 
 def test_an_own_pod_cidr_outside_the_network_or_three_of_them_is_an_error() -> None:
@@ -113,8 +130,8 @@ def test_nodes_that_are_no_lease_are_not_read_as_one() -> None:
 
 
 @pytest.mark.parametrize(("peer", "reason"), [
-    (node(annotations=flannel()), "has no IPv4 podCIDR"),
-    (node(cidrs=["fd00:0:0:7::/64"], annotations=flannel()), "has no IPv4 podCIDR"),
+    (node(annotations=flannel()), "has no podCIDR"),
+    (node(cidrs=["fd00:0:0:7::/64"], annotations=flannel()), "public-ipv6 None is not an IPv6"),
     (node(cidr="10.244.7.0/24", annotations=flannel(public_ip="fd00::7")),
      "is not an IPv4 address"),
     (node(cidr="10.244.7.0/24", annotations=flannel(public_ip="")), "is not an IPv4 address"),
@@ -126,6 +143,37 @@ def test_a_node_flanneld_panics_on_is_an_error_that_says_why(peer: dict[str, Any
                                                              reason: str) -> None:
     with pytest.raises(NodeError, match=reason):
         node_lease(peer, KEYS)
+
+
+def test_a_dual_stack_peer_node_becomes_flanneld_s_dual_stack_lease() -> None:
+    data6 = '{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:01"}'
+    peer = node(cidrs=["10.244.7.0/24", "fd00:0:0:7::/64"], annotations={
+        **flannel(), KEYS.public_ipv6: "2001:db8::2", KEYS.backend_v6_data: data6})
+    name, value = node_lease(peer, KEYS)
+    assert name == "10.244.7.0-24&fd00:0:0:7::-64"
+    assert value == encode_lease(ipaddress.IPv4Address("198.18.0.2"), "vxlan", VXLAN_DATA,
+                                 ipaddress.IPv6Address("2001:db8::2"), data6)
+    # without public-ipv6 (flanneld drops the Node): a lease for IPv4, the watch says so
+    lone = node(cidrs=["10.244.7.0/24", "fd00:0:0:7::/64"], annotations=flannel())
+    assert decode_lease(node_lease(lone, KEYS)[1]).public_ipv6 is None
+    # IPv6-only: PublicIP 0.0.0.0, as flanneld's zero address
+    only = node(cidrs=["fd00:0:0:7::/64"], annotations={
+        **flannel(public_ip="0.0.0.0", backend_type="host-gw", backend_data="null"),
+        KEYS.public_ipv6: "2001:db8::2"})
+    assert node_lease(only, KEYS) == ("0.0.0.0-0&fd00:0:0:7::-64", b'{"PublicIP":"0.0.0.0",'
+                                      b'"PublicIPv6":"2001:db8::2","BackendType":"host-gw"}')
+
+
+def test_the_own_dual_stack_node_announces_its_ipv6_as_flanneld_does() -> None:
+    value = encode_lease(ipaddress.IPv4Address("198.18.0.5"), "host-gw", public_ipv6=ME6)
+    wanted = wanted_annotations(node(annotations={}), KEYS, value)
+    assert wanted == {KEYS.backend_type: "host-gw", KEYS.backend_data: "null",
+                      KEYS.public_ip: "198.18.0.5", KEYS.backend_v6_data: "null",
+                      KEYS.public_ipv6: "2001:db8::5", KEYS.subnet_manager: "true"}
+    own = node(annotations={KEYS.public_ipv6_overwrite: "2001:db8::99"})
+    assert wanted_annotations(own, KEYS, value)[KEYS.public_ipv6] == "2001:db8::99"
+    assert decode_lease(value) == PeerLease(ipaddress.IPv4Address("198.18.0.5"), "host-gw",
+                                            None, ME6)
 
 
 def test_backend_data_that_is_not_json_is_left_out_of_the_lease() -> None:

@@ -69,7 +69,7 @@ def status():
 def exercise(rtnl, underlay, local):
     r = rtnl.RtNetlink()
     eth0 = next(link.index for link in r.links() if link.name == underlay)
-    r.ipv4_addresses(); r.default_route_interfaces()
+    r.addresses(); r.default_route_interfaces()
     for _ in range(3):
         vx = r.add_vxlan("flannel.1", 1, ipaddress.IPv4Address(local), eth0, 8472, False, False,
                          1450)

@@ -42,6 +42,14 @@ def test_environment_fills_what_the_command_line_leaves() -> None:
     assert options.subnet_lease_renew_margin == 30
 
 
+def test_public_ipv6_from_the_flag_or_flanneld_s_variable() -> None:
+    assert parse_args([], environ={}).public_ipv6 is None
+    assert parse_args(["-public-ipv6=2001:DB8::9"], environ={}).public_ipv6 == \
+        ipaddress.IPv6Address("2001:db8::9")
+    options = parse_args([], environ={"FLANNELD_PUBLIC_IPV6": "2001:db8::a"})
+    assert options.public_ipv6 == ipaddress.IPv6Address("2001:db8::a")
+
+
 def test_fast_path_levers_default_to_what_make_perf_chose() -> None:
     defaults = parse_args([], environ={})
     assert (defaults.fastpath_batch, defaults.fastpath_offload, defaults.fastpath_udp_coalesce,
@@ -66,6 +74,12 @@ def test_fast_path_levers_default_to_what_make_perf_chose() -> None:
     (["--etcd-api", "v4"], {}, "--etcd-api"),
     (["--ip-masq=maybe"], {}, "--ip-masq"),
     ([], {"FLANNELD_PUBLIC_IP": "x"}, "FLANNELD_PUBLIC_IP"),
+    # What Go's net.ParseIP refuses, and what it reads as IPv4.
+    (["--public-ipv6", "2001:db8::g"], {}, "--public-ipv6"),
+    (["--public-ipv6=198.18.0.9"], {}, "--public-ipv6"),
+    (["--public-ipv6=::ffff:198.18.0.9"], {}, "--public-ipv6"),
+    (["--public-ipv6=fe80::1%eth0"], {}, "--public-ipv6"),
+    ([], {"FLANNELD_PUBLIC_IPV6": "2001:db8::/64"}, "FLANNELD_PUBLIC_IPV6"),
     (["--etcd-cafile", "/ca.pem"], {}, "need https://"),
     (["--etcd-endpoints", "https://e:2379", "--etcd-cafile", "/nonexistent/ca.pem"], {},
      "cannot read /nonexistent/ca.pem"),

@@ -208,12 +208,12 @@ def test_flag_tables_name_every_flag_with_its_default() -> None:
             if line.startswith("| `--")]
     shown: dict[str, str] = {}
     for first, default, _ in rows:
-        for name in re.findall(r"`--([a-z-]+)`", first):
+        for name in re.findall(r"`--([a-z0-9-]+)`", first):
             assert name not in shown, f"--{name} has two rows"
             shown[name] = default.strip().strip("`")
     usage = subprocess.run([os.path.join(VENV_BIN, "pyflanneld"), "--help"],
                            capture_output=True, text=True, check=True).stdout
-    offered = set(re.findall(r"^  (?:-h, )?--([a-z][a-z-]*)", usage, re.M)) - {"help"}
+    offered = set(re.findall(r"^  (?:-h, )?--([a-z][a-z0-9-]*)", usage, re.M)) - {"help"}
     assert set(shown) == offered
     for flag in FLAGS:
         assert shown[flag.name] == shown_default(flag), f"--{flag.name}"

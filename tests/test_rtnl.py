@@ -265,7 +265,7 @@ def test_ipv6_routes_and_addresses_are_left_out(host: Host, rtnl: RtNetlink, eth
     underlay = ipaddress.IPv4Network(f"{host.underlay_ip}/24", strict=False)
     assert rtnl.routes(eth0) == [(underlay, None)]
     assert eth0 not in rtnl.default_route_interfaces()
-    assert [a for i, a in rtnl.ipv4_addresses() if i == eth0] == [
+    assert [a for i, a in rtnl.addresses() if i == eth0] == [
         ipaddress.IPv4Address(host.underlay_ip)]
     assert "2001:db8:2::/64" in host.ip("-6", "route", "show", "dev", "eth0").stdout
 

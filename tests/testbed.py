@@ -1,10 +1,10 @@
 """Test hosts in network namespaces: the one testbed the tests and perf/ build on.
 
 An underlay namespace holds a bridge; each host namespace joins it by a veth pair and gets an
-address from 198.18.0.0/15. A host may carry a container namespace, added by pyflannel's `flannel`
-CNI plugin, which delegates to the real `bridge` plugin with `host-local` IPAM on the host's
-subnet, as flannel's does. Every name starts with a per-run prefix, and Testbed.close() deletes
-exactly the namespaces it made.
+address from 198.18.0.0/15, and with `ipv6` one from 2001:db8::/32 too. A host may carry a
+container namespace, added by pyflannel's `flannel` CNI plugin, which delegates to the real
+`bridge` plugin with `host-local` IPAM on the host's subnet, as flannel's does. Every name starts
+with a per-run prefix, and Testbed.close() deletes exactly the namespaces it made.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Self
 
 CLONE_NEWNET = 0x40000000
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+UNDERLAY6 = ipaddress.IPv6Network("2001:db8:0:1::/64")  # the hosts' IPv6 addresses, with ipv6
 # Room for `make scale`'s 500 hosts (the tests' fake peers are 198.18.0.250 and up, or off the
 # /24: a testbed this large is only scale's).
 LARGE_UNDERLAY = ipaddress.IPv4Network("198.18.0.0/22")
@@ -74,6 +75,8 @@ class Host:
     underlay_ip: str
     container_netns: str | None = None
     container_ip: str | None = None
+    underlay_ipv6: str | None = None
+    container_ipv6: str | None = None
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "-n", self.netns, *args, check=check)
@@ -137,41 +140,62 @@ class Testbed(ClosedOnSigterm):
         sh("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
-    def add_host(self, name: str | None = None) -> Host:
-        """A host on the underlay: its N-th address on eth0 (MTU 1500), forwarding on."""
+    def add_host(self, name: str | None = None, ipv6: bool = False) -> Host:
+        """A host on the underlay: its N-th address on eth0 (MTU 1500), forwarding on; with
+        `ipv6` also the N-th address of UNDERLAY6 (no duplicate address detection, so that it
+        is usable at once, as on every device made in the host later)."""
         index = len(self.hosts) + 1
         if index >= self.underlay_network.num_addresses - 1:
             raise RuntimeError(f"the underlay {self.underlay_network} has no room for host {index}")
         host = Host(self._netns(name or f"h{index}"),
                     str(self.underlay_network.network_address + index))
+        if ipv6:
+            host.underlay_ipv6 = str(UNDERLAY6.network_address + index)
+            for scope in ("all", "default"):
+                host.run("sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0",
+                         f"net.ipv6.conf.{scope}.forwarding=1")
         port = f"u{index}"
         sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth",
            "peer", "name", "eth0", "netns", host.netns)
         sh("ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up")
         host.ip("addr", "add", f"{host.underlay_ip}/{self.underlay_network.prefixlen}", "dev",
                 "eth0")
+        if host.underlay_ipv6 is not None:
+            host.ip("addr", "add", f"{host.underlay_ipv6}/{UNDERLAY6.prefixlen}", "dev", "eth0")
         host.ip("link", "set", "eth0", "up")
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.hosts.append(host)
         return host
 
-    def add_container(self, host: Host, subnet: str, mtu: int,
-                      network: str = "10.0.0.0/8") -> str:
+    def add_container(self, host: Host, subnet: str | None, mtu: int,
+                      network: str = "10.0.0.0/8", ipv6_subnet: str | None = None,
+                      ipv6_network: str | None = None) -> str:
         """A container namespace on `host`, added as a runtime adds one: the `flannel` CNI
         plugin reads a subnet.env for the host's subnet, MTU and Network (FLANNEL_IPMASQ=true,
         as flannel's manifest runs flanneld with --ip-masq, so the bridge does not masquerade)
         and delegates to `bridge` (cni0 as gateway) with host-local IPAM. A default route is
-        added to the plugin's Network route. Returns the container's address."""
+        added to the plugin's Network route. With `ipv6_subnet` and `ipv6_network` the container
+        gets an IPv6 address of that subnet too (host.container_ipv6), and an IPv6 default
+        route; without `subnet` only that one. Returns the container's first address."""
         host.container_netns = self._netns(host.netns.removeprefix(self.prefix + "-") + "c")
-        lease = ipaddress.IPv4Network(subnet, strict=False)
+        lines, routes = [], []
+        if subnet is not None:
+            lease = ipaddress.IPv4Network(subnet, strict=False)
+            lines += [f"FLANNEL_NETWORK={network}",
+                      f"FLANNEL_SUBNET={lease.network_address + 1}/{lease.prefixlen}"]
+            routes.append({"dst": "0.0.0.0/0"})
+        if ipv6_subnet is not None:
+            lease6 = ipaddress.IPv6Network(ipv6_subnet, strict=False)
+            lines += [f"FLANNEL_IPV6_NETWORK={ipv6_network}",
+                      f"FLANNEL_IPV6_SUBNET={lease6.network_address + 1}/{lease6.prefixlen}"]
+            routes.append({"dst": "::/0"})
         subnet_env = os.path.join(self.workdir, f"{host.netns}-cni-subnet.env")
         with open(subnet_env, "w") as f:
-            f.write(f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={lease.network_address + 1}/"
-                    f"{lease.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
+            f.write("\n".join([*lines, f"FLANNEL_MTU={mtu}", "FLANNEL_IPMASQ=true", ""]))
         conf = {
             "cniVersion": "1.0.0", "name": "pyflannel", "type": "flannel",
             "subnetFile": subnet_env, "dataDir": os.path.join(self.workdir, "cni-flannel"),
-            "ipam": {"routes": [{"dst": "0.0.0.0/0"}],
+            "ipam": {"routes": routes,
                      "dataDir": os.path.join(self.workdir, "cni", host.netns)},
         }
         env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": host.container_netns,
@@ -182,9 +206,10 @@ class Testbed(ClosedOnSigterm):
         if result.returncode != 0:
             raise RuntimeError(f"CNI flannel ADD on {host.netns} failed: {result.stdout}"
                                f"{result.stderr}")
-        address = json.loads(result.stdout)["ips"][0]["address"]
-        host.container_ip = address.split("/")[0]
-        return host.container_ip
+        addresses = [ip["address"].split("/")[0] for ip in json.loads(result.stdout)["ips"]]
+        host.container_ip = next((a for a in addresses if ":" not in a), None)
+        host.container_ipv6 = next((a for a in addresses if ":" in a), None)
+        return addresses[0]
 
     def close(self) -> None:
         for name in reversed(self.namespaces):
@@ -220,10 +245,11 @@ def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, *, nbytes: int 
                  seconds: float | None = None, timeout: float = 60.0) -> int:
     """Send a stream of pseudo-random bytes from client_ns to server_ns over TCP, for nbytes or
     for `seconds`, and check that exactly what was sent arrived. Returns the byte count."""
+    family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
     with inside(server_ns):
-        listener = socket.create_server((server_ip, 0))
+        listener = socket.create_server((server_ip, 0), family=family)
     with inside(client_ns):
-        client = socket.socket()
+        client = socket.socket(family)
     listener.settimeout(timeout)
     client.settimeout(timeout)
     received = hashlib.sha256()

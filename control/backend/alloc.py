@@ -5,37 +5,40 @@ from __future__ import annotations
 import ipaddress
 
 from control.host.interface import ExternalInterface
-from control.subnet.lease import PeerLease, encode_lease
+from control.subnet.lease import PeerLease, Subnets, encode_lease
 
 
 class AllocBackend:
     kind = ""
-    device = None
+    devices: tuple[str, ...] = ()
 
-    def __init__(self, ext: ExternalInterface, public_ip: ipaddress.IPv4Address) -> None:
+    def __init__(self, ext: ExternalInterface, public_ip: ipaddress.IPv4Address | None,
+                 public_ipv6: ipaddress.IPv6Address | None) -> None:
         self._ext = ext
         self._public_ip = public_ip
+        self._public_ipv6 = public_ipv6
 
     def prepare(self) -> None:
         """Nothing to make."""
 
     def lease_value(self) -> bytes:
-        return encode_lease(self._public_ip)
+        # flanneld's alloc writes no PublicIPv6; an IPv6-only host's is how it knows its lease.
+        return encode_lease(self._public_ip,
+                            public_ipv6=self._public_ipv6 if self._public_ip is None else None)
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int:
+    def start(self, subnet: Subnets) -> int:
         return self._ext.mtu  # flanneld's alloc writes the external interface's
 
-    def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
+    def move(self, old: Subnets, new: Subnets) -> None:
         """Nothing addressed from the subnet."""
 
-    def add_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease,
-                 old: PeerLease | None) -> bool:
+    def add_peer(self, subnet: Subnets, lease: PeerLease, old: PeerLease | None) -> bool:
         return True  # known, with nothing to route
 
-    def remove_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease) -> None:
+    def remove_peer(self, subnet: Subnets, lease: PeerLease) -> None:
         """Nothing routed."""
 
-    def prune(self, peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
+    def prune(self, peers: dict[Subnets, PeerLease]) -> None:
         """Nothing routed."""
 
     def kept(self) -> dict[str, int]:

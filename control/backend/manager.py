@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import re
 
-from control.backend.common import Backend
+from control.backend.common import Backend, networks
 from control.host.interface import ExternalInterface, Netlink
 from control.host.rtnl import RtNetlink
 from control.service.handover import release_resumed
@@ -18,11 +18,12 @@ from fastpath import FastPath
 
 log = logging.getLogger("pyflanneld.backend")
 
-VXLAN_DEVICE = re.compile(r"flannel\.\d+")
+VXLAN_DEVICE = re.compile(r"flannel(-v6)?\.\d+")
 
 
 def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
-                 public_ip: ipaddress.IPv4Address, options: Options,
+                 public_ip: ipaddress.IPv4Address | None,
+                 public_ipv6: ipaddress.IPv6Address | None, options: Options,
                  resumed: FastPath | None = None) -> Backend:
     """The backend for `config.backend_type`; each is imported only when chosen. `resumed`:
     the udp fast path the previous run kept, already forwarding; another backend ends it."""
@@ -35,20 +36,20 @@ def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface
     if config.backend_type == "vxlan":
         from control.backend.vxlan import VxlanBackend
 
-        return VxlanBackend(config, netlink.rtnl, ext, public_ip)
+        return VxlanBackend(config, netlink.rtnl, ext, public_ip, public_ipv6)
     if config.backend_type == "host-gw":
         from control.backend.hostgw import HostGwBackend
 
-        return HostGwBackend(config, netlink.rtnl, ext, public_ip)
+        return HostGwBackend(config, netlink.rtnl, ext, public_ip, public_ipv6)
     from control.backend.alloc import AllocBackend
 
-    return AllocBackend(ext, public_ip)
+    return AllocBackend(ext, public_ip, public_ipv6)
 
 
 def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalInterface,
-                         keep_device: str | None, pins: PinStore | None = None) -> None:
+                         keep_devices: tuple[str, ...], pins: PinStore | None = None) -> None:
     """Remove what another backend left on this host in an earlier run (the backend type
-    changed in between): vxlan devices of flannel's naming other than `keep_device`, and
+    changed in between): vxlan devices of flannel's naming other than `keep_devices`, and
     host-gw's routes into the Network out of the external interface. The udp backend's TUN
     goes with its process; a tc filter of its kernel path that a killed daemon left on the
     underlay is removed by the fast path itself, or here when udp no longer runs, with its
@@ -59,18 +60,19 @@ def clear_other_backends(config: NetworkConfig, rtnl: RtNetlink, ext: ExternalIn
     routes them again, and its reconcile removes any that no lease explains, as host-gw's does
     (prune_routes_via_peers)."""
     for link in rtnl.links():
-        if VXLAN_DEVICE.fullmatch(link.name) and link.name != keep_device:
+        if VXLAN_DEVICE.fullmatch(link.name) and link.name not in keep_devices:
             if rtnl.link_kind(link.index) == "vxlan":
                 log.info("deleting %s, left by an earlier vxlan backend", link.name)
                 rtnl.delete_link(link.index)
     routes_on_ext = config.backend_type == "host-gw" or (
         config.vxlan is not None and config.vxlan.direct_routing)
     if not routes_on_ext:
-        for destination, gateway in rtnl.routes(ext.index):
-            if gateway is not None and destination.subnet_of(config.network):
-                log.info("deleting route %s via %s, left by an earlier host-gw backend",
-                         destination, gateway)
-                rtnl.delete_route(destination, ext.index, gateway)
+        for network in networks(config):
+            for destination, gateway in rtnl.routes(ext.index, network.version):
+                if gateway is not None and destination.subnet_of(network):  # type: ignore[arg-type]
+                    log.info("deleting route %s via %s, left by an earlier host-gw backend",
+                             destination, gateway)
+                    rtnl.delete_route(destination, ext.index, gateway)
     if config.backend_type != "udp":
         from control.backend.udp_receiver import delete_receiver
         from fastpath.udp_tc import RX_VXLAN_DEVICE, detach_underlay

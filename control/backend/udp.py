@@ -16,7 +16,7 @@ from control.service.handover import kept_names, release_resumed
 from control.service.options import Options
 from control.service.pinstore import PinStore
 from control.subnet.config import NetworkConfig
-from control.subnet.lease import PeerLease, encode_lease
+from control.subnet.lease import PeerLease, Subnets, encode_lease
 from fastpath import FastPath
 from fastpath.hello import HELLO_SECONDS
 from fastpath.table import MAX_SUBNETS
@@ -29,7 +29,7 @@ GREET_AGAIN_SECONDS = (0.05, 0.5)  # a new peer's further hellos (add_peer)
 
 class UdpBackend:
     kind = ""  # flanneld's udp backend writes no BackendType
-    device = None
+    devices: tuple[str, ...] = ()
 
     def __init__(self, config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
                  public_ip: ipaddress.IPv4Address, options: Options,
@@ -46,6 +46,8 @@ class UdpBackend:
         self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
+        if self._config.network is None:
+            raise BackendError("the udp backend carries IPv4 only: set EnableIPv4")
         subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)
         if subnets > MAX_SUBNETS:
             raise BackendError(f"{subnets} subnets are more than the fast path's table holds "
@@ -54,8 +56,10 @@ class UdpBackend:
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip)
 
-    def start(self, subnet: ipaddress.IPv4Network) -> int:
+    def start(self, subnets: Subnets) -> int:
         config, ext, options = self._config, self._ext, self._options
+        subnet = subnets.ipv4
+        assert subnet is not None  # prepare() asked for IPv4
         mtu = ext.mtu - UDP_ENCAP_OVERHEAD
         fp = self._resumed
         if fp is not None:
@@ -124,14 +128,17 @@ class UdpBackend:
                  "on" if fp.sends_plain else "off")
         return mtu
 
-    def move(self, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> None:
-        assert self.fastpath is not None
-        self._netlink.readdress_tun(self.fastpath.tun_name, old, new)
-        self._subnet = new
+    def move(self, old: Subnets, new: Subnets) -> None:
+        assert self.fastpath is not None and old.ipv4 is not None and new.ipv4 is not None
+        self._netlink.readdress_tun(self.fastpath.tun_name, old.ipv4, new.ipv4)
+        self._subnet = new.ipv4
 
-    def add_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease,
-                 old: PeerLease | None) -> bool:
+    def add_peer(self, subnets: Subnets, lease: PeerLease, old: PeerLease | None) -> bool:
         assert self.fastpath is not None
+        subnet = subnets.ipv4
+        if subnet is None or lease.public_ip is None:
+            log.warning("ignoring lease %s: no IPv4 subnet or PublicIP", subnets)
+            return False
         self.fastpath.set_route(subnet, str(lease.public_ip), self._config.port)
         if old is None or old.public_ip != lease.public_ip:
             # A new peer hears at once that this host takes whole super-packets, not at the
@@ -151,34 +158,37 @@ class UdpBackend:
             self.fastpath.greet(self._subnet.network_address,
                                 {(public_ip, self._config.port): subnet.network_address})
 
-    def remove_peer(self, subnet: ipaddress.IPv4Network, lease: PeerLease) -> None:
+    def remove_peer(self, subnets: Subnets, lease: PeerLease) -> None:
         assert self.fastpath is not None
-        self.fastpath.del_route(subnet)
+        if subnets.ipv4 is not None:
+            self.fastpath.del_route(subnets.ipv4)
 
-    def prune(self, peers: dict[ipaddress.IPv4Network, PeerLease]) -> None:
+    def prune(self, peers: dict[Subnets, PeerLease]) -> None:
         """A table taken over from the previous run may hold routes no lease explains now."""
         assert self.fastpath is not None
+        routed = {subnets.ipv4 for subnets in peers}
         for subnet, _ in self.fastpath.table.routes():
-            if ipaddress.IPv4Network(subnet) not in peers:
+            if ipaddress.IPv4Network(subnet) not in routed:
                 log.info("removing route %s, which no lease explains", subnet)
                 self.fastpath.del_route(subnet)
 
-    async def greet_peers(self, own_subnet: Callable[[], ipaddress.IPv4Network | None],
-                          peers: Callable[[], dict[ipaddress.IPv4Network, PeerLease]]) -> None:
+    async def greet_peers(self, own_subnet: Callable[[], Subnets | None],
+                          peers: Callable[[], dict[Subnets, PeerLease]]) -> None:
         """Every HELLO_SECONDS, say hello to every peer (fastpath/hello.py: a pyflannel peer
         then sends this host TCP super-packets whole) and follow the underlay's TSO setting."""
         while True:
-            subnet = own_subnet()
-            if self.fastpath is not None and subnet is not None:
+            own = own_subnet()
+            if self.fastpath is not None and own is not None and own.ipv4 is not None:
                 through_vxlan = self.fastpath.through_vxlan
                 for peer, why in self.fastpath.refresh().items():
                     log.warning("udp backend: no more plain super-packets to %s: %s", peer, why)
                 if through_vxlan and not self.fastpath.through_vxlan:
                     log.warning("udp backend: whole super-packets go through the loops from "
                                 "now on: %s", self.fastpath.vxlan_missing)
-                hosts = {(str(lease.public_ip), self._config.port): peer.network_address
-                         for peer, lease in peers().items()}
-                self.fastpath.greet(subnet.network_address, hosts)
+                hosts = {(str(lease.public_ip), self._config.port): peer.ipv4.network_address
+                         for peer, lease in peers().items()
+                         if peer.ipv4 is not None and lease.public_ip is not None}
+                self.fastpath.greet(own.ipv4.network_address, hosts)
             await asyncio.sleep(HELLO_SECONDS)
 
     def kept(self) -> dict[str, int]:

@@ -91,6 +91,8 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 AF_UNSPEC = socket.AF_UNSPEC
 AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+FAMILY = {4: AF_INET, 6: AF_INET6}  # an address's version -> its netlink family
 AF_BRIDGE = 7
 ENODEV = 19
 IFF_UP = 0x1
@@ -127,8 +129,12 @@ _ROUTE = {"family": AF_UNSPEC, "dst_len": 0, "src_len": 0, "tos": 0, "table": 0,
 _NEIGH = {"family": AF_UNSPEC, "ifindex": 0, "state": 0, "flags": 0, "ndm_type": 0}
 
 
-def _route_attrs(destination: ipaddress.IPv4Network, index: int,
-                 gateway: ipaddress.IPv4Address | None) -> Attrs:
+# Routes, neighbours and fdb remotes are of either family; a call's addresses choose it.
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _route_attrs(destination: IPNetwork, index: int, gateway: IPAddress | None) -> Attrs:
     attrs: list[tuple[str, Any]] = [("RTA_DST", str(destination.network_address)),
                                     ("RTA_OIF", index)]
     if gateway is not None:
@@ -153,7 +159,7 @@ class VxlanLink:
     mac: str  # "1a:fd:f4:c0:3d:3b", lower case
     up: bool
     vni: int
-    local: ipaddress.IPv4Address | None  # IFLA_VXLAN_LOCAL: the address packets leave from
+    local: IPAddress | None  # IFLA_VXLAN_LOCAL (or LOCAL6): the address packets leave from
     link: int  # IFLA_VXLAN_LINK: the underlay's index, 0 if none
     port: int  # IFLA_VXLAN_PORT: the UDP destination port
     learning: bool
@@ -181,11 +187,10 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _ipv4(value: Any) -> ipaddress.IPv4Address | None:
-    """An address attribute as pyroute2 parsed it ("198.18.0.1"); None if absent or not
-    IPv4."""
+def _ip(value: Any) -> IPAddress | None:
+    """An address attribute of either family as pyroute2 parsed it; None if absent."""
     try:
-        return ipaddress.IPv4Address(value) if isinstance(value, str) else None
+        return ipaddress.ip_address(value) if isinstance(value, str) else None
     except ValueError:
         return None
 
@@ -211,7 +216,7 @@ def _vxlan_link(message: Any) -> VxlanLink:
         up=bool(message["flags"] & IFF_UP),
         vni=vxlan("IFLA_VXLAN_ID") or 0,
         # The kernel leaves out LOCAL when none was set and LINK when no underlay was given.
-        local=_ipv4(vxlan("IFLA_VXLAN_LOCAL")),
+        local=_ip(vxlan("IFLA_VXLAN_LOCAL")) or _ip(vxlan("IFLA_VXLAN_LOCAL6")),
         link=vxlan("IFLA_VXLAN_LINK") or 0,
         port=vxlan("IFLA_VXLAN_PORT") or 0,
         learning=bool(vxlan("IFLA_VXLAN_LEARNING")),
@@ -305,53 +310,61 @@ class RtNetlink:
             message["index"], _text(message.get_attr("IFLA_IFNAME")),
             message.get_attr("IFLA_MTU") or 0))
 
-    def ipv4_addresses(self) -> list[tuple[int, ipaddress.IPv4Address]]:
-        """(interface index, address) of every IPv4 address, in the kernel's order."""
-        def pick(message: Any) -> tuple[int, ipaddress.IPv4Address] | None:
+    def addresses(self, version: int = 4) -> list[tuple[int, IPAddress]]:
+        """(interface index, address) of every IPv4 (or IPv6) address, in the kernel's
+        order."""
+        family = FAMILY[version]
+
+        def pick(message: Any) -> tuple[int, IPAddress] | None:
             # IFA_LOCAL is this end's address (IFA_ADDRESS is the peer's on point-to-point).
-            address = _ipv4(message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS"))
-            if message["family"] == AF_INET and address is not None:
+            address = _ip(message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS"))
+            if message["family"] == family and address is not None:
                 return message["index"], address
             return None
 
-        return self._dump(RTM_GETADDR, IfAddrMsg, {**_ADDRESS, "family": AF_INET}, pick)
+        return self._dump(RTM_GETADDR, IfAddrMsg, {**_ADDRESS, "family": family}, pick)
 
-    def _main_table_routes(self, pick: Callable[[Any], T | None]) -> list[T]:
-        """What `pick` keeps of the IPv4 routes of the main table, cached (cloned) ones left
-        out."""
+    def _main_table_routes(self, pick: Callable[[Any], T | None], version: int = 4
+                           ) -> list[T]:
+        """What `pick` keeps of the IPv4 (or IPv6) routes of the main table, cached (cloned)
+        ones left out."""
+        family = FAMILY[version]
+
         def main(message: Any) -> T | None:
             table = message.get_attr("RTA_TABLE") or message["table"]
-            if (message["family"] == AF_INET and table == RT_TABLE_MAIN
+            if (message["family"] == family and table == RT_TABLE_MAIN
                     and not message["flags"] & RTM_F_CLONED):
                 return pick(message)
             return None
 
-        return self._dump(RTM_GETROUTE, RtMsg, {**_ROUTE, "family": AF_INET}, main)
+        return self._dump(RTM_GETROUTE, RtMsg, {**_ROUTE, "family": family}, main)
 
-    def default_route_interfaces(self) -> list[int]:
-        """The output interface of each IPv4 default route in the main table (multipath
-        routes, which have none, are left out)."""
+    def default_route_interfaces(self, version: int = 4) -> list[int]:
+        """The output interface of each IPv4 (or IPv6) default route in the main table
+        (multipath routes, which have none, are left out)."""
         return self._main_table_routes(
-            lambda message: message.get_attr("RTA_OIF") if message["dst_len"] == 0 else None)
+            lambda message: message.get_attr("RTA_OIF") if message["dst_len"] == 0 else None,
+            version)
 
-    def _address(self, kind: int, flags: int, index: int,
-                 address: ipaddress.IPv4Address, prefixlen: int) -> None:
+    def _address(self, kind: int, flags: int, index: int, address: IPAddress,
+                 prefixlen: int) -> None:
         self._change(kind, flags, IfAddrMsg,
-                     {**_ADDRESS, "family": AF_INET, "prefixlen": prefixlen, "index": index},
+                     {**_ADDRESS, "family": FAMILY[address.version], "prefixlen": prefixlen,
+                      "index": index},
                      [("IFA_LOCAL", str(address)), ("IFA_ADDRESS", str(address))])
 
-    def add_address(self, index: int, address: ipaddress.IPv4Address, prefixlen: int) -> None:
+    def add_address(self, index: int, address: IPAddress, prefixlen: int) -> None:
         self._address(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, index, address, prefixlen)
 
-    def delete_address(self, index: int, address: ipaddress.IPv4Address,
-                       prefixlen: int) -> None:
+    def delete_address(self, index: int, address: IPAddress, prefixlen: int) -> None:
         self._address(RTM_DELADDR, 0, index, address, prefixlen)
 
-    def set_only_address(self, index: int, address: ipaddress.IPv4Address,
-                         prefixlen: int) -> None:
-        """Make `address` the link's one IPv4 address: a device kept from an earlier run may
-        have it already, or another lease's."""
-        present = [a for i, a in self.ipv4_addresses() if i == index]
+    def set_only_address(self, index: int, address: IPAddress, prefixlen: int) -> None:
+        """Make `address` the link's one address of its family (IPv6 link-local ones left
+        alone, as flanneld's EnsureV6AddressOnLink leaves them): a device kept from an earlier
+        run may have it already, or another lease's."""
+        present = [a for i, a in self.addresses(address.version)
+                   if i == index and not a.is_link_local]
         if address not in present:
             self.add_address(index, address, prefixlen)
         for other in present:
@@ -364,8 +377,8 @@ class RtNetlink:
                      {**_LINK, "index": index, "flags": IFF_UP, "change": IFF_UP},
                      [("IFLA_MTU", mtu)])
 
-    def replace_route(self, destination: ipaddress.IPv4Network, index: int,
-                      gateway: ipaddress.IPv4Address | None = None, onlink: bool = False) -> None:
+    def replace_route(self, destination: IPNetwork, index: int,
+                      gateway: IPAddress | None = None, onlink: bool = False) -> None:
         """A route for `destination` out of the link in the main table, protocol boot and
         scope universe as flanneld's backends make it. With `gateway`, through it: host-gw's
         `ip route replace 10.244.2.0/24 via 198.18.0.12 dev eth0 proto boot`. `onlink` has the
@@ -373,8 +386,9 @@ class RtNetlink:
         replace 10.244.64.0/24 via 10.244.64.0 dev flannel.1 proto boot onlink`, whose gateway
         is the remote subnet's own address."""
         self._change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, RtMsg,
-                     {**_ROUTE, "family": AF_INET, "dst_len": destination.prefixlen,
-                      "table": RT_TABLE_MAIN, "proto": RTPROT_BOOT, "scope": RT_SCOPE_UNIVERSE,
+                     {**_ROUTE, "family": FAMILY[destination.version],
+                      "dst_len": destination.prefixlen, "table": RT_TABLE_MAIN,
+                      "proto": RTPROT_BOOT, "scope": RT_SCOPE_UNIVERSE,
                       "type": RTN_UNICAST, "flags": RTNH_F_ONLINK if onlink else 0},
                      _route_attrs(destination, index, gateway))
 
@@ -408,7 +422,7 @@ class RtNetlink:
             raise ValueError(f"{name} exists and is not a vxlan device")
         return _vxlan_link(message)
 
-    def add_vxlan(self, name: str, vni: int, local: ipaddress.IPv4Address, link: int, port: int,
+    def add_vxlan(self, name: str, vni: int, local: IPAddress, link: int, port: int,
                   learning: bool, gbp: bool, mtu: int | None, mac: str | None = None) -> int:
         """Create a vxlan link as `ip link add NAME [address MAC] [mtu MTU] type vxlan id VNI
         local LOCAL dev LINK dstport PORT [no]learning [gbp]` does, and return its index. It
@@ -422,7 +436,8 @@ class RtNetlink:
         The one exception to one request per call: the kernel acknowledges RTM_NEWLINK without
         the new index (it ignores NLM_F_ECHO there, 6.18 included), so a second request looks
         the link up by name."""
-        data: list[tuple[str, Any]] = [("IFLA_VXLAN_ID", vni), ("IFLA_VXLAN_LOCAL", str(local)),
+        local_attr = "IFLA_VXLAN_LOCAL" if local.version == 4 else "IFLA_VXLAN_LOCAL6"
+        data: list[tuple[str, Any]] = [("IFLA_VXLAN_ID", vni), (local_attr, str(local)),
                                        ("IFLA_VXLAN_LEARNING", int(learning))]
         if link:
             data.append(("IFLA_VXLAN_LINK", link))
@@ -446,30 +461,32 @@ class RtNetlink:
     def delete_link(self, index: int) -> None:
         self._change(RTM_DELLINK, 0, IfInfMsg, {**_LINK, "index": index})
 
-    def delete_route(self, destination: ipaddress.IPv4Network, index: int,
-                     gateway: ipaddress.IPv4Address | None = None) -> None:
+    def delete_route(self, destination: IPNetwork, index: int,
+                     gateway: IPAddress | None = None) -> None:
         """Delete the main table's route for `destination` out of the link (and through
         `gateway` if given), whatever its protocol, scope and type, as `ip route del` does;
         ESRCH if there is none."""
         self._change(RTM_DELROUTE, 0, RtMsg,
-                     {**_ROUTE, "family": AF_INET, "dst_len": destination.prefixlen,
-                      "table": RT_TABLE_MAIN, "proto": RTPROT_UNSPEC, "scope": RT_SCOPE_NOWHERE,
+                     {**_ROUTE, "family": FAMILY[destination.version],
+                      "dst_len": destination.prefixlen, "table": RT_TABLE_MAIN,
+                      "proto": RTPROT_UNSPEC, "scope": RT_SCOPE_NOWHERE,
                       "type": RTN_UNSPEC},
                      _route_attrs(destination, index, gateway))
 
-    def routes(self, index: int
-               ) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]]:
-        """(destination, gateway) of each IPv4 route in the main table out of the link, the
-        default route as 0.0.0.0/0 and gateway None for a route without one. Multipath routes,
-        which have no single output interface, are left out."""
-        def pick(message: Any) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None] | None:
+    def routes(self, index: int, version: int = 4) -> list[tuple[IPNetwork, IPAddress | None]]:
+        """(destination, gateway) of each IPv4 (or IPv6) route in the main table out of the
+        link, the default route as 0.0.0.0/0 (::/0) and gateway None for a route without one.
+        Multipath routes, which have no single output interface, are left out."""
+        unspecified = "0.0.0.0" if version == 4 else "::"
+
+        def pick(message: Any) -> tuple[IPNetwork, IPAddress | None] | None:
             if message.get_attr("RTA_OIF") != index:
                 return None
-            return (ipaddress.IPv4Network((message.get_attr("RTA_DST") or "0.0.0.0",
-                                           message["dst_len"])),
-                    _ipv4(message.get_attr("RTA_GATEWAY")))
+            return (ipaddress.ip_network((message.get_attr("RTA_DST") or unspecified,
+                                          message["dst_len"])),
+                    _ip(message.get_attr("RTA_GATEWAY")))
 
-        return self._main_table_routes(pick)
+        return self._main_table_routes(pick, version)
 
     def _neigh(self, kind: int, flags: int, family: int, index: int, state: int, ntf: int,
                attrs: Attrs) -> None:
@@ -477,15 +494,17 @@ class RtNetlink:
         self._change(kind, flags, NdMsg, {"family": family, "ifindex": index, "state": state,
                                           "flags": ntf, "ndm_type": RTN_UNICAST}, attrs)
 
-    def replace_neigh(self, index: int, ip: ipaddress.IPv4Address, mac: str) -> None:
-        """A permanent ARP entry, as `ip neigh replace IP lladdr MAC dev LINK nud permanent`:
-        flanneld's vxlan backend answers ARP for each remote subnet's gateway address with it."""
-        self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_INET, index, NUD_PERMANENT, 0,
+    def replace_neigh(self, index: int, ip: IPAddress, mac: str) -> None:
+        """A permanent ARP (or NDP) entry, as `ip neigh replace IP lladdr MAC dev LINK nud
+        permanent`: flanneld's vxlan backend answers for each remote subnet's gateway address
+        with it."""
+        self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, FAMILY[ip.version], index,
+                    NUD_PERMANENT, 0,
                     [("NDA_DST", str(ip)), ("NDA_LLADDR", format_mac(parse_mac(mac)))])
 
-    def delete_neigh(self, index: int, ip: ipaddress.IPv4Address) -> None:
-        """Delete the link's ARP entry for `ip`; ENOENT if there is none."""
-        self._neigh(RTM_DELNEIGH, 0, AF_INET, index, 0, 0, [("NDA_DST", str(ip))])
+    def delete_neigh(self, index: int, ip: IPAddress) -> None:
+        """Delete the link's neighbour entry for `ip`; ENOENT if there is none."""
+        self._neigh(RTM_DELNEIGH, 0, FAMILY[ip.version], index, 0, 0, [("NDA_DST", str(ip))])
 
     def _neighbour_dump(self, family: int, index: int, pick: Callable[[Any], T | None]
                         ) -> list[T]:
@@ -495,24 +514,24 @@ class RtNetlink:
                           lambda message: pick(message) if message["family"] == family
                           and message["ifindex"] == index else None)
 
-    def neighbours(self, index: int) -> list[tuple[ipaddress.IPv4Address, str]]:
-        """(address, MAC) of the link's permanent IPv4 neighbours."""
-        def pick(message: Any) -> tuple[ipaddress.IPv4Address, str] | None:
-            ip, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
+    def neighbours(self, index: int, version: int = 4) -> list[tuple[IPAddress, str]]:
+        """(address, MAC) of the link's permanent IPv4 (or IPv6) neighbours."""
+        def pick(message: Any) -> tuple[IPAddress, str] | None:
+            ip, mac = _ip(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
             if message["state"] & NUD_PERMANENT and ip is not None and mac:
                 return ip, _text(mac).lower()
             return None
 
-        return self._neighbour_dump(AF_INET, index, pick)
+        return self._neighbour_dump(FAMILY[version], index, pick)
 
-    def replace_fdb(self, index: int, mac: str, dst: ipaddress.IPv4Address) -> None:
+    def replace_fdb(self, index: int, mac: str, dst: IPAddress) -> None:
         """A permanent fdb entry on the vxlan link itself, as `bridge fdb replace MAC dev LINK
         dst DST self permanent`: frames to MAC go in UDP to the remote host DST. Replacing sets
         the MAC's (first) remote, so a remote that moved is not left behind."""
         self._neigh(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_BRIDGE, index, NUD_PERMANENT,
                     NTF_SELF, [("NDA_LLADDR", format_mac(parse_mac(mac))), ("NDA_DST", str(dst))])
 
-    def delete_fdb(self, index: int, mac: str, dst: ipaddress.IPv4Address) -> None:
+    def delete_fdb(self, index: int, mac: str, dst: IPAddress) -> None:
         """Delete the link's fdb entry for MAC to DST; ENOENT if the link has no entry for MAC.
         If MAC's entry goes to another remote, the kernel (vxlan's __vxlan_fdb_delete) answers
         success and deletes nothing, as `bridge fdb del` shows: a remote that moved keeps its
@@ -520,11 +539,11 @@ class RtNetlink:
         self._neigh(RTM_DELNEIGH, 0, AF_BRIDGE, index, 0, NTF_SELF,
                     [("NDA_LLADDR", format_mac(parse_mac(mac))), ("NDA_DST", str(dst))])
 
-    def fdb(self, index: int) -> list[tuple[str, ipaddress.IPv4Address]]:
-        """(MAC, remote) of the link's fdb entries that have an IPv4 remote: a vxlan link's.
-        Entries without one (a NIC's own and multicast addresses) are left out."""
-        def pick(message: Any) -> tuple[str, ipaddress.IPv4Address] | None:
-            dst, mac = _ipv4(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
+    def fdb(self, index: int) -> list[tuple[str, IPAddress]]:
+        """(MAC, remote) of the link's fdb entries that have a remote (IPv4 or IPv6): a vxlan
+        link's. Entries without one (a NIC's own and multicast addresses) are left out."""
+        def pick(message: Any) -> tuple[str, IPAddress] | None:
+            dst, mac = _ip(message.get_attr("NDA_DST")), message.get_attr("NDA_LLADDR")
             return (_text(mac).lower(), dst) if dst is not None and mac else None
 
         return self._neighbour_dump(AF_BRIDGE, index, pick)

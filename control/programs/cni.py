@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import sys
 
 # typing and subprocess would double the plugin's start-up: annotations name only builtins and
@@ -23,7 +24,14 @@ import sys
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
-REQUIRED_ENV = ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"]
+# CNI's skel: the variables each command needs (DEL works without the container's netns).
+REQUIRED_ENV = {"ADD": ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"],
+                "CHECK": ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"],
+                "DEL": ["CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"]}
+# CNI's rule for network names and container IDs (Go's $ is the end of the text: \Z here).
+VALID_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
+INVALID_NETWORK_CONFIG = 7
+UNKNOWN_CONTAINER = 3
 
 # How Go's encoding/json names a JSON value's type in its errors.
 JSON_TYPES = {str: "string", int: "number", float: "number", bool: "bool", list: "array"}
@@ -46,9 +54,17 @@ class CniError(Exception):
         return json.dumps(error, indent=4)
 
 
+# What Go's encoding/json escapes in strings that Python's json writes as they are (neither
+# character can stand outside a string in JSON).
+GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                            "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def go_json(value: object) -> bytes:
-    """JSON as Go's encoding/json writes a map: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    """JSON as Go's encoding/json writes a map: sorted keys, no spaces, UTF-8 as it is, and
+    <, >, & and the two Unicode line separators escaped."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.translate(GO_ESCAPES).encode()
 
 
 def _os_error(path: str, err: OSError) -> str:
@@ -61,13 +77,9 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
-def load_netconf(stdin: bytes) -> dict[str, object]:
-    try:
-        conf = json.loads(stdin or b"{}")
-    except ValueError as err:
-        raise CniError(DECODING_FAILURE, f"error unmarshall network config: {err}") from err
-    if not isinstance(conf, dict):
-        raise CniError(DECODING_FAILURE, "error unmarshall network config: not a JSON object")
+def load_netconf(conf: dict[str, object]) -> dict[str, object]:
+    """The config as flannel's plugin takes it once CNI's skel has checked it: a supported
+    cniVersion, and its own keys of the right types."""
     version = conf.get("cniVersion") or "0.1.0"
     if version not in SUPPORTED_VERSIONS:
         quoted = " ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
@@ -98,8 +110,11 @@ def load_subnet_env(path: str) -> dict[str, object]:
                    "FLANNEL_IPV6_SUBNET") and sep:
             env[key] = _cidr(value)
         elif key == "FLANNEL_MTU" and sep:
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise CniError(INTERNAL, f'strconv.ParseUint: parsing "{value}": invalid syntax')
+            if int(value) >= 1 << 32:  # flannel's parses it as a uint32
+                raise CniError(INTERNAL,
+                               f'strconv.ParseUint: parsing "{value}": value out of range')
             env[key] = int(value)
         elif key == "FLANNEL_IPMASQ" and sep:
             env[key] = value == "true"
@@ -117,13 +132,83 @@ def load_subnet_env(path: str) -> dict[str, object]:
 
 
 def _cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A network as Go's net.ParseCIDR takes it: the prefix length is required."""
-    if "/" in value:
+    """A network as Go's net.ParseCIDR takes it: a prefix length in decimal is required (no
+    netmask, which Python would take), and an IPv6 address has no zone."""
+    address, sep, length = value.partition("/")
+    if sep and length.isascii() and length.isdigit() and "%" not in address:
         try:
             return ipaddress.ip_network(value, strict=False)
         except ValueError:
             pass
     raise CniError(INTERNAL, f"invalid CIDR address: {value}")
+
+
+def _go_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as Go's net.IP prints it: Python's text, but IPv4-mapped ones dotted."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(address if mapped is None else mapped)
+
+
+def _go_cidr(address: ipaddress.IPv4Address | ipaddress.IPv6Address, prefixlen: int) -> str:
+    """An address and length as Go's net.IPNet prints them: an IPv4-mapped address is dotted
+    and its length counts the last 32 bits only (::ffff:a00:0/120 is 10.0.0.0/24)."""
+    if getattr(address, "ipv4_mapped", None) is not None:
+        prefixlen = max(prefixlen - 96, 0)
+    return f"{_go_ip(address)}/{prefixlen}"
+
+
+def _routes_error(msg: str) -> CniError:
+    return CniError(INTERNAL, "failed to assemble Delegate IPAM: failed to read IPAM routes: "
+                    f"failed to parse ipam.routes: {msg}")
+
+
+def _json_type(value: object) -> str:
+    return JSON_TYPES.get(type(value), "object")
+
+
+def _ipam_routes(ipam: dict[str, object]) -> list[dict[str, str]]:
+    """ipam.routes as flannel's plugin hands them on: decoded into CNI's types.Route and
+    encoded again, so that of each route only dst (as given, not masked) and a gw stay, in
+    Go's text; a route without dst has the dst "<nil>"."""
+    routes = ipam.get("routes")
+    if routes is None:
+        return []
+    if not isinstance(routes, list):
+        raise _routes_error(f"json: cannot unmarshal {_json_type(routes)} into Go value of "
+                            "type []types.Route")
+    decoded = []
+    for route in routes:
+        if route is None:
+            route = {}
+        if not isinstance(route, dict):
+            raise _routes_error(f"json: cannot unmarshal {_json_type(route)} into Go value of "
+                                "type types.route")
+        fields = {key.lower(): value for key, value in route.items()}
+        out = {"dst": "<nil>"}
+        if "dst" in fields:
+            dst = fields["dst"] if fields["dst"] is not None else ""
+            if not isinstance(dst, str):
+                raise _routes_error(f"json: cannot unmarshal {_json_type(dst)} into Go struct "
+                                    "field route.dst of type string")
+            try:
+                _cidr(dst)  # Go's net.ParseCIDR's rules, and its error
+            except CniError as err:
+                raise _routes_error(err.msg) from err
+            address, _, length = dst.partition("/")
+            out["dst"] = _go_cidr(ipaddress.ip_address(address), int(length))
+        gw = fields.get("gw")
+        if gw is not None and not isinstance(gw, str):
+            raise _routes_error(f"json: cannot unmarshal {_json_type(gw)} into Go struct "
+                                "field route.gw of type net.IP")
+        if gw:
+            try:
+                if "%" in gw:  # Go's ParseIP takes no zone
+                    raise ValueError(gw)
+                out["gw"] = _go_ip(ipaddress.ip_address(gw))
+            except ValueError:
+                raise _routes_error(f"invalid IP address: {gw}") from None
+        decoded.append(out)
+    return decoded
 
 
 def delegate_config(conf: dict[str, object], env: dict[str, object]) -> dict[str, object]:
@@ -150,10 +235,10 @@ def delegate_config(conf: dict[str, object], env: dict[str, object]) -> dict[str
         delegate["cniVersion"] = conf["cniVersion"]
     ipam = dict(conf.get("ipam") or {})
     ipam.setdefault("type", "host-local")
-    ipam["ranges"] = [[{"subnet": str(env[key])}]
+    ipam["ranges"] = [[{"subnet": _go_cidr(env[key].network_address, env[key].prefixlen)}]
                       for key in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET") if key in env]
-    routes = list(ipam.get("routes") or [])
-    routes += [{"dst": str(env[key])}
+    routes = _ipam_routes(ipam)
+    routes += [{"dst": _go_cidr(env[key].network_address, env[key].prefixlen)}
                for key in ("FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK") if key in env]
     ipam["routes"] = routes
     delegate["ipam"] = ipam
@@ -281,13 +366,57 @@ def run(command: str, stdin: bytes) -> bytes:
     if command == "VERSION":
         return go_json({"cniVersion": SUPPORTED_VERSIONS[-1],
                         "supportedVersions": SUPPORTED_VERSIONS})
-    if command not in COMMANDS:
-        raise CniError(INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
-    missing = [name for name in REQUIRED_ENV if not os.environ.get(name)]
+    missing = [name for name in REQUIRED_ENV.get(command, []) if not os.environ.get(name)]
     if missing:
         raise CniError(INVALID_ENVIRONMENT,
                        f"required env variables [{','.join(missing)}] missing")
-    return COMMANDS[command](load_netconf(stdin), os.environ["CNI_CONTAINERID"])
+    conf = validate_args(stdin, os.environ.get("CNI_CONTAINERID", ""),
+                         os.environ.get("CNI_IFNAME", ""))
+    if command not in COMMANDS:
+        raise CniError(INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
+    return COMMANDS[command](load_netconf(conf), os.environ["CNI_CONTAINERID"])
+
+
+def validate_args(stdin: bytes, container_id: str, ifname: str) -> dict[str, object]:
+    """What CNI's skel checks before any command but VERSION, in its order and words: the
+    config's network name, the container ID, the interface name. Returns the config."""
+    try:
+        conf = json.loads(stdin)
+    except json.JSONDecodeError as err:
+        # Go's words where the input ends too soon; Python's for other syntax errors.
+        reason = ("unexpected end of JSON input" if err.pos >= len(err.doc.rstrip())
+                  else str(err))
+        raise CniError(DECODING_FAILURE, f"error unmarshall network config: {reason}") from err
+    except UnicodeDecodeError as err:
+        raise CniError(DECODING_FAILURE, f"error unmarshall network config: {err}") from err
+    if not isinstance(conf, dict):
+        raise CniError(DECODING_FAILURE, "error unmarshall network config: json: cannot "
+                       f"unmarshal {_json_type(conf)} into Go value of type struct {{ Name "
+                       'string "json:\\"name\\"" }')
+    # Go's decoder matches the key case-insensitively; null leaves the name empty.
+    name = next((value for key, value in reversed(conf.items()) if key.lower() == "name"), None)
+    if name is not None and not isinstance(name, str):
+        raise CniError(DECODING_FAILURE, "error unmarshall network config: json: cannot "
+                       f"unmarshal {_json_type(name)} into Go struct field .name of type string")
+    if not name:
+        raise CniError(INVALID_NETWORK_CONFIG, "missing network name")
+    if not VALID_NAME.match(name):
+        raise CniError(INVALID_NETWORK_CONFIG, "invalid characters found in network name", name)
+    if not container_id:
+        raise CniError(UNKNOWN_CONTAINER, "missing containerID")
+    if not VALID_NAME.match(container_id):
+        raise CniError(INVALID_ENVIRONMENT, "invalid characters in containerID", container_id)
+    if not ifname:
+        raise CniError(INVALID_ENVIRONMENT, "interface name is empty")
+    if len(ifname.encode()) > 15:
+        raise CniError(INVALID_ENVIRONMENT, "interface name is too long",
+                       "interface name should be less than 16 characters")
+    if ifname in (".", ".."):
+        raise CniError(INVALID_ENVIRONMENT, "interface name is . or ..")
+    if any(c in "/:" or c.isspace() for c in ifname):
+        raise CniError(INVALID_ENVIRONMENT,
+                       "interface name contains / or : or whitespace characters")
+    return conf
 
 
 def main() -> None:

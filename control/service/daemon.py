@@ -19,22 +19,20 @@ from control.backend.common import Backend, BackendError
 from control.backend.manager import clear_other_backends, make_backend
 from control.backend.udp import UdpBackend
 from control.host.interface import ExternalInterface, HostError, Netlink
-from control.host.iptables import (
-    IPTablesError,
-    Rule,
-    RuleKeeper,
-    forward_rules,
-    masq_rules,
-    supports_random_fully,
+from control.host.iptables import IPTablesError, Rule, RuleKeeper, host_rules, recycle
+from control.host.subnetenv import (
+    SubnetEnv,
+    read_previous_subnets,
+    read_variables,
+    write_subnet_env,
 )
-from control.host.subnetenv import SubnetEnv, read_previous_subnet, write_subnet_env
 from control.service.endpoints import healthz_page, serve_http
 from control.service.handover import keep_for_next_run, release, restart_in_place
 from control.service.options import Options
 from control.service.pinstore import PinStore
 from control.service.sdnotify import notify, watchdog_period
 from control.subnet.config import ConfigError, NetworkConfig, parse_config
-from control.subnet.lease import Keeper, LeaseKeeper, OutOfSubnetsError
+from control.subnet.lease import Keeper, LeaseKeeper, OutOfSubnetsError, Subnets
 from control.subnet.registry import LeaseStore, Registry, RegistryError, answering_first
 from control.subnet.watch import SubnetWatcher
 from fastpath import FastPath
@@ -51,11 +49,11 @@ class Fatal(Exception):
 
 class SubnetManager(NamedTuple):
     """The subnet manager the flags chose: where the config and the leases are, and what takes
-    and keeps this host's lease there (for the config, this host's public IP and the backend's
-    lease value)."""
+    and keeps this host's lease there (for the config and the backend's lease value, which
+    holds this host's public addresses)."""
 
     registry: Registry
-    keeper: Callable[[NetworkConfig, ipaddress.IPv4Address, bytes], Keeper]
+    keeper: Callable[[NetworkConfig, bytes], Keeper]
     watching: str  # what the watch follows, for the log
 
 
@@ -67,10 +65,10 @@ async def open_subnet_manager(options: Options) -> SubnetManager:
         return await open_kube_manager(options)
     registry = await open_etcd(options)
 
-    def keeper(config: NetworkConfig, public_ip: ipaddress.IPv4Address,
-               value: bytes) -> Keeper:
-        return LeaseKeeper(registry, config, public_ip, value,
-                           read_previous_subnet(options.subnet_file),
+    def keeper(config: NetworkConfig, value: bytes) -> Keeper:
+        previous = read_previous_subnets(options.subnet_file)
+        return LeaseKeeper(registry, config, value,
+                           Subnets(*previous) if any(previous) else None,
                            ttl=options.subnet_lease_ttl,
                            renew_margin=options.subnet_lease_renew_margin * 60)
 
@@ -98,9 +96,8 @@ async def open_kube_manager(options: Options) -> SubnetManager:
             await asyncio.sleep(CONFIG_RETRY_SECONDS)
     log.info("Created subnet manager: Kubernetes Subnet Manager - %s", node)
 
-    def keeper(config: NetworkConfig, public_ip: ipaddress.IPv4Address,
-               value: bytes) -> Keeper:
-        return NodeLease(registry, node, config.network, config.subnet_len, value,
+    def keeper(config: NetworkConfig, value: bytes) -> Keeper:
+        return NodeLease(registry, node, config, value,
                          set_network_unavailable=options.set_node_network_unavailable)
 
     return SubnetManager(registry, keeper, "Nodes")
@@ -128,12 +125,47 @@ async def open_etcd(options: Options) -> LeaseStore:
                           password=options.etcd_password, tls=tls)
 
 
+def describe(config: NetworkConfig) -> str:
+    """The config's networks and ranges, for the log."""
+    parts = []
+    if config.enable_ipv4:
+        parts.append(f"Network {config.network}, SubnetLen {config.subnet_len}, SubnetMin "
+                     f"{config.subnet_min}, SubnetMax {config.subnet_max}")
+    if config.enable_ipv6:
+        parts.append(f"IPv6Network {config.ipv6_network}, IPv6SubnetLen "
+                     f"{config.ipv6_subnet_len}, IPv6SubnetMin {config.ipv6_subnet_min}, "
+                     f"IPv6SubnetMax {config.ipv6_subnet_max}")
+    return "; ".join(parts)
+
+
+def find_interface(options: Options, netlink: Netlink, config: NetworkConfig
+                   ) -> tuple[ExternalInterface, ipaddress.IPv4Address | None,
+                              ipaddress.IPv6Address | None]:
+    """The external interface for the config's families, and this host's public addresses:
+    --public-ip and --public-ipv6, else the interface's own. Fatal when there is none, as
+    flanneld exits."""
+    try:
+        ext = netlink.external_interface(
+            options.iface, options.iface_regex, ipv4=config.enable_ipv4,
+            ipv6=config.enable_ipv6, public_ip=options.public_ip,
+            public_ipv6=options.public_ipv6)
+    except HostError as err:
+        raise Fatal(f"finding the external interface: {err}") from err
+    public_ip = (options.public_ip or ext.address) if config.enable_ipv4 else None
+    public_ipv6 = ext.public_ipv6  # --public-ipv6 or the interface's; None without IPv6
+    log.info("using interface %s (%s, MTU %d), public IP %s", ext.name,
+             ", ".join(str(a) for a in (ext.address, ext.ipv6) if a is not None), ext.mtu,
+             ", ".join(str(a) for a in (public_ip, public_ipv6) if a is not None))
+    return ext, public_ip, public_ipv6
+
+
 async def wait_for_config(registry: Registry, options: Options, netlink: Netlink,
-                          ext: ExternalInterface, public_ip: ipaddress.IPv4Address,
-                          resumed: FastPath | None = None) -> tuple[NetworkConfig, Backend]:
+                          resumed: FastPath | None = None
+                          ) -> tuple[NetworkConfig, ExternalInterface, Backend]:
     """Read <prefix>/config until it is there and its backend can run here, logging why not
     every second, as flanneld does: daemons may start before the operator writes it. The
-    backend is prepared (the vxlan device made) but holds no lease yet."""
+    external interface is found for the config's families (IPv4, IPv6 or both); the backend is
+    prepared (the vxlan devices made) but holds no lease yet."""
     key = registry.config_source
     while True:
         try:
@@ -142,11 +174,13 @@ async def wait_for_config(registry: Registry, options: Options, netlink: Netlink
                 raise ConfigError("flannel config not found in etcd store. Did you create your "
                                   f"config using etcd{options.etcd_api} API?")
             config = parse_config(raw)
-            backend = make_backend(config, netlink, ext, public_ip, options, resumed)
+            ext, public_ip, public_ipv6 = find_interface(options, netlink, config)
+            backend = make_backend(config, netlink, ext, public_ip, public_ipv6, options,
+                                   resumed)
             backend.prepare()
-            clear_other_backends(config, netlink.rtnl, ext, backend.device,
+            clear_other_backends(config, netlink.rtnl, ext, backend.devices,
                                  PinStore.of(options))
-            return config, backend
+            return config, ext, backend
         except (ConfigError, BackendError) as err:
             log.error("config %s: %s; trying again in %gs", key, err, CONFIG_RETRY_SECONDS)
         except RegistryError as err:
@@ -169,9 +203,9 @@ class Daemon:
         self.netlink = Netlink()
         self.registry: Registry | None = None  # opened by serve(), which may wait for it
         self.backend: Backend | None = None
+        self.config: NetworkConfig | None = None  # once read
         self.subnet_env: SubnetEnv | None = None
         self.iptables = RuleKeeper(options.iptables_resync)
-        self.random_fully = False
         self.keeper: Keeper | None = None  # once the subnet manager is open
         self.leaving = False  # this host leaves the cluster as the daemon stops
 
@@ -189,22 +223,18 @@ class Daemon:
         options = self.options
         manager = await open_subnet_manager(options)
         self.registry = registry = manager.registry
-        try:
-            ext = self.netlink.external_interface(options.iface, options.iface_regex)
-        except HostError as err:
-            raise Fatal(f"finding the external interface: {err}") from err
-        public_ip = options.public_ip or ext.address
-        log.info("using interface %s (%s, MTU %d), public IP %s", ext.name, ext.address,
-                 ext.mtu, public_ip)
+        config, ext, self.backend = await wait_for_config(registry, options, self.netlink,
+                                                          self.resumed)
+        self.config = config
+        log.info("config: %s, backend %s%s", describe(config), config.backend_type,
+                 f" port {config.port}" if config.backend_type == "udp" else "")
+        if not config.enable_ipv4 and not options.kube_subnet_mgr:
+            # flannel's #1539: its etcd subnet manager has no IPv6-only mode.
+            log.warning("flanneld v0.20.2 cannot share an IPv6-only network in etcd: each of "
+                        "its hosts advertises PublicIP 0.0.0.0 and takes another host's lease "
+                        "(pyflanneld hosts find theirs by PublicIPv6)")
 
-        config, self.backend = await wait_for_config(registry, options, self.netlink, ext,
-                                                     public_ip, self.resumed)
-        log.info("config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
-                 config.network, config.subnet_len, config.subnet_min, config.subnet_max,
-                 config.backend_type, f" port {config.port}" if config.backend_type == "udp"
-                 else "")
-
-        self.keeper = keeper = manager.keeper(config, public_ip, self.backend.lease_value())
+        self.keeper = keeper = manager.keeper(config, self.backend.lease_value())
         try:
             subnet = await keeper.acquire()
         except OutOfSubnetsError as err:
@@ -216,7 +246,18 @@ class Daemon:
         except BackendError as err:
             raise Fatal(str(err)) from err
         keep_for_next_run(self.backend.kept())
-        self.subnet_env = SubnetEnv(config.network, subnet, mtu, options.ip_masq)
+        if options.ip_masq:  # before subnet.env is written over: it says what the last run had
+            try:
+                previous = read_variables(options.subnet_file)
+            except OSError:
+                previous = {}
+            try:
+                await recycle(previous, *self._families(subnet))
+            except IPTablesError as err:  # flanneld exits here too
+                raise Fatal(f"recycling the previous run's iptables rules: {err}") from err
+        network, _, network6, _ = self._families(subnet)
+        self.subnet_env = SubnetEnv(network, subnet.ipv4, mtu, options.ip_masq, network6,
+                                    subnet.ipv6)
         write_subnet_env(options.subnet_file, self.subnet_env)
         log.info("wrote %s: FLANNEL_SUBNET for %s, MTU %d", options.subnet_file, subnet, mtu)
         notify(f"READY=1\nSTATUS={self._status()}")
@@ -225,15 +266,14 @@ class Daemon:
                                 own_subnet=lambda: keeper.subnet,
                                 own_value=lambda: keeper.value, on_own_lost=keeper.lost)
 
-        async def on_new_subnet(new: ipaddress.IPv4Network) -> None:
+        async def on_new_subnet(new: Subnets) -> None:
             await self._move_to(new)
             watcher.resync()
 
         tasks = [watcher.run(), keeper.keep(on_new_subnet), keeper.complete()]
         if isinstance(self.backend, UdpBackend):
             tasks.append(self.backend.greet_peers(lambda: keeper.subnet, lambda: watcher.peers))
-        self.random_fully = options.ip_masq and await supports_random_fully()
-        self.iptables.rules = self._iptables_rules(config.network, subnet)
+        self.iptables.rules = await self._iptables_rules(subnet)
         if self.iptables.rules:
             tasks.append(self.iptables.keep())
         if options.healthz_port:
@@ -255,21 +295,29 @@ class Daemon:
             for task in tasks:
                 group.create_task(task)
 
-    def _iptables_rules(self, network: ipaddress.IPv4Network,
-                        subnet: ipaddress.IPv4Network) -> list[Rule]:
-        rules = []
-        if self.options.ip_masq:
-            rules += masq_rules(network, subnet, self.random_fully)
-        if self.options.iptables_forward_rules:
-            rules += forward_rules(network)
-        return rules
+    def _families(self, subnets: Subnets
+                  ) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv4Network | None,
+                             ipaddress.IPv6Network | None, ipaddress.IPv6Network | None]:
+        """(Network, this host's subnet, IPv6Network, its IPv6 subnet), None for a family
+        the config does not enable."""
+        config = self.config
+        assert config is not None
+        return (config.network if config.enable_ipv4 else None, subnets.ipv4,
+                config.ipv6_network if config.enable_ipv6 else None, subnets.ipv6)
+
+    async def _iptables_rules(self, subnets: Subnets) -> list[Rule]:
+        return await host_rules(self.options.ip_masq, self.options.iptables_forward_rules,
+                                *self._families(subnets))
 
     def _status(self) -> str:
         """systemd's one-line status: what this host serves."""
         assert self.subnet_env is not None
         assert self.backend is not None
         env = self.subnet_env
-        return f"subnet {env.subnet} of {env.network}, {self.backend.status()}, MTU {env.mtu}"
+        served = ", ".join(f"subnet {subnet} of {network}" for subnet, network in (
+            (env.subnet, env.network), (env.ipv6_subnet, env.ipv6_network))
+            if subnet is not None)
+        return f"{served}, {self.backend.status()}, MTU {env.mtu}"
 
     async def _ping_watchdog(self, period: float) -> None:
         """WATCHDOG=1 while the event loop turns: a hung control plane gets restarted."""
@@ -277,24 +325,24 @@ class Daemon:
             notify("WATCHDOG=1")
             await asyncio.sleep(period)
 
-    async def _move_to(self, new: ipaddress.IPv4Network) -> None:
+    async def _move_to(self, new: Subnets) -> None:
         """The lease came back as another subnet: readdress the TUN and rewrite subnet.env.
         Containers addressed from the old subnet must be re-addressed, as after a flanneld
         restart that loses its subnet."""
         assert self.subnet_env is not None
-        old = self.subnet_env.subnet
+        old = Subnets(self.subnet_env.subnet, self.subnet_env.ipv6_subnet)
         log.warning("this host's subnet moved from %s to %s", old, new)
         assert self.backend is not None
         try:
             self.backend.move(old, new)
         except (BackendError, HostError) as err:
             log.error("readdressing for %s: %s", new, err)
-        self.subnet_env = self.subnet_env._replace(subnet=new)
+        self.subnet_env = self.subnet_env._replace(subnet=new.ipv4, ipv6_subnet=new.ipv6)
         write_subnet_env(self.options.subnet_file, self.subnet_env)
         notify(f"STATUS={self._status()}")
         if self.options.ip_masq:
             try:
-                await self.iptables.replace(self._iptables_rules(self.subnet_env.network, new))
+                await self.iptables.replace(await self._iptables_rules(new))
             except IPTablesError as err:
                 log.error("iptables: %s", err)
 

@@ -50,6 +50,7 @@ class Options(NamedTuple):
     iface: list[str]
     iface_regex: list[str]
     public_ip: ipaddress.IPv4Address | None
+    public_ipv6: ipaddress.IPv6Address | None
     subnet_file: str
     subnet_lease_renew_margin: float  # minutes
     subnet_lease_ttl: int  # seconds
@@ -131,6 +132,15 @@ def _ipv4(text: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(text)
 
 
+def _ipv6(text: str) -> ipaddress.IPv6Address:
+    """An IPv6 address as Go's net.ParseIP reads one (no %zone), and not an IPv4 one written
+    as IPv6 (::ffff:a.b.c.d), which Go takes for IPv4."""
+    address = ipaddress.IPv6Address(text)
+    if address.scope_id is not None or address.ipv4_mapped is not None:
+        raise ValueError(f"{text!r} is not a plain IPv6 address")
+    return address
+
+
 def _api(text: str) -> str:
     if text not in ("v3", "v2"):
         raise ValueError(f"{text!r} is neither v3 nor v2")
@@ -170,6 +180,7 @@ FLAGS = [
     Flag("iface-regex", "regex of the IP or name of the interface to use; repeatable",
          repeat=True, default=[]),
     Flag("public-ip", "IP accessible by other nodes for inter-host communication", _ipv4),
+    Flag("public-ipv6", "IPv6 accessible by other nodes for inter-host communication", _ipv6),
     Flag("subnet-file", "filename where env variables (subnet, MTU, ...) will be written to",
          default=DEFAULT_SUBNET_FILE),
     Flag("subnet-lease-renew-margin", "subnet lease renewal margin, in minutes",

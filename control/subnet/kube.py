@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import logging
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from control.subnet.config import ConfigError
+from control.subnet.config import ConfigError, NetworkConfig
 from control.subnet.kubeclient import (
     KubeApiError,
     KubeClient,
@@ -44,6 +43,7 @@ from control.subnet.kubenode import (
     pod_subnet,
     wanted_annotations,
 )
+from control.subnet.lease import Subnets
 from control.subnet.registry import Change, Entry, EtcdCounts, HistoryLostError, RegistryError
 
 log = logging.getLogger("pyflanneld.kube")
@@ -179,19 +179,18 @@ class NodeLease:
     Nothing expires: the lease lives as long as the Node. When the watch sees the Node's
     annotations differ or the Node gone, it is taken again: written again, or waited for."""
 
-    def __init__(self, registry: KubeRegistry, node: str, network: ipaddress.IPv4Network,
-                 subnet_len: int, value: bytes, *, set_network_unavailable: bool) -> None:
+    def __init__(self, registry: KubeRegistry, node: str, config: NetworkConfig, value: bytes,
+                 *, set_network_unavailable: bool) -> None:
         self._client = registry.client
         self._keys = registry.keys
         self._pod = registry.pod
         self.node = node
-        self._network = network
-        self._subnet_len = subnet_len
+        self._config = config
         self._backend_value = value  # what the backend announces (etcd's lease value)
         self._set_network_unavailable = set_network_unavailable
         self._lost = asyncio.Event()
         self._said = ""  # the last reason for waiting that was logged
-        self.subnet: ipaddress.IPv4Network | None = None
+        self.subnet: Subnets | None = None
         self.value = value  # the lease as KubeRegistry reads this Node: the watch compares
         self.errors = 0  # failed requests to the API server
 
@@ -205,7 +204,7 @@ class NodeLease:
     def lost(self) -> None:
         self._lost.set()
 
-    async def acquire(self) -> ipaddress.IPv4Network:
+    async def acquire(self) -> Subnets:
         """The Node's podCIDR, once the Node and its podCIDR are there (waited for, said once
         in the log), with this host's annotations written."""
         while True:
@@ -222,25 +221,35 @@ class NodeLease:
                 return subnet
             await asyncio.sleep(RETRY_SECONDS)
 
-    async def _try_acquire(self) -> ipaddress.IPv4Network | None:
+    async def _try_acquire(self) -> Subnets | None:
         node = await self._client.get_node(self.node)
         if node is None:
             self._wait_said(f"node {self.node!r} is not registered yet")
             return None
+        config = self._config
         try:
-            subnet = pod_subnet(node, self._network)
+            subnet = pod_subnet(node, config)
         except NodeError as err:
             self._wait_said(str(err), logging.ERROR)
             return None
-        if subnet is None:
+        if config.enable_ipv4 and subnet.ipv4 is None:
             self._wait_said(f"node {self.node!r} has no podCIDR yet (the controller manager "
                             "assigns them with --allocate-node-cidrs and --cluster-cidr)")
             return None
-        if subnet.prefixlen != self._subnet_len:
-            self._wait_said(f"podCIDR {subnet} of node {self.node!r} is not a /"
-                            f"{self._subnet_len}, the net-conf's SubnetLen: set SubnetLen to "
-                            "the controller manager's --node-cidr-mask-size", logging.ERROR)
+        if config.enable_ipv6 and subnet.ipv6 is None:
+            self._wait_said(f"node {self.node!r} has no IPv6 podCIDR yet (the controller "
+                            "manager assigns one of each family with --allocate-node-cidrs and "
+                            "--cluster-cidr=<IPv4 CIDR>,<IPv6 CIDR>)")
             return None
+        for cidr, length, key, flag in (
+                (subnet.ipv4, config.subnet_len, "SubnetLen", "--node-cidr-mask-size-ipv4"),
+                (subnet.ipv6, config.ipv6_subnet_len, "IPv6SubnetLen",
+                 "--node-cidr-mask-size-ipv6")):
+            if cidr is not None and cidr.prefixlen != length:
+                self._wait_said(f"podCIDR {cidr} of node {self.node!r} is not a /{length}, the "
+                                f"net-conf's {key}: set {key} to the controller manager's "
+                                f"{flag}", logging.ERROR)
+                return None
         wanted = wanted_annotations(node, self._keys, self._backend_value)
         patch = annotations_patch(node, wanted)
         if patch is not None:
@@ -285,7 +294,7 @@ class NodeLease:
             return False
         return pod is None or bool(pod.get("metadata", {}).get("deletionTimestamp"))
 
-    async def keep(self, on_change: Callable[[ipaddress.IPv4Network], Awaitable[None]]) -> None:
+    async def keep(self, on_change: Callable[[Subnets], Awaitable[None]]) -> None:
         """Take the lease again whenever it is lost. Runs until cancelled."""
         while True:
             await self._lost.wait()

@@ -2,14 +2,16 @@
 writes them (subnet/kube/{kube,annotations}.go; ../shared/kube-compat.md): pure functions over a
 Node's JSON, no client.
 
-A Node is a lease when its `<prefix>kube-subnet-manager` annotation is "true": its subnet is its
-podCIDR, its PublicIP the `<prefix>public-ip` annotation, its backend the `backend-type` and
-`backend-data` annotations. Such a Node becomes the same (subnet, lease value) pair that an etcd
-key holds, so that the watch and the backends read both subnet managers alike.
+A Node is a lease when its `<prefix>kube-subnet-manager` annotation is "true": its subnets are
+its podCIDRs (one per family), its PublicIP and PublicIPv6 the `<prefix>public-ip` and
+`public-ipv6` annotations, its backend the `backend-type`, `backend-data` and `backend-v6-data`
+annotations. Such a Node becomes the same (subnets key name, lease value) pair that an etcd key
+holds, so that the watch and the backends read both subnet managers alike.
 
 Where flanneld falls over (a Node with no annotations at all, a PublicIP of the other family, a
-podCIDR of IPv6 only or outside the Network), these functions raise NodeError, and the caller
-logs it and skips that Node.
+podCIDR outside the Network), these functions raise NodeError, and the caller logs it and skips
+that Node. A Node without an IPv6 podCIDR or public-ipv6 in a dual-stack network, where flanneld
+drops it or panics, is a lease for IPv4 (the watch logs it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from control.subnet.lease import PeerLease, decode_lease, encode_lease, subnet_name
+from control.subnet.config import NetworkConfig
+from control.subnet.lease import PeerLease, Subnets, decode_lease, encode_lease
 
 # flanneld's check of the prefix once completed (annotations.go): unanchored at the start.
 PREFIX_FORMAT = re.compile(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$")
@@ -73,6 +76,18 @@ class Annotations:
     def public_ip_overwrite(self) -> str:
         return self.prefix + "public-ip-overwrite"
 
+    @property
+    def backend_v6_data(self) -> str:
+        return self.prefix + "backend-v6-data"
+
+    @property
+    def public_ipv6(self) -> str:
+        return self.prefix + "public-ipv6"
+
+    @property
+    def public_ipv6_overwrite(self) -> str:
+        return self.prefix + "public-ipv6-overwrite"
+
 
 def node_name(node: Node) -> str:
     name = node.get("metadata", {}).get("name")
@@ -105,24 +120,40 @@ def _network(text: str, node: Node) -> ipaddress.IPv4Network | ipaddress.IPv6Net
         raise NodeError(f"node {node_name(node)!r}: invalid CIDR address: {text}") from None
 
 
-def pod_subnet(node: Node, network: ipaddress.IPv4Network) -> ipaddress.IPv4Network | None:
-    """This host's subnet from its own Node (flanneld's AcquireLease): the IPv4 podCIDR, None
-    while the Node has none yet. NodeError when it has more than two, or one outside the
-    Network; an IPv6 podCIDR beside it is left to the IPv6 work, where flanneld refuses the
-    whole Node unless its config has an IPv6Network (kubernetes#112167)."""
+def _pod_cidrs(node: Node) -> Subnets:
+    """The Node's podCIDR of each family (the last of each wins, as in flanneld). NodeError
+    when it has more than two."""
     cidrs = _cidrs(node)
     if len(cidrs) > 2:
         raise NodeError(f"node {node_name(node)!r} pod cidrs should be IPv4/IPv6 only or "
                         "dualstack")
-    subnet = None
-    for text in cidrs:  # the last of each family wins, as in flanneld
+    ipv4 = ipv6 = None
+    for text in cidrs:
         parsed = _network(text, node)
-        if parsed.version == 4:
-            subnet = parsed
-    if subnet is not None and not subnet.subnet_of(network):
-        raise NodeError(f"subnet {str(network)!r} specified in the flannel net config doesn't "
-                        f"contain {str(subnet)!r} PodCIDR of the {node_name(node)!r} node")
-    return subnet
+        if isinstance(parsed, ipaddress.IPv4Network):
+            ipv4 = parsed
+        else:
+            ipv6 = parsed
+    return Subnets(ipv4, ipv6)
+
+
+def pod_subnet(node: Node, config: NetworkConfig) -> Subnets:
+    """This host's subnets from its own Node (flanneld's AcquireLease): its podCIDR of each
+    family the config enables, None for one the Node has not been given yet. NodeError when
+    it has more than two, or one outside the Network or IPv6Network. An IPv6 podCIDR where the
+    config has no IPv6 is left alone: flanneld refuses the whole Node then, whatever
+    EnableIPv6 says, so that a dual-stack cluster cannot run an IPv4 flannel
+    (kubernetes#112167)."""
+    cidrs = _pod_cidrs(node)
+    ipv4 = cidrs.ipv4 if config.enable_ipv4 else None
+    ipv6 = cidrs.ipv6 if config.enable_ipv6 else None
+    for subnet, network, key in ((ipv4, config.network, "net config"),
+                                 (ipv6, config.ipv6_network, "net config's IPv6Network")):
+        if subnet is not None and (network is None
+                                   or not subnet.subnet_of(network)):  # type: ignore[arg-type]
+            raise NodeError(f"subnet {str(network)!r} specified in the flannel {key} doesn't "
+                            f"contain {str(subnet)!r} PodCIDR of the {node_name(node)!r} node")
+    return Subnets(ipv4, ipv6)
 
 
 def is_lease(node: Node, keys: Annotations) -> bool:
@@ -130,53 +161,82 @@ def is_lease(node: Node, keys: Annotations) -> bool:
     return _annotations(node).get(keys.subnet_manager) == "true"
 
 
+def _json_annotation(annotations: dict[str, Any], key: str) -> str | None:
+    """A backend-data annotation as compact JSON; None when absent, `null` or not JSON."""
+    data = annotations.get(key)
+    if isinstance(data, str) and data != "null":
+        try:
+            return json.dumps(json.loads(data), separators=(",", ":"))
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
 def node_lease(node: Node, keys: Annotations) -> tuple[str, bytes]:
-    """A peer's Node as an etcd lease would hold it: (subnet key name, lease value), for a Node
-    that is_lease(). Its subnet is its first IPv4 podCIDR (flanneld's nodeToLease); the value
-    carries its public-ip, backend-type and backend-data annotations. NodeError when the Node
-    has no IPv4 podCIDR, or its public-ip is not an IPv4 address (flanneld panics on both). A
-    backend-data that is not JSON is left out of the value, where flanneld's vxlan backend
-    skips the lease and its udp backend routes it: so do ours."""
+    """A peer's Node as an etcd lease would hold it: (subnets key name, lease value), for a
+    Node that is_lease(). Its subnets are its first podCIDR of each family (flanneld's
+    nodeToLease); the value carries its public-ip, public-ipv6, backend-type, backend-data and
+    backend-v6-data annotations. NodeError when the Node has no podCIDR, or its public-ip is
+    not an IPv4 address where it has an IPv4 podCIDR (flanneld panics on both). A public-ipv6
+    that is not an IPv6 address is left out (its IPv6 subnet is not routed then), where
+    flanneld drops the Node. A backend-data that is not JSON is left out of the value, where
+    flanneld's vxlan backend skips the lease and its udp backend routes it: so do ours."""
     annotations = _annotations(node)
-    subnet = next((parsed for parsed in (_network(text, node) for text in _cidrs(node))
-                   if parsed.version == 4), None)
-    if subnet is None:
-        raise NodeError(f"node {node_name(node)!r} has no IPv4 podCIDR")
+    first: dict[int, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+    for text in _cidrs(node):
+        parsed = _network(text, node)
+        first.setdefault(parsed.version, parsed)
+    subnets = Subnets(first.get(4), first.get(6))  # type: ignore[arg-type]
+    if subnets.ipv4 is None and subnets.ipv6 is None:
+        raise NodeError(f"node {node_name(node)!r} has no podCIDR")
     text = annotations.get(keys.public_ip)
+    public_ip = None
+    if subnets.ipv4 is not None or text not in (None, "", "0.0.0.0"):
+        try:
+            if not isinstance(text, str):
+                raise ValueError(text)
+            public_ip = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise NodeError(f"node {node_name(node)!r}: annotation {keys.public_ip} {text!r} "
+                            "is not an IPv4 address") from None
+    text6 = annotations.get(keys.public_ipv6)
     try:
-        if not isinstance(text, str):
-            raise ValueError(text)
-        public_ip = ipaddress.IPv4Address(text)
+        public_ipv6 = ipaddress.IPv6Address(text6) if isinstance(text6, str) else None
     except ValueError:
-        raise NodeError(f"node {node_name(node)!r}: annotation {keys.public_ip} {text!r} is "
-                        "not an IPv4 address") from None
+        public_ipv6 = None
+    if subnets.ipv4 is None and public_ipv6 is None:
+        raise NodeError(f"node {node_name(node)!r}: annotation {keys.public_ipv6} {text6!r} is "
+                        "not an IPv6 address")
     backend_type = annotations.get(keys.backend_type)
     if not isinstance(backend_type, str):
         backend_type = ""
-    data = annotations.get(keys.backend_data)
-    backend_data = None
-    if isinstance(data, str) and data != "null":
-        try:
-            backend_data = json.dumps(json.loads(data), separators=(",", ":"))
-        except json.JSONDecodeError:
-            backend_data = None
-    return subnet_name(subnet), encode_lease(public_ip, backend_type, backend_data)
+    return subnets.name, encode_lease(
+        public_ip, backend_type, _json_annotation(annotations, keys.backend_data), public_ipv6,
+        _json_annotation(annotations, keys.backend_v6_data) if public_ipv6 else None)
 
 
 def wanted_annotations(node: Node, keys: Annotations, lease_value: bytes) -> dict[str, str]:
     """The annotations this host's Node should carry for the backend's lease value, as
     flanneld's AcquireLease writes them: backend-type, backend-data (its JSON, `null` when the
     backend has none), public-ip (the public-ip-overwrite annotation where one is set), and
-    kube-subnet-manager "true"."""
+    kube-subnet-manager "true"; with a PublicIPv6 also backend-v6-data and public-ipv6 (or
+    public-ipv6-overwrite), alike."""
     lease: PeerLease = decode_lease(lease_value)
-    public_ip = str(lease.public_ip)
-    overwrite = _annotations(node).get(keys.public_ip_overwrite)
-    if isinstance(overwrite, str) and overwrite:
-        public_ip = overwrite
-    return {keys.backend_type: lease.backend_type,
-            keys.backend_data: "null" if lease.backend_data is None else lease.backend_data,
-            keys.public_ip: public_ip,
-            keys.subnet_manager: "true"}
+    current = _annotations(node)
+
+    def overwritten(address: object, key: str) -> str:
+        overwrite = current.get(key)
+        return overwrite if isinstance(overwrite, str) and overwrite else str(address)
+
+    wanted = {keys.backend_type: lease.backend_type,
+              keys.backend_data: "null" if lease.backend_data is None else lease.backend_data,
+              keys.public_ip: overwritten(lease.public_ip or "0.0.0.0", keys.public_ip_overwrite)}
+    if lease.public_ipv6 is not None:
+        wanted[keys.backend_v6_data] = ("null" if lease.backend_v6_data is None
+                                        else lease.backend_v6_data)
+        wanted[keys.public_ipv6] = overwritten(lease.public_ipv6, keys.public_ipv6_overwrite)
+    wanted[keys.subnet_manager] = "true"
+    return wanted
 
 
 def annotations_patch(node: Node, wanted: dict[str, str]) -> dict[str, Any] | None:

@@ -10,13 +10,12 @@ from an earlier run), so a route can only be missing or stale while etcd is unre
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable
 
 from control.backend.common import Backend
 from control.subnet.config import NetworkConfig
-from control.subnet.lease import LeaseError, PeerLease, decode_lease, parse_subnet_name
+from control.subnet.lease import LeaseError, PeerLease, Subnets, decode_lease
 from control.subnet.registry import Change, Entry, HistoryLostError, Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.watch")
@@ -31,7 +30,7 @@ EXPIRED_GRACE_SECONDS = 10.0
 
 class SubnetWatcher:
     def __init__(self, registry: Registry, config: NetworkConfig, backend: Backend,
-                 own_subnet: Callable[[], ipaddress.IPv4Network | None],
+                 own_subnet: Callable[[], Subnets | None],
                  own_value: Callable[[], bytes], on_own_lost: Callable[[], None]) -> None:
         self._registry = registry
         self._config = config
@@ -42,8 +41,8 @@ class SubnetWatcher:
         self._cycle: asyncio.Future[None] | None = None
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
-        self.peers: dict[ipaddress.IPv4Network, PeerLease] = {}  # the routed ones
-        self._expiring: dict[ipaddress.IPv4Network, asyncio.TimerHandle] = {}
+        self.peers: dict[Subnets, PeerLease] = {}  # the routed ones
+        self._expiring: dict[Subnets, asyncio.TimerHandle] = {}
         self.events_applied = 0
         self.restarts = {"history_lost": 0, "error": 0}  # why the watch started again
 
@@ -93,7 +92,7 @@ class SubnetWatcher:
 
     def _reconcile(self, entries: list[Entry]) -> None:
         own = self._own_subnet()
-        wanted: dict[ipaddress.IPv4Network, PeerLease] = {}
+        wanted: dict[Subnets, PeerLease] = {}
         own_seen = False
         for entry in entries:
             subnet = self._subnet(entry.name)
@@ -135,27 +134,43 @@ class SubnetWatcher:
         else:
             self._add(subnet, peer)
 
-    def _subnet(self, name: str) -> ipaddress.IPv4Network | None:
+    def _subnet(self, name: str) -> Subnets | None:
+        """The key's subnets; None, logged, for a key that cannot be routed. Of a family this
+        network does not have, a subnet is left to the backend, which routes only those it has."""
         try:
-            subnet = parse_subnet_name(name)
+            subnets = Subnets.parse(name)
         except LeaseError as err:
             log.warning("ignoring a key under subnets/: %s", err)
             return None
-        if not (subnet.prefixlen == self._config.subnet_len
-                and subnet.subnet_of(self._config.network)):
-            log.warning("ignoring lease %s: not a /%d of the Network %s", subnet,
-                        self._config.subnet_len, self._config.network)
+        config = self._config
+        if config.enable_ipv4 and subnets.ipv4 is not None and not (
+                subnets.ipv4.prefixlen == config.subnet_len
+                and config.network is not None and subnets.ipv4.subnet_of(config.network)):
+            log.warning("ignoring lease %s: not a /%d of the Network %s", subnets,
+                        config.subnet_len, config.network)
             return None
-        return subnet
+        if config.enable_ipv6 and subnets.ipv6 is not None and not (
+                subnets.ipv6.prefixlen == config.ipv6_subnet_len
+                and config.ipv6_network is not None
+                and subnets.ipv6.subnet_of(config.ipv6_network)):
+            log.warning("ignoring lease %s: not a /%d of the IPv6Network %s", subnets,
+                        config.ipv6_subnet_len, config.ipv6_network)
+            return None
+        if not ((config.enable_ipv4 and subnets.ipv4 is not None)
+                or (config.enable_ipv6 and subnets.ipv6 is not None)):
+            log.warning("ignoring lease %s: it has no subnet of this network's families",
+                        subnets)
+            return None
+        return subnets
 
-    def _peer(self, subnet: ipaddress.IPv4Network, value: bytes) -> PeerLease | None:
+    def _peer(self, subnet: Subnets, value: bytes) -> PeerLease | None:
         try:
             return decode_lease(value)
         except LeaseError as err:
             log.warning("ignoring lease %s: %s (value %r)", subnet, err, value[:200])
             return None
 
-    def _add(self, subnet: ipaddress.IPv4Network, peer: PeerLease) -> None:
+    def _add(self, subnet: Subnets, peer: PeerLease) -> None:
         self._keep(subnet)
         old = self.peers.get(subnet)
         if old == peer:
@@ -163,14 +178,15 @@ class SubnetWatcher:
         if self._backend.add_peer(subnet, peer, old):
             self.peers[subnet] = peer
             if old is None:
-                log.info("subnet added: %s via %s", subnet, peer.public_ip)
+                log.info("subnet added: %s via %s", subnet, peer.via)
+                if self._config.enable_ipv6 and subnet.ipv6 is None:
+                    log.warning("lease %s has no IPv6 subnet: routed for IPv4 only", subnet)
             else:
-                log.info("subnet changed: %s via %s (was %s)", subnet, peer.public_ip,
-                         old.public_ip)
+                log.info("subnet changed: %s via %s (was %s)", subnet, peer.via, old.via)
         elif old is not None:  # the new value cannot be routed: neither can the old one stay
             self._remove(subnet)
 
-    def _remove(self, subnet: ipaddress.IPv4Network) -> None:
+    def _remove(self, subnet: Subnets) -> None:
         self._keep(subnet)
         peer = self.peers.pop(subnet, None)
         if peer is None:
@@ -178,7 +194,7 @@ class SubnetWatcher:
         self._backend.remove_peer(subnet, peer)
         log.info("subnet removed: %s", subnet)
 
-    def _keep(self, subnet: ipaddress.IPv4Network) -> None:
+    def _keep(self, subnet: Subnets) -> None:
         """Cancel the pending removal of an expired lease's route, if any."""
         pending = self._expiring.pop(subnet, None)
         if pending is not None:
