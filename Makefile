@@ -61,12 +61,15 @@ $(STAMP): $(SOURCES)
 # A three-host cluster in namespaces with traffic across it; API=v2 for the etcd v2 API,
 # BACKEND=vxlan or host-gw for those backends; SUBNET_MGR=kube for the subnets in Kubernetes
 # (the real kube-apiserver and controller manager v1.19.0 of ../shared/reference/, and
-# pyflanneld --kube-subnet-mgr under deploy/kube-pyflannel.yml's ClusterRole).
+# pyflanneld --kube-subnet-mgr under deploy/kube-pyflannel.yml's ClusterRole); IPV6=dual for a
+# dual-stack network, IPV6=only for IPv6 alone.
 API ?= v3
-BACKEND ?= udp
+BACKEND ?=
 SUBNET_MGR ?= etcd
+IPV6 ?= none
 demo: install
-	$(PY) -m tests.demo --etcd-api $(API) --backend $(BACKEND) --subnet-mgr $(SUBNET_MGR)
+	$(PY) -m tests.demo --etcd-api $(API) $(if $(BACKEND),--backend $(BACKEND)) \
+		--subnet-mgr $(SUBNET_MGR) --ipv6 $(IPV6)
 
 # The paper's Table 1 side by side, in three regimes (about 50 minutes); QUICK=1 for one short
 # pass (about 5). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference

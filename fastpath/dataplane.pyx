@@ -21,10 +21,10 @@ from fastpath.offload cimport UDP_MAX_SEGMENTS, VNET_HDR_LEN
 from fastpath.system cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store, pthread_self, pthread_setname_np,
 )
-from fastpath.table cimport RouteTable
+from fastpath.table cimport RouteTable, route_table6_t
 from fastpath.table import kept_layout
 
-# A slot holds a virtio_net_hdr and any IPv4 packet (a TSO super-packet too) or a UDP_GRO receive.
+# A slot holds a virtio_net_hdr and any IP packet (a TSO super-packet too) or a UDP_GRO receive.
 SLOT_BYTES = VNET_HDR_LEN + 65536
 # With offloads any slot may fill: a TSO super-packet from the TUN, a UDP GRO receive, 64 KiB
 # each, so a wake-up moves at most SUPERPACKET_SLOTS packets, 1 MiB a direction. A batch of 64
@@ -41,13 +41,16 @@ HEADER_BYTES_PER_SLOT = UDP_MAX_SEGMENTS * 120
 # Send side, per slot: a header and a payload iovec per segment.
 IOVS_PER_SLOT = 2 * UDP_MAX_SEGMENTS
 MAX_MTU = 65535
+IPV6_MIN_MTU = 1280
 DEFAULT_BATCH = 64
 DEFAULT_MTU = 1472
-# What kept() hands the next run, and resume() takes back: these always, and the kernel path's
-# links and maps (KERNEL_PREFIX + udp_tc.KEPT) where it runs on them.
+# What kept() hands the next run, and resume() takes back: these always, the IPv6 route table
+# where there is an IPv6 Network, and the kernel path's links and maps (KERNEL_PREFIX +
+# udp_tc.KEPT) where it runs on them.
 KEPT = ("tun", "socket", "routes")
+ROUTES6 = "routes6"
 KERNEL_PREFIX = "kernel-"
-KEPT_ANY = (*KEPT, *(KERNEL_PREFIX + name for name in KERNEL_KEPT))
+KEPT_ANY = (*KEPT, ROUTES6, *(KERNEL_PREFIX + name for name in KERNEL_KEPT))
 DEFAULT_SOCKET_BUFFER = 4 << 20
 
 
@@ -61,7 +64,9 @@ cdef void snapshot(const uint64_t *src, uint64_t *dst, size_t size) noexcept nog
 cdef class FastPath:
     """flanneld's udp backend data plane: IPv4 packets from the TUN go, unchanged but for the TTL,
     as one UDP datagram each to the host that owns the destination subnet; datagrams from peers
-    go into the TUN.
+    go into the TUN. With ipv6_network (flannel's IPv6Network, cut into ipv6_subnet_len
+    subnets) IPv6 packets go the same way, unchanged but for the hop limit, to the peers given
+    an IPv6 route (set_route takes subnets of either family; table6 holds the IPv6 ones).
 
     The route table exists from construction, so routes may be set before start() and at any
     time while the loops run. With offload, start() falls back to the plain path on a kernel
@@ -82,6 +87,8 @@ cdef class FastPath:
     """
 
     cdef readonly RouteTable table
+    cdef readonly RouteTable table6   # None without an IPv6 Network
+    cdef route_table6_t no_table6      # what the loops look IPv6 up in then: no routes
     cdef readonly str bind_ip
     cdef readonly int port
     cdef readonly int mtu
@@ -116,13 +123,22 @@ cdef class FastPath:
                   bint udp_coalesce=True, int nice=0,
                   int socket_buffer=DEFAULT_SOCKET_BUFFER, str kernel="off", str underlay="",
                   bint verify_source=True, bint whole_superpackets=False,
-                  str vxlan_receiver="", bint plain_superpackets=False, dict handed=None):
+                  str vxlan_receiver="", bint plain_superpackets=False, dict handed=None,
+                  ipv6_network=None, int ipv6_subnet_len=64):
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
         if not 68 <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
         self.handed = dict(handed or {})
         self.table = RouteTable(network, subnet_len, self.handed.pop("routes", -1))
+        if self.table.version != 4:
+            raise ValueError(f"the Network {network} is not IPv4 (an IPv6 one is ipv6_network)")
+        self.table6 = None
+        if ipv6_network is not None:
+            if mtu < IPV6_MIN_MTU:  # RFC 8200 5: every IPv6 link carries 1280 bytes
+                raise ValueError(f"MTU {mtu} is below IPv6's {IPV6_MIN_MTU}")
+            self.table6 = RouteTable(ipaddress.IPv6Network(ipv6_network), ipv6_subnet_len,
+                                     self.handed.pop(ROUTES6, -1))
         self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
         self.port = port
         self.underlay = underlay
@@ -239,16 +255,27 @@ cdef class FastPath:
         and no queueing discipline on the underlay that could cut them."""
         return self.udp_tc is not None and self.udp_tc.sends_plain
 
+    cdef RouteTable _table_of(self, subnet):
+        """The table for `subnet`'s family."""
+        if ipaddress.ip_network(subnet).version == 4:
+            return self.table
+        if self.table6 is None:
+            raise ValueError(f"{subnet} is IPv6 and this fast path has no ipv6_network")
+        return self.table6
+
     def set_route(self, subnet, ip, int port):
-        """Send packets for `subnet` (e.g. "10.244.3.0/24") to UDP ip:port."""
-        self.table.set(subnet, ip, port)
-        if self.udp_tc is not None:
+        """Send packets for `subnet` (e.g. "10.244.3.0/24", or "fd00:0:0:3::/64" of the IPv6
+        Network: only a pyflannel peer's, since flanneld drops IPv6) to UDP ip:port (IPv4)."""
+        table = self._table_of(subnet)
+        table.set(subnet, ip, port)
+        if self.udp_tc is not None and table is self.table:  # the kernel path is IPv4's only
             self.udp_tc.set_route(subnet, ip, port)
 
     def del_route(self, subnet):
-        """Stop routing `subnet`; its packets then get ICMP net unreachable."""
-        self.table.delete(subnet)
-        if self.udp_tc is not None:
+        """Stop routing `subnet`; its packets then get ICMP net unreachable (ICMPv6 no route)."""
+        table = self._table_of(subnet)
+        table.delete(subnet)
+        if self.udp_tc is not None and table is self.table:
             self.udp_tc.del_route(subnet)
 
     def start(self):
@@ -292,6 +319,9 @@ cdef class FastPath:
         self.tx.wake_fd = self.rx.wake_fd = self.wake_fd
         self.tx.stop = self.rx.stop = &self.stop_flag
         self.tx.table = self.rx.table = &self.table.table
+        self.tx.table6 = self.rx.table6 = (
+            &self.table6.table6 if self.table6 is not None else &self.no_table6)
+        self.tx.mtu = self.mtu
         self.rx.verify_source = self.verify_source
         self.rx.mtu = self.mtu
         self.tx.offload = self.rx.offload = self.offload
@@ -366,7 +396,8 @@ cdef class FastPath:
     @staticmethod
     def resume(dict handed, **levers):
         """A FastPath started at once on the descriptors an earlier run kept (kept()), for the
-        Network, address, port, MTU and underlay they were made for, read back from them;
+        Network (and IPv6 Network), address, port, MTU and underlay they were made for, read
+        back from them;
         `levers` as the constructor's. None when they are not all in `handed` or do not read
         back (`handed` is then left as it was; otherwise they are taken out of it)."""
         if not all(name in handed for name in KEPT):
@@ -381,6 +412,9 @@ cdef class FastPath:
         underlay = interface_with(ip)
         if layout is None or underlay is None:
             return None
+        layout6 = kept_layout(handed[ROUTES6]) if ROUTES6 in handed else None
+        if layout6 is not None:  # unless the levers say otherwise
+            levers = {"ipv6_network": layout6[0], "ipv6_subnet_len": layout6[1], **levers}
         kept = {name: handed.pop(name) for name in KEPT_ANY if name in handed}
         fastpath = FastPath(layout[0], layout[1], ip, port, tun=tun_name, mtu=mtu,
                             underlay=underlay, handed=kept, **levers)
@@ -389,9 +423,11 @@ cdef class FastPath:
 
     def kept(self) -> dict:
         """The fds that let the next run go on where this one stops, by name (for `handed`):
-        the TUN and the socket, whose queues hold what comes meanwhile, the route table, and
+        the TUN and the socket, whose queues hold what comes meanwhile, the route tables, and
         the kernel path's links and maps, which go on forwarding meanwhile."""
         kept = dict(zip(KEPT, (self.tun_fd, self.sock.fileno(), self.table.fd), strict=True))
+        if self.table6 is not None:
+            kept[ROUTES6] = self.table6.fd
         if self.udp_tc is not None:
             kept.update((KERNEL_PREFIX + name, fd) for name, fd in self.udp_tc.kept().items())
         return kept

@@ -21,13 +21,15 @@ SIOCGIFMTU = 0x8921
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
-# We finish partial checksums and cut TCP/IPv4 super-packets (also ECN-marked ones) ourselves.
+# We finish partial checksums and cut TCP super-packets of both families (also ECN-marked ones)
+# ourselves.
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
-TSO_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
+TSO_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 IFNAMSIZ = 16
 
 # Missing from Python's socket module: as root these lift the net.core.[rw]mem_max cap; UDP_GRO
@@ -42,7 +44,7 @@ UDP_GRO = 104
 
 # What the offloaded path needs, by the names the log, FastPath.offload_missing and
 # `python -m fastpath` give them.
-TUN_OFFLOADS = "TUN offloads (IFF_VNET_HDR, TSO4)"
+TUN_OFFLOADS = "TUN offloads (IFF_VNET_HDR, TSO4, TSO6)"
 TUN_USO = "UDP segmentation for TUN (USO, Linux 6.2)"
 
 

@@ -6,13 +6,17 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from fastpath.offload cimport Coalescer
-from fastpath.packet cimport ICMP_UNREACH_MAX_LEN
+from fastpath.packet cimport ICMP6_ERROR_MAX_LEN, ICMP_UNREACH_MAX_LEN
 from fastpath.system cimport mmsghdr, sockaddr_in
-from fastpath.table cimport route_table_t
+from fastpath.table cimport route_table6_t, route_table_t
 
 cdef enum:
     # Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., 128 and more.
     BATCH_BUCKETS = 8
+    # ICMP and ICMPv6 errors a loop sends: 1000 a second after a burst of 50, as Linux's own
+    # (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst; RFC 4443 2.4 (f) asks for a limit).
+    ICMP_PER_MS = 1
+    ICMP_BURST = 50
     # Room for one control message (UDP_SEGMENT's u16 out, UDP_GRO's int in), 8-byte aligned.
     CONTROL_LEN = 32
 
@@ -37,6 +41,12 @@ cdef struct PacketVector:
     size_t out_size       # none (no offloads, and the receive side)
 
 
+# A token bucket for the errors a loop sends: a token a millisecond, at most ICMP_BURST kept.
+cdef struct IcmpBucket:
+    uint64_t last_ns      # CLOCK_MONOTONIC of the last refill (0: never: the bucket is full)
+    uint64_t tokens
+
+
 cdef struct TxCounters:
     uint64_t packets           # datagrams sent to peers
     uint64_t bytes
@@ -44,17 +54,22 @@ cdef struct TxCounters:
     uint64_t batch_sizes[BATCH_BUCKETS]
     uint64_t batch_packets     # TUN reads of those wake-ups (a TSO super-packet is one)
     uint64_t tso_superpackets  # TCP super-packets read from the TUN and cut into segments
-    uint64_t drop_not_ipv4     # IPv6 and anything else that is not IPv4
+    uint64_t drop_family       # neither IPv4 nor IPv6 (or shorter than its header), or IPv6
+                               # without an IPv6 Network
     uint64_t drop_no_route
-    uint64_t drop_ttl
+    uint64_t drop_ttl          # TTL or hop limit run out
+    uint64_t drop_too_big      # IPv6 longer than the MTU (not a super-packet)
     uint64_t drop_bad_offload  # a virtio_net_hdr that cannot be honoured
     uint64_t drop_send_error
     uint64_t drop_read_error
-    uint64_t icmp_unreachable  # ICMP errors written back into the TUN
+    uint64_t icmp_unreachable  # ICMP (and ICMPv6) destination unreachable written into the TUN
+    uint64_t icmp_time_exceeded  # ICMPv6 time exceeded written into the TUN
+    uint64_t icmp_too_big      # ICMPv6 packet too big written into the TUN
+    uint64_t icmp_rate_limited  # ICMP and ICMPv6 errors not sent: over the rate limit
 
 
 cdef struct RxCounters:
-    uint64_t packets           # IPv4 packets written to the TUN (before coalescing)
+    uint64_t packets           # IP packets written to the TUN (before coalescing)
     uint64_t bytes
     uint64_t batches
     uint64_t batch_sizes[BATCH_BUCKETS]
@@ -74,20 +89,25 @@ cdef struct RxCounters:
     # Source verification: the inner source must lie in the subnet leased to the outer source.
     uint64_t drop_spoof_unrouted_source  # in no other host's subnet (nor outside the Network)
     uint64_t drop_spoof_wrong_sender     # in another host's subnet than the sender's
-
+    uint64_t icmp_time_exceeded  # ICMPv6 time exceeded sent back to the sender
+    uint64_t icmp_rate_limited   # those not sent: over the rate limit
 
 cdef struct TxLoop:
     int tun_fd
     int sock_fd
     int wake_fd                # readable once stop is asked
-    bint offload               # the TUN has IFF_VNET_HDR with CSUM and TSO4
+    bint offload               # the TUN has IFF_VNET_HDR with CSUM, TSO4 and TSO6
     const uint64_t *stop
     const route_table_t *table
+    const route_table6_t *table6
+    size_t mtu
     PacketVector vec
     unsigned int queued        # messages, iovecs and `out` bytes used by this wake-up so far
     unsigned int iovs_used
     size_t out_used
     uint8_t icmp[ICMP_UNREACH_MAX_LEN]
+    uint8_t icmp6[ICMP6_ERROR_MAX_LEN]
+    IcmpBucket icmp_bucket
     TxCounters counters
 
 
@@ -100,9 +120,12 @@ cdef struct RxLoop:
     bint verify_source         # deliver only what the sender's own subnet sends
     const uint64_t *stop
     const route_table_t *table
+    const route_table6_t *table6
     size_t mtu
     PacketVector vec
     Coalescer coalescer
+    uint8_t icmp6[ICMP6_ERROR_MAX_LEN]
+    IcmpBucket icmp_bucket
     RxCounters counters
 
 

@@ -8,31 +8,40 @@
 # hold 64 KiB of one TCP flow, cut into MTU-sized packets sent with UDP_SEGMENT; UDP_GRO receives
 # hand over many datagrams at once, whose TCP segments are merged again for one TUN write. On the
 # wire every datagram is still one IPv4 packet, as flanneld sends and expects.
+#
+# IPv6 packets take the same way but through a table of their own (the IPv6 Network's), which
+# the control plane fills only for pyflannel peers (flanneld's proxy drops what is not IPv4).
+# The family is told by one compare of the version where the IPv4 checks fail, so IPv4 pays
+# nothing for it.
 
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec, writev
 from posix.unistd cimport read, write
 
 from fastpath.offload cimport (
     IPPROTO_TCP, MAX_IPV4_PACKET, TCP_CWR, UDP_MAX_PAYLOAD, UDP_MAX_SEGMENTS,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
-    Coalescer, TsoCut, finish_checksum, gro_append, gro_finish, gro_header_len, gro_start,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN,
+    Coalescer, TsoCut, finish_checksum, gro_append, gro_append6, gro_finish, gro_header_len,
+    gro_header_len6, gro_start,
     tso_header, tso_plan, tso_segment_len, virtio_net_hdr,
 )
 from fastpath.packet cimport (
-    BAD_HEADER, BAD_LENGTH, IPV4_HEADER_LEN, OK, TOO_BIG, TOO_SHORT, Verdict, build_net_unreachable,
-    check_ipv4, decrement_ttl, load32, wants_unreachable,
+    BAD_HEADER, BAD_LENGTH, ICMP6_DEST_UNREACH, ICMP6_HOP_LIMIT_EXCEEDED, ICMP6_NO_ROUTE,
+    ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, IPV4_HEADER_LEN, IPV6_HEADER_LEN, OK, TOO_BIG,
+    TOO_SHORT, Verdict, build_icmp6_error, build_net_unreachable, check_ipv4, check_ipv6,
+    decrement_hop_limit, decrement_ttl, load32, wants_icmp6_error, wants_unreachable,
 )
 from fastpath.system cimport (
     AF_INET, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE, MSG_DONTWAIT, MSG_TRUNC,
     POLLIN, SOL_UDP, UDP_GRO, UDP_SEGMENT, cmsghdr, htonl, htons, msghdr, pf_add, pf_load, poll,
-    pollfd, recvmmsg, sendmmsg,
+    pollfd, recvmmsg, sendmmsg, sendto,
 )
-from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup
+from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup, table_lookup6
 
 # fastpath/hello.py's hellos: the hello, and the kernel hello (its magic, then 24 more bytes).
 cdef enum:
@@ -117,7 +126,7 @@ cdef inline bint wait_readable(int fd, int wake_fd) noexcept nogil:
 
 
 cdef inline bint tun_write(int fd, bint offload, uint8_t *pkt, size_t n) noexcept nogil:
-    """Write one finished IPv4 packet into the TUN (behind a plain virtio_net_hdr if offloading)."""
+    """Write one finished IP packet into the TUN (behind a plain virtio_net_hdr if offloading)."""
     cdef iovec iov[2]
     if not offload:
         return write(fd, pkt, n) == <ssize_t>n
@@ -126,6 +135,23 @@ cdef inline bint tun_write(int fd, bint offload, uint8_t *pkt, size_t n) noexcep
     iov[1].iov_base = pkt
     iov[1].iov_len = n
     return writev(fd, iov, 2) == <ssize_t>(n + VNET_HDR_LEN)
+
+
+cdef inline bint icmp_allowed(IcmpBucket *bucket, uint64_t *limited) noexcept nogil:
+    """Whether the rate limit lets one more ICMP error go now; if not, counted in limited.
+    Asked only where an error is due, so the clock is read off the forwarding path."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    cdef uint64_t ns = <uint64_t>now.tv_sec * 1000000000 + <uint64_t>now.tv_nsec
+    cdef uint64_t ms = (ns - bucket.last_ns) // 1000000
+    if ms:
+        bucket.tokens = min(<uint64_t>ICMP_BURST, bucket.tokens + ms * ICMP_PER_MS)
+        bucket.last_ns += ms * 1000000
+    if bucket.tokens == 0:
+        pf_add(limited, 1)
+        return False
+    bucket.tokens -= 1
+    return True
 
 
 # ---- TUN -> UDP ----------------------------------------------------------------------------------
@@ -162,6 +188,13 @@ cdef inline void reserve(TxLoop *loop, unsigned int iovs, size_t out_bytes) noex
         send_vector(loop)
 
 
+cdef inline void entry_address(uint64_t entry, sockaddr_in *addr) noexcept nogil:
+    """The peer's address and port that a route entry packs."""
+    addr.sin_family = AF_INET
+    addr.sin_port = htons(<uint16_t>(entry & 0xFFFF))
+    addr.sin_addr.s_addr = htonl(<uint32_t>(entry >> ENTRY_ADDR_SHIFT))
+
+
 cdef inline void add_message(TxLoop *loop, unsigned int iovs, uint64_t entry, size_t segment,
                              uint32_t count) noexcept nogil:
     """Queue the `iovs` iovecs at iovs_used as one message to the peer in `entry`: one datagram,
@@ -170,9 +203,7 @@ cdef inline void add_message(TxLoop *loop, unsigned int iovs, uint64_t entry, si
     cdef sockaddr_in *addr = &loop.vec.addrs[i]
     cdef mmsghdr *msg = &loop.vec.msgs[i]
     cdef cmsghdr *cmsg
-    addr.sin_family = AF_INET
-    addr.sin_port = htons(<uint16_t>(entry & 0xFFFF))
-    addr.sin_addr.s_addr = htonl(<uint32_t>(entry >> ENTRY_ADDR_SHIFT))
+    entry_address(entry, addr)
     msg.msg_hdr.msg_name = addr
     msg.msg_hdr.msg_namelen = sizeof(sockaddr_in)
     msg.msg_hdr.msg_iov = loop.vec.iovs + loop.iovs_used
@@ -228,6 +259,62 @@ cdef inline void queue_superpacket(TxLoop *loop, uint8_t *pkt, size_t n, uint16_
         first += take
 
 
+cdef inline void answer6(TxLoop *loop, const uint8_t *pkt, size_t n, uint8_t kind, uint8_t code,
+                         uint32_t param, uint64_t *counter) noexcept nogil:
+    """Write the ICMPv6 error kind/code into the TUN for an IPv6 packet that goes no further,
+    where one is due; it comes from the address the packet was for, as the IPv4 unreachable."""
+    if not wants_icmp6_error(pkt, n) or not icmp_allowed(&loop.icmp_bucket,
+                                                          &loop.counters.icmp_rate_limited):
+        return
+    cdef size_t reply_len = build_icmp6_error(pkt, n, kind, code, param, pkt + 24, loop.icmp6)
+    if tun_write(loop.tun_fd, loop.offload, loop.icmp6, reply_len):
+        pf_add(counter, 1)
+
+
+cdef void queue_packet6(TxLoop *loop, virtio_net_hdr *vnet, uint8_t *pkt,
+                        size_t n) noexcept nogil:
+    """queue_packet for what is not IPv4: an IPv6 packet goes as an IPv4 one does, through the
+    IPv6 table (only pyflannel peers are in it); the rest is dropped, and so is IPv6 where there
+    is no IPv6 Network."""
+    if n < IPV6_HEADER_LEN or pkt[0] >> 4 != 6 or loop.table6.size == 0:
+        pf_add(&loop.counters.drop_family, 1)
+        return
+    cdef uint8_t gso_type = VIRTIO_NET_HDR_GSO_NONE
+    if vnet != NULL:
+        gso_type = vnet.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        if gso_type == VIRTIO_NET_HDR_GSO_NONE and vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if not finish_checksum(pkt, n, vnet):
+                pf_add(&loop.counters.drop_bad_offload, 1)
+                return
+        elif gso_type != VIRTIO_NET_HDR_GSO_NONE and gso_type != VIRTIO_NET_HDR_GSO_TCPV6:
+            pf_add(&loop.counters.drop_bad_offload, 1)
+            return
+    cdef uint64_t entry = table_lookup6(loop.table6, pkt + 24)
+    if entry == 0:
+        pf_add(&loop.counters.drop_no_route, 1)
+        answer6(loop, pkt, n, ICMP6_DEST_UNREACH, ICMP6_NO_ROUTE, 0,
+                &loop.counters.icmp_unreachable)
+        return
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE and n > loop.mtu:
+        # IPv6 is never fragmented on the way (RFC 8200 5): the sender must learn the MTU.
+        pf_add(&loop.counters.drop_too_big, 1)
+        answer6(loop, pkt, n, ICMP6_PACKET_TOO_BIG, 0, <uint32_t>loop.mtu,
+                &loop.counters.icmp_too_big)
+        return
+    if not decrement_hop_limit(pkt):
+        pf_add(&loop.counters.drop_ttl, 1)
+        answer6(loop, pkt, n, ICMP6_TIME_EXCEEDED, ICMP6_HOP_LIMIT_EXCEEDED, 0,
+                &loop.counters.icmp_time_exceeded)
+        return
+    if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+        queue_superpacket(loop, pkt, n, vnet.gso_size, entry)
+        return
+    reserve(loop, 1, 0)
+    loop.vec.iovs[loop.iovs_used].iov_base = pkt
+    loop.vec.iovs[loop.iovs_used].iov_len = n
+    add_message(loop, 1, entry, 0, 1)
+
+
 cdef inline void queue_packet(TxLoop *loop, uint8_t *buf, size_t n) noexcept nogil:
     """Decide one read from the TUN: queue it (cut first if it is a super-packet), or drop it
     (and answer it with an ICMP error when it has no route)."""
@@ -241,7 +328,7 @@ cdef inline void queue_packet(TxLoop *loop, uint8_t *buf, size_t n) noexcept nog
         pkt = buf + VNET_HDR_LEN
         n -= VNET_HDR_LEN
     if n < IPV4_HEADER_LEN or pkt[0] >> 4 != 4:
-        pf_add(&loop.counters.drop_not_ipv4, 1)
+        queue_packet6(loop, vnet, pkt, n)
         return
     cdef uint8_t gso_type = VIRTIO_NET_HDR_GSO_NONE
     if vnet != NULL:
@@ -257,7 +344,8 @@ cdef inline void queue_packet(TxLoop *loop, uint8_t *buf, size_t n) noexcept nog
     cdef size_t reply_len
     if entry == 0:
         pf_add(&loop.counters.drop_no_route, 1)
-        if wants_unreachable(pkt, n):
+        if wants_unreachable(pkt, n) and icmp_allowed(&loop.icmp_bucket,
+                                                      &loop.counters.icmp_rate_limited):
             reply_len = build_net_unreachable(pkt, n, loop.icmp)
             if tun_write(loop.tun_fd, loop.offload, loop.icmp, reply_len):
                 pf_add(&loop.counters.icmp_unreachable, 1)
@@ -336,6 +424,73 @@ cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noex
     return False
 
 
+cdef inline bint accepted(RxLoop *loop, Verdict verdict) noexcept nogil:
+    """Whether a datagram's packet passed validation; if not, counted by why."""
+    if verdict == OK:
+        return True
+    if verdict == TOO_SHORT:
+        pf_add(&loop.counters.drop_too_short, 1)
+    elif verdict == BAD_HEADER:
+        pf_add(&loop.counters.drop_bad_header, 1)
+    elif verdict == BAD_LENGTH:
+        pf_add(&loop.counters.drop_bad_length, 1)
+    else:
+        pf_add(&loop.counters.drop_too_big, 1)
+    return False
+
+
+cdef inline bint spoofed6(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noexcept nogil:
+    """spoofed() for an IPv6 packet: its source must lie in the sender's IPv6 subnet."""
+    cdef uint64_t entry = table_lookup6(loop.table6, pkt + 8)
+    if entry == 0:
+        pf_add(&loop.counters.drop_spoof_unrouted_source, 1)
+        return True
+    if <uint32_t>(entry >> ENTRY_ADDR_SHIFT) != sender:
+        pf_add(&loop.counters.drop_spoof_wrong_sender, 1)
+        return True
+    return False
+
+
+cdef void deliver6(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:
+    """deliver() for a datagram whose packet says it is IPv6: checked, counted, merged and
+    written into the TUN as IPv4 ones are. One whose hop limit runs out gets an ICMPv6 time
+    exceeded, sent back to the peer that routes its source, from the address it was for."""
+    cdef Verdict verdict = check_ipv6(pkt, n, loop.mtu)
+    if not accepted(loop, verdict):
+        return
+    if loop.verify_source and spoofed6(loop, pkt, sender):
+        return
+    cdef uint64_t entry
+    cdef sockaddr_in peer
+    cdef size_t reply_len
+    if not decrement_hop_limit(pkt):
+        pf_add(&loop.counters.drop_ttl, 1)
+        entry = table_lookup6(loop.table6, pkt + 8)
+        if entry and wants_icmp6_error(pkt, n) and icmp_allowed(
+                &loop.icmp_bucket, &loop.counters.icmp_rate_limited):
+            reply_len = build_icmp6_error(pkt, n, ICMP6_TIME_EXCEEDED, ICMP6_HOP_LIMIT_EXCEEDED,
+                                          0, pkt + 24, loop.icmp6)
+            entry_address(entry, &peer)
+            if sendto(loop.sock_fd, loop.icmp6, reply_len, MSG_DONTWAIT, &peer,
+                      sizeof(sockaddr_in)) == <ssize_t>reply_len:
+                pf_add(&loop.counters.icmp_time_exceeded, 1)
+        return
+    cdef size_t headers = 0
+    if loop.offload:
+        headers = gro_header_len6(pkt, n, loop.udp_coalesce)
+        if headers and gro_append6(&loop.coalescer, pkt, n, headers):
+            return
+        flush(loop)  # keeps the packets in the order they came
+        if headers:
+            gro_start(&loop.coalescer, pkt, n, headers)
+            return
+    if tun_write(loop.tun_fd, loop.offload, pkt, n):
+        pf_add(&loop.counters.packets, 1)
+        pf_add(&loop.counters.bytes, n)
+    else:
+        pf_add(&loop.counters.drop_write_error, 1)
+
+
 cdef inline bint is_hello(const uint8_t *pkt, size_t n) noexcept nogil:
     """Whether the packet is a peer's hello or kernel hello (fastpath/hello.py)."""
     if pkt[0] != 0x45 or pkt[8] != 1 or pkt[9] != HELLO_PROTOCOL:
@@ -352,17 +507,10 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) 
     held points into the receive buffers, so the caller flushes before it receives into them
     again."""
     cdef Verdict verdict = check_ipv4(pkt, n, loop.mtu)
-    if verdict == TOO_SHORT:
-        pf_add(&loop.counters.drop_too_short, 1)
+    if verdict != OK and n and pkt[0] >> 4 == 6 and loop.table6.size:
+        deliver6(loop, pkt, n, sender)
         return
-    if verdict == BAD_HEADER:
-        pf_add(&loop.counters.drop_bad_header, 1)
-        return
-    if verdict == BAD_LENGTH:
-        pf_add(&loop.counters.drop_bad_length, 1)
-        return
-    if verdict == TOO_BIG:
-        pf_add(&loop.counters.drop_too_big, 1)
+    if not accepted(loop, verdict):
         return
     if loop.verify_source and spoofed(loop, pkt, sender):
         return

@@ -7,14 +7,18 @@
 # and the payloads stay where the TUN read put them, so one sendmsg with UDP_SEGMENT sends them
 # all from iovecs (header, payload, header, payload...). On the way in, UDP_GRO hands us many
 # datagrams per receive; the Coalescer merges consecutive segments of one TCP flow back into one
-# super-packet for one TUN write, again as iovecs into the receive buffer.
+# super-packet for one TUN write, again as iovecs into the receive buffer. Both work for IPv4 and
+# IPv6 alike (TSO4/TSO6, GSO_TCPV4/GSO_TCPV6); IPv4 keeps functions of its own where the two
+# differ on every packet.
 # All inline and GIL-free; offload.pyx wraps them for the table-driven tests.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec
 
-from fastpath.packet cimport IPV4_HEADER_LEN, checksum, fold, load16, load32, store16, sum16
+from fastpath.packet cimport (
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN, checksum, fold, load16, load32, store16, sum16,
+)
 
 
 cdef extern from "<linux/virtio_net.h>" nogil:
@@ -30,6 +34,7 @@ cdef extern from "<linux/virtio_net.h>" nogil:
         VIRTIO_NET_HDR_F_NEEDS_CSUM
         VIRTIO_NET_HDR_GSO_NONE
         VIRTIO_NET_HDR_GSO_TCPV4
+        VIRTIO_NET_HDR_GSO_TCPV6
         VIRTIO_NET_HDR_GSO_ECN
 
 
@@ -64,6 +69,13 @@ cdef inline uint64_t pseudo_header(const uint8_t *ip, uint8_t proto, size_t l4_l
     return sum16(ip + 12, 8, 0) + proto + l4_len
 
 
+cdef inline uint64_t pseudo_header6(const uint8_t *ip, uint8_t proto,
+                                    size_t l4_len) noexcept nogil:
+    """The IPv6 pseudo-header's contribution (RFC 8200 8.1): both addresses, the upper-layer
+    length and the next header."""
+    return sum16(ip + 8, 32, 0) + proto + l4_len
+
+
 cdef inline bint finish_checksum(uint8_t *pkt, size_t n, const virtio_net_hdr *h) noexcept nogil:
     """Complete a checksum the kernel left partial (NEEDS_CSUM): the field holds the
     pseudo-header sum; the sum from csum_start to the end, complemented, is the checksum."""
@@ -78,11 +90,12 @@ cdef inline bint finish_checksum(uint8_t *pkt, size_t n, const virtio_net_hdr *h
     return True
 
 
-# How a TCP/IPv4 super-packet is cut: every segment carries gso_size payload bytes (the last one
-# what is left) behind a copy of the headers, with its own length, ID, sequence number, flags and
-# checksums.
+# How a TCP super-packet is cut: every segment carries gso_size payload bytes (the last one what
+# is left) behind a copy of the headers, with its own length, sequence number, flags and
+# checksums, and over IPv4 its own ID. An IPv6 one (TSO6) has no ID and no header checksum.
 cdef struct TsoCut:
-    size_t iph          # IPv4 header length
+    bint v6             # TCP/IPv6: a 40-byte header with TCP right behind it
+    size_t iph          # IP header length
     size_t tcph         # TCP header length
     size_t hl           # both
     size_t payload      # payload bytes of the super-packet
@@ -95,10 +108,20 @@ cdef struct TsoCut:
 
 cdef inline bint tso_plan(const uint8_t *pkt, size_t n, uint16_t gso_size,
                           TsoCut *cut) noexcept nogil:
-    """Whether pkt is a TCP/IPv4 super-packet that can be cut into gso_size segments; fills cut."""
-    if n < IPV4_HEADER_LEN or pkt[9] != IPPROTO_TCP or gso_size == 0:
+    """Whether pkt is a TCP/IPv4 or TCP/IPv6 super-packet (by its version) that can be cut into
+    gso_size segments; fills cut. An IPv6 one with extension headers is not cut (Linux's TCP
+    sends none)."""
+    if n < IPV4_HEADER_LEN or gso_size == 0:
         return False
-    cut.iph = (pkt[0] & 0x0F) * 4
+    cut.v6 = pkt[0] >> 4 == 6
+    if cut.v6:
+        if n < IPV6_HEADER_LEN or pkt[6] != IPPROTO_TCP:
+            return False
+        cut.iph = IPV6_HEADER_LEN
+    else:
+        if pkt[9] != IPPROTO_TCP:
+            return False
+        cut.iph = (pkt[0] & 0x0F) * 4
     if cut.iph < IPV4_HEADER_LEN or cut.iph + 20 > n:
         return False
     cut.tcph = (pkt[cut.iph + 12] >> 4) * 4
@@ -109,7 +132,7 @@ cdef inline bint tso_plan(const uint8_t *pkt, size_t n, uint16_t gso_size,
     cut.payload = n - cut.hl
     cut.count = (cut.payload + gso_size - 1) // gso_size
     cut.gso_size = gso_size
-    cut.ident = load16(pkt + 4)
+    cut.ident = 0 if cut.v6 else load16(pkt + 4)
     cut.seq = load32(pkt + cut.iph + 4)
     cut.flags = pkt[cut.iph + 13]
     return True
@@ -130,15 +153,21 @@ cdef inline void copy_words(uint8_t *o, const uint8_t *p, size_t n) noexcept nog
 
 cdef inline void tso_header(const uint8_t *pkt, const TsoCut *cut, size_t i,
                             uint8_t *o) noexcept nogil:
-    """Write segment i's headers (cut.hl bytes) at o, both checksums complete. The payload stays
+    """Write segment i's headers (cut.hl bytes) at o, the checksums complete. The payload stays
     where it is, at pkt + cut.hl + i * cut.gso_size: the TCP checksum is summed there."""
     cdef size_t this = tso_segment_len(cut, i)
     cdef size_t iph = cut.iph
     copy_words(o, pkt, cut.hl)
-    store16(o + 2, cut.hl + this)
-    store16(o + 4, <uint16_t>(cut.ident + i))
-    store16(o + 10, 0)
-    store16(o + 10, checksum(o, iph))
+    cdef uint64_t s
+    if cut.v6:
+        store16(o + 4, cut.tcph + this)
+        s = pseudo_header6(o, IPPROTO_TCP, cut.tcph + this)
+    else:
+        store16(o + 2, cut.hl + this)
+        store16(o + 4, <uint16_t>(cut.ident + i))
+        store16(o + 10, 0)
+        store16(o + 10, checksum(o, iph))
+        s = pseudo_header(o, IPPROTO_TCP, cut.tcph + this)
     store32(o + iph + 4, cut.seq + <uint32_t>(i * cut.gso_size))
     cdef uint8_t f = cut.flags
     if i != cut.count - 1:
@@ -147,7 +176,7 @@ cdef inline void tso_header(const uint8_t *pkt, const TsoCut *cut, size_t i,
         f &= ~TCP_CWR
     o[iph + 13] = f
     store16(o + iph + 16, 0)
-    cdef uint64_t s = sum16(o + iph, cut.tcph, pseudo_header(o, IPPROTO_TCP, cut.tcph + this))
+    s = sum16(o + iph, cut.tcph, s)
     s = sum16(pkt + cut.hl + i * cut.gso_size, this, s)
     store16(o + iph + 16, ~fold(s) & 0xFFFF)
 
@@ -167,7 +196,8 @@ cdef struct Coalescer:
                              # finish), the payloads after it: all where they were received
     size_t iovcnt
     size_t len          # bytes of packet held; 0: empty
-    size_t hl           # IPv4 + TCP or UDP header length
+    size_t iph          # IP header length: 20 (IPv4, never options) or 40 (IPv6)
+    size_t hl           # IP + TCP or UDP header length
     uint8_t proto       # IPPROTO_TCP or IPPROTO_UDP
     uint32_t next_seq   # TCP: the sequence number a following segment must carry
     uint16_t gso_size   # payload of the first segment: every other one is this or the last
@@ -192,6 +222,22 @@ cdef inline size_t gro_header_len(const uint8_t *p, size_t n, bint udp) noexcept
     return hl
 
 
+cdef inline size_t gro_header_len6(const uint8_t *p, size_t n, bint udp) noexcept nogil:
+    """gro_header_len() for a valid IPv6 packet: IPv6 + L4 header length if it may be coalesced,
+    else 0. TCP as over IPv4; with udp also UDP with some payload (IPv6 is never fragmented on
+    the way, so there is no DF to ask for). Never extension headers."""
+    if udp and p[6] == IPPROTO_UDP:
+        return 48 if n > 48 and load16(p + 44) == n - IPV6_HEADER_LEN else 0
+    if n < 60 or p[6] != IPPROTO_TCP:
+        return 0
+    cdef size_t hl = IPV6_HEADER_LEN + (p[52] >> 4) * 4
+    if hl < 60 or hl >= n:
+        return 0
+    if p[53] != TCP_ACK and p[53] != (TCP_ACK | TCP_PSH):
+        return 0
+    return hl
+
+
 cdef inline void gro_start(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
     """Hold p (not copied: it must stay in place until the finish) as the first segment."""
     c.iov[0].iov_base = c.vnet
@@ -201,13 +247,54 @@ cdef inline void gro_start(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexce
     c.iovcnt = 2
     c.len = n
     c.hl = hl
-    c.proto = p[9]
+    if p[0] >> 4 == 6:
+        c.iph = IPV6_HEADER_LEN
+        c.proto = p[6]
+    else:
+        c.iph = IPV4_HEADER_LEN
+        c.proto = p[9]
     c.gso_size = <uint16_t>(n - hl)
     if c.proto == IPPROTO_TCP:
-        c.next_seq = load32(p + 24) + <uint32_t>(n - hl)
-        c.closed = p[33] & TCP_PSH
+        c.next_seq = load32(p + c.iph + 4) + <uint32_t>(n - hl)
+        c.closed = p[c.iph + 13] & TCP_PSH
     else:
         c.closed = False
+
+
+cdef inline void gro_take(Coalescer *c, uint8_t *p, size_t payload, size_t hl) noexcept nogil:
+    """Append p's payload, which continues the held flow, by reference."""
+    c.iov[c.iovcnt].iov_base = p + hl
+    c.iov[c.iovcnt].iov_len = payload
+    c.iovcnt += 1
+    c.len += payload
+    if payload < c.gso_size:
+        c.closed = True
+
+
+cdef inline bint gro_append6(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
+    """gro_append() for an IPv6 packet."""
+    cdef uint8_t *h = <uint8_t *>c.iov[1].iov_base
+    cdef size_t payload = n - hl
+    if (c.len == 0 or c.closed or c.iph != IPV6_HEADER_LEN or hl != c.hl or p[6] != c.proto
+            or payload > c.gso_size or c.iovcnt == GRO_MAX_IOVS
+            or c.len + payload > MAX_IPV4_PACKET):
+        return False
+    # Same traffic class and flow label (as the kernel's IPv6 GRO), next header, hop limit,
+    # addresses and ports. The payload length and the checksums may differ.
+    if (memcmp(h, p, 4) or h[6] != p[6] or h[7] != p[7] or memcmp(h + 8, p + 8, 32)
+            or memcmp(h + 40, p + 40, 4)):
+        return False
+    if c.proto == IPPROTO_TCP:
+        if (load32(p + 44) != c.next_seq or memcmp(h + 48, p + 48, 5)
+                or (h[53] | TCP_PSH) != (p[53] | TCP_PSH) or memcmp(h + 54, p + 54, 2)
+                or memcmp(h + 60, p + 60, hl - 60)):
+            return False
+        c.next_seq += <uint32_t>payload
+        if p[53] & TCP_PSH:
+            h[53] |= TCP_PSH
+            c.closed = True
+    gro_take(c, p, payload, hl)
+    return True
 
 
 cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexcept nogil:
@@ -215,8 +302,9 @@ cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexc
     if not."""
     cdef uint8_t *h = <uint8_t *>c.iov[1].iov_base
     cdef size_t payload = n - hl
-    if (c.len == 0 or c.closed or hl != c.hl or p[9] != c.proto or payload > c.gso_size
-            or c.iovcnt == GRO_MAX_IOVS or c.len + payload > MAX_IPV4_PACKET):
+    if (c.len == 0 or c.closed or c.iph != IPV4_HEADER_LEN or hl != c.hl or p[9] != c.proto
+            or payload > c.gso_size or c.iovcnt == GRO_MAX_IOVS
+            or c.len + payload > MAX_IPV4_PACKET):
         return False
     # Same ToS, DF, TTL, protocol, addresses and ports. The IP length, ID and checksums may
     # differ (they are rewritten, as the kernel's GRO does).
@@ -233,37 +321,39 @@ cdef inline bint gro_append(Coalescer *c, uint8_t *p, size_t n, size_t hl) noexc
         if p[33] & TCP_PSH:
             h[33] |= TCP_PSH
             c.closed = True
-    c.iov[c.iovcnt].iov_base = p + hl
-    c.iov[c.iovcnt].iov_len = payload
-    c.iovcnt += 1
-    c.len += payload
-    if payload < c.gso_size:
-        c.closed = True
+    gro_take(c, p, payload, hl)
     return True
 
 
 cdef inline size_t gro_finish(Coalescer *c) noexcept nogil:
-    """Fill the virtio_net_hdr (and, for a merged packet, the first segment's IPv4 length and
-    checksum and the TCP pseudo-header sum the kernel completes); returns the bytes the iovecs
-    hold, ready to write, and empties the coalescer."""
+    """Fill the virtio_net_hdr (and, for a merged packet, the first segment's IP length, the
+    IPv4 header checksum and the TCP or UDP pseudo-header sum the kernel completes); returns
+    the bytes the iovecs hold, ready to write, and empties the coalescer."""
     cdef uint8_t *p = <uint8_t *>c.iov[1].iov_base
     cdef virtio_net_hdr *h = <virtio_net_hdr *>c.vnet
     memset(c.vnet, 0, VNET_HDR_LEN)
     cdef size_t csum_offset = 16 if c.proto == IPPROTO_TCP else 6
+    cdef size_t iph = c.iph
+    cdef uint64_t pseudo
     if c.iovcnt > 2:
-        store16(p + 2, <uint16_t>c.len)
-        store16(p + 10, 0)
-        store16(p + 10, checksum(p, IPV4_HEADER_LEN))
+        if iph == IPV6_HEADER_LEN:
+            store16(p + 4, <uint16_t>(c.len - iph))
+            pseudo = pseudo_header6(p, c.proto, c.len - iph)
+            h.gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+        else:
+            store16(p + 2, <uint16_t>c.len)
+            store16(p + 10, 0)
+            store16(p + 10, checksum(p, IPV4_HEADER_LEN))
+            pseudo = pseudo_header(p, c.proto, c.len - iph)
+            h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
         if c.proto == IPPROTO_UDP:
-            store16(p + 24, <uint16_t>(c.len - IPV4_HEADER_LEN))
-        store16(p + IPV4_HEADER_LEN + csum_offset,
-                fold(pseudo_header(p, c.proto, c.len - IPV4_HEADER_LEN)))
+            store16(p + iph + 4, <uint16_t>(c.len - iph))
+            h.gso_type = VIRTIO_NET_HDR_GSO_UDP_L4
+        store16(p + iph + csum_offset, fold(pseudo))
         h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
-        h.gso_type = (VIRTIO_NET_HDR_GSO_TCPV4 if c.proto == IPPROTO_TCP
-                      else VIRTIO_NET_HDR_GSO_UDP_L4)
         h.hdr_len = <uint16_t>c.hl
         h.gso_size = c.gso_size
-        h.csum_start = IPV4_HEADER_LEN
+        h.csum_start = <uint16_t>iph
         h.csum_offset = csum_offset
     cdef size_t total = VNET_HDR_LEN + c.len
     c.len = 0

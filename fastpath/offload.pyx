@@ -26,11 +26,11 @@ def finish(const uint8_t[:] vnet, const uint8_t[:] packet) -> bytes:
 
 
 def split(const uint8_t[:] packet, unsigned int gso_size) -> list:
-    """A TCP/IPv4 super-packet cut into its segments, as the send loop cuts it: each segment's
-    headers from tso_header(), its payload where it lies in the super-packet."""
+    """A TCP/IPv4 or TCP/IPv6 super-packet cut into its segments, as the send loop cuts it: each
+    segment's headers from tso_header(), its payload where it lies in the super-packet."""
     cdef TsoCut cut
     if packet.shape[0] == 0 or not tso_plan(&packet[0], packet.shape[0], gso_size, &cut):
-        raise ValueError("not a TCP/IPv4 super-packet that can be cut")
+        raise ValueError("not a TCP super-packet that can be cut")
     cdef uint8_t header[120]
     data = bytes(packet)
     segments = []
@@ -42,7 +42,8 @@ def split(const uint8_t[:] packet, unsigned int gso_size) -> list:
 
 
 def coalesce(packets, bint udp=False) -> list:
-    """What the receive loop writes into the TUN for these packets, in order:
+    """What the receive loop writes into the TUN for these packets (valid IPv4 or IPv6 ones), in
+    order:
     (virtio_net_hdr, packet) pairs, each gathered from the coalescer's iovecs; with udp, UDP
     datagrams are merged too."""
     cdef Coalescer c
@@ -66,9 +67,15 @@ def coalesce(packets, bint udp=False) -> list:
     try:
         for packet in held:
             p = packet
-            headers = gro_header_len(&p[0], p.shape[0], udp)
-            if headers and gro_append(&c, &p[0], p.shape[0], headers):
-                continue
+            # As the receive loop: an IPv6 packet by IPv6's rules.
+            if p.shape[0] >= IPV6_HEADER_LEN and p[0] >> 4 == 6:
+                headers = gro_header_len6(&p[0], p.shape[0], udp)
+                if headers and gro_append6(&c, &p[0], p.shape[0], headers):
+                    continue
+            else:
+                headers = gro_header_len(&p[0], p.shape[0], udp)
+                if headers and gro_append(&c, &p[0], p.shape[0], headers):
+                    continue
             flush_held()
             if headers:
                 gro_start(&c, &p[0], p.shape[0], headers)

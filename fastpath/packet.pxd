@@ -1,5 +1,6 @@
-# IPv4 packet helpers for the loops: validation, TTL with an incremental checksum fix, and the ICMP
-# "destination net unreachable" reply. All inline and GIL-free; packet.pyx wraps them for tests.
+# IPv4 and IPv6 packet helpers for the loops: validation, TTL (hop limit) with an incremental
+# checksum fix, the ICMP "destination net unreachable" reply and ICMPv6's errors. All inline and
+# GIL-free; packet.pyx wraps them for tests.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -14,6 +15,20 @@ cdef enum:
     ICMP_DEST_UNREACH = 3
     ICMP_NET_UNREACH = 0
     ICMP_REPLY_TTL = 64
+    IPV6_HEADER_LEN = 40
+    ICMP6_HEADER_LEN = 8
+    IPPROTO_ICMPV6 = 58
+    # An ICMPv6 error quotes as much of the offending packet as fits IPv6's minimum MTU (RFC 4443
+    # 2.4 (c)): the whole error is at most 1280 bytes.
+    ICMP6_ERROR_MAX_LEN = 1280
+    ICMP6_DEST_UNREACH = 1
+    ICMP6_NO_ROUTE = 0
+    ICMP6_PACKET_TOO_BIG = 2
+    ICMP6_TIME_EXCEEDED = 3
+    ICMP6_HOP_LIMIT_EXCEEDED = 0
+    # Extension headers walked to find whether a packet is an ICMPv6 error (RFC 8200 4.1's order
+    # has at most 7 before the upper layer).
+    IPV6_MAX_EXTENSIONS = 8
 
 # Why a datagram from the underlay is not written to the TUN.
 cpdef enum Verdict:
@@ -22,6 +37,8 @@ cpdef enum Verdict:
     BAD_HEADER = 2     # version is not 4, or IHL below 5 or past the end
     BAD_LENGTH = 3     # IPv4 total length differs from the datagram's length
     TOO_BIG = 4        # longer than the MTU
+    # (For IPv6 the same verdicts: shorter than its 40-byte header, version not 6, payload
+    # length differs from the datagram's.)
 
 
 cdef inline uint16_t load16(const uint8_t *p) noexcept nogil:
@@ -171,3 +188,92 @@ cdef inline size_t build_net_unreachable(const uint8_t *p, size_t n, uint8_t *ou
     memcpy(icmp + ICMP_HEADER_LEN, p, quote)
     store16(icmp + 2, checksum(icmp, ICMP_HEADER_LEN + quote))
     return total
+
+
+# ---- IPv6 ----------------------------------------------------------------------------------------
+
+cdef inline Verdict check_ipv6(const uint8_t *p, size_t n, size_t mtu) noexcept nogil:
+    """Whether n bytes from the underlay hold exactly one IPv6 packet we may write to the TUN
+    (a jumbogram, payload length 0 with more behind it, is BAD_LENGTH: no TUN carries one)."""
+    if n > mtu:
+        return TOO_BIG
+    if n < IPV6_HEADER_LEN:
+        return TOO_SHORT
+    if p[0] >> 4 != 6:
+        return BAD_HEADER
+    if load16(p + 4) + IPV6_HEADER_LEN != n:
+        return BAD_LENGTH
+    return OK
+
+
+cdef inline bint decrement_hop_limit(uint8_t *p) noexcept nogil:
+    """Decrement the hop limit of the IPv6 header at p where the IPv4 code decrements the TTL
+    (IPv6 has no header checksum to fix). False, leaving the packet alone, when it would
+    reach 0."""
+    if p[7] <= 1:
+        return False
+    p[7] -= 1
+    return True
+
+
+cdef inline bint wants_icmp6_error(const uint8_t *p, size_t n) noexcept nogil:
+    """Whether an IPv6 packet we cannot forward should get an ICMPv6 error (RFC 4443 2.4 (e)):
+    not when its source is unspecified or multicast, not when it went to a multicast address,
+    not for fragments after the first (as for IPv4), and never in answer to an ICMPv6 error, so
+    two hosts cannot loop; a packet whose extension headers cannot be walked within it gets
+    none, since whether it is an error cannot be told."""
+    cdef size_t i, off = IPV6_HEADER_LEN
+    cdef uint8_t nh = p[6]
+    if p[8] == 0xFF or p[24] == 0xFF:
+        return False
+    for i in range(16):
+        if p[8 + i]:
+            break
+    else:
+        return False
+    for i in range(IPV6_MAX_EXTENSIONS):
+        if nh == 44:  # fragment header: 8 bytes, the offset in its upper 13 bits of bytes 2-3
+            if off + 8 > n or load16(p + off + 2) & 0xFFF8:
+                return False
+            nh = p[off]
+            off += 8
+        elif nh == 0 or nh == 43 or nh == 60:  # hop-by-hop, routing, destination options
+            if off + 2 > n:
+                return False
+            nh = p[off]
+            off += (p[off + 1] + 1) * 8
+        elif nh == IPPROTO_ICMPV6:
+            # Informational messages are 128-255; errors 0-127.
+            return off < n and p[off] >= 128
+        else:
+            return True
+    return False
+
+
+cdef inline size_t build_icmp6_error(const uint8_t *p, size_t n, uint8_t kind, uint8_t code,
+                                     uint32_t param, const uint8_t *source,
+                                     uint8_t *out) noexcept nogil:
+    """Write into out (ICMP6_ERROR_MAX_LEN bytes) the ICMPv6 error `kind`/`code` (its 32-bit
+    field `param`: the MTU of a packet too big, 0 otherwise) that answers the IPv6 packet p, from
+    the 16-byte address at `source` back to p's source, quoting as much of p as fits 1280 bytes;
+    return its length. The checksum covers RFC 8200 8.1's pseudo-header."""
+    cdef size_t quote = n
+    if quote > ICMP6_ERROR_MAX_LEN - IPV6_HEADER_LEN - ICMP6_HEADER_LEN:
+        quote = ICMP6_ERROR_MAX_LEN - IPV6_HEADER_LEN - ICMP6_HEADER_LEN
+    cdef size_t length = ICMP6_HEADER_LEN + quote
+    memset(out, 0, IPV6_HEADER_LEN + ICMP6_HEADER_LEN)
+    out[0] = 0x60
+    store16(out + 4, <uint16_t>length)
+    out[6] = IPPROTO_ICMPV6
+    out[7] = ICMP_REPLY_TTL
+    memcpy(out + 8, source, 16)
+    memcpy(out + 24, p + 8, 16)     # back to the sender
+    cdef uint8_t *icmp = out + IPV6_HEADER_LEN
+    icmp[0] = kind
+    icmp[1] = code
+    store16(icmp + 4, <uint16_t>(param >> 16))
+    store16(icmp + 6, <uint16_t>param)
+    memcpy(icmp + ICMP6_HEADER_LEN, p, quote)
+    cdef uint64_t s = sum16(out + 8, 32, length + IPPROTO_ICMPV6)
+    store16(icmp + 2, ~fold(sum16(icmp, length, s)) & 0xFFFF)
+    return IPV6_HEADER_LEN + length

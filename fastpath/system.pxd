@@ -34,6 +34,8 @@ cdef extern from "<sys/socket.h>" nogil:
 
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr,
+                   socklen_t addrlen)
 
     enum:
         AF_INET

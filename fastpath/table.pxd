@@ -1,8 +1,10 @@
 # The subnet-to-host table: one flat array of 64-bit entries, one per subnet of the Network, in
 # a memfd (after a header that names the Network), so the next run can adopt it whole.
 # The control plane writes entries with atomic stores; the loops read them with atomic loads.
+# An IPv6 Network (flannel's IPv6Network cut into IPv6SubnetLen subnets) gets a table of its own
+# of the same entries: the subnet is the 128-bit address's bits between the two lengths.
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from fastpath.system cimport pf_load
 
@@ -21,6 +23,47 @@ cdef struct route_table_t:
     uint32_t size         # number of subnets in the Network
 
 
+# Host-order 128-bit addresses as two 64-bit halves: the high one first.
+cdef struct route_table6_t:
+    uint64_t *entries
+    uint64_t network[2]   # already masked
+    uint64_t netmask[2]
+    uint32_t shift        # 128 - SubnetLen
+    uint32_t size         # number of subnets in the Network; 0: no IPv6 Network, no routes
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint64_t pf_load64be(const uint8_t *p) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        return __builtin_bswap64(v);
+    }
+    """
+    uint64_t pf_load64be(const uint8_t *p) nogil
+
+
+cdef inline uint64_t table_lookup6(const route_table6_t *t, const uint8_t *dst) noexcept nogil:
+    """The entry for the 16-byte address at dst, or 0 when it is outside the IPv6 Network or has
+    no route: the longest (the only) prefix that matches is its subnet's."""
+    cdef uint64_t hi = pf_load64be(dst)
+    cdef uint64_t lo = pf_load64be(dst + 8)
+    if t.size == 0 or (hi & t.netmask[0]) != t.network[0] or (lo & t.netmask[1]) != t.network[1]:
+        return 0
+    hi &= ~t.netmask[0]
+    lo &= ~t.netmask[1]
+    cdef uint64_t index
+    if t.shift >= 64:
+        index = hi >> (t.shift - 64)
+    elif t.shift == 0:
+        index = lo  # /128 subnets: at most 2**24 of them, so the high half holds no subnet bits
+    else:
+        index = (hi << (64 - t.shift)) | (lo >> t.shift)
+    return pf_load(&t.entries[index])
+
+
 cdef inline uint64_t table_lookup(const route_table_t *t, uint32_t dst) noexcept nogil:
     """The entry for dst (host order), or 0 when dst is outside the Network or has no route."""
     if (dst & t.netmask) != t.network:
@@ -29,7 +72,9 @@ cdef inline uint64_t table_lookup(const route_table_t *t, uint32_t dst) noexcept
 
 
 cdef class RouteTable:
-    cdef route_table_t table
+    cdef route_table_t table      # the IPv4 Network's (version 4)
+    cdef route_table6_t table6    # the IPv6 Network's (version 6)
+    cdef readonly int version
     cdef readonly object network
     cdef readonly int subnet_len
     cdef readonly int fd          # the memfd holding the table: kept across a restart
@@ -37,4 +82,4 @@ cdef class RouteTable:
     cdef void *mapping
     cdef size_t mapping_bytes
 
-    cdef uint32_t _index(self, subnet) except? 0xFFFFFFFF
+    cdef uint64_t *_entry(self, subnet) except NULL

@@ -6,7 +6,7 @@ import socket
 import stat
 import struct
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from fastpath.system cimport pf_store
@@ -15,27 +15,33 @@ from fastpath.system cimport pf_store
 # 2**22 entries; anything past 2**24 is a mistake, not a cluster.
 MAX_SUBNETS = 1 << 24
 
-# The memfd starts with a header page: magic, network, SubnetLen, size. A table handed over
-# from an earlier run is adopted only when they all match this run's.
+# The memfd starts with a header page: magic, network, SubnetLen, size (an IPv6 table: its magic,
+# the network's high and low halves, SubnetLen, size). A table handed over from an earlier run is
+# adopted only when they all match this run's.
 cdef enum:
     HEADER_BYTES = 4096
 MAGIC = 0x70666C726F757465  # "pflroute"
+MAGIC6 = 0x70666C726F757436  # "pflrout6"
+LOW64 = (1 << 64) - 1
 
 
 def kept_layout(int fd):
     """(Network, SubnetLen) of the table an earlier run left in memfd `fd`, or None."""
     try:
-        words = struct.unpack("=4Q", os.pread(fd, 32, 0))
+        words = struct.unpack("=5Q", os.pread(fd, 40, 0))
     except (OSError, struct.error):
         return None
-    if words[0] != MAGIC or not 0 < words[2] <= 32:
-        return None
-    network = ipaddress.IPv4Network((words[1], words[2] - (words[3].bit_length() - 1)))
-    return network, words[2]
+    if words[0] == MAGIC and 0 < words[2] <= 32:
+        return ipaddress.IPv4Network((words[1], words[2] - (words[3].bit_length() - 1))), words[2]
+    if words[0] == MAGIC6 and 0 < words[3] <= 128:
+        return ipaddress.IPv6Network(((words[1] << 64) | words[2],
+                                      words[3] - (words[4].bit_length() - 1))), words[3]
+    return None
 
 
 cdef class RouteTable:
-    """Maps each subnet of `network` (cut into /subnet_len) to a peer's (IPv4, UDP port).
+    """Maps each subnet of `network` (cut into /subnet_len) to a peer's (IPv4, UDP port); the
+    network is IPv4 (flannel's Network) or IPv6 (its IPv6Network), `version` says which.
 
     set() and delete() may be called from Python while the loops look entries up without a lock.
     With `fd`, a table that an earlier run left in that memfd is adopted (with its routes) when
@@ -47,13 +53,19 @@ cdef class RouteTable:
     def __cinit__(self, network, int subnet_len, int fd=-1):
         self.fd = -1
         self.mapping = MAP_FAILED
-        net = ipaddress.IPv4Network(network)
-        if not net.prefixlen < subnet_len <= 32:
-            raise ValueError(f"subnet length {subnet_len} must be in ({net.prefixlen}, 32] for {net}")
+        net = ipaddress.ip_network(network)
+        bits = net.max_prefixlen
+        if not net.prefixlen < subnet_len <= bits:
+            raise ValueError(f"subnet length {subnet_len} must be in ({net.prefixlen}, {bits}] "
+                             f"for {net}")
         size = 1 << (subnet_len - net.prefixlen)
         if size > MAX_SUBNETS:
             raise ValueError(f"{net} cut into /{subnet_len} gives {size} subnets, more than {MAX_SUBNETS}")
-        header = (MAGIC, int(net.network_address), subnet_len, size)
+        base = int(net.network_address)
+        if net.version == 4:
+            header = (MAGIC, base, subnet_len, size)
+        else:
+            header = (MAGIC6, base >> 64, base & LOW64, subnet_len, size)
         self.mapping_bytes = HEADER_BYTES + size * sizeof(uint64_t)
         self.adopted = fd >= 0 and os.fstat(fd).st_size == self.mapping_bytes
         if fd >= 0 and not self.adopted and stat.S_ISREG(os.fstat(fd).st_mode):
@@ -72,19 +84,30 @@ cdef class RouteTable:
         cdef uint64_t *words = <uint64_t *>self.mapping
         cdef uint64_t *entries = words + HEADER_BYTES // sizeof(uint64_t)
         cdef size_t i
-        if self.adopted and (words[0], words[1], words[2], words[3]) != header:
+        if self.adopted and tuple([words[i] for i in range(len(header))]) != header:
             self.adopted = False
             for i in range(size):
                 entries[i] = 0
-        for i in range(4):
+        for i in range(len(header)):
             words[i] = header[i]
-        self.table.entries = entries
         self.network = net
         self.subnet_len = subnet_len
-        self.table.network = int(net.network_address)
-        self.table.netmask = int(net.netmask)
-        self.table.shift = 32 - subnet_len
-        self.table.size = size
+        self.version = net.version
+        mask = int(net.netmask)
+        if net.version == 4:
+            self.table.entries = entries
+            self.table.network = base
+            self.table.netmask = mask
+            self.table.shift = 32 - subnet_len
+            self.table.size = size
+        else:
+            self.table6.entries = entries
+            self.table6.network[0] = base >> 64
+            self.table6.network[1] = base & LOW64
+            self.table6.netmask[0] = mask >> 64
+            self.table6.netmask[1] = mask & LOW64
+            self.table6.shift = 128 - subnet_len
+            self.table6.size = size
 
     def __dealloc__(self):
         if self.mapping != MAP_FAILED:
@@ -93,51 +116,63 @@ cdef class RouteTable:
             os.close(self.fd)
 
     def __len__(self):
-        return self.table.size
+        return 1 << (self.subnet_len - self.network.prefixlen)
 
-    cdef uint32_t _index(self, subnet) except? 0xFFFFFFFF:
-        sub = ipaddress.IPv4Network(subnet)
-        if sub.prefixlen != self.subnet_len or not sub.subnet_of(self.network):
+    cdef uint64_t *_entry(self, subnet) except NULL:
+        sub = ipaddress.ip_network(subnet)
+        if (sub.version != self.version or sub.prefixlen != self.subnet_len
+                or not sub.subnet_of(self.network)):
             raise ValueError(f"{sub} is not a /{self.subnet_len} subnet of {self.network}")
-        return (int(sub.network_address) - self.table.network) >> self.table.shift
+        cdef uint64_t index = (int(sub.network_address) - int(self.network.network_address)) >> (
+            self.network.max_prefixlen - self.subnet_len)
+        return (self.table.entries if self.version == 4 else self.table6.entries) + index
 
     def set(self, subnet, ip, int port):
-        """Route `subnet` (e.g. "10.244.3.0/24") to UDP `port` at `ip`."""
+        """Route `subnet` (e.g. "10.244.3.0/24", or "fd00:0:0:3::/64" in an IPv6 table) to UDP
+        `port` at the IPv4 address `ip`."""
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is not in 1..65535")
         cdef uint64_t addr = int(ipaddress.IPv4Address(ip))
         cdef uint64_t entry = (
             (<uint64_t>1 << ENTRY_VALID_SHIFT) | (addr << ENTRY_ADDR_SHIFT) | <uint64_t>port
         )
-        pf_store(&self.table.entries[self._index(subnet)], entry)
+        pf_store(self._entry(subnet), entry)
 
     def delete(self, subnet):
         """Forget the route to `subnet`; a subnet with no route is fine."""
-        pf_store(&self.table.entries[self._index(subnet)], 0)
+        pf_store(self._entry(subnet), 0)
 
     def routes(self) -> list:
         """Every route as (subnet, (ip, port)), in subnet order."""
-        cdef uint32_t index
+        cdef uint64_t *entries = self.table.entries if self.version == 4 else self.table6.entries
+        cdef uint64_t index
         cdef uint64_t entry
         found = []
-        for index in range(self.table.size):
-            entry = self.table.entries[index]
+        for index in range(len(self)):
+            entry = entries[index]
             if entry:
                 found.append((index, entry))
-        prefix = f"/{self.subnet_len}"
+        base = int(self.network.network_address)
+        shift = self.network.max_prefixlen - self.subnet_len
         return [
-            (str(ipaddress.IPv4Address(self.table.network + (index << self.table.shift))) + prefix,
-             (socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
-              entry & 0xFFFF))
+            (str(ipaddress.ip_network((base + (index << shift), self.subnet_len))),
+             _endpoint(entry))
             for index, entry in found
         ]
 
     def lookup(self, dst):
         """(ip, port) for destination address `dst`, or None: the loops' lookup, from Python."""
-        cdef uint64_t entry = table_lookup(&self.table, int(ipaddress.IPv4Address(dst)))
-        if entry == 0:
-            return None
-        return (
-            socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
-            entry & 0xFFFF,
-        )
+        cdef uint64_t entry
+        cdef const uint8_t[:] packed
+        if self.version == 4:
+            entry = table_lookup(&self.table, int(ipaddress.IPv4Address(dst)))
+        else:
+            packed = ipaddress.IPv6Address(dst).packed
+            entry = table_lookup6(&self.table6, &packed[0])
+        return _endpoint(entry) if entry else None
+
+
+def _endpoint(uint64_t entry) -> tuple:
+    """The (ip, port) an entry packs."""
+    return (socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
+            entry & 0xFFFF)

@@ -10,6 +10,10 @@ replaced by --backend), --ip-masq. Either way, on each host a container attached
 CNI plugin from its FLANNEL_SUBNET, which delegates to the real `bridge` plugin. Then every
 container pings every other, iperf3 runs between two of them, and the leases (in etcd, or on the
 Nodes) and each subnet.env are shown. Everything is torn down at the end, also on failure.
+
+With `--ipv6 dual` the network is dual-stack (the config's EnableIPv6 and IPv6Network): hosts
+get IPv6 addresses on the underlay (2001:db8:0:1::/64), containers an address of each family,
+and the pings go over both. `--ipv6 only` turns IPv4 off (EnableIPv4 false).
 """
 
 from __future__ import annotations
@@ -31,20 +35,21 @@ from tests.testbed import Testbed
 
 MANIFEST = os.path.join(REPO, "deploy", "kube-pyflannel.yml")
 ANNOTATIONS = "flannel.alpha.coreos.com/"
+IPV6_NETWORK = "fd00:10::/48"  # the demo's IPv6Network, cut into /64s
 
 
 def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def iperf3(server: Flanneld, client: Flanneld, seconds: int) -> float:
-    """TCP throughput from client's container to server's, in Gbit/s."""
+def iperf3(server: Flanneld, client: Flanneld, address: str, seconds: int) -> float:
+    """TCP throughput from client's container to server's (at `address`), in Gbit/s."""
     listener = subprocess.Popen(["ip", "netns", "exec", server.host.container_netns,
-                                 "iperf3", "-s", "-1", "-B", server.host.container_ip],
+                                 "iperf3", "-s", "-1", "-B", address],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(50):
-            result = client.host.in_container("iperf3", "-c", server.host.container_ip, "-t",
+            result = client.host.in_container("iperf3", "-c", address, "-t",
                                               str(seconds), "-J", check=False)
             # iperf3 may exit 0 with only an "error" in its report ("Connection refused").
             report = json.loads(result.stdout) if result.stdout.strip() else {}
@@ -79,17 +84,23 @@ def manifest(kind: str) -> dict:
 class Etcd:
     """The subnet manager of `--subnet-mgr etcd`: the config in etcd, leases in its keyspace."""
 
-    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, backend: str) -> None:
-        self.bed, self.etcd, self.api = bed, etcd, api
-        self.config = FIGURE_2_CONFIG
+    def __init__(self, bed: Testbed, etcd: EtcdServer, api: str, backend: str,
+                 ipv6: str) -> None:
+        self.bed, self.etcd, self.api, self.ipv6 = bed, etcd, api, ipv6
+        self.config: dict[str, object] = dict(FIGURE_2_CONFIG)
         if backend != "udp":
-            self.config = {**FIGURE_2_CONFIG, "Backend": {"Type": backend}}
-        self.network = self.config["Network"]
+            self.config["Backend"] = {"Type": backend}
+        if ipv6 != "none":
+            self.config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
+        if ipv6 == "only":
+            self.config["EnableIPv4"] = False
+        self.network = str(self.config["Network"])
         put_config(etcd, api, self.config)
         say(f"config at {PREFIX}/config ({api} API): {json.dumps(self.config)}")
 
     def daemon(self) -> Flanneld:
-        return Flanneld(self.bed, self.bed.add_host(), self.etcd, self.api)
+        return Flanneld(self.bed, self.bed.add_host(ipv6=self.ipv6 != "none"), self.etcd,
+                        self.api)
 
     def show_leases(self) -> None:
         say(f"leases in etcd ({self.api} keyspace)")
@@ -165,10 +176,22 @@ def main() -> int:
     parser.add_argument("--etcd-api", choices=["v3", "v2"], default="v3",
                         help="etcd's API for --subnet-mgr etcd")
     parser.add_argument("--hosts", type=int, default=3)
-    parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"], default="udp")
+    parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"],
+                        help="udp, or vxlan with --ipv6 only (udp sends over IPv4)")
     parser.add_argument("--subnet-mgr", choices=["etcd", "kube"], default="etcd",
                         help="where the subnets are: etcd, or the Kubernetes API")
+    parser.add_argument("--ipv6", choices=["none", "dual", "only"], default="none",
+                        help="IPv6 in the network: none, dual-stack, or IPv6 only")
     args = parser.parse_args()
+    if args.subnet_mgr == "kube" and args.ipv6 != "none":
+        print("demo: --ipv6 runs with the etcd subnet manager", file=sys.stderr)
+        return 2
+    if args.backend is None:
+        args.backend = "vxlan" if args.ipv6 == "only" else "udp"
+    elif args.backend == "udp" and args.ipv6 == "only":
+        print("demo: the udp backend sends its datagrams over IPv4: --ipv6 only runs with "
+              "--backend vxlan or host-gw", file=sys.stderr)
+        return 2
     if args.subnet_mgr == "kube" and (missing := kube_reference_missing()):
         print(f"demo: {missing}", file=sys.stderr)
         return 2
@@ -181,18 +204,27 @@ def main() -> int:
         manager: Etcd | Kube | None = None
         try:
             say(f"etcd on {etcd.endpoint} (host {etcd.host.netns})")
-            manager = (Etcd(bed, etcd, args.etcd_api, args.backend) if args.subnet_mgr == "etcd"
-                       else Kube(bed, etcd, args.backend))
+            manager = (Etcd(bed, etcd, args.etcd_api, args.backend, args.ipv6)
+                       if args.subnet_mgr == "etcd" else Kube(bed, etcd, args.backend))
             for _ in range(args.hosts):
                 daemons.append(manager.daemon().start())
             say(f"started pyflanneld on {', '.join(d.host.netns for d in daemons)}")
             for daemon in daemons:
-                subnet = daemon.wait_subnet(timeout=40)
-                mtu = int(daemon.subnet_env()["FLANNEL_MTU"])
-                address = bed.add_container(daemon.host, str(subnet), mtu,
-                                            network=manager.network)
-                say(f"{daemon.host.netns} ({daemon.host.underlay_ip}) leased {subnet}; container "
-                    f"{daemon.host.container_netns} at {address} (CNI bridge, MTU {mtu})")
+                key = "FLANNEL_SUBNET" if args.ipv6 != "only" else "FLANNEL_IPV6_SUBNET"
+                daemon.wait_env_subnet(key, timeout=40)
+                env = daemon.subnet_env()
+                mtu = int(env["FLANNEL_MTU"])
+                bed.add_container(daemon.host, env.get("FLANNEL_SUBNET"), mtu,
+                                  network=manager.network,
+                                  ipv6_subnet=env.get("FLANNEL_IPV6_SUBNET"),
+                                  ipv6_network=env.get("FLANNEL_IPV6_NETWORK"))
+                leased = " and ".join(env[k] for k in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")
+                                      if k in env)
+                addresses = " and ".join(a for a in (daemon.host.container_ip,
+                                                     daemon.host.container_ipv6) if a)
+                say(f"{daemon.host.netns} ({daemon.host.underlay_ip}) leased {leased}; "
+                    f"container {daemon.host.container_netns} at {addresses} (CNI bridge, "
+                    f"MTU {mtu})")
             for daemon in daemons:
                 daemon.wait_log("subnet added", count=len(daemons) - 1, timeout=20)
 
@@ -202,17 +234,25 @@ def main() -> int:
                 for dst in daemons:
                     if dst is src:
                         continue
-                    result = src.host.in_container("ping", "-c", "3", "-i", "0.2", "-W", "2",
-                                                   dst.host.container_ip, check=False)
-                    summary = result.stdout.strip().splitlines()[-1] if result.stdout else ""
-                    ok = result.returncode == 0
-                    failures += not ok
-                    print(f"    {src.host.container_ip:>12} -> {dst.host.container_ip:<12} "
-                          f"{'ok ' if ok else 'FAIL'} {summary}")
+                    pairs = [(a, b) for a, b in (
+                        (src.host.container_ip, dst.host.container_ip),
+                        (src.host.container_ipv6, dst.host.container_ipv6)) if a and b]
+                    for source, destination in pairs:
+                        result = src.host.in_container("ping", "-c", "3", "-i", "0.2", "-W",
+                                                       "2", destination, check=False)
+                        summary = (result.stdout.strip().splitlines()[-1] if result.stdout
+                                   else "")
+                        ok = result.returncode == 0
+                        failures += not ok
+                        print(f"    {source:>12} -> {destination:<12} "
+                              f"{'ok ' if ok else 'FAIL'} {summary}")
 
-            say(f"iperf3, 3 s of TCP from {daemons[0].host.container_ip} to "
-                f"{daemons[1].host.container_ip}, through pyflannel's {args.backend} backend")
-            print(f"    {iperf3(daemons[1], daemons[0], 3):.2f} Gbit/s")
+            server = daemons[1].host.container_ip or daemons[1].host.container_ipv6
+            client = daemons[0].host.container_ip or daemons[0].host.container_ipv6
+            assert server and client
+            say(f"iperf3, 3 s of TCP from {client} to {server}, through pyflannel's "
+                f"{args.backend} backend")
+            print(f"    {iperf3(daemons[1], daemons[0], server, 3):.2f} Gbit/s")
 
             manager.show_leases()
             for daemon in daemons:

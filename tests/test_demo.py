@@ -41,6 +41,25 @@ def test_demo_runs_end_to_end(subnet_mgr: str, backend: str) -> None:
         assert "FLANNEL_NETWORK=10.244.0.0/16" in result.stdout
 
 
+@pytest.mark.parametrize(("backend", "ipv6"), [
+    (None, "dual"), ("vxlan", "dual"), ("host-gw", "dual"), (None, "only"), ("host-gw", "only")])
+def test_an_ipv6_demo_runs_end_to_end(backend: str | None, ipv6: str) -> None:
+    """`make demo IPV6=dual` (udp) and `IPV6=only` (vxlan: udp sends over IPv4): every
+    container pings every other over each family the network has."""
+    require_host_network_tools()
+    chosen = ["--backend", backend] if backend else []
+    result = subprocess.run([sys.executable, "-m", "tests.demo", *chosen, "--ipv6", ipv6],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pings = re.findall(r"^ +(\S+) -> (\S+) +ok ", result.stdout, re.M)
+    assert len(pings) == (12 if ipv6 == "dual" else 6), result.stdout[-3000:]
+    assert sum(":" in destination for _, destination in pings) == 6
+    assert ("FLANNEL_SUBNET=" in result.stdout) == (ipv6 == "dual")
+    assert "FLANNEL_IPV6_SUBNET=fd00:10:" in result.stdout and "Gbit/s" in result.stdout
+    shown = backend or ("udp" if ipv6 == "dual" else "vxlan")
+    assert f"through pyflannel's {shown} backend" in result.stdout
+
+
 def test_the_kube_demo_fails_saying_what_is_missing_without_the_reference() -> None:
     """Where ../shared/reference/ is absent (a user's machine), SUBNET_MGR=kube is an error
     that names what is missing, before anything is made; never a skip or a silent etcd demo."""

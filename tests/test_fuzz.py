@@ -24,14 +24,18 @@ from tests.test_offload import (
     FIN,
     GSO_NONE,
     GSO_TCPV4,
+    GSO_TCPV6,
     NEEDS_CSUM,
     PSH,
     assert_checksums_valid,
+    assert_checksums_valid6,
     pseudo,
+    tcp6_fields,
+    tcp6_packet,
     tcp_fields,
     vnet,
 )
-from tests.test_packet import reference_checksum
+from tests.test_packet import ipv6, reference_checksum, reference_icmp6
 
 settings.register_profile("pyflannel", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -76,7 +80,30 @@ def test_the_checksum_is_rfc_1071_s(data: bytes) -> None:
 
 def reference_verdict(datagram: bytes, mtu: int) -> int:
     """The receive loop's rule in plain words: at most the MTU, at least a header, version 4
-    with a header length of 5 words or more that fits, and a total length equal to what came."""
+    with a header length of 5 words or more that fits, and a total length equal to what came;
+    or, where that fails and the version is 6 (a fast path with an IPv6 Network), the IPv6
+    rule."""
+    verdict = reference_verdict4(datagram, mtu)
+    if verdict != packet.Verdict.OK and datagram and datagram[0] >> 4 == 6:
+        return reference_verdict6(datagram, mtu)
+    return verdict
+
+
+def reference_verdict6(datagram: bytes, mtu: int) -> int:
+    """At most the MTU, at least the 40-byte header, version 6, a payload length equal to what
+    came after the header."""
+    if len(datagram) > mtu:
+        return packet.Verdict.TOO_BIG
+    if len(datagram) < 40:
+        return packet.Verdict.TOO_SHORT
+    if datagram[0] >> 4 != 6:
+        return packet.Verdict.BAD_HEADER
+    if int.from_bytes(datagram[4:6], "big") != len(datagram) - 40:
+        return packet.Verdict.BAD_LENGTH
+    return packet.Verdict.OK
+
+
+def reference_verdict4(datagram: bytes, mtu: int) -> int:
     if len(datagram) > mtu:
         return packet.Verdict.TOO_BIG
     if len(datagram) < 20:
@@ -99,7 +126,16 @@ def near_valid(draw: st.DrawFn) -> bytes:
     return bytes(header) + body
 
 
-@given(st.binary(max_size=1600) | st.composite(near_valid)(), st.integers(20, 1600))
+def near_valid6(draw: st.DrawFn) -> bytes:
+    """IPv6 datagrams, often valid and often wrong in exactly one byte."""
+    datagram = ipv6(draw(st.binary(max_size=200)), nh=draw(st.integers(0, 255)))
+    if draw(st.booleans()):
+        datagram[draw(st.integers(0, len(datagram) - 1))] = draw(st.integers(0, 255))
+    return bytes(datagram)
+
+
+@given(st.binary(max_size=1600) | st.composite(near_valid)() | st.composite(near_valid6)(),
+       st.integers(20, 1600))
 def test_validation_follows_the_rule(datagram: bytes, mtu: int) -> None:
     assert packet.validate(datagram, mtu) == reference_verdict(datagram, mtu)
 
@@ -145,6 +181,69 @@ def test_net_unreachable_matches_rfc_792(proto: int, first: int, options: bytes,
     assert packet.net_unreachable(offender) == reference_unreachable(offender)
 
 
+@given(st.integers(0, 255), st.binary(max_size=100))
+def test_the_hop_limit_goes_down_by_one_and_nothing_else_changes(hops: int, body: bytes) -> None:
+    original = bytes(ipv6(body, hops=hops))
+    data = bytearray(original)
+    assert packet.hop_limit_decrement(data) == (hops > 1)
+    expected = bytearray(original)
+    if hops > 1:
+        expected[7] = hops - 1
+    assert data == expected
+
+
+def reference_wants_icmp6(offender: bytes) -> bool:
+    """RFC 4443 2.4 (e) in plain words, as the loops read it: no error for a packet from the
+    unspecified or a multicast address, to a multicast address, for a later fragment, for an
+    ICMPv6 error (types below 128) or for one whose headers cannot be followed to the end."""
+    if offender[8] == 0xFF or offender[24] == 0xFF or not any(offender[8:24]):
+        return False
+    nh, at = offender[6], 40
+    for _ in range(8):
+        if nh == 44:
+            if at + 8 > len(offender) or int.from_bytes(offender[at + 2:at + 4], "big") >> 3:
+                return False
+            nh, at = offender[at], at + 8
+        elif nh in (0, 43, 60):
+            if at + 2 > len(offender):
+                return False
+            nh, at = offender[at], at + 8 * (offender[at + 1] + 1)
+        elif nh == 58:
+            return at < len(offender) and offender[at] >= 128
+        else:
+            return True
+    return False
+
+
+extension_chains = st.lists(
+    st.tuples(st.sampled_from([0, 43, 60, 44]), st.integers(0, 2), st.integers(0, 0xFFFF)),
+    max_size=4)
+
+
+@given(extension_chains, st.sampled_from([6, 17, 58, 59]), st.integers(0, 255),
+       st.binary(max_size=1400), st.sampled_from(["fd00:0:0:1::2", "::", "ff02::1", "fe80::1"]),
+       st.sampled_from(["fd00:0:0:2::2", "ff05::2"]), st.sampled_from([(1, 0), (3, 0), (2, 0)]),
+       st.integers(0, 2**32 - 1), st.binary(min_size=16, max_size=16), st.integers(0, 60))
+def test_icmp6_errors_match_rfc_4443(chain: list[tuple[int, int, int]], last: int, kind: int,
+                                     body: bytes, src: str, dst: str, error: tuple[int, int],
+                                     param: int, source: bytes, cut: int) -> None:
+    """Random chains of extension headers (of random lengths, fragments with random offsets)
+    before an upper layer, ICMPv6 among them, cut short at random: the error, or none, as the
+    reference says, byte for byte."""
+    nexts = [nh for nh, _, _ in chain[1:]] + [last] if chain else []
+    headers = b"".join(
+        struct.pack("!BBHI", following, 0, word, 7) if nh == 44
+        else struct.pack("!BB", following, length) + bytes(6 + 8 * length)
+        for (nh, length, word), following in zip(chain, nexts, strict=True))
+    payload = headers + (bytes([kind]) + body if last == 58 else body)
+    offender = bytes(ipv6(payload, nh=chain[0][0] if chain else last, src=src, dst=dst))
+    if cut:
+        offender = offender[:max(40, len(offender) - cut)]
+    expected = reference_icmp6(offender, *error, param, source) \
+        if reference_wants_icmp6(offender) else None
+    assert packet.icmp6_error(offender, *error, param, source) == expected
+
+
 # ---- the TSO split ---------------------------------------------------------------------------
 
 @given(st.integers(1, 20000), st.integers(1, 3000), seqs, st.integers(0, 0xFFFF),
@@ -175,11 +274,36 @@ def test_split_segments_join_back_into_the_super_packet(
     assert b"".join(tcp_fields(s)[3] for s in segments) == payload
 
 
+@given(st.integers(1, 20000), st.integers(1, 3000), seqs,
+       st.integers(0, 10).map(lambda words: b"\x01" * (4 * words)),
+       st.sets(st.sampled_from([PSH, FIN, CWR])))
+def test_tso6_split_segments_join_back_into_the_super_packet(
+        payload_len: int, gso_size: int, seq: int, options: bytes, extra: set[int]) -> None:
+    flags = ACK | sum(extra)
+    payload = bytes((i * 7 + payload_len) % 256 for i in range(payload_len))
+    headers = 60 + len(options)
+    if headers - 40 + payload_len > 65535:
+        return
+    super_packet = tcp6_packet(payload, seq=seq, flags=flags, options=options)
+    segments = offload.split(super_packet, gso_size)
+    assert len(segments) == -(-payload_len // gso_size)
+    for i, segment in enumerate(segments):
+        assert_checksums_valid6(segment)  # from scratch
+        seg_seq, seg_flags, _ = tcp6_fields(segment)
+        last = i == len(segments) - 1
+        assert seg_seq == (seq + i * gso_size) & 0xFFFFFFFF
+        assert seg_flags == ACK | (flags & (PSH | FIN) if last else 0) | (
+            flags & CWR if i == 0 else 0)
+        assert segment[60:headers] == options
+    assert b"".join(tcp6_fields(s)[2] for s in segments) == payload
+
+
 # ---- the GRO coalesce ------------------------------------------------------------------------
 
 def stream_segments(draw: st.DrawFn) -> tuple[list[bytes], list[tuple[int, bytes]]]:
-    """Segments of one flow, cut from a stream at random sizes, then shuffled, duplicated and
-    overlapped at random; also (seq, payload) of each, in the order given."""
+    """Segments of one flow (IPv4 or IPv6), cut from a stream at random sizes, then shuffled,
+    duplicated and overlapped at random; also (seq, payload) of each, in the order given."""
+    build = tcp6_packet if draw(st.booleans()) else tcp
     start = draw(seqs)
     sizes = draw(st.lists(st.integers(0, 1400), min_size=1, max_size=12))
     pieces, seq = [], start
@@ -200,7 +324,7 @@ def stream_segments(draw: st.DrawFn) -> tuple[list[bytes], list[tuple[int, bytes
             out.append(((seg_seq + cut) & 0xFFFFFFFF, data[cut:]))
     flags = draw(st.lists(st.sampled_from([ACK, ACK, ACK, ACK | PSH]), min_size=len(out),
                           max_size=len(out)))
-    packets = [tcp(data, seq=seg_seq, flags=flag)
+    packets = [build(data, seq=seg_seq, flags=flag)
                for (seg_seq, data), flag in zip(out, flags, strict=True)]
     return packets, out
 
@@ -218,13 +342,19 @@ def test_coalesce_writes_every_segment_once_in_order_and_merges_only_what_follow
             assert written == packets[consumed]  # written as it came
             consumed += 1
             continue
-        assert (flags, gso_type, hdr_len, csum_start, csum_offset) == (
-            NEEDS_CSUM, GSO_TCPV4, 40, 20, 16)
-        assert reference_checksum(written[:20]) == 0
-        assert struct.unpack("!H", written[2:4])[0] == len(written)
-        # The kernel finishes the TCP checksum from the pseudo-header sum left in its field.
-        assert_checksums_valid(offload.finish(header, written))
-        _, seq, _, payload = tcp_fields(written)
+        if written[0] >> 4 == 6:
+            assert (flags, gso_type, hdr_len, csum_start, csum_offset) == (
+                NEEDS_CSUM, GSO_TCPV6, 60, 40, 16)
+            # The kernel finishes the TCP checksum from the pseudo-header sum left in its field.
+            assert_checksums_valid6(offload.finish(header, written))
+            seq, _, payload = tcp6_fields(written)
+        else:
+            assert (flags, gso_type, hdr_len, csum_start, csum_offset) == (
+                NEEDS_CSUM, GSO_TCPV4, 40, 20, 16)
+            assert reference_checksum(written[:20]) == 0
+            assert struct.unpack("!H", written[2:4])[0] == len(written)
+            assert_checksums_valid(offload.finish(header, written))
+            _, seq, _, payload = tcp_fields(written)
         # A merge holds two or more segments that each follow the one before, the first as
         # long as gso_size and none longer.
         joined, expected_seq, merged = b"", seq, 0
@@ -277,7 +407,9 @@ json_values = st.recursive(
 config_keys = st.sampled_from(["Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend",
                                "EnableIPv4", "EnableIPv6", "network", "Type", "VNI", "Port",
                                "DirectRouting", "VtepMAC", "PublicIP", "BackendType",
-                               "BackendData", "publicip"])
+                               "BackendData", "publicip", "IPv6Network", "IPv6SubnetLen",
+                               "IPv6SubnetMin", "IPv6SubnetMax", "Networks", "PublicIPv6",
+                               "BackendV6Data"])
 # Objects with the keys that matter, holding anything: deeper than random JSON gets.
 keyed = st.recursive(json_values, lambda inner: st.dictionaries(config_keys, inner, max_size=6),
                      max_leaves=12)
@@ -290,8 +422,13 @@ def test_any_config_in_etcd_is_parsed_or_refused_with_a_reason(raw: bytes) -> No
     except ConfigError as err:
         assert str(err)
         return
-    assert config.network.prefixlen < config.subnet_len <= 30
-    assert config.subnet_fits(next(config.subnets()))
+    assert config.enable_ipv4 or config.enable_ipv6
+    if config.network is not None:
+        assert config.network.prefixlen < config.subnet_len <= 30
+        assert config.subnet_fits(next(config.subnets()))
+    if config.ipv6_network is not None:
+        assert config.ipv6_network.prefixlen < config.ipv6_subnet_len <= 126
+        assert config.ipv6_subnet_fits(next(config.ipv6_subnets()))
 
 
 @given(st.binary(max_size=300) | keyed.map(lambda value: json.dumps(value).encode()))

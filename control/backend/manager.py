@@ -30,7 +30,7 @@ def make_backend(config: NetworkConfig, netlink: Netlink, ext: ExternalInterface
     if config.backend_type == "udp":
         from control.backend.udp import UdpBackend
 
-        return UdpBackend(config, netlink, ext, public_ip, options, resumed)
+        return UdpBackend(config, netlink, ext, public_ip, public_ipv6, options, resumed)
     if resumed is not None:
         release_resumed(resumed)
     if config.backend_type == "vxlan":

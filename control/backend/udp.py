@@ -1,6 +1,11 @@
 """flannel's udp backend: the fast path (fastpath/) between flannel0 and UDP port Backend.Port,
 its route table kept equal to the leases. Leases of any type are routed, as flanneld's udp
-backend routes them."""
+backend routes them.
+
+With IPv6 in the network the fast path carries IPv6 packets too, each one datagram over IPv4 as
+an IPv4 one, where flanneld's udp backend carries none (it leases an IPv6 subnet and drops what
+is not IPv4). So an IPv6 packet goes only to a pyflannel host: a udp lease with a PublicIPv6,
+which this backend writes and flanneld's never does (`"PublicIPv6":null`)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import Callable
 from control.backend.common import BackendError
 from control.backend.udp_receiver import delete_receiver, finish_receiver, prepare_receiver
 from control.host.interface import ExternalInterface, HostError, Netlink
+from control.host.rtnl import IPNetwork
 from control.service.handover import kept_names, release_resumed
 from control.service.options import Options
 from control.service.pinstore import PinStore
@@ -32,7 +38,8 @@ class UdpBackend:
     devices: tuple[str, ...] = ()
 
     def __init__(self, config: NetworkConfig, netlink: Netlink, ext: ExternalInterface,
-                 public_ip: ipaddress.IPv4Address, options: Options,
+                 public_ip: ipaddress.IPv4Address | None,
+                 public_ipv6: ipaddress.IPv6Address | None, options: Options,
                  resumed: FastPath | None = None) -> None:
         """resumed: the fast path the previous run kept, forwarding since this run began."""
         self._config = config
@@ -40,21 +47,24 @@ class UdpBackend:
         self._netlink = netlink
         self._ext = ext
         self._public_ip = public_ip
+        self._public_ipv6 = public_ipv6
         self._options = options
         self.fastpath: FastPath | None = None
         self._subnet: ipaddress.IPv4Network | None = None  # this host's, once started
+        self._ipv6 = config.ipv6_network if config.enable_ipv6 else None  # what it carries
         self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
         if self._config.network is None:
-            raise BackendError("the udp backend carries IPv4 only: set EnableIPv4")
+            raise BackendError("the udp backend sends its datagrams over IPv4: an IPv6-only "
+                               "network needs the vxlan or host-gw backend")
         subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)
         if subnets > MAX_SUBNETS:
             raise BackendError(f"{subnets} subnets are more than the fast path's table holds "
                                f"({MAX_SUBNETS}): use a longer SubnetLen")
 
     def lease_value(self) -> bytes:
-        return encode_lease(self._public_ip)
+        return encode_lease(self._public_ip, public_ipv6=self._public_ipv6)
 
     def start(self, subnets: Subnets) -> int:
         config, ext, options = self._config, self._ext, self._options
@@ -63,15 +73,16 @@ class UdpBackend:
         mtu = ext.mtu - UDP_ENCAP_OVERHEAD
         fp = self._resumed
         if fp is not None:
+            table6 = fp.table6
             made_for = (fp.table.network, fp.table.subnet_len, fp.bind_ip, fp.port, fp.mtu,
-                        fp.underlay)
+                        fp.underlay, table6 and (table6.network, table6.subnet_len))
             wanted = (config.network, config.subnet_len, str(ext.address), config.port, mtu,
-                      ext.name)
+                      ext.name, self._ipv6 and (self._ipv6, config.ipv6_subnet_len))
             if made_for == wanted:
                 log.info("udp backend: went on with the fast path the previous run kept (its "
                          "TUN, socket and routes), forwarding since this run began")
                 self.fastpath = fp
-                return self._started(subnet, mtu)
+                return self._started(subnets, mtu)
             log.warning("udp backend: the fast path the previous run kept was made for %s, "
                         "not %s: starting a new one", made_for, wanted)
             release_resumed(fp)
@@ -82,24 +93,29 @@ class UdpBackend:
                          "(--fastpath-vxlan-receive is off)")
         elif not prepare_receiver(self._netlink.rtnl, ext):
             levers["vxlan_receiver"] = ""
-        handed = {"routes": self._pins.routes_fd()} if self._pins is not None else None
-        self.fastpath = fp = FastPath(
-            config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
-            underlay=ext.name, handed=handed, **levers)
+        handed = self._pins.routes_fds(self._ipv6 is not None) if self._pins else None
+        if self._ipv6 is not None:
+            levers.update(ipv6_network=self._ipv6, ipv6_subnet_len=config.ipv6_subnet_len)
         try:
+            self.fastpath = fp = FastPath(
+                config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
+                underlay=ext.name, handed=handed, **levers)
             fp.start()
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: an MTU below IPv6's 1280
             raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
                                f"{err}") from err
-        return self._started(subnet, mtu)
+        return self._started(subnets, mtu)
 
-    def _started(self, subnet: ipaddress.IPv4Network, mtu: int) -> int:
+    def _started(self, subnets: Subnets, mtu: int) -> int:
         """Address and route the running fast path's TUN, and say how it runs."""
         config, ext, fp = self._config, self._ext, self.fastpath
-        assert fp is not None
-        self._subnet = subnet
+        assert fp is not None and subnets.ipv4 is not None and config.network is not None
+        self._subnet = subnets.ipv4
+        served: list[tuple[IPNetwork, IPNetwork]] = [(subnets.ipv4, config.network)]
+        if self._ipv6 is not None and subnets.ipv6 is not None:
+            served.append((subnets.ipv6, self._ipv6))
         try:
-            self._netlink.configure_tun(fp.tun_name, subnet, config.network, mtu)
+            self._netlink.configure_tun(fp.tun_name, served, mtu)
         except HostError as err:
             raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
                                f"{err}") from err
@@ -129,8 +145,10 @@ class UdpBackend:
         return mtu
 
     def move(self, old: Subnets, new: Subnets) -> None:
-        assert self.fastpath is not None and old.ipv4 is not None and new.ipv4 is not None
-        self._netlink.readdress_tun(self.fastpath.tun_name, old.ipv4, new.ipv4)
+        assert self.fastpath is not None and new.ipv4 is not None
+        for before, after in ((old.ipv4, new.ipv4), (old.ipv6, new.ipv6)):
+            if before is not None and after is not None and before != after:
+                self._netlink.readdress_tun(self.fastpath.tun_name, before, after)
         self._subnet = new.ipv4
 
     def add_peer(self, subnets: Subnets, lease: PeerLease, old: PeerLease | None) -> bool:
@@ -139,6 +157,14 @@ class UdpBackend:
         if subnet is None or lease.public_ip is None:
             log.warning("ignoring lease %s: no IPv4 subnet or PublicIP", subnets)
             return False
+        if self._ipv6 is not None and subnets.ipv6 is not None:
+            if self._carries_ipv6(lease):
+                self.fastpath.set_route(subnets.ipv6, str(lease.public_ip), self._config.port)
+            else:
+                if old is None:
+                    log.info("lease %s: IPv4 only, as flanneld's udp backend (no PublicIPv6) "
+                             "carries no IPv6", subnets)
+                self._forget_ipv6(subnets.ipv6)
         self.fastpath.set_route(subnet, str(lease.public_ip), self._config.port)
         if old is None or old.public_ip != lease.public_ip:
             # A new peer hears at once that this host takes whole super-packets, not at the
@@ -158,19 +184,36 @@ class UdpBackend:
             self.fastpath.greet(self._subnet.network_address,
                                 {(public_ip, self._config.port): subnet.network_address})
 
+    @staticmethod
+    def _carries_ipv6(lease: PeerLease) -> bool:
+        """A pyflannel udp host's lease: flanneld's udp backend writes no PublicIPv6."""
+        return lease.backend_type == "" and lease.public_ipv6 is not None
+
+    def _forget_ipv6(self, subnet: ipaddress.IPv6Network) -> None:
+        assert self.fastpath is not None and self.fastpath.table6 is not None
+        if any(ipaddress.IPv6Network(routed) == subnet
+               for routed, _ in self.fastpath.table6.routes()):
+            self.fastpath.del_route(subnet)
+
     def remove_peer(self, subnets: Subnets, lease: PeerLease) -> None:
         assert self.fastpath is not None
         if subnets.ipv4 is not None:
             self.fastpath.del_route(subnets.ipv4)
+        if self._ipv6 is not None and subnets.ipv6 is not None:
+            self._forget_ipv6(subnets.ipv6)
 
     def prune(self, peers: dict[Subnets, PeerLease]) -> None:
         """A table taken over from the previous run may hold routes no lease explains now."""
         assert self.fastpath is not None
-        routed = {subnets.ipv4 for subnets in peers}
-        for subnet, _ in self.fastpath.table.routes():
-            if ipaddress.IPv4Network(subnet) not in routed:
-                log.info("removing route %s, which no lease explains", subnet)
-                self.fastpath.del_route(subnet)
+        routed: set[IPNetwork] = {subnets.ipv4 for subnets in peers if subnets.ipv4}
+        routed |= {subnets.ipv6 for subnets, lease in peers.items()
+                   if subnets.ipv6 is not None and self._carries_ipv6(lease)}
+        tables = [self.fastpath.table, self.fastpath.table6]
+        for table in tables:
+            for subnet, _ in table.routes() if table is not None else ():
+                if ipaddress.ip_network(subnet) not in routed:
+                    log.info("removing route %s, which no lease explains", subnet)
+                    self.fastpath.del_route(subnet)
 
     async def greet_peers(self, own_subnet: Callable[[], Subnets | None],
                           peers: Callable[[], dict[Subnets, PeerLease]]) -> None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from control.host.rtnl import IPAddress, Link, RtNetlink
+from control.host.rtnl import IPAddress, IPNetwork, Link, RtNetlink
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -185,26 +185,28 @@ class Netlink:
                             f"same with v4 default route interface {links[found[4]].name}")
         return found[versions[0]]
 
-    def configure_tun(self, name: str, subnet: ipaddress.IPv4Network,
-                      network: ipaddress.IPv4Network, mtu: int) -> None:
-        """As flanneld: the subnet's address as a /32 (a source address for host-to-container
-        traffic, with no broadcast routes), the MTU, up, and a route for the whole Network. A
-        TUN kept from the previous run may have all of it already."""
+    def configure_tun(self, name: str, served: list[tuple[IPNetwork, IPNetwork]],
+                      mtu: int) -> None:
+        """As flanneld: for each (subnet, network) of `served`, one per family, the subnet's
+        address as a /32 (/128) (a source address for host-to-container traffic, with no
+        broadcast routes) and a route for the whole network; the MTU, up. A TUN kept from the
+        previous run may have all of it already."""
         try:
             index = self._index(name)
-            self.rtnl.set_only_address(index, subnet.network_address, 32)
+            for subnet, _ in served:
+                self.rtnl.set_only_address(index, subnet.network_address, subnet.max_prefixlen)
             self.rtnl.set_up(index, mtu)
-            self.rtnl.replace_route(network, index)
+            for _, network in served:
+                self.rtnl.replace_route(network, index)
         except OSError as err:
             raise HostError(f"configuring {name}: {err}") from err
 
-    def readdress_tun(self, name: str, old: ipaddress.IPv4Network,
-                      new: ipaddress.IPv4Network) -> None:
-        """Move the TUN's /32 from the old lease to the new one."""
+    def readdress_tun(self, name: str, old: IPNetwork, new: IPNetwork) -> None:
+        """Move the TUN's /32 (/128) from the old lease to the new one."""
         try:
             index = self._index(name)
-            self.rtnl.add_address(index, new.network_address, 32)
-            self.rtnl.delete_address(index, old.network_address, 32)
+            self.rtnl.add_address(index, new.network_address, new.max_prefixlen)
+            self.rtnl.delete_address(index, old.network_address, old.max_prefixlen)
         except OSError as err:
             raise HostError(f"readdressing {name}: {err}") from err
 

@@ -34,6 +34,7 @@ log = logging.getLogger("pyflanneld.pinstore")
 
 STATE = "state.json"  # the TUN's name, the socket's address and port, the offload setting
 ROUTES = "routes"  # the route table (fastpath/table.pyx), in the file itself
+ROUTES6 = "routes6"  # the IPv6 one, with IPv6 in the network
 
 
 class PinStore:
@@ -48,11 +49,13 @@ class PinStore:
             return None
         return cls(options.fastpath_pin_dir, options.subnet_file)
 
-    def routes_fd(self) -> int:
-        """The tmpfs file the fast path's route table lives in (kept as it changes)."""
+    def routes_fds(self, ipv6: bool) -> dict[str, int]:
+        """The tmpfs files the fast path's route tables live in (kept as they change), named
+        as FastPath's `handed` takes them: the IPv4 one, and the IPv6 one with `ipv6`."""
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        return os.open(os.path.join(self.state_dir, ROUTES), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                       0o600)
+        return {name: os.open(os.path.join(self.state_dir, name),
+                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                for name in ((ROUTES, ROUTES6) if ipv6 else (ROUTES,))}
 
     def handed(self) -> dict[str, int]:
         """What the last run kept, named as the fd store hands it (handover.resume_fastpath
@@ -69,8 +72,10 @@ class PinStore:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.bind((state["address"], state["port"]))
                 handed[KEPT_PREFIX + "socket"] = sock.detach()
-            handed[KEPT_PREFIX + "routes"] = os.open(os.path.join(self.state_dir, ROUTES),
-                                                     os.O_RDWR | os.O_CLOEXEC)
+            for name in (ROUTES, ROUTES6):
+                path = os.path.join(self.state_dir, name)
+                if name == ROUTES or os.path.exists(path):
+                    handed[KEPT_PREFIX + name] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             for name in os.listdir(self.pin_dir):
                 handed[KEPT_PREFIX + KERNEL_PREFIX + name] = pinned(
                     os.path.join(self.pin_dir, name))
