@@ -1,10 +1,13 @@
 """The benchmark's testbed and its paths: two hosts on a veth underlay, each with a container on a
 CNI bridge, and every way of carrying the containers' traffic that the benchmark compares.
 
-Built from the tests' testbed, etcd and pyflanneld helpers. The containers keep the subnets the
-first pyflanneld leased for them; every path carries traffic between those same subnets. The
-daemons of one row run at a time (pyflanneld's with a row's flags, or flanneld's own); the
-kernel's paths (vxlan, host-gw) add a route for the peer's subnet and run no daemon.
+Built from the tests' testbed, etcd and pyflanneld helpers. The network is dual-stack (the
+paper's Figure 2 config with an IPv6Network), the hosts have an IPv6 address beside their IPv4
+one and the containers one of each family. The containers keep the subnets the first pyflanneld
+leased for them; every path carries traffic between those same subnets, the `-ipv6` paths
+between the containers' IPv6 addresses. The daemons of one row run at a time (pyflanneld's with
+a row's flags, or flanneld's own); the kernel's paths (vxlan, host-gw) add a route for the
+peer's subnet and run no daemon.
 """
 
 from __future__ import annotations
@@ -73,11 +76,23 @@ DAEMONSET_ROWS: dict[str, str] = {
     "flanneld-udp-daemonset": "flanneld-udp",
     "flanneld-vxlan-daemonset": "flanneld-vxlan",
 }
+# Paths over IPv6 between the containers: path name -> the path whose daemons (or kernel
+# devices, for IPv6: flannel-v6.1 and the IPv6 routes as flanneld makes them) carry it.
+IPV6_PATHS: dict[str, str] = {
+    "pyflannel-ipv6": DEFAULT_ROW,
+    "vxlan-ipv6": "vxlan",
+    "host-gw-ipv6": "host-gw",
+}
+# The config of every row: the paper's, dual-stack.
+IPV6_NETWORK = "fd00:10::/48"
+PERF_CONFIG: dict[str, Any] = {**FIGURE_2_CONFIG, "EnableIPv6": True,
+                               "IPv6Network": IPV6_NETWORK}
 # The paper's Table 1 row each path stands beside.
 PAPER_ROWS = {"direct": "direct", DEFAULT_ROW: "udp", "pyflannel-vxlan": "vxlan",
               "pyflannel-host-gw": "host-gw", "vxlan": "vxlan", "host-gw": "host-gw",
               "flanneld-udp": "udp", "flanneld-vxlan": "vxlan"}
 VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, VXLAN_MTU = "flannel.1", 1, 8472, 1450
+VXLAN6_DEVICE = "flannel-v6.1"  # the kernel's own MTU, 1430, as flanneld leaves it
 REACH_TIMEOUT = 20.0
 # After the underlay changes (TSO on or off) or pyflanneld starts: it looks at the underlay and
 # hears its peer's hello every HELLO_SECONDS, to send TCP super-packets whole only to a peer that
@@ -94,12 +109,13 @@ def all_paths(with_flanneld: bool) -> list[str]:
     limited = [row for row, base in DAEMONSET_ROWS.items()
                if with_flanneld or base not in FLANNELD_ROWS]
     return ["direct", DEFAULT_ROW, "vxlan", *others, "host-gw",
-            *(FLANNELD_ROWS if with_flanneld else []), *limited]
+            *(FLANNELD_ROWS if with_flanneld else []), *limited, *IPV6_PATHS]
 
 
 def base_row(path: str) -> str:
-    """The row whose daemons a path runs (a DaemonSet row's, inside the limits)."""
-    return DAEMONSET_ROWS.get(path, path)
+    """The row whose daemons a path runs (a DaemonSet row's, inside the limits; an IPv6
+    path's, over IPv6)."""
+    return DAEMONSET_ROWS.get(path, IPV6_PATHS.get(path, path))
 
 
 def etcd_api(flags: list[str]) -> str:
@@ -127,6 +143,8 @@ def describe(path: str) -> dict[str, Any]:
     if path in DAEMONSET_ROWS:
         info.update(daemonset={"repeats": row, "memory_bytes": DAEMONSET_MEMORY_BYTES,
                                "cpu_millis": DAEMONSET_CPU_MILLIS})
+    if path in IPV6_PATHS:
+        info.update(ipv6={"repeats": row})
     return info
 
 
@@ -134,12 +152,19 @@ def describe(path: str) -> dict[str, Any]:
 class Side:
     host: Host
     subnet: ipaddress.IPv4Network
+    subnet6: ipaddress.IPv6Network
     vtep_mac: str = ""
+    vtep6_mac: str = ""
 
     @property
     def vtep_ip(self) -> str:
         """flannel's vxlan backend puts the subnet's address on flannel.1 as a /32."""
         return str(self.subnet.network_address)
+
+    @property
+    def vtep6_ip(self) -> str:
+        """And the IPv6 subnet's on flannel-v6.1 as a /128."""
+        return str(self.subnet6.network_address)
 
 
 @dataclass(frozen=True)
@@ -180,17 +205,20 @@ class PerfBed:
         self.etcd = EtcdServer(self.bed)
         flags = PYFLANNEL_ROWS[DEFAULT_ROW]
         api = etcd_api(flags)
-        put_config(self.etcd, api, FIGURE_2_CONFIG)
+        put_config(self.etcd, api, PERF_CONFIG)
         self.running = DEFAULT_ROW
         daemons = []
         for _ in range(2):
-            host = self.bed.add_host()
+            host = self.bed.add_host(ipv6=True)
             daemon = Flanneld(self.bed, host, self.etcd, api, *flags).start()
             self.daemons.append(daemon)
             daemons.append(daemon)
-            subnet = daemon.wait_subnet()
-            self.bed.add_container(host, str(subnet), int(daemon.subnet_env()["FLANNEL_MTU"]))
-            self.sides.append(Side(host, subnet))
+            subnet, subnet6 = daemon.wait_subnet(), daemon.wait_ipv6_subnet()
+            env = daemon.subnet_env()
+            self.bed.add_container(host, str(subnet), int(env["FLANNEL_MTU"]),
+                                   env["FLANNEL_NETWORK"], str(subnet6),
+                                   env["FLANNEL_IPV6_NETWORK"])
+            self.sides.append(Side(host, subnet, subnet6))
         for daemon in daemons:
             daemon.wait_log("subnet added")
         self.underlay = Underlay([side.host for side in self.sides], self.bed.underlay)
@@ -215,10 +243,30 @@ class PerfBed:
             side.host.run("bridge", "fdb", "replace", peer.vtep_mac, "dev", VXLAN_DEVICE,
                           "dst", peer.host.underlay_ip, "self", "permanent")
 
-    def _remove_vxlan(self) -> None:
-        """Make way for flanneld's own flannel.1 (its neighbours and routes go with it)."""
+    def _add_vxlan6(self) -> None:
+        """flannel-v6.1 as flannel's vxlan backend makes it: over the hosts' IPv6 addresses,
+        the kernel's MTU, the IPv6 subnet's address as a /128; kept like flannel.1."""
         for side in self.sides:
-            side.host.ip("link", "del", VXLAN_DEVICE, check=False)
+            if side.host.ip("link", "show", VXLAN6_DEVICE, check=False).returncode != 0:
+                side.host.ip("link", "add", VXLAN6_DEVICE, "type", "vxlan", "id",
+                             str(VXLAN_VNI), "local", str(side.host.underlay_ipv6), "dev",
+                             "eth0", "dstport", str(VXLAN_PORT), "nolearning")
+            side.host.ip("link", "set", VXLAN6_DEVICE, "up")
+            side.host.ip("addr", "replace", f"{side.vtep6_ip}/128", "dev", VXLAN6_DEVICE)
+            link = side.host.ip("-o", "link", "show", VXLAN6_DEVICE).stdout
+            side.vtep6_mac = link.split("link/ether ")[1].split()[0]
+        for side, peer in self.pairs():
+            side.host.ip("-6", "neigh", "replace", peer.vtep6_ip, "lladdr", peer.vtep6_mac,
+                         "dev", VXLAN6_DEVICE, "nud", "permanent")
+            side.host.run("bridge", "fdb", "replace", peer.vtep6_mac, "dev", VXLAN6_DEVICE,
+                          "dst", str(peer.host.underlay_ipv6), "self", "permanent")
+
+    def _remove_vxlan(self) -> None:
+        """Make way for flanneld's own flannel.1 and flannel-v6.1 (their neighbours and routes
+        go with them)."""
+        for side in self.sides:
+            for device in (VXLAN_DEVICE, VXLAN6_DEVICE):
+                side.host.ip("link", "del", device, check=False)
 
     def pairs(self) -> list[tuple[Side, Side]]:
         a, b = self.sides
@@ -243,9 +291,10 @@ class PerfBed:
         if path == "direct":
             return Endpoints(client.host.netns, server.host.netns, server.host.underlay_ip)
         assert client.host.container_netns and server.host.container_netns
-        assert server.host.container_ip
-        return Endpoints(client.host.container_netns, server.host.container_netns,
-                         server.host.container_ip)
+        server_ip = server.host.container_ipv6 if path in IPV6_PATHS else \
+            server.host.container_ip
+        assert server_ip
+        return Endpoints(client.host.container_netns, server.host.container_netns, server_ip)
 
     def _use_path(self, path: str) -> Endpoints:
         """Carry the containers' traffic over `path` (its daemons running, the others not), and
@@ -257,17 +306,24 @@ class PerfBed:
         self._forget_path_mtus()
         for side, peer in self.pairs():
             side.host.ip("route", "del", str(peer.subnet), check=False)
+            side.host.ip("-6", "route", "del", str(peer.subnet6), check=False)
         self._run_row(path if base_row(path) in PYFLANNEL_ROWS or
                       base_row(path) in FLANNELD_ROWS else None)
-        if path == "vxlan":
+        kernel = base_row(path)
+        if kernel == "vxlan":
             self._add_vxlan()
+            self._add_vxlan6()
         for side, peer in self.pairs():
-            if path == "vxlan":
+            if kernel == "vxlan":
                 side.host.ip("route", "add", str(peer.subnet), "via", peer.vtep_ip, "dev",
                              VXLAN_DEVICE, "onlink")
-            elif path == "host-gw":
+                side.host.ip("-6", "route", "add", str(peer.subnet6), "via", peer.vtep6_ip,
+                             "dev", VXLAN6_DEVICE, "onlink")
+            elif kernel == "host-gw":
                 side.host.ip("route", "add", str(peer.subnet), "via", peer.host.underlay_ip,
                              "dev", "eth0")
+                side.host.ip("-6", "route", "add", str(peer.subnet6), "via",
+                             str(peer.host.underlay_ipv6), "dev", "eth0")
         if not self._reachable(endpoints, REACH_TIMEOUT):
             logs = "".join(f"\n--- {daemon.log_path}:\n{daemon.log()[-2000:]}"
                            for daemon in self.daemons)
@@ -308,9 +364,9 @@ class PerfBed:
         assert self.etcd is not None
         flags = PYFLANNEL_ROWS[base_row(row)]
         api = etcd_api(flags)
-        put_config(self.etcd, api, {**FIGURE_2_CONFIG,
+        put_config(self.etcd, api, {**PERF_CONFIG,
                                     "Backend": PYFLANNEL_BACKENDS.get(base_row(row),
-                                                                      FIGURE_2_CONFIG["Backend"])})
+                                                                      PERF_CONFIG["Backend"])})
         daemons = [Flanneld(self.bed, side.host, self.etcd, api, *flags) for side in self.sides]
         self.daemons = list(daemons)
         for daemon in daemons:
@@ -330,11 +386,13 @@ class PerfBed:
         first is restarted: its listing then has the second's lease."""
         assert self.etcd is not None and self.flanneld_binary
         backend = FLANNELD_ROWS[base_row(row)]
-        put_config(self.etcd, "v3", {**FIGURE_2_CONFIG, "Backend": backend})
+        put_config(self.etcd, "v3", {**PERF_CONFIG, "Backend": backend})
         if backend["Type"] == "vxlan":
             self._remove_vxlan()
         for side in self.sides:
-            daemon = RealFlanneld(self.flanneld_binary, self.bed, side.host, self.etcd)
+            # v0.20.2 finds the interface's IPv6 address beside --iface only when told it.
+            daemon = RealFlanneld(self.flanneld_binary, self.bed, side.host, self.etcd,
+                                  f"--public-ipv6={side.host.underlay_ipv6}")
             self._limited(row, daemon)
             self.daemons.append(daemon)
             self._check_subnet(row, side, daemon.start())
@@ -370,7 +428,9 @@ class PerfBed:
                 assert isinstance(daemon, RealFlanneld)
                 daemon.stop()
                 daemon.clean(VXLAN_DEVICE if vxlan else None)
-            put_config(self.etcd, "v3", FIGURE_2_CONFIG)
+                if vxlan:
+                    daemon.host.ip("link", "del", VXLAN6_DEVICE, check=False)
+            put_config(self.etcd, "v3", PERF_CONFIG)
         else:
             stop_all([d for d in daemons if isinstance(d, Flanneld)])
         if row in DAEMONSET_ROWS:  # each start's cgroups, charges and all, then gone

@@ -14,8 +14,10 @@ from typing import Any
 # rows; meta["paths"][path]["paper"] says which row a path stands beside.
 PAPER_MBPS = {"direct": 94.3, "udp": 92.7, "vxlan": 91.2, "host-gw": 94.3}
 # Ratios are to the kernel's VXLAN, as flannel's vxlan backend sets it up: the issue's targets
-# are such ratios, measured within one run.
+# are such ratios, measured within one run. A path over IPv6 (meta's "ipv6") is compared with
+# the kernel's VXLAN over IPv6, flannel-v6.1.
 BASELINE = "vxlan"
+IPV6_BASELINE = "vxlan-ipv6"
 DAEMON_CPU_LIMIT_PERCENT = 10  # flannel's DaemonSet: cpu 100m
 
 Sample = dict[str, Any]
@@ -48,6 +50,10 @@ class Results:
         self.regimes = list(meta["regimes"])
         self.shaped = [r for r in self.regimes if meta["regimes"][r]["rate"]]
 
+    def baseline(self, path: str) -> str:
+        """The path a path's ratios are over: kernel VXLAN of its family."""
+        return IPV6_BASELINE if "ipv6" in self.meta["paths"].get(path, {}) else BASELINE
+
     def values(self, regime: str, path: str, workload: str, metric: Metric) -> list[float]:
         return list(self._by_round(regime, path, workload, metric).values())
 
@@ -59,7 +65,8 @@ class Results:
         """The path's sample over the baseline's of the same round (repetition), the median
         over rounds: a round measures every path within minutes, so the machine's drift
         between rounds cancels out of each ratio."""
-        ours, base = (self._by_round(regime, p, workload, metric) for p in (path, BASELINE))
+        ours, base = (self._by_round(regime, p, workload, metric)
+                      for p in (path, self.baseline(path)))
         ratios = [value / base[rep] for rep, value in ours.items() if base.get(rep)]
         return statistics.median(ratios) if ratios else None
 
@@ -171,7 +178,7 @@ def _ratio_checks(results: Results, path: str, regimes: list[str], workloads: li
     for regime in regimes:
         for workload in workloads:
             ours = results.median(regime, path, workload, metric)
-            base = results.median(regime, BASELINE, workload, metric)
+            base = results.median(regime, results.baseline(path), workload, metric)
             ratio = results.ratio(regime, path, workload, metric)
             if ours is None or base is None or ratio is None:
                 continue
@@ -181,11 +188,21 @@ def _ratio_checks(results: Results, path: str, regimes: list[str], workloads: li
     return parts, (all(verdicts) if verdicts else None)
 
 
-def targets_table(results: Results) -> list[str]:
-    """Issue 7's targets 1-6 for pyflanneld's default row, each with what this run measured."""
-    rows = _udp_rows(results)
-    if not rows or BASELINE not in results.paths:
-        return []
+def targets_tables(results: Results) -> list[str]:
+    """Issue 7's targets for pyflanneld's default row, and again over IPv6 (issue 30)."""
+    rows = [row for row in _udp_rows(results) if "ipv6" not in results.meta["paths"][row]]
+    rows6 = [row for row in _udp_rows(results) if "ipv6" in results.meta["paths"][row]]
+    lines = []
+    if rows and BASELINE in results.paths:
+        lines += targets_table(results, rows, "")
+    if rows6 and IPV6_BASELINE in results.paths:
+        lines += targets_table(results, rows6, ", over IPv6 (the containers' IPv6 addresses)")
+    return lines
+
+
+def targets_table(results: Results, rows: list[str], family: str) -> list[str]:
+    """Issue 7's targets 1-6 for the first of `rows` (pyflanneld's udp rows of one family),
+    each with what this run measured."""
     default = rows[0]
     unshaped = [r for r in results.regimes if r not in results.shaped]
     searched = [r for r in results.regimes if results.meta["regimes"][r]["udp_search"]]
@@ -234,7 +251,7 @@ def targets_table(results: Results) -> list[str]:
                                lambda r: r >= 1.0)
     checks.append(("6. 64-byte UDP, highest rate with no loss, >= VXLAN's (kpps)", parts, met))
 
-    lines = [f"### issue 7's targets, for `{default}` (pyflanneld's defaults)", ""]
+    lines = [f"### issue 7's targets, for `{default}` (pyflanneld's defaults){family}", ""]
     lines += _header(["target", "this run", "verdict"])
     for name, parts, met in checks:
         lines.append(_row([name, "; ".join(parts) or "not measured", _verdict(met)]))
@@ -289,7 +306,7 @@ def daemonset_table(results: Results) -> list[str]:
 
 
 def tables(results: Results) -> str:
-    lines = targets_table(results)
+    lines = targets_tables(results)
     for regime in results.regimes:
         lines += regime_tables(results, regime)
     if results.peaks:
@@ -400,7 +417,13 @@ def _path_lines(meta: dict[str, Any]) -> list[str]:
               "vxlan": "the kernel's VXLAN set up by hand as flannel's vxlan backend does "
                        "(flannel.1, VNI 1, port 8472, MTU 1450), for reference",
               "host-gw": "a route to the peer's subnet via its underlay address (by hand, for "
-                         "reference)"}
+                         "reference)",
+              "vxlan-ipv6": "the kernel's VXLAN over IPv6 between the containers' IPv6 "
+                            "addresses, set up by hand as flannel's vxlan backend does "
+                            "(flannel-v6.1 over the hosts' IPv6 addresses, the kernel's MTU "
+                            "1430), for reference",
+              "host-gw-ipv6": "a route to the peer's IPv6 subnet via its underlay IPv6 address "
+                              "(by hand, for reference)"}
     lines = []
     for name, info in meta["paths"].items():
         if "daemonset" in info:
@@ -409,6 +432,9 @@ def _path_lines(meta: dict[str, Any]) -> list[str]:
                          f"with memory {limits['memory_bytes'] // 2**20} MiB and CPU "
                          f"{limits['cpu_millis']}m (kube-flannel.yml's requests = limits), as "
                          "a Kubernetes node runs them; their files already in the page cache")
+        elif "ipv6" in info and info["kind"] == "pyflannel":
+            lines.append(f"  - `{name}`: `{info['ipv6']['repeats']}`'s daemons, between the "
+                         "containers' IPv6 addresses (each packet one datagram over IPv4)")
         elif info["kind"] == "pyflannel":
             flags = " ".join(info["flags"]) or "its defaults"
             backend = info.get("backend", {}).get("Type", "udp")
@@ -482,8 +508,9 @@ def write_report(meta: dict[str, Any], samples: list[Sample],
         f"- order: each regime in turn, and in it {meta['reps']} round(s), each of which "
         "runs every path's workloads once, in the path order above and back again. Ratios "
         f"(`/ vxlan`, and the targets' `x`) are each path's sample over the `{BASELINE}` "
-        "row's sample of the same round and regime, the median over rounds (so drift of the "
-        "machine between rounds cancels); the values beside them are each row's median.",
+        "row's sample of the same round and regime (a `-ipv6` path's over "
+        f"`{IPV6_BASELINE}`'s), the median over rounds (so drift of the machine between "
+        "rounds cancels); the values beside them are each row's median.",
         "", "![throughput, CPU, latency and 64-byte UDP](results.png)", ""])
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(header + "\n" + body)

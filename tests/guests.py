@@ -35,9 +35,12 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Self
 
-from tests.cluster import Flanneld
+from tests.cluster import Flanneld, LoggedDaemon, wait_for
+from tests.etcd import EtcdServer
+from tests.flanneld import RealFlanneld
 from tests.testbed import FLANNEL_CNI, ClosedOnSigterm, Testbed, sh
 
 # Where `make deb` unpacks kernel packages: <KERNEL_CACHE>/<package>/{boot,lib/modules}.
@@ -489,6 +492,21 @@ workdir=/run/pf-var/work /var
         self.container_ip = address.split("/")[0]
         return self.container_ip
 
+    def remove_container(self) -> None:
+        """Delete the container as a runtime does (the `flannel` CNI plugin's DEL) and the
+        bridge with it: the next container, on another lease, gets a cni0 with its own
+        gateway (`bridge` refuses a cni0 that holds another subnet's address)."""
+        assert self.container_netns, "this guest has no container"
+        env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": self.container_netns,
+               "CNI_NETNS": f"/run/netns/{self.container_netns}", "CNI_IFNAME": "eth0",
+               "CNI_PATH": "/usr/lib/cni"}
+        conf = {"cniVersion": "1.0.0", "name": "pyflannel", "type": "flannel",
+                "dataDir": "/run/cni-flannel", "ipam": {"dataDir": "/run/cni-ipam"}}
+        self.run(FLANNEL_CNI, input=json.dumps(conf), env=env)
+        self.run("ip", "netns", "del", self.container_netns)
+        self.ip("link", "del", "cni0")
+        self.container_netns = self.container_ip = None
+
 
 class Guests(ClosedOnSigterm):
     """The guests of one testbed. Use as a context manager: it powers them all off and deletes
@@ -534,8 +552,8 @@ class Guests(ClosedOnSigterm):
 
 
 
-class GuestFlanneld(Flanneld):
-    """pyflanneld in a guest: tests.cluster.Flanneld (its flags, log, subnet.env, stop) with the
+class InGuest(LoggedDaemon):
+    """A daemon of tests.cluster or tests.flanneld (its flags, log, subnet.env, stop) with the
     process started by the guest's agent. Its log and subnet file are in the shared workdir."""
 
     def start(self, handed: Mapping[str, int] | None = None) -> Self:
@@ -543,7 +561,7 @@ class GuestFlanneld(Flanneld):
             raise NotImplementedError("descriptors cannot be handed into a guest from here")
         guest = self.host
         assert isinstance(guest, Guest)
-        # Flanneld's command runs it in a host's namespace; a guest runs it as it is.
+        # The daemon's command runs it in a host's namespace; a guest runs it as it is.
         namespace = ["ip", "netns", "exec", guest.netns]
         assert self.command[:len(namespace)] == namespace, self.command
         with open(self.log_path, "ab") as log:
@@ -556,11 +574,118 @@ class GuestFlanneld(Flanneld):
         return self
 
 
+class GuestFlanneld(Flanneld, InGuest):
+    """pyflanneld in a guest."""
+
+
+class GuestRealFlanneld(RealFlanneld, InGuest):
+    """flanneld (the reference build: the guest shares this machine's root) in a guest, on the
+    etcd prefix given: the guests' clusters of each backend keep theirs apart."""
+
+    def __init__(self, binary: str, bed: Testbed, guest: Guest, etcd: EtcdServer,
+                 prefix: str) -> None:
+        super().__init__(binary, bed, guest, etcd)  # type: ignore[arg-type]
+        self.command = [f"--etcd-prefix={prefix}" if arg.startswith("--etcd-prefix=") else arg
+                        for arg in self.command]
+
+
+@dataclass
+class GuestBed:
+    bed: Testbed
+    etcd: EtcdServer
+    guests: list[Guest]
+
+
 @contextmanager
-def booted(bed: Testbed, count: int) -> Iterator[list[Guest]]:
-    """`count` guests on `bed`, powered off and deleted afterwards."""
-    with Guests(bed) as guests:
-        yield guests.boot(count)
+def guest_testbed(count: int) -> Iterator[GuestBed]:
+    """`count` guests booted at once on a fresh testbed with a real etcd (both APIs), all
+    powered off and deleted afterwards."""
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        try:
+            with Guests(bed) as guests:
+                started = time.monotonic()
+                booted = guests.boot(count)
+                print(f"\nguests booted in {time.monotonic() - started:.1f} s: " + ", ".join(
+                    f"{g.netns} {g.uname} in {g.boot_seconds:.1f} s (its agent spoke at uptime "
+                    f"{g.hello_uptime:.1f} s)" for g in booted))
+                yield GuestBed(bed, etcd, booted)
+        finally:
+            etcd.stop()
+
+
+# Under TCG a guest runs Python many times slower than this machine: a daemon's start, a lease,
+# a route take seconds, not milliseconds.
+SLOW = 120.0
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def ping(src: Guest, address: str, timeout: float = 30.0) -> None:
+    """Ping from src's container until an answer comes (the first may wait for ARP, routes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = src.in_container("ping", "-c", "1", "-W", "2", address, check=False)
+        if result.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{src.netns}'s container cannot ping {address}: "
+                                 f"{result.stdout}{result.stderr}")
+
+
+SERVER = """import hashlib, socket, sys
+listener = socket.create_server((sys.argv[1], 0))
+print("listening", listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+digest, count = hashlib.sha256(), 0
+while chunk := conn.recv(1 << 16):
+    digest.update(chunk)
+    count += len(chunk)
+print("received", count, digest.hexdigest(), flush=True)
+"""
+CLIENT = """import hashlib, os, socket, sys
+total, sent, digest = int(sys.argv[3]), 0, hashlib.sha256()
+block = os.urandom(1 << 16)
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as s:
+    while sent < total:
+        chunk = block[: total - sent]
+        s.sendall(chunk)
+        digest.update(chunk)
+        sent += len(chunk)
+        block = block[1:] + block[:1]
+print("sent", sent, digest.hexdigest())
+"""
+
+
+def tcp_transfer(server: Guest, client: Guest, nbytes: int, log: str) -> float:
+    """Send nbytes of pseudo-random data from client's container to server's over TCP and check
+    that exactly those bytes arrived; returns the transfer's seconds. `log` is the server's,
+    a new file for each transfer."""
+    assert server.container_netns and server.container_ip and client.container_netns
+    listener = server.spawn("ip", "netns", "exec", server.container_netns, "python3", "-c",
+                            SERVER, server.container_ip, log=log)
+    port = ""
+
+    def listening() -> bool:
+        nonlocal port
+        found = re.search(r"listening (\d+)", read(log))
+        port = found.group(1) if found else ""
+        return bool(port) or listener.poll() is not None
+
+    wait_for(listening, SLOW, f"{server.netns}'s container listening")
+    assert port, read(log)
+    started = time.monotonic()
+    sent = client.in_container("python3", "-c", CLIENT, server.container_ip, port, str(nbytes))
+    assert listener.wait(SLOW) == 0, read(log)
+    seconds = time.monotonic() - started
+    received = re.search(r"received (\d+) (\w+)", read(log))
+    assert received, read(log)
+    assert sent.stdout.split() == ["sent", received.group(1), received.group(2)]
+    assert int(received.group(1)) == nbytes
+    return seconds
 
 
 # --- the agent, inside the guest --------------------------------------------------------------

@@ -21,7 +21,9 @@ planes run; service-account signing keys. Its keys in etcd are under a prefix of
 (`--etcd-prefix=/kubeapi-<random>`) and it never compacts etcd (`--etcd-compaction-interval=0`: its
 periodic compaction would cut the whole keyspace, the tests' flannel keys included). The
 controller manager runs only the `nodeipam` (spec.podCIDR for each Node) and
-`serviceaccount-token` controllers.
+`serviceaccount-token` controllers. With an IPv6 CIDR in `cluster_cidr` (dual-stack, or IPv6
+alone) both run with 1.19's alpha IPv6DualStack gate on, and each Node gets spec.podCIDRs of
+the families given (tests/test_kube_dualstack.py).
 
 Start-up, measured on this 2-core machine with other work beside it (load average 2.5-4): the
 certificates take 0.3 s (P-256 keys), the API server answers /readyz 4-5 s after launch (7.7 s
@@ -138,9 +140,12 @@ class KubeApi:
 
     def __init__(self, bed: Testbed, etcd: EtcdServer | None = None, *,
                  cluster_cidr: str = "10.244.0.0/16", node_cidr_mask_size: int = 24,
-                 name: str = "kube") -> None:
+                 node_cidr_mask_size_ipv6: int = 64, name: str = "kube") -> None:
         """etcd: the store (the tests' EtcdServer; the API server's keys go under a prefix of
         its own); None starts an etcd on a host of its own (`<name>-etcd`), stopped by stop().
+        cluster_cidr: the Nodes' podCIDRs come from it; "<IPv4 CIDR>,<IPv6 CIDR>" gives each
+        Node one of each family (spec.podCIDRs), an IPv6 CIDR alone IPv6 ones, each a
+        /node_cidr_mask_size (IPv4) or /node_cidr_mask_size_ipv6.
         name: the API server's host (give another for a second KubeApi on one testbed)."""
         if not os.path.isdir(REFERENCE):
             raise ReferenceMissing(f"no reference Kubernetes builds at {REFERENCE}")
@@ -148,8 +153,14 @@ class KubeApi:
             if not os.access(binary, os.X_OK):
                 raise RuntimeError(f"{binary} is missing or not executable")
         self.bed = bed
-        self.cluster_cidr = str(ipaddress.IPv4Network(cluster_cidr))
+        cidrs = [ipaddress.ip_network(cidr) for cidr in cluster_cidr.split(",")]
+        self.cluster_cidr = ",".join(str(cidr) for cidr in cidrs)
         self.node_cidr_mask_size = node_cidr_mask_size
+        self.node_cidr_mask_size_ipv6 = node_cidr_mask_size_ipv6
+        # 1.19 hands out IPv6 podCIDRs (and a Node two of them) only with its alpha
+        # IPv6DualStack gate on, in the controller manager (which then refuses the single-family
+        # --node-cidr-mask-size) and in the API server (which validates spec.podCIDRs).
+        self.ipv6 = any(cidr.version == 6 for cidr in cidrs)
         self.apiserver: subprocess.Popen[bytes] | None = None
         self.controller_manager: subprocess.Popen[bytes] | None = None
         self._own_etcd: EtcdServer | None = None
@@ -204,7 +215,7 @@ class KubeApi:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--api-audiences=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true", "--profiling=false",
+            "--allow-privileged=true", "--profiling=false", *self._feature_gates(),
         ]
         with open(self.apiserver_log, "ab") as log:
             self.apiserver = subprocess.Popen(["ip", "netns", "exec", self.host.netns, *args],
@@ -225,7 +236,10 @@ class KubeApi:
             f"--kubeconfig={p('controller-manager.kubeconfig')}",
             "--controllers=nodeipam,serviceaccount-token",
             "--allocate-node-cidrs=true", f"--cluster-cidr={self.cluster_cidr}",
-            f"--node-cidr-mask-size={self.node_cidr_mask_size}",
+            *([f"--node-cidr-mask-size-ipv4={self.node_cidr_mask_size}",
+               f"--node-cidr-mask-size-ipv6={self.node_cidr_mask_size_ipv6}"] if self.ipv6
+              else [f"--node-cidr-mask-size={self.node_cidr_mask_size}"]),
+            *self._feature_gates(),
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--service-account-private-key-file={p('sa.key')}",
             f"--root-ca-file={p('ca.pem')}",
@@ -236,6 +250,9 @@ class KubeApi:
             self.controller_manager = subprocess.Popen(
                 ["ip", "netns", "exec", self.host.netns, *args],
                 stdout=log, stderr=subprocess.STDOUT)
+
+    def _feature_gates(self) -> list[str]:
+        return ["--feature-gates=IPv6DualStack=true"] if self.ipv6 else []
 
     def _check_controller_manager(self) -> None:
         if self.controller_manager is None or self.controller_manager.poll() is not None:

@@ -22,45 +22,30 @@ import pytest
 
 from tests.cluster import Flanneld, put_config, scrape, stop_all, value, wait_for
 from tests.conftest import require_host_network_tools
-from tests.etcd import EtcdServer
-from tests.guests import Guest, GuestFlanneld, Guests, missing_guest_tools
+from tests.guests import (
+    SLOW,
+    Guest,
+    GuestBed,
+    GuestFlanneld,
+    guest_testbed,
+    ping,
+    read,
+    tcp_transfer,
+)
 from tests.test_dataplane import inner_udp
-from tests.testbed import Testbed, inside
+from tests.testbed import inside
 
-# Under TCG a guest runs Python many times slower than this machine: a daemon's start, a lease,
-# a route take seconds, not milliseconds.
-SLOW = 120.0
 UDP_CONFIG = {"Network": "10.0.0.0/8", "SubnetLen": 24, "SubnetMin": "10.10.0.0",
               "SubnetMax": "10.99.0.0", "Backend": {"Type": "udp"}}
 MTU = 1472  # flanneld's udp backend on a 1500 underlay
 
 
-@dataclass
-class GuestBed:
-    bed: Testbed
-    etcd: EtcdServer
-    guests: list[Guest]
-
-
 @pytest.fixture(scope="module")
 def guest_bed() -> Iterator[GuestBed]:
-    """Two guests on a fresh testbed with a real etcd (both APIs), booted once for the module."""
+    """Two guests on a fresh testbed with a real etcd, booted once for the module."""
     require_host_network_tools()
-    missing = missing_guest_tools()
-    if missing:
-        pytest.fail("cannot boot guests, missing: " + "; ".join(missing), pytrace=False)
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            with Guests(bed) as guests:
-                started = time.monotonic()
-                booted = guests.boot(2)
-                print(f"\nguests booted in {time.monotonic() - started:.1f} s: " + ", ".join(
-                    f"{g.netns} {g.uname} in {g.boot_seconds:.1f} s (its agent spoke at uptime "
-                    f"{g.hello_uptime:.1f} s)" for g in booted))
-                yield GuestBed(bed, etcd, booted)
-        finally:
-            etcd.stop()
+    with guest_testbed(2) as bed:
+        yield bed
 
 
 def test_guests_run_debian_12_s_kernel_and_reach_etcd(guest_bed: GuestBed) -> None:
@@ -78,74 +63,6 @@ def test_guests_run_debian_12_s_kernel_and_reach_etcd(guest_bed: GuestBed) -> No
     first, second = guest_bed.guests
     assert second.run("test", "-e", f"/tmp/{first.netns}", check=False).returncode == 1
     assert second.run("test", "-e", f"/var/{first.netns}", check=False).returncode == 1
-
-
-def ping(src: Guest, address: str, timeout: float = 30.0) -> None:
-    """Ping from src's container until an answer comes (the first may wait for ARP, routes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = src.in_container("ping", "-c", "1", "-W", "2", address, check=False)
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{src.netns}'s container cannot ping {address}: "
-                                 f"{result.stdout}{result.stderr}")
-
-
-SERVER = """import hashlib, socket, sys
-listener = socket.create_server((sys.argv[1], 0))
-print("listening", listener.getsockname()[1], flush=True)
-conn, _ = listener.accept()
-digest, count = hashlib.sha256(), 0
-while chunk := conn.recv(1 << 16):
-    digest.update(chunk)
-    count += len(chunk)
-print("received", count, digest.hexdigest(), flush=True)
-"""
-CLIENT = """import hashlib, os, socket, sys
-total, sent, digest = int(sys.argv[3]), 0, hashlib.sha256()
-block = os.urandom(1 << 16)
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as s:
-    while sent < total:
-        chunk = block[: total - sent]
-        s.sendall(chunk)
-        digest.update(chunk)
-        sent += len(chunk)
-        block = block[1:] + block[:1]
-print("sent", sent, digest.hexdigest())
-"""
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def tcp_transfer(server: Guest, client: Guest, nbytes: int, log: str) -> float:
-    """Send nbytes of pseudo-random data from client's container to server's over TCP and check
-    that exactly those bytes arrived; returns the transfer's seconds."""
-    assert server.container_netns and server.container_ip and client.container_netns
-    listener = server.spawn("ip", "netns", "exec", server.container_netns, "python3", "-c",
-                            SERVER, server.container_ip, log=log)
-    port = ""
-
-    def listening() -> bool:
-        nonlocal port
-        found = re.search(r"listening (\d+)", read(log))
-        port = found.group(1) if found else ""
-        return bool(port) or listener.poll() is not None
-
-    wait_for(listening, SLOW, f"{server.netns}'s container listening")
-    assert port, read(log)
-    started = time.monotonic()
-    sent = client.in_container("python3", "-c", CLIENT, server.container_ip, port, str(nbytes))
-    assert listener.wait(SLOW) == 0, read(log)
-    seconds = time.monotonic() - started
-    received = re.search(r"received (\d+) (\w+)", read(log))
-    assert received, read(log)
-    assert sent.stdout.split() == ["sent", received.group(1), received.group(2)]
-    assert int(received.group(1)) == nbytes
-    return seconds
 
 
 @dataclass

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -21,7 +21,13 @@ from tests.conftest import CLUSTER_CIDR
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, wait_reachable
 from tests.kubeapi import KubeApi
-from tests.test_kubeapi import KubeFlanneld, assert_flanneld_wrote, flannel_annotations, wait_for
+from tests.test_kubeapi import (
+    NETWORK,
+    KubeFlanneld,
+    assert_flanneld_wrote,
+    flannel_annotations,
+    wait_for,
+)
 from tests.testbed import Host, Testbed, tcp_transfer
 
 ANNOTATION = "flannel.alpha.coreos.com/"
@@ -30,14 +36,16 @@ needs_flanneld = pytest.mark.skipif(not os.path.exists(REFERENCE_FLANNELD),
 
 
 class KubePyflanneld(Flanneld):
-    """pyflanneld in kube mode for Node `node_name`, with that node's kubelet certificate."""
+    """pyflanneld in kube mode for Node `node_name`, with that node's kubelet certificate.
+    network: the net-conf's keys besides Backend."""
 
     def __init__(self, bed: Testbed, host: Host, api: KubeApi, node_name: str,
                  backend: dict[str, Any], *flags: str,
-                 python_args: tuple[str, ...] = ("-m", "control")) -> None:
+                 python_args: tuple[str, ...] = ("-m", "control"),
+                 network: Mapping[str, object] = NETWORK) -> None:
         net_conf = os.path.join(bed.workdir, f"{host.netns}-net-conf.json")
         with open(net_conf, "w") as f:
-            json.dump({"Network": CLUSTER_CIDR, "Backend": backend}, f)
+            json.dump({**network, "Backend": backend}, f)
         super().__init__(bed, host, None, "", "--kube-subnet-mgr",
                          f"--kubeconfig-file={api.node_kubeconfig(node_name)}",
                          f"--net-config-path={net_conf}", *flags,

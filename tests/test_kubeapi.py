@@ -9,7 +9,7 @@ import json
 import os
 import time
 import unittest
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -30,6 +30,7 @@ from tests.kubeapi import (
 from tests.testbed import Host, Testbed
 
 ANNOTATION = "flannel.alpha.coreos.com/"
+NETWORK: Mapping[str, object] = {"Network": CLUSTER_CIDR}  # the kube tests' net-conf, less Backend
 STRATEGIC = "application/strategic-merge-patch+json"
 
 
@@ -146,18 +147,19 @@ class KubeFlanneld(RealFlanneld):
     """flanneld v0.20.2 in kube mode on a host, for Node `node_name`: with `kubeconfig`, or
     with a pod's in-cluster config (`in_cluster`: its ServiceAccount's files, the API server in
     KUBERNETES_SERVICE_HOST/PORT, the node found from the Pod `pod` if given, else from
-    NODE_NAME)."""
+    NODE_NAME). network: the net-conf's keys besides Backend; flags: more of flanneld's."""
 
     def __init__(self, bed: Testbed, host: Host, node_name: str, kubeconfig: str | None,
                  backend: str, *, api: KubeApi | None = None,
                  in_cluster: ServiceAccountFiles | None = None,
-                 pod: tuple[str, str] | None = None) -> None:
+                 pod: tuple[str, str] | None = None,
+                 network: Mapping[str, object] = NETWORK, flags: Sequence[str] = ()) -> None:
         net_conf = os.path.join(bed.workdir, f"{host.netns}-net-conf.json")
         with open(net_conf, "w") as f:
-            json.dump({"Network": CLUSTER_CIDR, "Backend": {"Type": backend}}, f)
+            json.dump({**network, "Backend": {"Type": backend}}, f)
         subnet_file = os.path.join(bed.workdir, f"{host.netns}-flanneld.env")
         command = [REFERENCE_FLANNELD, "--kube-subnet-mgr", f"--net-config-path={net_conf}",
-                   "--iface=eth0", f"--subnet-file={subnet_file}"]
+                   "--iface=eth0", f"--subnet-file={subnet_file}", *flags]
         environ = {"NODE_NAME": node_name} if pod is None else {
             "POD_NAMESPACE": pod[0], "POD_NAME": pod[1]}
         if kubeconfig is not None:

@@ -176,6 +176,17 @@ def test_the_own_dual_stack_node_announces_its_ipv6_as_flanneld_does() -> None:
                                             None, ME6)
 
 
+def test_the_own_ipv6_only_vxlan_node_writes_no_ipv4_annotations_as_flanneld() -> None:
+    value = encode_lease(None, "vxlan", None, ME6, VXLAN_DATA)
+    assert wanted_annotations(node(annotations={}), KEYS, value) == {
+        KEYS.backend_type: "vxlan", KEYS.backend_v6_data: VXLAN_DATA,
+        KEYS.public_ipv6: "2001:db8::5", KEYS.subnet_manager: "true"}
+    # host-gw writes them: its backend-data is always null
+    value = encode_lease(None, "host-gw", public_ipv6=ME6)
+    wanted = wanted_annotations(node(annotations={}), KEYS, value)
+    assert (wanted[KEYS.backend_data], wanted[KEYS.public_ip]) == ("null", "0.0.0.0")
+
+
 def test_backend_data_that_is_not_json_is_left_out_of_the_lease() -> None:
     peer = node(cidr="10.244.7.0/24", annotations=flannel(backend_data="{not json"))
     lease = decode_lease(node_lease(peer, KEYS)[1])

@@ -1,7 +1,7 @@
 """The benchmark harness cannot rot: a short run of every kind of measurement over a pyflannel row
 on each etcd API, pyflanneld's vxlan and host-gw backends, each followed by the kernel's own set
-up by hand, and (when the reference flanneld is there) flanneld's vxlan row, in the wire regime.
-This checks the shape of what it writes, never the speed."""
+up by hand, (when the reference flanneld is there) flanneld's vxlan row, and the IPv6 paths, in
+the wire regime. This checks the shape of what it writes, never the speed."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from perf.bench import DEFAULT_FLANNELD, WORKLOADS, rounds
-from perf.paths import DEFAULT_ROW, PYFLANNEL_ROWS, PerfBed, describe, etcd_api
+from perf.paths import DEFAULT_ROW, IPV6_PATHS, PYFLANNEL_ROWS, PerfBed, describe, etcd_api
 from tests.conftest import require_host_network_tools
 from tests.limits import DAEMONSET_CPU_MILLIS, DAEMONSET_MEMORY_BYTES
 
@@ -22,7 +22,7 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
     # pyflanneld's vxlan row, then the hand-built one on the device it leaves; the same for
     # host-gw, whose hand-built routes replace those pyflanneld leaves.
     paths = [DEFAULT_ROW, v2_row, "pyflannel-vxlan", "vxlan", "pyflannel-host-gw", "host-gw",
-             *(["flanneld-vxlan"] if flanneld else [])]
+             *(["flanneld-vxlan"] if flanneld else []), *IPV6_PATHS]
     result = subprocess.run(
         [sys.executable, "-m", "perf.bench", "--paths", *paths, "--regimes", "wire",
          "--reps", "1", "--seconds", "1", "--udp-rates", "2", "--flanneld", flanneld,
@@ -60,6 +60,7 @@ def test_every_kind_of_measurement(tmp_path: Path) -> None:
     assert all(peak["sender"] > 0 and peak["receiver"] > 0 for peak in peaks.values())
     report = (tmp_path / "RESULTS.md").read_text()
     assert "### wire" in report and all(f"| {path} |" in report for path in paths)
+    assert "for `pyflannel-ipv6` (pyflanneld's defaults), over IPv6" in report
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from perf.report import Results, targets_table
+from perf.report import Results, targets_tables
 
 REGIMES = {"shaped": {"rate": "100mbit", "wire": False, "udp_search": False},
            "unshaped": {"rate": None, "wire": False, "udp_search": True},
@@ -39,7 +39,7 @@ def run(ours: float, rss_mib: float) -> list[str]:
              "pyflannel-etcdv2": {"sender": 30 * MIB, "receiver": 30 * MIB},
              "pyflannel-vxlan": {"sender": 90 * MIB, "receiver": 90 * MIB}}
     meta = {"paths": PATHS, "regimes": REGIMES}
-    return targets_table(Results(meta, samples, peaks))
+    return targets_tables(Results(meta, samples, peaks))
 
 
 def verdicts(lines: list[str]) -> list[str]:
@@ -86,3 +86,24 @@ def test_ratios_pair_the_samples_of_one_round() -> None:
     samples[1]["error"] = "timeout"
     ratio = results.ratio("unshaped", "pyflannel", "tcp1", lambda s: s["bits_per_second"])
     assert ratio is not None and abs(ratio - 1.05) < 1e-9
+
+
+def test_ipv6_paths_are_compared_with_vxlan_over_ipv6_in_a_table_of_their_own() -> None:
+    """pyflannel-ipv6 at 0.8x VXLAN over IPv4 but 1.2x VXLAN over IPv6 meets target 1 over
+    IPv6: each family's ratios are over its own kernel VXLAN."""
+    paths = {"pyflannel": PATHS["pyflannel"], "vxlan": {"kind": "kernel"},
+             "pyflannel-ipv6": {**PATHS["pyflannel"], "ipv6": {"repeats": "pyflannel"}},
+             "vxlan-ipv6": {"kind": "kernel", "ipv6": {"repeats": "vxlan"}}}
+    speeds = {"pyflannel": 1.0, "vxlan": 1.0, "pyflannel-ipv6": 0.8, "vxlan-ipv6": 0.8 / 1.2}
+    samples = [sample("unshaped", path, workload, bits_per_second=1e9 * speed)
+               for path, speed in speeds.items() for workload in ("tcp1", "tcp4")]
+    results = Results({"paths": paths, "regimes": REGIMES}, samples, {})
+    assert results.ratio("unshaped", "pyflannel-ipv6", "tcp1",
+                         lambda s: s.get("bits_per_second")) == 1.2
+    lines = targets_tables(results)
+    headings = [line for line in lines if line.startswith("### ")]
+    assert headings == ["### issue 7's targets, for `pyflannel` (pyflanneld's defaults)",
+                        "### issue 7's targets, for `pyflannel-ipv6` (pyflanneld's defaults), "
+                        "over IPv6 (the containers' IPv6 addresses)"]
+    ipv6_table = lines[lines.index(headings[1]):]
+    assert "(1.20x)" in ipv6_table[4] and verdicts(ipv6_table)[0] == "met"

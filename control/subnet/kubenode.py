@@ -220,7 +220,9 @@ def wanted_annotations(node: Node, keys: Annotations, lease_value: bytes) -> dic
     flanneld's AcquireLease writes them: backend-type, backend-data (its JSON, `null` when the
     backend has none), public-ip (the public-ip-overwrite annotation where one is set), and
     kube-subnet-manager "true"; with a PublicIPv6 also backend-v6-data and public-ipv6 (or
-    public-ipv6-overwrite), alike."""
+    public-ipv6-overwrite), alike. An IPv6-only vxlan host (no IPv4 device, so no
+    backend-data) writes neither backend-data nor public-ip, as flanneld skips its IPv4 block
+    then (its host-gw one writes `null` and 0.0.0.0)."""
     lease: PeerLease = decode_lease(lease_value)
     current = _annotations(node)
 
@@ -228,9 +230,12 @@ def wanted_annotations(node: Node, keys: Annotations, lease_value: bytes) -> dic
         overwrite = current.get(key)
         return overwrite if isinstance(overwrite, str) and overwrite else str(address)
 
-    wanted = {keys.backend_type: lease.backend_type,
-              keys.backend_data: "null" if lease.backend_data is None else lease.backend_data,
-              keys.public_ip: overwritten(lease.public_ip or "0.0.0.0", keys.public_ip_overwrite)}
+    wanted = {keys.backend_type: lease.backend_type}
+    if not (lease.backend_type == "vxlan" and lease.backend_data is None):
+        wanted[keys.backend_data] = ("null" if lease.backend_data is None
+                                     else lease.backend_data)
+        wanted[keys.public_ip] = overwritten(lease.public_ip or "0.0.0.0",
+                                             keys.public_ip_overwrite)
     if lease.public_ipv6 is not None:
         wanted[keys.backend_v6_data] = ("null" if lease.backend_v6_data is None
                                         else lease.backend_v6_data)
