@@ -584,7 +584,9 @@ class GuestRealFlanneld(RealFlanneld, InGuest):
 
     def __init__(self, binary: str, bed: Testbed, guest: Guest, etcd: EtcdServer,
                  prefix: str) -> None:
-        super().__init__(binary, bed, guest, etcd)  # type: ignore[arg-type]
+        # The path the link leads to: a link under /tmp (a clone beside a linked shared/)
+        # is hidden by the guest's own /tmp.
+        super().__init__(os.path.realpath(binary), bed, guest, etcd)  # type: ignore[arg-type]
         self.command = [f"--etcd-prefix={prefix}" if arg.startswith("--etcd-prefix=") else arg
                         for arg in self.command]
 

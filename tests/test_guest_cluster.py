@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from fastpath.udp_tc import RX_VXLAN_DEVICE, RX_VXLAN_PORT
 from tests.cluster import Flanneld, put_config, scrape, stop_all, value, wait_for
 from tests.conftest import require_host_network_tools
 from tests.guests import (
@@ -156,6 +157,17 @@ def test_the_kernel_path_runs_on_6_1_and_carries_the_pings(udp_cluster: UdpClust
     assert moved("pyflannel_kernelpath_packets_total", direction="rx") == count
     assert moved("pyflannel_fastpath_packets_total", direction="tx") == 0
     assert moved("pyflannel_fastpath_packets_total", direction="rx") == 0
+
+
+def test_a_host_between_machines_makes_no_receive_device_and_opens_no_port_8473(
+        udp_cluster: UdpCluster) -> None:
+    """A guest's interface is a virtio NIC, as a machine's is: peers' super-packets arrive cut,
+    so there is no pyflannel-rx and UDP 8473 stays closed; only the udp port is open."""
+    for guest in udp_cluster.guests:
+        assert guest.run("ip", "link", "show", RX_VXLAN_DEVICE, check=False).returncode != 0
+        listening = guest.run("ss", "-Hulnp").stdout
+        assert f":{RX_VXLAN_PORT} " not in listening, listening
+        assert ":8285 " in listening, listening
 
 
 RECEIVER = """import socket, sys

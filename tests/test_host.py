@@ -14,6 +14,9 @@ from tests.testbed import Host, Testbed, inside
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
 SUBNET = ipaddress.IPv4Network("10.244.3.0/24")
 MOVED = ipaddress.IPv4Network("10.244.9.0/24")
+NETWORK6 = ipaddress.IPv6Network("fd00::/48")
+SUBNET6 = ipaddress.IPv6Network("fd00:0:0:3::/64")
+MOVED6 = ipaddress.IPv6Network("fd00:0:0:9::/64")
 
 
 @pytest.fixture
@@ -56,22 +59,29 @@ def test_external_interface_by_name_address_regex_and_default_route(
 
 def test_tun_is_addressed_routed_and_readdressed_as_flanneld_does(
         host: Host, netlink: Netlink) -> None:
-    netlink.configure_tun("tun0", SUBNET, NETWORK, 1372)
+    served = [(SUBNET, NETWORK), (SUBNET6, NETWORK6)]
+    netlink.configure_tun("tun0", served, 1372)
     assert "inet 10.244.3.0/32 scope global tun0" in host.ip("-4", "addr", "show", "tun0").stdout
+    assert "inet6 fd00:0:0:3::/128 scope global" in host.ip("-6", "addr", "show", "tun0").stdout
     link = host.ip("link", "show", "tun0").stdout
     assert "mtu 1372" in link and ",UP" in link
     routes = host.ip("-d", "route", "show", "dev", "tun0").stdout
     assert "unicast 10.244.0.0/16 proto boot scope global" in routes  # as flanneld's
+    assert "unicast fd00::/48 proto boot" in host.ip("-6", "-d", "route", "show", "dev",
+                                                     "tun0").stdout
     # Again, as on a TUN kept from the previous run: nothing doubles.
-    netlink.configure_tun("tun0", SUBNET, NETWORK, 1372)
+    netlink.configure_tun("tun0", served, 1372)
     assert host.ip("-4", "-o", "addr", "show", "tun0").stdout.count("inet ") == 1
     assert host.ip("route", "show", "dev", "tun0").stdout.count("10.244.0.0/16") == 1
+    assert host.ip("-6", "route", "show", "dev", "tun0").stdout.count("fd00::/48") == 1
 
     netlink.readdress_tun("tun0", SUBNET, MOVED)
-    addresses = host.ip("-4", "addr", "show", "tun0").stdout
+    netlink.readdress_tun("tun0", SUBNET6, MOVED6)
+    addresses = host.ip("addr", "show", "tun0").stdout
     assert "10.244.9.0/32" in addresses and "10.244.3.0" not in addresses
+    assert "fd00:0:0:9::/128" in addresses and "fd00:0:0:3::" not in addresses
     with pytest.raises(HostError, match="interface nosuch0 does not exist"):
-        netlink.configure_tun("nosuch0", SUBNET, NETWORK, 1372)
+        netlink.configure_tun("nosuch0", served, 1372)
 
 
 def test_external_interface_as_flanneld_picks_ipv4_addresses(host: Host, netlink: Netlink

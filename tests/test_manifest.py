@@ -472,13 +472,17 @@ def test_the_containerfile_installs_make_wheel_s_wheel_and_runs_pyflanneld() -> 
     packages = runs.split("--no-install-recommends", 1)[1].split("&&", 1)[0].split()
     assert sorted(packages) == ["iptables", "libbpf1"]
     with open(os.path.join(REPO, "control", "host", "iptables.py")) as f:
-        assert '"iptables", "-w"' in f.read()  # what it execs
+        # what it execs: iptables and ip6tables, and their -restore
+        assert 'COMMAND = {4: "iptables", 6: "ip6tables"}' in f.read()
     with open(os.path.join(REPO, "fastpath", "udp_tc.py")) as f:
         assert 'LIBBPF_SONAMES = ("libbpf.so.1"' in f.read()  # what it loads first
     # The packages that hold them in Debian 12, the base image's release as this machine's.
-    owners = subprocess.run(["dpkg", "-S", "/usr/sbin/iptables-nft", "libbpf.so.1"],
+    commands = [f"/usr/sbin/{name}-nft{tail}" for name in ("iptables", "ip6tables")
+                for tail in ("", "-restore")]
+    owners = subprocess.run(["dpkg", "-S", *commands, "libbpf.so.1"],
                             capture_output=True, text=True, check=True).stdout
-    assert re.search(r"^iptables: /usr/sbin/iptables-nft$", owners, re.M), owners
+    for command in commands:
+        assert re.search(rf"^iptables: {command}$", owners, re.M), owners
     assert re.search(r"^libbpf1:amd64: \S+/libbpf\.so\.1$", owners, re.M), owners
 
     entrypoint = [json.loads(args) for op, args in steps if op == "ENTRYPOINT"]
