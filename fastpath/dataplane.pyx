@@ -266,16 +266,14 @@ cdef class FastPath:
     def set_route(self, subnet, ip, int port):
         """Send packets for `subnet` (e.g. "10.244.3.0/24", or "fd00:0:0:3::/64" of the IPv6
         Network: only a pyflannel peer's, since flanneld drops IPv6) to UDP ip:port (IPv4)."""
-        table = self._table_of(subnet)
-        table.set(subnet, ip, port)
-        if self.udp_tc is not None and table is self.table:  # the kernel path is IPv4's only
+        self._table_of(subnet).set(subnet, ip, port)
+        if self.udp_tc is not None:
             self.udp_tc.set_route(subnet, ip, port)
 
     def del_route(self, subnet):
         """Stop routing `subnet`; its packets then get ICMP net unreachable (ICMPv6 no route)."""
-        table = self._table_of(subnet)
-        table.delete(subnet)
-        if self.udp_tc is not None and table is self.table:
+        self._table_of(subnet).delete(subnet)
+        if self.udp_tc is not None:
             self.udp_tc.del_route(subnet)
 
     def start(self):
@@ -350,17 +348,21 @@ cdef class FastPath:
             detach_underlay(underlay)
             return
         udp_tc = None
+        layout6 = {} if self.table6 is None else {"ipv6_network": self.table6.network,
+                                                  "ipv6_subnet_len": self.table6.subnet_len}
         try:
             udp_tc = UdpTc(self.table.network, self.table.subnet_len, self.bind_ip, self.port,
                            socket.if_nametoindex(self.tun_name), self.underlay,
                            verify_source=self.verify_source,
                            send_whole=self.whole_superpackets, loops_take_whole=self.offload,
-                           receiver=self.vxlan_receiver, plain=self.plain_superpackets)
+                           receiver=self.vxlan_receiver, plain=self.plain_superpackets,
+                           mtu=self.mtu, **layout6)
             kept = {name[len(KERNEL_PREFIX):]: self.handed.pop(name)
                     for name in list(self.handed) if name.startswith(KERNEL_PREFIX)}
             if not udp_tc.start(kept):  # a kept route map is the kept table's twin
-                for subnet, (ip, port) in self.table.routes():
-                    udp_tc.set_route(subnet, ip, port)
+                for table in (self.table, self.table6):
+                    for subnet, (ip, port) in table.routes() if table is not None else ():
+                        udp_tc.set_route(subnet, ip, port)
         except UdpTcUnavailable as err:
             if udp_tc is not None:
                 udp_tc.stop()

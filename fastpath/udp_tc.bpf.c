@@ -73,7 +73,7 @@
  * (and says so only at -v 1), and so did pyflanneld's loops before they knew hellos.
  *
  * Everything unusual is passed on (TC_ACT_OK) to the daemon's own loops, which already handle
- * it: non-IPv4, no route (ICMP net unreachable), TTL expiry (counted), malformed packets
+ * it: neither IPv4 nor IPv6, no route (ICMP net unreachable), TTL expiry (counted), malformed packets
  * (counted), fragments, datagrams merged by UDP GRO, a source that is not the sender's own
  * (dropped and counted, with verify_source). So a packet either takes this path or the
  * one it took before, and the counters below say how many took this one. A flow whose packets
@@ -83,11 +83,28 @@
  *
  * The route table has the layout of fastpath/table.pxd (one entry per subnet of the Network,
  * indexed by subnet number), written by the control plane while packets flow.
+ *
+ * IPv6 inside the overlay (flannel's IPv6Network; the loops' table6): routes6 holds the IPv6
+ * subnets of pyflannel peers (a flanneld peer gets none: its proxy drops what is not IPv4).
+ * tun_egress sends an IPv6 packet with TCP, UDP or ICMPv6 right behind its fixed header, for a
+ * routed subnet, with hop limit above 1 and within the MTU, as one datagram like an IPv4 one
+ * (outer IPv4 and UDP), its hop limit one lower; udp_ingress receives such a datagram from the
+ * host that routes its source. The outer header changes the packet's family, which the kernel
+ * reads from skb->protocol alone (bpf_redirect_neigh's route lookup, the receiving stack: either
+ * drops a packet whose skb->protocol is the other family's). bpf_skb_adjust_room changes it only
+ * with the ENCAP flags, which a veth must not get (see above), or the DECAP flags (Linux 6.3+).
+ * So bpf_skb_change_proto (Linux 4.8) changes it on the way in, and on the way out over a veth
+ * (elsewhere the ENCAP flags do, as for IPv4). It moves 20 bytes: 48 bytes of room made, 20
+ * taken back, on the way out; 20 made, 48 taken off, on the way in. Super-packets
+ * of IPv6 (TSO6), extension headers, fragments and the rest go to the loops, and a flow that
+ * sent a super-packet keeps going their way for BULK_HOLD_NS on any underlay. The next-hop
+ * cache is IPv4's: an IPv6 packet goes by bpf_redirect_neigh.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -101,6 +118,9 @@
 #define BULK_HOLD_NS (100 * 1000 * 1000ULL)
 #define CSUM_CHUNK 128
 #define CSUM_CHUNKS 12 /* L4 lengths up to 1536 bytes: any MTU-sized packet */
+#define NEXTHDR_ICMPV6 58
+/* bpf_skb_change_proto's move: an IPv6 fixed header is this much longer than an IPv4 one. */
+#define V6_V4_DIFF (sizeof(struct ipv6hdr) - sizeof(struct iphdr))
 
 struct udp_tc_config {
 	__be32 network;    /* the flannel Network, network byte order */
@@ -119,6 +139,14 @@ struct udp_tc_config {
 	__u32 verify_source;
 	/* This kernel's boot ID (/proc/sys/kernel/random/boot_id), as kernel hellos carry it. */
 	__u64 boot_id[2];
+	/* The IPv6 Network (routes6), as fastpath/table.pxd's route_table6_t has it: host-order
+	 * halves of the 128 bits, the high one first. size6 0: no IPv6 is carried here. */
+	__u64 network6[2];
+	__u64 netmask6[2];
+	__u32 shift6;      /* 128 - IPv6SubnetLen */
+	__u32 size6;       /* entries in routes6 */
+	__u32 mtu;         /* flannel0's: a longer IPv6 packet is the loops' (packet too big) */
+	__u32 pad;
 	/* Which build of these programs the loader attached: a hash of this file's object, which a
 	 * restart compares before it goes on with kept programs (fastpath/udp_tc.py). Unread here. */
 	__u8 build[16];
@@ -156,7 +184,8 @@ struct udp_tc_route {
 enum udp_tc_counter {
 	TX_PACKETS, /* encapsulated and sent (a GSO super-packet counts as its segments) */
 	TX_BYTES,   /* inner bytes of those */
-	TX_PASSED,  /* IPv4 left to the daemon (no route, TTL, too long) */
+	TX_PASSED,  /* IPv4 and IPv6 left to the daemon (no route, TTL, too long, super-packets
+		     * of IPv6, extension headers) */
 	RX_PACKETS, /* decapsulated and received on the TUN */
 	RX_BYTES,
 	RX_PASSED,  /* datagrams to our port left to the daemon (malformed, TTL, merged, fragments,
@@ -186,6 +215,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct udp_tc_route);
 } routes SEC(".maps");
+
+/* The IPv6 Network's subnets, as routes: only pyflannel peers' (see the top). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1); /* sized to the IPv6 Network by the loader */
+	__type(key, __u32);
+	__type(value, struct udp_tc_route);
+} routes6 SEC(".maps");
 
 /* What tun_egress found out about a peer, on one CPU, at most NEXT_HOP_CHECK_NS ago: the
  * Ethernet header of a frame to it out of the underlay (FIB lookup), and whether it said hello.
@@ -262,6 +299,28 @@ static __always_inline void flow_of(struct __sk_buff *skb, const struct iphdr *i
 	flow->ports = 0;
 	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP)
 		bpf_skb_load_bytes(skb, off + ip->ihl * 4, &flow->ports, sizeof(flow->ports));
+}
+
+/* An IPv6 flow's key in the same maps: each address folded into 32 bits, the family in the
+ * protocol. Two flows that fold alike share their hold, which only keeps one on the loops' way
+ * longer: never out of order. */
+#define FLOW_IPV6 0x100
+static __always_inline __be32 fold6(const struct in6_addr *addr)
+{
+	return addr->in6_u.u6_addr32[0] ^ addr->in6_u.u6_addr32[1] ^ addr->in6_u.u6_addr32[2] ^
+	       addr->in6_u.u6_addr32[3];
+}
+
+/* The flow of the IPv6 packet whose header is `ip`, at `off` in the skb. */
+static __always_inline void flow_of6(struct __sk_buff *skb, const struct ipv6hdr *ip, __u32 off,
+				     struct flow *flow)
+{
+	flow->saddr = fold6(&ip->saddr);
+	flow->daddr = fold6(&ip->daddr);
+	flow->protocol = FLOW_IPV6 | ip->nexthdr;
+	flow->ports = 0;
+	if (ip->nexthdr == IPPROTO_TCP || ip->nexthdr == IPPROTO_UDP)
+		bpf_skb_load_bytes(skb, off + sizeof(*ip), &flow->ports, sizeof(flow->ports));
 }
 
 /* A flow held to one way (bulk_flows, loops_flows): when it last went that way. */
@@ -402,31 +461,18 @@ static __always_inline __s64 sum_bytes(struct __sk_buff *skb, __u32 off, __u32 l
 }
 
 /* Fill in a TCP or UDP checksum that the stack left for hardware (CHECKSUM_PARTIAL: the field
- * holds the pseudo-header's sum); one that checks out is left alone. -1: cannot tell. */
-static __always_inline int finish_checksum(struct __sk_buff *skb, struct iphdr *ip)
+ * holds the pseudo-header's sum); one that checks out is left alone. The others (ICMP, ICMPv6)
+ * are summed in software, always complete: the callers leave them alone. `hl` is the network
+ * header's length, `pseudo` the pseudo-header (its sum goes into the check). -1: cannot tell. */
+static __always_inline int finish_l4_checksum(struct __sk_buff *skb, __u32 hl, __u32 l4_len,
+					      __u8 protocol, void *pseudo, __u32 pseudo_len)
 {
-	__u32 hl = ip->ihl * 4;
-	__u32 l4_len = bpf_ntohs(ip->tot_len) - hl;
-	__u8 protocol = ip->protocol; /* ip is gone once sum_bytes pulls the packet */
-	__u32 field;
-
-	if (protocol == IPPROTO_TCP)
-		field = hl + offsetof(struct tcphdr, check);
-	else if (protocol == IPPROTO_UDP)
-		field = hl + offsetof(struct udphdr, check);
-	else
-		return 0; /* ICMP and the rest: summed in software, always complete */
-	if (ip->frag_off & bpf_htons(IP_FRAGMENT) || l4_len > CSUM_CHUNK * CSUM_CHUNKS ||
-	    bpf_ntohs(ip->tot_len) != skb->len)
-		return -1;
-	struct {
-		__be32 saddr;
-		__be32 daddr;
-		__u8 zero;
-		__u8 protocol;
-		__be16 len;
-	} pseudo = {ip->saddr, ip->daddr, 0, protocol, bpf_htons(l4_len)};
+	__u32 field = hl + (protocol == IPPROTO_TCP ? offsetof(struct tcphdr, check) :
+					     offsetof(struct udphdr, check));
 	__u16 check;
+
+	if (l4_len > CSUM_CHUNK * CSUM_CHUNKS)
+		return -1;
 
 	if (bpf_skb_load_bytes(skb, field, &check, sizeof(check)))
 		return -1;
@@ -436,14 +482,52 @@ static __always_inline int finish_checksum(struct __sk_buff *skb, struct iphdr *
 
 	if (data < 0)
 		return -1;
-	if (fold((__u64)data + (__u32)bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo),
-						    0)) == 0xffff)
+	if (fold((__u64)data + (__u32)bpf_csum_diff(NULL, 0, pseudo, pseudo_len, 0)) == 0xffff)
 		return 0;
 	/* As the hardware would: the sum over the L4 bytes, the pseudo-header's in the field. */
 	check = ~fold(data);
 	if (protocol == IPPROTO_UDP && check == 0)
 		check = 0xffff;
 	return bpf_skb_store_bytes(skb, field, &check, sizeof(check), 0) ? -1 : 0;
+}
+
+/* finish_l4_checksum for an IPv4 packet (`ip` is gone once sum_bytes pulls the packet). */
+static __always_inline int finish_checksum(struct __sk_buff *skb, struct iphdr *ip)
+{
+	__u32 hl = ip->ihl * 4;
+	struct {
+		__be32 saddr;
+		__be32 daddr;
+		__u8 zero;
+		__u8 protocol;
+		__be16 len;
+	} pseudo = {ip->saddr, ip->daddr, 0, ip->protocol, bpf_htons(bpf_ntohs(ip->tot_len) - hl)};
+
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return 0;
+	if (ip->frag_off & bpf_htons(IP_FRAGMENT) || bpf_ntohs(ip->tot_len) != skb->len)
+		return -1;
+	return finish_l4_checksum(skb, hl, bpf_ntohs(ip->tot_len) - hl, ip->protocol, &pseudo,
+				  sizeof(pseudo));
+}
+
+/* finish_l4_checksum for an IPv6 packet whose upper layer follows the fixed header. */
+static __always_inline int finish_checksum6(struct __sk_buff *skb, struct ipv6hdr *ip)
+{
+	__u32 l4_len = bpf_ntohs(ip->payload_len);
+	struct {
+		struct in6_addr saddr;
+		struct in6_addr daddr;
+		__be32 len;
+		__u8 zero[3];
+		__u8 nexthdr;
+	} pseudo = {ip->saddr, ip->daddr, bpf_htonl(l4_len), {}, ip->nexthdr};
+
+	if (ip->nexthdr != IPPROTO_TCP && ip->nexthdr != IPPROTO_UDP)
+		return 0;
+	if (l4_len + sizeof(*ip) != skb->len)
+		return -1;
+	return finish_l4_checksum(skb, sizeof(*ip), l4_len, ip->nexthdr, &pseudo, sizeof(pseudo));
 }
 
 /* On a veth underlay: whether this packet may go out as it is (see the top of this file). */
@@ -593,6 +677,77 @@ static __always_inline int senders_own(const struct udp_tc_config *cfg, __be32 s
 	return route && route->ip == sender;
 }
 
+/* The key in routes6 of an IPv6 address: its bits between the IPv6 Network's prefix and the
+ * subnet length (fastpath/table.pxd's table_lookup6). 0 outside the IPv6 Network. */
+static __always_inline int key6(const struct udp_tc_config *cfg, const struct in6_addr *addr,
+				__u32 *key)
+{
+	__u64 hi = (__u64)bpf_ntohl(addr->in6_u.u6_addr32[0]) << 32 |
+		   bpf_ntohl(addr->in6_u.u6_addr32[1]);
+	__u64 lo = (__u64)bpf_ntohl(addr->in6_u.u6_addr32[2]) << 32 |
+		   bpf_ntohl(addr->in6_u.u6_addr32[3]);
+	__u32 shift = cfg->shift6;
+
+	if (!cfg->size6 || (hi & cfg->netmask6[0]) != cfg->network6[0] ||
+	    (lo & cfg->netmask6[1]) != cfg->network6[1])
+		return 0;
+	hi &= ~cfg->netmask6[0];
+	lo &= ~cfg->netmask6[1];
+	if (shift >= 64)
+		*key = hi >> (shift - 64 & 63);
+	else if (shift == 0)
+		*key = lo; /* /128 subnets: at most 2^20, all in the low half */
+	else
+		*key = hi << (64 - shift) | lo >> shift;
+	return 1;
+}
+
+/* senders_own for an IPv6 source: the loops' IPv6 source check. */
+static __always_inline int senders_own6(const struct udp_tc_config *cfg,
+					const struct in6_addr *source, __be32 sender)
+{
+	__u32 key;
+
+	if (!key6(cfg, source, &key))
+		return 0;
+	struct udp_tc_route *route = bpf_map_lookup_elem(&routes6, &key);
+
+	return route && route->ip == sender;
+}
+
+/* Whether the IPv6 packet's upper layer is one the kernel path carries: TCP, UDP or ICMPv6
+ * right behind the fixed header (extension headers, fragments included, are the loops'). */
+static __always_inline int carried6(const struct ipv6hdr *ip)
+{
+	return ip->nexthdr == IPPROTO_TCP || ip->nexthdr == IPPROTO_UDP ||
+	       ip->nexthdr == NEXTHDR_ICMPV6;
+}
+
+/* The outer headers of a datagram to the peer at `peer`:`peer_port` carrying `inner_len` bytes
+ * (flanneld's: DF, TTL 64, UDP checksum 0). */
+static __always_inline void outer_headers(const struct udp_tc_config *cfg, __be32 peer,
+					  __be16 peer_port, __u32 inner_len, __be16 id,
+					  struct iphdr *ip, struct udphdr *udp)
+{
+	*ip = (struct iphdr){
+		.version = 4,
+		.ihl = 5,
+		.tot_len = bpf_htons(inner_len + ENCAP_LEN),
+		.id = id,
+		.frag_off = bpf_htons(IP_DF),
+		.ttl = OUTER_TTL,
+		.protocol = IPPROTO_UDP,
+		.saddr = cfg->local_ip,
+		.daddr = peer,
+	};
+	ip->check = ip_checksum(ip);
+	*udp = (struct udphdr){
+		.source = cfg->port,
+		.dest = peer_port,
+		.len = bpf_htons(inner_len + sizeof(struct udphdr)),
+	};
+}
+
 /* The config, for an IPv4 packet whose first `headers` bytes are now in the linear part; NULL
  * for anything else (the programs then leave the packet alone). */
 static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, __u32 headers)
@@ -605,6 +760,77 @@ static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, 
 	return cfg;
 }
 
+/* tun_egress for an IPv6 packet (see the top). */
+static __always_inline int tun_egress6(struct __sk_buff *skb)
+{
+	__u32 key = 0;
+	struct udp_tc_config *cfg = bpf_map_lookup_elem(&config, &key);
+
+	if (!cfg || !cfg->size6 || bpf_skb_pull_data(skb, sizeof(struct ipv6hdr)))
+		return TC_ACT_OK;
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *inner = data;
+
+	if ((void *)(inner + 1) > data_end || inner->version != 6 || !key6(cfg, &inner->daddr, &key))
+		return TC_ACT_OK;
+	struct udp_tc_route *route = bpf_map_lookup_elem(&routes6, &key);
+	/* As for IPv4: the loops answer no route and an expiring hop limit. */
+	if (!route || !route->ip || inner->hop_limit <= 1 || !carried6(inner)) {
+		count(TX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	__u64 now = bpf_ktime_get_ns();
+	struct flow flow;
+
+	/* A super-packet goes to the loops, which cut it, on any underlay, and its flow after it
+	 * for BULK_HOLD_NS. One over the MTU gets the loops' packet too big. */
+	flow_of6(skb, inner, 0, &flow);
+	if (skb->gso_size)
+		hold_flow(&bulk_flows, &flow, now);
+	if (skb->gso_size || skb->len > cfg->mtu || flow_held(&bulk_flows, &flow, now) ||
+	    (cfg->underlay_is_veth && finish_checksum6(skb, inner))) {
+		count(TX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	__be32 peer = route->ip;
+	__be16 peer_port = route->port;
+	__u32 inner_len = skb->len;
+
+	/* finishing a checksum may have moved the packet */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	inner = data;
+	if ((void *)(inner + 1) > data_end)
+		return TC_ACT_OK;
+	inner->hop_limit--;
+	/* Room for the outer headers, and skb->protocol IPv4's (see the top): on a veth without
+	 * the ENCAP flags' mark, so by bpf_skb_change_proto; elsewhere by the ENCAP flags, with
+	 * which the device (or the kernel in front of it) finishes the inner checksum. */
+	if (cfg->underlay_is_veth ?
+	    bpf_skb_adjust_room(skb, ENCAP_LEN + V6_V4_DIFF, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO) ||
+	    bpf_skb_change_proto(skb, bpf_htons(ETH_P_IP), 0) :
+	    bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+				BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return TC_ACT_SHOT; /* hop limit already spent: no second path for this one */
+	if (bpf_skb_change_head(skb, ETH_HLEN, 0))
+		return TC_ACT_SHOT;
+	struct {
+		struct iphdr ip;
+		struct udphdr udp;
+	} headers;
+
+	outer_headers(cfg, peer, peer_port, inner_len, 0, &headers.ip, &headers.udp);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &headers, ENCAP_LEN, 0))
+		return TC_ACT_SHOT;
+	count(TX_PACKETS, 1);
+	count(TX_BYTES, inner_len);
+	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
 SEC("tc")
 int tun_egress(struct __sk_buff *skb)
 {
@@ -612,7 +838,7 @@ int tun_egress(struct __sk_buff *skb)
 	__u32 key;
 
 	if (!cfg)
-		return TC_ACT_OK;
+		return skb->protocol == bpf_htons(ETH_P_IPV6) ? tun_egress6(skb) : TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -691,27 +917,12 @@ int tun_egress(struct __sk_buff *skb)
 		struct ethhdr eth;
 		struct iphdr ip;
 		struct udphdr udp;
-	} frame = {
-		.ip = {
-			.version = 4,
-			.ihl = 5,
-			.tot_len = bpf_htons(inner_len + ENCAP_LEN),
-			.id = plain ? bpf_htons(PLAIN_ID) :
-			      hop && hop->first_plain && now - hop->first_plain < TAKEN_MARK_NS ?
-			      bpf_htons(PLAIN_TAKEN) : 0,
-			.frag_off = bpf_htons(IP_DF),
-			.ttl = OUTER_TTL,
-			.protocol = IPPROTO_UDP,
-			.saddr = cfg->local_ip,
-			.daddr = peer,
-		},
-		.udp = {
-			.source = cfg->port,
-			.dest = peer_port,
-			.len = bpf_htons(inner_len + sizeof(struct udphdr)),
-		},
-	};
-	frame.ip.check = ip_checksum(&frame.ip);
+	} frame;
+
+	outer_headers(cfg, peer, peer_port, inner_len,
+		      plain ? bpf_htons(PLAIN_ID) :
+		      hop && hop->first_plain && now - hop->first_plain < TAKEN_MARK_NS ?
+		      bpf_htons(PLAIN_TAKEN) : 0, &frame.ip, &frame.udp);
 	if (hop)
 		__builtin_memcpy(&frame.eth, &hop->eth, sizeof(frame.eth));
 	if (hop ? bpf_skb_store_bytes(skb, 0, &frame.eth, ETH_HLEN + ENCAP_LEN, 0) :
@@ -778,14 +989,21 @@ static __always_inline int through_vxlan(struct __sk_buff *skb, __u32 inner_len,
 	return TC_ACT_OK;
 }
 
-/* The flow of the inner IPv4 packet at `off`; 0 if there is none there. */
+/* The flow of the inner IPv4 or IPv6 packet at `off`; 0 if there is none there. */
 static __always_inline int inner_flow(struct __sk_buff *skb, __u32 off, struct flow *flow)
 {
 	struct iphdr ip;
+	struct ipv6hdr ip6;
 
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) || ip.version != 4 || ip.ihl < 5)
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
 		return 0;
-	flow_of(skb, &ip, off, flow);
+	if (ip.version == 4 && ip.ihl >= 5) {
+		flow_of(skb, &ip, off, flow);
+		return 1;
+	}
+	if (ip.version != 6 || bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+		return 0;
+	flow_of6(skb, &ip6, off, flow);
 	return 1;
 }
 
@@ -813,19 +1031,93 @@ static __always_inline void note_loops_flows(struct __sk_buff *skb, __u32 step)
 	}
 }
 
+/* Whether loops_flows may hold a flow now: one was noted less than BULK_HOLD_NS ago. */
+static __always_inline int loops_holding(__u64 now)
+{
+	__u32 key = 0;
+	__u64 *noted = bpf_map_lookup_elem(&loops_noted, &key);
+
+	return noted && now - *noted < BULK_HOLD_NS;
+}
+
 /* Whether the datagram's inner packet, whose header udp_ingress has checked, belongs to a flow
  * that loops_flows holds. */
 static __always_inline int behind_loops(struct __sk_buff *skb, const struct iphdr *inner)
 {
-	__u32 key = 0;
-	__u64 *noted = bpf_map_lookup_elem(&loops_noted, &key);
 	__u64 now = bpf_ktime_get_ns();
 	struct flow flow;
 
-	if (!noted || now - *noted >= BULK_HOLD_NS)
+	if (!loops_holding(now))
 		return 0;
 	flow_of(skb, inner, ETH_HLEN + ENCAP_LEN, &flow);
 	return flow_held(&loops_flows, &flow, now);
+}
+
+/* behind_loops for an inner IPv6 packet. */
+static __always_inline int behind_loops6(struct __sk_buff *skb, const struct ipv6hdr *inner)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct flow flow;
+
+	if (!loops_holding(now))
+		return 0;
+	flow_of6(skb, inner, ETH_HLEN + ENCAP_LEN, &flow);
+	return flow_held(&loops_flows, &flow, now);
+}
+
+/* udp_ingress for a datagram whose inner packet is IPv6 (see the top). */
+static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_tc_config *cfg,
+					__be32 sender)
+{
+	if (!cfg->size6 || bpf_skb_pull_data(skb, ETH_HLEN + ENCAP_LEN + sizeof(struct ipv6hdr))) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *inner = data + ETH_HLEN + ENCAP_LEN;
+	__u32 inner_len = skb->len - ETH_HLEN - ENCAP_LEN;
+
+	if ((void *)(inner + 1) > data_end) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	/* As for IPv4: what UDP GRO merged goes to the loops, and its flows after it. No peer
+	 * sends IPv6 super-packets whole: any that comes is the loops' too. */
+	if (bpf_ntohs(inner->payload_len) + sizeof(*inner) != inner_len) {
+		if (skb->gso_size)
+			note_loops_flows(skb, skb->gso_size);
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	/* The loops drop one over the MTU (flannel0's, which IPv6 does not fragment). */
+	if (skb->gso_size || inner->hop_limit <= 1 || !carried6(inner) || inner_len > cfg->mtu) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	if (behind_loops6(skb, inner)) {
+		count(RX_PASSED, 1);
+		count(RX_IN_ORDER, 1);
+		return TC_ACT_OK;
+	}
+	if (cfg->verify_source && !senders_own6(cfg, &inner->saddr, sender)) {
+		count(RX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	__u8 hop_limit = inner->hop_limit - 1;
+
+	/* skb->protocol IPv6's (see the top): 20 bytes made by bpf_skb_change_proto, then those
+	 * and the outer headers taken off. The hop limit is stored with the checksum a NIC gave
+	 * for the whole packet (CHECKSUM_COMPLETE) kept right. */
+	if (bpf_skb_change_proto(skb, bpf_htons(ETH_P_IPV6), 0) ||
+	    bpf_skb_adjust_room(skb, -(__s32)(ENCAP_LEN + V6_V4_DIFF), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, hop_limit), &hop_limit,
+				sizeof(hop_limit), BPF_F_RECOMPUTE_CSUM))
+		return TC_ACT_SHOT;
+	count_received(1, inner_len);
+	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
 }
 
 /* The first plain super-packet from the peer at `sender` (its inner source `source`) arrived:
@@ -882,6 +1174,8 @@ int udp_ingress(struct __sk_buff *skb)
 	}
 	if (outer->frag_off & bpf_htons(IP_FRAGMENT) || inner->version != 4 || inner->ihl < 5 ||
 	    inner->ttl <= 1) {
+		if (!(outer->frag_off & bpf_htons(IP_FRAGMENT)) && inner->version == 6)
+			return udp_ingress6(skb, cfg, sender);
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}

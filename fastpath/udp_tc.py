@@ -87,7 +87,10 @@ LINK_INFO = struct.Struct("=III4xII")
 MAP_INFO = struct.Struct("=IIII")
 # udp_tc.bpf.c's struct udp_tc_config: the fields, then the build's hash (BUILD_LEN bytes).
 BUILD_LEN = 16
-CONFIG = struct.Struct(f"=IIIIIHHIIII16s{BUILD_LEN}s")
+CONFIG = struct.Struct(f"=IIIIIHHIIII16sQQQQIII4x{BUILD_LEN}s")
+# Its fields that say which route maps fit it: the Network's (network, netmask, shift, size)
+# and the IPv6 Network's (network6, netmask6, shift6, size6).
+LAYOUT_FIELDS = (*range(4), *range(12, 18))
 # udp_tc.bpf.c's struct peer, whole_peers' value: hello, same_kernel, plain_sent, plain_taken,
 # confirmed, plain_received, first_plain, refused.
 PEER = struct.Struct("=QQQQQQQQ")
@@ -98,7 +101,7 @@ PLAIN_REFRESHES = 4
 # What kept() hands the next run: the links and the maps (the programs live in the links), and
 # the vxlan device's program, which its classic filter holds (see UdpTc).
 LINKS = {"ingress": ("udp_ingress", BPF_TCX_INGRESS), "egress": ("tun_egress", BPF_TCX_EGRESS)}
-MAPS = ("routes", "counters", "config", "whole_peers")
+MAPS = ("routes", "routes6", "counters", "config", "whole_peers")
 VXLAN_PROGRAM = "vxlan_ingress"
 KEPT = (*LINKS, *MAPS, VXLAN_PROGRAM)
 
@@ -285,18 +288,18 @@ def _build() -> bytes:
         return hashlib.sha256(f.read()).digest()[:BUILD_LEN]
 
 
-def _load(lib: ctypes.CDLL, routes: int) -> int:
+def _load(lib: ctypes.CDLL, routes: int, routes6: int = 1) -> int:
     """Open the object and load its programs (the verifier checks them here) with a route map
-    of `routes` entries, and a next-hop cache as long; returns the bpf_object, which the caller
-    closes."""
+    of `routes` entries, and a next-hop cache as long, and an IPv6 route map of `routes6`;
+    returns the bpf_object, which the caller closes."""
     path = _object_path()
     obj = lib.bpf_object__open_file(path.encode(), None)
     if not obj:
         raise UdpTcUnavailable(f"opening {OBJECT_NAME}: {os.strerror(ctypes.get_errno())}")
     try:
-        for name in (b"routes", b"next_hops"):
+        for name, entries in ((b"routes", routes), (b"next_hops", routes), (b"routes6", routes6)):
             _check(lib.bpf_map__set_max_entries(lib.bpf_object__find_map_by_name(obj, name),
-                                                routes), f"sizing the map {name.decode()}")
+                                                entries), f"sizing the map {name.decode()}")
         _check(lib.bpf_object__load(obj), "loading the tc programs (needs root and Linux 5.10+)")
     except UdpTcUnavailable:
         lib.bpf_object__close(obj)
@@ -324,6 +327,11 @@ def probe() -> tuple[str, bool]:
         lib.bpf_object__close(obj)
 
 
+def _halves(address: ipaddress.IPv6Address) -> tuple[int, int]:
+    """An IPv6 address as udp_tc.bpf.c's config holds it: two host-order 64-bit halves."""
+    return int(address) >> 64, int(address) & ((1 << 64) - 1)
+
+
 def _int(address: ipaddress.IPv4Address | str) -> int:
     """An IPv4 address as the u32 that holds its network-order bytes in host memory (on either
     byte order: the programs compare it with the packet's bytes as they lie)."""
@@ -342,21 +350,32 @@ class UdpTc:
     by a next hop it looks up ten times a second, not for every packet (udp_tc.bpf.c's struct
     next_hop).
 
-    set_route/del_route take the same subnets as the fast path's table and may be called while
-    packets flow; each is one map write.
+    set_route/del_route take the same subnets as the fast path's tables (of either family) and
+    may be called while packets flow; each is one map write. With ipv6_network (cut into
+    ipv6_subnet_len subnets) the programs carry IPv6 too, within `mtu` (flannel0's); an IPv6
+    Network of more than MAX_KERNEL_SUBNETS subnets is left to the loops (carries_ipv6 False).
     """
 
     def __init__(self, network: ipaddress.IPv4Network, subnet_len: int,
                  local_ip: ipaddress.IPv4Address | str, port: int, tun_ifindex: int,
                  underlay: str, verify_source: bool = True,
                  send_whole: bool = False, loops_take_whole: bool = False,
-                 receiver: str = "", plain: bool = False) -> None:
+                 receiver: str = "", plain: bool = False,
+                 ipv6_network: ipaddress.IPv6Network | str | None = None,
+                 ipv6_subnet_len: int = 64, mtu: int = 1472) -> None:
         self.network = ipaddress.IPv4Network(network)
         self.subnet_len = subnet_len
         self.size = 1 << (subnet_len - self.network.prefixlen)
         if self.size > MAX_KERNEL_SUBNETS:
             raise UdpTcUnavailable(f"{self.network} cut into /{subnet_len} is {self.size} "
                                    f"subnets, more than the kernel path's {MAX_KERNEL_SUBNETS}")
+        self.network6 = None if ipv6_network is None else ipaddress.IPv6Network(ipv6_network)
+        self.subnet6_len = ipv6_subnet_len
+        self.size6 = 0 if self.network6 is None else 1 << (
+            ipv6_subnet_len - self.network6.prefixlen)
+        if self.size6 > MAX_KERNEL_SUBNETS:
+            self.size6 = 0
+        self.carries_ipv6 = self.size6 != 0
         self.underlay_ifindex = socket.if_nametoindex(underlay)
         self.underlay = underlay
         self.underlay_is_veth = driver(underlay) == "veth"
@@ -380,8 +399,10 @@ class UdpTc:
         self._config_fields = (
             _int(self.network.network_address), _int(self.network.netmask), 32 - subnet_len,
             self.size, _int(local_ip), _port(port))
+        network6 = self.network6 if self.carries_ipv6 else ipaddress.IPv6Network("::/128")
         self._config_tail = (self.underlay_ifindex, tun_ifindex, self.underlay_is_veth,
-                             verify_source, boot_id())
+                             verify_source, boot_id(), *_halves(network6.network_address),
+                             *_halves(network6.netmask), 128 - ipv6_subnet_len, self.size6, mtu)
         self.sends_whole = self.sends_plain = False
         self._config = self._pack_config()
         # Where each program goes: name in LINKS -> interface index (ingress first).
@@ -514,7 +535,7 @@ class UdpTc:
             self._netlink = _netlink()  # detaches in this namespace, whichever thread stops
             adopted = self._adopt(lib, handed or {})
             if not adopted:
-                obj = _load(lib, self.size)
+                obj = _load(lib, self.size, max(self.size6, 1))
                 try:  # what is attached holds its program, and a program its maps
                     self._attach(lib, obj)
                 finally:
@@ -532,12 +553,13 @@ class UdpTc:
     def _adopt(self, lib: ctypes.CDLL, handed: dict[str, int]) -> bool:
         kept = {name: handed.pop(name) for name in KEPT if name in handed}
         wanted = {*self._targets, *MAPS, *((VXLAN_PROGRAM,) if self.through_vxlan else ())}
-        # Kept by another build (an upgrade): its programs and maps are not this one's, so
-        # this run loads its own.
+        # Kept by another build (an upgrade), or for other Networks (route maps of other
+        # sizes): its programs and maps are not this one's, so this run loads its own.
+        config = _kept_config(lib, kept["config"]) if "config" in kept else None
         fits = set(kept) == wanted and all(
             _link_target(lib, kept[name]) == (ifindex, LINKS[name][1])
-            for name, ifindex in self._targets.items()) and _kept_build(
-            lib, kept["config"]) == _build()
+            for name, ifindex in self._targets.items()) and config is not None and \
+            config[-BUILD_LEN:] == _build() and _layout(config) == _layout(self._config)
         if not fits:
             for fd in kept.values():
                 os.close(fd)
@@ -598,12 +620,23 @@ class UdpTc:
             os.close(fd)
         self._fds = {}
 
-    def _index(self, subnet: ipaddress.IPv4Network | str) -> int:
-        sub = ipaddress.IPv4Network(subnet)
-        if sub.prefixlen != self.subnet_len or not sub.subnet_of(self.network):
-            raise ValueError(f"{sub} is not a /{self.subnet_len} subnet of {self.network}")
-        return (int(sub.network_address) - int(self.network.network_address)) >> (
-            32 - self.subnet_len)
+    def _entry(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | str
+               ) -> tuple[str, int] | None:
+        """The route map and key of `subnet`; None for an IPv6 one where IPv6 is not carried."""
+        sub = ipaddress.ip_network(subnet)
+        if isinstance(sub, ipaddress.IPv6Network):
+            if self.network6 is None or not self.carries_ipv6:
+                return None
+            fits = sub.prefixlen == self.subnet6_len and sub.subnet_of(self.network6)
+            network: ipaddress.IPv4Network | ipaddress.IPv6Network = self.network6
+            length, name = self.subnet6_len, "routes6"
+        else:
+            fits = sub.prefixlen == self.subnet_len and sub.subnet_of(self.network)
+            network, length, name = self.network, self.subnet_len, "routes"
+        if not fits:
+            raise ValueError(f"{sub} is not a /{length} subnet of {network}")
+        return name, (int(sub.network_address) - int(network.network_address)) >> (
+            network.max_prefixlen - length)
 
     def _update(self, fd: int, key: int, value: bytes) -> None:
         k = ctypes.c_uint32(key)
@@ -611,13 +644,17 @@ class UdpTc:
         if _lib().bpf_map_update_elem(fd, ctypes.byref(k), v, BPF_ANY) < 0:
             raise OSError(ctypes.get_errno(), f"bpf map update: {os.strerror(ctypes.get_errno())}")
 
-    def set_route(self, subnet: ipaddress.IPv4Network | str,
+    def set_route(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | str,
                   ip: ipaddress.IPv4Address | str, port: int) -> None:
-        self._update(self._fds["routes"], self._index(subnet),
-                     struct.pack("=IHH", _int(ip), _port(port), 0))
+        entry = self._entry(subnet)
+        if entry is not None:
+            self._update(self._fds[entry[0]], entry[1],
+                         struct.pack("=IHH", _int(ip), _port(port), 0))
 
-    def del_route(self, subnet: ipaddress.IPv4Network | str) -> None:
-        self._update(self._fds["routes"], self._index(subnet), bytes(8))
+    def del_route(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> None:
+        entry = self._entry(subnet)
+        if entry is not None:
+            self._update(self._fds[entry[0]], entry[1], bytes(8))
 
     def counters(self) -> dict[str, int]:
         """The programs' counters, summed over the CPUs."""
@@ -665,9 +702,15 @@ def _link_target(lib: ctypes.CDLL, fd: int) -> tuple[int, int] | None:
     return (ifindex, attach_type) if kind == BPF_LINK_TYPE_TCX else None
 
 
-def _kept_build(lib: ctypes.CDLL, fd: int) -> bytes | None:
-    """The build hash in a kept config map; None for a map of another layout (an older build's)
-    or another descriptor."""
+def _layout(config: bytes) -> tuple[int, ...]:
+    """The fields of a packed config that the route maps' sizes follow (LAYOUT_FIELDS)."""
+    fields = CONFIG.unpack(config)
+    return tuple(fields[i] for i in LAYOUT_FIELDS)
+
+
+def _kept_config(lib: ctypes.CDLL, fd: int) -> bytes | None:
+    """The value of a kept config map, the build hash last; None for a map of another layout
+    (an older build's) or another descriptor."""
     info = ctypes.create_string_buffer(80)
     size = ctypes.c_uint32(len(info))
     if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0 or \
@@ -676,7 +719,7 @@ def _kept_build(lib: ctypes.CDLL, fd: int) -> bytes | None:
     key, value = ctypes.c_uint32(0), ctypes.create_string_buffer(CONFIG.size)
     if lib.bpf_map_lookup_elem(fd, ctypes.byref(key), value) < 0:
         return None
-    return value.raw[-BUILD_LEN:]
+    return value.raw
 
 
 def _port(port: int) -> int:

@@ -37,6 +37,7 @@ from fastpath.hello import (
 from fastpath.udp_tc import FILTER_PRIORITY, RX_VXLAN_DEVICE
 from tests.cluster import wait_for
 from tests.test_dataplane import (
+    MTU,
     NETWORK,
     PORT,
     SUBNET_LEN,
@@ -45,9 +46,11 @@ from tests.test_dataplane import (
     container_udp,
     find,
     inner_udp,
+    inner_udp6,
     link,
     settled_stats,
     start_node,
+    tcp6_transfer,
 )
 from tests.test_packet import reference_checksum
 from tests.testbed import Testbed, inside, sh, tcp_transfer
@@ -457,13 +460,14 @@ def test_without_tcx_classic_filters_carry_it_and_one_a_killed_daemon_left_goes(
 
 
 @contextmanager
-def kept_pair(testbed: Testbed, first: str,
-              second: str) -> Iterator[tuple[Node, Node, dict[str, int], list[FastPath]]]:
-    """Two linked nodes with the kernel path, and what systemd's fd store would hold of the
-    first's fast path across a restart (its kept descriptors, duplicated). The fast paths
-    resumed from them go in the list: all are stopped at the end."""
-    a = start_node(testbed, first, kernel="on", underlay="eth0")
-    b = start_node(testbed, second, kernel="on", underlay="eth0")
+def kept_pair(testbed: Testbed, first: str, second: str, first6: str | None = None,
+              second6: str | None = None
+              ) -> Iterator[tuple[Node, Node, dict[str, int], list[FastPath]]]:
+    """Two linked nodes with the kernel path (dual-stack with IPv6 subnets), and what systemd's
+    fd store would hold of the first's fast path across a restart (its kept descriptors,
+    duplicated). The fast paths resumed from them go in the list: all are stopped at the end."""
+    a = start_node(testbed, first, kernel="on", underlay="eth0", subnet6=first6)
+    b = start_node(testbed, second, kernel="on", underlay="eth0", subnet6=second6)
     link(a, b)
     resumed: list[FastPath] = []
     try:
@@ -506,6 +510,50 @@ def test_kept_links_forward_while_no_process_runs_and_a_resume_goes_on_with_them
         result = a.host.in_container("ping", "-c", "1", "-W", "2", b.host.container_ip,
                                      check=False)
         assert "Destination Net Unreachable" in result.stdout, result.stdout
+
+
+def test_kept_ipv6_routes_forward_while_no_process_runs_and_a_resume_goes_on_with_them(
+        testbed: Testbed) -> None:
+    """As above, dual-stack: the IPv6 route map is kept with the rest, and the resumed fast
+    path writes it."""
+    with kept_pair(testbed, "10.244.17.0/24", "10.244.18.0/24", "fd00:0:0:17::/64",
+                   "fd00:0:0:18::/64") as (a, b, store, resumed):
+        assert "kernel-routes6" in store
+        before = kernel(a)
+        a.fastpath.stop()
+        result = a.host.run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", b.address6,
+                            check=False)
+        assert "3 received" in result.stdout, result.stdout
+        fp = resume(a, store, resumed)
+        assert fp.table6 is not None
+        assert fp.table6.routes() == [(b.subnet6, (b.host.underlay_ip, PORT))]
+        after = kernel(Node(a.host, a.subnet, fp))
+        assert after["tx_packets"] >= before["tx_packets"] + 3
+        assert after["rx_packets"] >= before["rx_packets"] + 3
+        fp.del_route(b.subnet6)
+        result = a.host.run("ping", "-6", "-c", "1", "-W", "2", b.address6, check=False)
+        assert "Destination unreachable: No route" in result.stdout, result.stdout
+        assert kernel(Node(a.host, a.subnet, fp))["tx_passed"] > after["tx_passed"]
+
+
+def test_kept_maps_of_another_ipv6_network_are_loaded_afresh(testbed: Testbed) -> None:
+    """A restart whose levers name another IPv6 Network than the kept one: the kept route maps
+    do not fit it, so the next run loads its own programs and maps, and carries IPv6."""
+    with kept_pair(testbed, "10.244.19.0/24", "10.244.20.0/24", "fd00:0:0:19::/64",
+                   "fd00:0:0:20::/64") as (a, b, store, resumed):
+        ids = link_ids(store)
+        a.fastpath.stop()
+        with inside(a.host.netns):
+            fp = FastPath.resume(store, kernel="on", ipv6_network="fd00::/56")
+        assert fp is not None
+        resumed.append(fp)
+        assert not set(link_ids(fp.kept())) & set(ids)
+        fp.set_route(b.subnet6, b.host.underlay_ip, PORT)
+        before = kernel(Node(a.host, a.subnet, fp))
+        result = a.host.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", b.address6,
+                            check=False)
+        assert "2 received" in result.stdout, result.stdout
+        assert kernel(Node(a.host, a.subnet, fp))["tx_packets"] - before["tx_packets"] == 2
 
 
 def another_builds_config(fd: int) -> None:
@@ -1023,3 +1071,246 @@ def test_a_build_without_the_object_says_what_is_missing(monkeypatch: pytest.Mon
             udp_tc._build()
     finally:
         udp_tc._build.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def dual(testbed: Testbed) -> Iterator[tuple[Node, Node]]:
+    """Dual-stack nodes with the kernel path: a offloads (its TUN takes TSO6 super-packets),
+    b does not (its TUN gets its checksums complete)."""
+    a = start_node(testbed, "10.244.31.0/24", subnet6="fd00:0:0:31::/64", kernel="on",
+                   underlay="eth0")
+    b = start_node(testbed, "10.244.32.0/24", subnet6="fd00:0:0:32::/64", kernel="on",
+                   underlay="eth0", offload=False)
+    yield from linked(a, b)
+
+
+def tcp6_exchange(server: Node, client: Node, rounds: int) -> None:
+    """`rounds` small requests over one TCP/IPv6 connection from client's TUN address to
+    server's, each echoed back: segments of one MSS or less, never a super-packet."""
+    with inside(server.host.netns):
+        listener = socket.create_server((server.address6, 0), family=socket.AF_INET6)
+    with inside(client.host.netns):
+        conn = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.settimeout(10)
+    with listener, conn:
+        conn.settimeout(10)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.connect((server.address6, listener.getsockname()[1]))
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.settimeout(10)
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(rounds):
+                request = i.to_bytes(4, "big") * 64
+                conn.sendall(request)
+                echoed = b""
+                while len(echoed) < len(request):
+                    echoed += accepted.recv(len(request) - len(echoed))
+                accepted.sendall(echoed)
+                answer = b""
+                while len(answer) < len(request):
+                    answer += conn.recv(len(request) - len(answer))
+                assert answer == request
+
+
+def test_ipv6_pings_and_tcp_take_the_kernel_path(dual: tuple[Node, Node]) -> None:
+    """IPv6 goes the way IPv4 goes: pings both ways in the kernel, TCP segments too, super-packets
+    (TCP builds them whatever the device, for the kernel to cut after the tc programs) through
+    the loops; and IPv4 as before, beside it."""
+    a, b = dual
+    assert not a.fastpath.kernel_missing and not b.fastpath.kernel_missing
+    for src, dst in ((a, b), (b, a)):
+        before_src, before_dst = settled_stats(src, dst)
+        result = src.host.run("ping", "-6", "-c", "5", "-i", "0.2", "-W", "2", dst.address6,
+                              check=False)
+        assert "5 received" in result.stdout, result.stdout + result.stderr
+        after_src, after_dst = settled_stats(src, dst)
+        for node, before, after in ((src, before_src, after_src), (dst, before_dst, after_dst)):
+            assert moved(before["kernel"], after["kernel"])["tx_packets"] == 5, node.subnet
+            assert moved(before["kernel"], after["kernel"])["rx_packets"] == 5, node.subnet
+            assert after["kernel"]["rx_passed"] == before["kernel"]["rx_passed"]
+            assert after["kernel"]["tx_passed"] == before["kernel"]["tx_passed"]
+            assert after["tx"]["packets"] == before["tx"]["packets"]
+            assert after["rx"]["packets"] == before["rx"]["packets"]
+    # A TCP connection's segments that are no super-packets, handshake and close included,
+    # cross in the kernel both ways.
+    for server, client in ((a, b), (b, a)):
+        before_server, before_client = settled_stats(server, client)
+        tcp6_exchange(server, client, 200)
+        after_server, after_client = settled_stats(server, client)
+        for before, after in ((before_server, after_server), (before_client, after_client)):
+            assert moved(before["kernel"], after["kernel"])["tx_packets"] >= 200
+            assert moved(before["kernel"], after["kernel"])["rx_packets"] >= 200
+            assert after["kernel"]["tx_passed"] == before["kernel"]["tx_passed"]
+            assert after["kernel"]["rx_passed"] == before["kernel"]["rx_passed"]
+            assert after["tx"]["packets"] == before["tx"]["packets"]
+            assert after["rx"]["packets"] == before["rx"]["packets"]
+    # Bulk TCP: the sender's super-packets go to its loops, which cut them (received as merged
+    # datagrams, by the loops too); the receiver's ACKs cross in the kernel.
+    for server, client in ((a, b), (b, a)):
+        before_server, before_client = settled_stats(server, client)
+        tcp6_transfer(server, client, 4 << 20)
+        after_server, after_client = settled_stats(server, client)
+        assert after_client["tx"]["bytes"] - before_client["tx"]["bytes"] > 4 << 20
+        assert moved(before_client["kernel"], after_client["kernel"])["tx_passed"] > 0
+        assert moved(before_server["kernel"], after_server["kernel"])["tx_packets"] > 100
+        assert moved(before_client["kernel"], after_client["kernel"])["rx_packets"] > 100
+        if client is a:  # TSO6 on its TUN
+            assert after_client["tx"]["tso_superpackets"] > before_client["tx"][
+                "tso_superpackets"]
+    # IPv4 beside it, unchanged.
+    assert b.host.container_ip
+    before = kernel(a)["tx_packets"]
+    a.host.in_container("ping", "-c", "2", "-i", "0.2", "-W", "2", b.host.container_ip)
+    assert kernel(a)["tx_packets"] - before == 2
+
+
+def test_ipv6_wire_format_from_the_kernel_path_is_the_loops(dual: tuple[Node, Node]) -> None:
+    """flanneld's outer headers (DF, TTL 64, our port to the peer's, UDP checksum 0) around the
+    IPv6 packet, its hop limit one lower and its UDP checksum (left to the device by a's
+    offloading TUN) finished."""
+    a, b = dual
+    marker = b"kernel-path-6-" + str(time.monotonic_ns()).encode()
+    before = settled_stats(a)[0]
+    wire_tap = capture(b.host.netns, "eth0")
+    with wire_tap:
+        with inside(a.host.netns):
+            sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sender.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 30)
+        with sender:
+            sender.sendto(marker, (b.address6, 9))
+        outer = find(wire_tap, marker, socket.PACKET_HOST, time.monotonic() + 5)
+    version_ihl, _, total, _, frag, ttl, proto, _ = struct.unpack("!BBHHHBBH", outer[:12])
+    src_port, dst_port, udp_len, udp_sum = struct.unpack("!HHHH", outer[20:28])
+    inner = outer[28:]
+    assert (version_ihl, frag, ttl, proto) == (0x45, 0x4000, 64, socket.IPPROTO_UDP)
+    assert outer[12:20] == socket.inet_aton(a.host.underlay_ip) + socket.inet_aton(
+        b.host.underlay_ip)
+    assert (src_port, dst_port, udp_sum) == (PORT, PORT, 0)
+    assert total == len(outer) and udp_len == len(outer) - 20
+    assert inner[0] >> 4 == 6 and inner[6] == socket.IPPROTO_UDP and inner[7] == 30 - 1
+    assert inner[8:40] == ipaddress.IPv6Address(a.address6).packed + ipaddress.IPv6Address(
+        b.address6).packed
+    assert inner.endswith(marker)
+    pseudo = inner[8:40] + struct.pack("!I3xB", len(inner) - 40, socket.IPPROTO_UDP)
+    assert reference_checksum(pseudo + inner[40:]) == 0
+    after = a.fastpath.stats()
+    assert after["kernel"]["tx_packets"] > before["kernel"]["tx_packets"]
+    assert after["tx"]["packets"] == before["tx"]["packets"]
+
+
+def test_ipv6_the_kernel_path_passes_on_still_gets_the_loops_icmpv6(
+        dual: tuple[Node, Node]) -> None:
+    """Hop limit 1 runs out in a's send loop, 2 in b's receive loop (answered back over the
+    underlay to a), and a subnet with no route gets ICMPv6 no route: the programs pass each on."""
+    a, b = dual
+    for hops, node, direction, passed in ((1, a, "tx", "tx_passed"), (2, b, "rx", "rx_passed")):
+        before = settled_stats(node)[0]
+        result = a.host.run("ping", "-6", "-c", "1", "-W", "2", "-t", str(hops), b.address6,
+                            check=False)
+        after = node.fastpath.stats()
+        assert "Time exceeded" in result.stdout, result.stdout
+        assert after["kernel"][passed] - before["kernel"][passed] == 1
+        assert after[direction]["drop_ttl"] - before[direction]["drop_ttl"] == 1
+        assert after[direction]["icmp_time_exceeded"] - before[direction][
+            "icmp_time_exceeded"] == 1
+    before = settled_stats(a)[0]
+    result = a.host.run("ping", "-6", "-c", "1", "-W", "2", "fd00:0:0:99::5", check=False)
+    after = a.fastpath.stats()
+    assert "Destination unreachable: No route" in result.stdout, result.stdout
+    assert after["kernel"]["tx_passed"] - before["kernel"]["tx_passed"] == 1
+    assert after["tx"]["icmp_unreachable"] - before["tx"]["icmp_unreachable"] == 1
+
+
+def test_ipv6_sources_are_checked_in_the_kernel_and_spoofed_ones_dropped_by_the_loops(
+        dual: tuple[Node, Node]) -> None:
+    """From b's address: a packet from b's IPv6 subnet is received in the kernel; one from no
+    host's subnet (a's own included) or from another host's, or one over the MTU, is passed to
+    the loops, which drop and count it."""
+    a, b = dual
+    a.fastpath.set_route("fd00:0:0:3::/64", "198.18.0.250", PORT)  # a third host's subnet
+    with inside(a.host.netns):
+        receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    receiver.bind((a.address6, 0))
+    receiver.settimeout(5)
+    port = receiver.getsockname()[1]
+    crafted = {
+        "drop_spoof_unrouted_source": [inner_udp6("fd00:0:0:77::1", a.address6, b"x", port),
+                                       inner_udp6(a.address6, a.address6, b"x", port)],
+        "drop_spoof_wrong_sender": [inner_udp6("fd00:0:0:3::1", a.address6, b"x", port)],
+        "drop_too_big": [inner_udp6(b.address6, a.address6, bytes(MTU), port)],
+    }
+    good = inner_udp6(str(ipaddress.IPv6Address(b.address6) + 7), a.address6, b"ok", port)
+    try:
+        with receiver:
+            (before,) = settled_stats(a)
+            with inside(b.host.netns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.bind((b.host.underlay_ip, 0))
+                for datagram in [*(d for ds in crafted.values() for d in ds), good]:
+                    sock.sendto(datagram, (a.host.underlay_ip, PORT))
+            assert receiver.recv(1024) == b"ok"
+            (after,) = settled_stats(a)
+    finally:
+        a.fastpath.del_route("fd00:0:0:3::/64")
+    assert moved(before["kernel"], after["kernel"])["rx_packets"] == 1
+    assert moved(before["kernel"], after["kernel"])["rx_passed"] == 4
+    for name, datagrams in crafted.items():
+        assert after["rx"][name] - before["rx"][name] == len(datagrams), name
+    assert after["rx"]["packets"] == before["rx"]["packets"]
+
+
+def test_an_ipv6_flow_that_went_to_the_loops_merged_keeps_its_order(
+        dual: tuple[Node, Node]) -> None:
+    """As over IPv4: a datagram that UDP GRO merged from many goes to the loops, the next one of
+    a flow it carried follows it there for 100 ms, another flow's takes the kernel path."""
+    a, b = dual
+    with inside(a.host.netns):
+        held, other = (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) for _ in range(2))
+    with inside(b.host.netns):
+        merged, single = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 48 + 100)  # one inner packet each
+    source = str(ipaddress.IPv6Address(b.address6) + 9)
+
+    def packet(receiver: socket.socket, i: int) -> bytes:
+        return inner_udp6(source, a.address6, i.to_bytes(4, "big") * 25,
+                          receiver.getsockname()[1])
+    with held, other, merged, single:
+        for receiver in (held, other):
+            receiver.bind((a.address6, 0))
+            receiver.settimeout(5)
+        before = settled_stats(a)[0]["kernel"]
+        merged.sendto(b"".join(packet(held, i) for i in range(3)), (a.host.underlay_ip, PORT))
+        single.sendto(packet(held, 3), (a.host.underlay_ip, PORT))
+        single.sendto(packet(other, 0), (a.host.underlay_ip, PORT))
+        assert [held.recv(1024) for _ in range(4)] == [
+            i.to_bytes(4, "big") * 25 for i in range(4)]
+        assert other.recv(1024) == bytes(100)
+        after = settled_stats(a)[0]["kernel"]
+        assert {name: after[name] - before[name]
+                for name in ("rx_passed", "rx_in_order", "rx_packets")} == {
+            "rx_passed": 2, "rx_in_order": 1, "rx_packets": 1}
+
+
+def test_without_tcx_the_programs_carry_ipv6_too(
+        testbed: Testbed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a kernel without tcx links (classic filters) the dual-stack programs load and carry
+    IPv6 as well."""
+    lib = udp_tc._lib()
+    monkeypatch.setattr(udp_tc, "_lib", lambda: WithoutTcx(lib))
+    a = start_node(testbed, "10.244.33.0/24", subnet6="fd00:0:0:33::/64", kernel="on",
+                   underlay="eth0")
+    b = start_node(testbed, "10.244.34.0/24", subnet6="fd00:0:0:34::/64", kernel="on",
+                   underlay="eth0")
+    link(a, b)
+    try:
+        assert a.fastpath.kernel == "on" and not a.fastpath.kernel_missing
+        assert "udp_ingress" in tc_filters(a, "eth0", "ingress")
+        result = a.host.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", b.address6,
+                            check=False)
+        assert "2 received" in result.stdout, result.stdout
+        assert kernel(a)["tx_packets"] >= 2 and kernel(b)["rx_packets"] >= 2
+    finally:
+        a.fastpath.stop()
+        b.fastpath.stop()
