@@ -17,8 +17,8 @@ from typing import Self
 MAX_FDS = 16
 # What a pyflanneld with its defaults keeps (the kernel path on, on tcx links here).
 KEPT_NAMES = sorted(["udp-tun", "udp-socket", "udp-routes", *(
-    f"udp-kernel-{name}" for name in ("ingress", "egress", "routes", "counters", "config",
-                                      "whole_peers", "vxlan_ingress"))])
+    f"udp-kernel-{name}" for name in ("ingress", "egress", "routes", "routes6", "counters",
+                                      "config", "whole_peers", "vxlan_ingress"))])
 
 
 def hangs_up(fd: int) -> bool:

@@ -301,7 +301,9 @@ def test_pyflanneld_runs_in_cluster_with_exactly_the_manifest_s_role(
             "kube-subnet-manager": "true", "public-ip": host.underlay_ip,
             "backend-type": "vxlan", "backend-data": f'{{"VNI":1,"VtepMAC":"{mac}"}}'}
         daemon.wait_log("running: watching Nodes", timeout=20)
-        assert "FLANNEL-POSTRTG" in host.run("iptables", "-t", "nat", "-S").stdout
+        # Installed by the rules' own task once the daemon runs, as flanneld's goroutine does.
+        wait_for(lambda: "FLANNEL-POSTRTG" in host.run("iptables", "-t", "nat", "-S").stdout,
+                 10, "the masquerade chain installed")
         assert daemon.process is not None
         peak = peak_rss_mib(daemon.process.pid)
         log = daemon.log()
