@@ -259,6 +259,24 @@ cdef inline void queue_superpacket(TxLoop *loop, uint8_t *pkt, size_t n, uint16_
         first += take
 
 
+cdef inline int offload_type(TxLoop *loop, virtio_net_hdr *vnet, uint8_t *pkt, size_t n,
+                             uint8_t tcp_gso) noexcept nogil:
+    """The packet's GSO type from its virtio-net header (none without offloads), its checksum
+    finished where the TUN left it to us; -1, counted, for a header the loops cannot serve (a
+    GSO type other than this family's TCP one)."""
+    if vnet == NULL:
+        return VIRTIO_NET_HDR_GSO_NONE
+    cdef uint8_t gso_type = vnet.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE and vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        if not finish_checksum(pkt, n, vnet):
+            pf_add(&loop.counters.drop_bad_offload, 1)
+            return -1
+    elif gso_type != VIRTIO_NET_HDR_GSO_NONE and gso_type != tcp_gso:
+        pf_add(&loop.counters.drop_bad_offload, 1)
+        return -1
+    return gso_type
+
+
 cdef inline void answer6(TxLoop *loop, const uint8_t *pkt, size_t n, uint8_t kind, uint8_t code,
                          uint32_t param, uint64_t *counter) noexcept nogil:
     """Write the ICMPv6 error kind/code into the TUN for an IPv6 packet that goes no further,
@@ -279,16 +297,9 @@ cdef void queue_packet6(TxLoop *loop, virtio_net_hdr *vnet, uint8_t *pkt,
     if n < IPV6_HEADER_LEN or pkt[0] >> 4 != 6 or loop.table6.size == 0:
         pf_add(&loop.counters.drop_family, 1)
         return
-    cdef uint8_t gso_type = VIRTIO_NET_HDR_GSO_NONE
-    if vnet != NULL:
-        gso_type = vnet.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        if gso_type == VIRTIO_NET_HDR_GSO_NONE and vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if not finish_checksum(pkt, n, vnet):
-                pf_add(&loop.counters.drop_bad_offload, 1)
-                return
-        elif gso_type != VIRTIO_NET_HDR_GSO_NONE and gso_type != VIRTIO_NET_HDR_GSO_TCPV6:
-            pf_add(&loop.counters.drop_bad_offload, 1)
-            return
+    cdef int gso_type = offload_type(loop, vnet, pkt, n, VIRTIO_NET_HDR_GSO_TCPV6)
+    if gso_type < 0:
+        return
     cdef uint64_t entry = table_lookup6(loop.table6, pkt + 24)
     if entry == 0:
         pf_add(&loop.counters.drop_no_route, 1)
@@ -330,16 +341,9 @@ cdef inline void queue_packet(TxLoop *loop, uint8_t *buf, size_t n) noexcept nog
     if n < IPV4_HEADER_LEN or pkt[0] >> 4 != 4:
         queue_packet6(loop, vnet, pkt, n)
         return
-    cdef uint8_t gso_type = VIRTIO_NET_HDR_GSO_NONE
-    if vnet != NULL:
-        gso_type = vnet.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        if gso_type == VIRTIO_NET_HDR_GSO_NONE and vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if not finish_checksum(pkt, n, vnet):
-                pf_add(&loop.counters.drop_bad_offload, 1)
-                return
-        elif gso_type != VIRTIO_NET_HDR_GSO_NONE and gso_type != VIRTIO_NET_HDR_GSO_TCPV4:
-            pf_add(&loop.counters.drop_bad_offload, 1)
-            return
+    cdef int gso_type = offload_type(loop, vnet, pkt, n, VIRTIO_NET_HDR_GSO_TCPV4)
+    if gso_type < 0:
+        return
     cdef uint64_t entry = table_lookup(loop.table, load32(pkt + 16))
     cdef size_t reply_len
     if entry == 0:
@@ -475,12 +479,20 @@ cdef void deliver6(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexce
                       sizeof(sockaddr_in)) == <ssize_t>reply_len:
                 pf_add(&loop.counters.icmp_time_exceeded, 1)
         return
-    cdef size_t headers = 0
+    cdef size_t headers = gro_header_len6(pkt, n, loop.udp_coalesce) if loop.offload else 0
+    to_tun(loop, pkt, n, headers,
+           headers != 0 and gro_append6(&loop.coalescer, pkt, n, headers))
+
+
+cdef inline void to_tun(RxLoop *loop, uint8_t *pkt, size_t n, size_t headers,
+                        bint merged) noexcept nogil:
+    """Delivery's last step, for either family: a segment merged into the held one is done;
+    otherwise what is held goes first (the packets' order), then this packet is held to start
+    a merge (`headers`: it can head one) or written on its own."""
+    if merged:
+        return
     if loop.offload:
-        headers = gro_header_len6(pkt, n, loop.udp_coalesce)
-        if headers and gro_append6(&loop.coalescer, pkt, n, headers):
-            return
-        flush(loop)  # keeps the packets in the order they came
+        flush(loop)
         if headers:
             gro_start(&loop.coalescer, pkt, n, headers)
             return
@@ -520,20 +532,9 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) 
     if not decrement_ttl(pkt):
         pf_add(&loop.counters.drop_ttl, 1)
         return
-    cdef size_t headers = 0
-    if loop.offload:
-        headers = gro_header_len(pkt, n, loop.udp_coalesce)
-        if headers and gro_append(&loop.coalescer, pkt, n, headers):
-            return
-        flush(loop)  # keeps the packets in the order they came
-        if headers:
-            gro_start(&loop.coalescer, pkt, n, headers)
-            return
-    if tun_write(loop.tun_fd, loop.offload, pkt, n):
-        pf_add(&loop.counters.packets, 1)
-        pf_add(&loop.counters.bytes, n)
-    else:
-        pf_add(&loop.counters.drop_write_error, 1)
+    cdef size_t headers = gro_header_len(pkt, n, loop.udp_coalesce) if loop.offload else 0
+    to_tun(loop, pkt, n, headers,
+           headers != 0 and gro_append(&loop.coalescer, pkt, n, headers))
 
 
 cdef inline bint deliver_whole(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender

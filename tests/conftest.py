@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,21 +53,29 @@ def bed_and_etcd() -> Iterator[tuple[Testbed, EtcdServer]]:
 CLUSTER_CIDR = "10.244.0.0/16"  # the controller manager's --cluster-cidr in the kube tests
 
 
-@pytest.fixture(scope="module")
-def kube() -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
-    """A Kubernetes control plane for the module (tests/kubeapi.py), on the tests' etcd (its
-    keys under a prefix of their own)."""
+@contextmanager
+def control_plane(cluster_cidr: str) -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
+    """A Kubernetes control plane (tests/kubeapi.py) whose controller manager gives podCIDRs
+    of `cluster_cidr` (one CIDR of each family for dual-stack), on the tests' etcd (its keys
+    under a prefix of their own)."""
     require_host_network_tools()
     with Testbed() as bed:
         etcd = EtcdServer(bed)
         try:
-            api = KubeApi(bed, etcd, cluster_cidr=CLUSTER_CIDR)
+            api = KubeApi(bed, etcd, cluster_cidr=cluster_cidr)
             try:
                 yield bed, etcd, api
             finally:
                 api.stop()
         finally:
             etcd.stop()
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
+    """A Kubernetes control plane for the module."""
+    with control_plane(CLUSTER_CIDR) as plane:
+        yield plane
 
 
 @pytest.fixture(scope="module", params=["v3", "v2"])

@@ -9,16 +9,17 @@ The hosts have an IPv4 and an IPv6 address on eth0 (2001:db8:0:1::/64); flanneld
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from tests.cluster import PREFIX, Flanneld, put_config, wait_for
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
+from tests.test_backends import Mixed
 from tests.testbed import Host, Testbed, tcp_transfer
 
 NETWORK, NETWORK6 = "10.244.0.0/16", "fd00:10:244::/56"
@@ -55,19 +56,9 @@ def reach_each_other(hosts: list[Host], families: tuple[str, ...] = ("ipv4", "ip
                          f"{src.netns}'s container pinging {address}")
 
 
-@dataclass
-class Dual:
-    """One dual-stack cluster of `backend` on etcd's v3 API: flanneld on one host, pyflanneld
-    on the other, each with a container of both families."""
-    bed: Testbed
-    etcd: EtcdServer
-    backend: str
-    flanneld: RealFlanneld
-    pyflanneld: Flanneld
-
-
 @pytest.fixture(scope="module", params=["vxlan", "host-gw"])
-def dual(request: pytest.FixtureRequest) -> Iterator[Dual]:
+def dual(request: pytest.FixtureRequest) -> Iterator[Mixed]:
+    """test_backends' Mixed, dual-stack: each container has an address of both families."""
     if not os.path.exists(REFERENCE_FLANNELD):
         pytest.skip(f"no reference flanneld at {REFERENCE_FLANNELD}")
     with Testbed() as bed:
@@ -92,7 +83,7 @@ def dual(request: pytest.FixtureRequest) -> Iterator[Dual]:
                 flanneld.stop()
                 flanneld.start()
                 reach_each_other([f_host, p_host])
-            yield Dual(bed, etcd, request.param, flanneld, pyflanneld)
+            yield Mixed(bed, etcd, request.param, flanneld, pyflanneld)
         finally:
             if pyflanneld is not None:
                 pyflanneld.stop()
@@ -104,7 +95,7 @@ def dual(request: pytest.FixtureRequest) -> Iterator[Dual]:
 
 
 def test_containers_reach_each_other_over_both_families_and_tcp_runs_over_ipv6(
-        dual: Dual) -> None:
+        dual: Mixed) -> None:
     hosts = [dual.flanneld.host, dual.pyflanneld.host]
     reach_each_other(hosts)
     for src, dst in (hosts, hosts[::-1]):
@@ -113,7 +104,7 @@ def test_containers_reach_each_other_over_both_families_and_tcp_runs_over_ipv6(
                             nbytes=4 << 20) == 4 << 20
 
 
-def leases(dual: Dual) -> tuple[str, str, str, str]:
+def leases(dual: Mixed) -> tuple[str, str, str, str]:
     """(flanneld's lease key, its value, pyflanneld's key, its value)."""
     found = dual.etcd.get_prefix(f"{PREFIX}/subnets/", "v3")
     keys = []
@@ -124,7 +115,7 @@ def leases(dual: Dual) -> tuple[str, str, str, str]:
     return keys[0], found[keys[0]], keys[1], found[keys[1]]
 
 
-def test_the_lease_key_value_and_subnet_env_are_flanneld_s_but_for_the_host(dual: Dual) -> None:
+def test_the_lease_key_value_and_subnet_env_are_flanneld_s_but_for_the_host(dual: Mixed) -> None:
     """The key with the IPv6 subnet after `&`, and the value byte for byte flanneld's, this
     host's addresses (and VtepMACs) in place of flanneld's."""
     _, f_value, _, p_value = leases(dual)
@@ -180,26 +171,31 @@ def ipv6_state(host: Host, backend: str) -> dict[str, object]:
                           "mac", "dst")}
 
 
-def test_the_ipv6_device_addresses_neighbours_fdb_and_routes_are_flanneld_s(dual: Dual) -> None:
+def test_the_ipv6_device_addresses_neighbours_fdb_and_routes_are_flanneld_s(dual: Mixed) -> None:
     f_state, p_state = (ipv6_state(daemon.host, dual.backend)
                         for daemon in (dual.flanneld, dual.pyflanneld))
     assert f_state["routes"], "flanneld routed no IPv6 subnet to compare with"
     assert p_state == f_state
-    # The peer's entries themselves: its IPv6 subnet via its own address (vxlan: its IPv6
-    # VtepMAC to its PublicIPv6) or via its PublicIPv6 (host-gw).
-    f_subnet6 = dual.flanneld.wait_ipv6_subnet()
-    f_host, p_host = dual.flanneld.host, dual.pyflanneld.host
-    route = p_host.ip("-6", "route", "show", str(f_subnet6)).stdout
-    if dual.backend == "host-gw":
-        assert f"via {f_host.underlay_ipv6} dev eth0" in route
+    check_ipv6_peer_entries(dual.backend, dual.pyflanneld.host, dual.flanneld.host,
+                            dual.flanneld.wait_ipv6_subnet())
+
+
+def check_ipv6_peer_entries(backend: str, host: Host, peer: Host,
+                            peer_subnet6: ipaddress.IPv6Network) -> None:
+    """The peer's entries themselves on `host`: its IPv6 subnet via its PublicIPv6 (host-gw),
+    or via its own address onlink with its IPv6 VtepMAC to its PublicIPv6 (vxlan)."""
+    route = host.ip("-6", "route", "show", str(peer_subnet6)).stdout
+    if backend == "host-gw":
+        assert f"via {peer.underlay_ipv6} dev eth0" in route
     else:
-        assert f"via {f_subnet6.network_address} dev flannel-v6.1" in route and "onlink" in route
-        mac = f_host.link("flannel-v6.1")["address"]
-        assert f"{mac} dst {f_host.underlay_ipv6} self permanent" in p_host.run(
+        assert f"via {peer_subnet6.network_address} dev flannel-v6.1" in route
+        assert "onlink" in route
+        mac = peer.link("flannel-v6.1")["address"]
+        assert f"{mac} dst {peer.underlay_ipv6} self permanent" in host.run(
             "bridge", "fdb", "show", "dev", "flannel-v6.1").stdout
 
 
-def test_a_dual_stack_host_joining_and_leaving_is_routed_on_both_within_2s(dual: Dual) -> None:
+def test_a_dual_stack_host_joining_and_leaving_is_routed_on_both_within_2s(dual: Mixed) -> None:
     hosts = (dual.flanneld.host, dual.pyflanneld.host)
     joining = Flanneld(dual.bed, dual.bed.add_host(ipv6=True), dual.etcd, "v3")
     device6 = "flannel-v6.1 " if dual.backend == "vxlan" else "eth0 "
@@ -219,7 +215,7 @@ def test_a_dual_stack_host_joining_and_leaving_is_routed_on_both_within_2s(dual:
              "the removed lease unrouted for both families on both")
 
 
-def test_a_restart_keeps_both_subnets_and_both_vtep_macs(dual: Dual) -> None:
+def test_a_restart_keeps_both_subnets_and_both_vtep_macs(dual: Mixed) -> None:
     daemon = dual.pyflanneld
     _, _, key, value = leases(dual)
     macs = ([daemon.host.link(device)["address"] for device in ("flannel.1", "flannel-v6.1")]

@@ -19,11 +19,17 @@ from dataclasses import dataclass
 import pytest
 
 from tests import test_kube
-from tests.conftest import CLUSTER_CIDR, require_host_network_tools
+from tests.conftest import CLUSTER_CIDR, control_plane
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD
 from tests.kubeapi import KUBELET_ANNOTATIONS, KubeApi
-from tests.test_dualstack import NETWORK6, add_container, ipv6_state, reach_each_other
+from tests.test_dualstack import (
+    NETWORK6,
+    add_container,
+    check_ipv6_peer_entries,
+    ipv6_state,
+    reach_each_other,
+)
 from tests.test_kube import ANNOTATION, KubePyflanneld
 from tests.test_kubeapi import KubeFlanneld, flannel_annotations, wait_for
 from tests.testbed import Host, Testbed, tcp_transfer
@@ -43,17 +49,8 @@ DUAL_ANNOTATIONS = {"kube-subnet-manager", "backend-type", "backend-data", "publ
 def kube_dual() -> Iterator[tuple[Testbed, EtcdServer, KubeApi]]:
     """A dual-stack control plane: each Node gets a podCIDR of each family, a /24 of
     CLUSTER_CIDR and a /64 of NETWORK6."""
-    require_host_network_tools()
-    with Testbed() as bed:
-        etcd = EtcdServer(bed)
-        try:
-            api = KubeApi(bed, etcd, cluster_cidr=f"{CLUSTER_CIDR},{NETWORK6}")
-            try:
-                yield bed, etcd, api
-            finally:
-                api.stop()
-        finally:
-            etcd.stop()
+    with control_plane(f"{CLUSTER_CIDR},{NETWORK6}") as plane:
+        yield plane
 
 
 @pytest.fixture
@@ -180,19 +177,8 @@ class TestBesideFlanneld:
                             for daemon in (cluster.flanneld, cluster.pyflanneld))
         assert f_state["routes"], "flanneld routed no IPv6 podCIDR to compare with"
         assert p_state == f_state
-        # The peer's entries themselves, on pyflanneld's host: flanneld's IPv6 podCIDR via its
-        # PublicIPv6 (host-gw), or via its own address with its IPv6 VtepMAC to its PublicIPv6.
-        f_subnet6 = cluster.flanneld.wait_ipv6_subnet()
-        f_host, p_host = cluster.flanneld.host, cluster.pyflanneld.host
-        route = p_host.ip("-6", "route", "show", str(f_subnet6)).stdout
-        if cluster.backend == "host-gw":
-            assert f"via {f_host.underlay_ipv6} dev eth0" in route
-        else:
-            assert f"via {f_subnet6.network_address} dev flannel-v6.1" in route
-            assert "onlink" in route
-            mac = f_host.link("flannel-v6.1")["address"]
-            assert f"{mac} dst {f_host.underlay_ipv6} self permanent" in p_host.run(
-                "bridge", "fdb", "show", "dev", "flannel-v6.1").stdout
+        check_ipv6_peer_entries(cluster.backend, cluster.pyflanneld.host,
+                                cluster.flanneld.host, cluster.flanneld.wait_ipv6_subnet())
 
     def test_a_node_joining_and_leaving_is_routed_on_both_families_within_2s(
             self, cluster: KubeDual) -> None:
