@@ -95,10 +95,14 @@
  * with the ENCAP flags, which a veth must not get (see above), or the DECAP flags (Linux 6.3+).
  * So bpf_skb_change_proto (Linux 4.8) changes it on the way in, and on the way out over a veth
  * (elsewhere the ENCAP flags do, as for IPv4). It moves 20 bytes: 48 bytes of room made, 20
- * taken back, on the way out; 20 made, 48 taken off, on the way in. Super-packets
- * of IPv6 (TSO6), extension headers, fragments and the rest go to the loops, and a flow that
- * sent a super-packet keeps going their way for BULK_HOLD_NS on any underlay. The next-hop
- * cache is IPv4's: an IPv6 packet goes by bpf_redirect_neigh.
+ * taken back, on the way out; 20 made, 48 taken off, on the way in. A TCP super-packet of
+ * IPv6 (TSO6) goes plain to a peer that takes plain ones (plain_egress6: the same hellos, probe
+ * and count as IPv4's, the peer's PLAIN_TAKEN on its IPv6 packets too); the peer's udp_ingress
+ * changes its family back with the rest. Other super-packets of IPv6 (there are no whole ones:
+ * the receive device is IPv4's), extension headers, fragments and the rest go to the loops, and
+ * a flow that sent a super-packet there keeps going their way for BULK_HOLD_NS on any underlay.
+ * The next-hop cache is IPv4's: an IPv6 packet goes by bpf_redirect_neigh, a plain one by the
+ * FIB's Ethernet header looked up for it.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -582,6 +586,29 @@ static __always_inline struct peer *plain_peer(__be32 ip, __u64 now)
 	return p->confirmed || !p->plain_sent ? p : NULL;
 }
 
+/* The Ethernet header of a frame to the peer at `route` out of the underlay, as the FIB gives
+ * it: 1 when it names a neighbour there, else 0 (the caller sends by bpf_redirect_neigh). */
+static __always_inline int fib_eth(struct __sk_buff *skb, const struct udp_tc_config *cfg,
+				   const struct udp_tc_route *route, struct ethhdr *eth)
+{
+	struct bpf_fib_lookup fib = {
+		.family = 2, /* AF_INET */
+		.l4_protocol = IPPROTO_UDP,
+		.sport = cfg->port,
+		.dport = route->port,
+		.ifindex = cfg->underlay_ifindex,
+		.ipv4_src = cfg->local_ip,
+		.ipv4_dst = route->ip,
+	};
+	int resolved = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) ==
+		       BPF_FIB_LKUP_RET_SUCCESS && fib.ifindex == cfg->underlay_ifindex;
+
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	return resolved;
+}
+
 /* The entry for the peer at `key` when it is current and names a neighbour, else NULL (the caller
  * sends by bpf_redirect_neigh). An entry that is due is made again here. */
 static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
@@ -594,21 +621,7 @@ static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
 		return NULL;
 	if (hop->peer == route->ip && now - hop->checked < NEXT_HOP_CHECK_NS)
 		return hop->resolved ? hop : NULL;
-	struct bpf_fib_lookup fib = {
-		.family = 2, /* AF_INET */
-		.l4_protocol = IPPROTO_UDP,
-		.sport = cfg->port,
-		.dport = route->port,
-		.ifindex = cfg->underlay_ifindex,
-		.ipv4_src = cfg->local_ip,
-		.ipv4_dst = route->ip,
-	};
-
-	hop->resolved = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) ==
-			BPF_FIB_LKUP_RET_SUCCESS && fib.ifindex == cfg->underlay_ifindex;
-	__builtin_memcpy(hop->eth.h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(hop->eth.h_source, fib.smac, ETH_ALEN);
-	hop->eth.h_proto = bpf_htons(ETH_P_IP);
+	hop->resolved = fib_eth(skb, cfg, route, &hop->eth);
 	struct peer *p = bpf_map_lookup_elem(&whole_peers, &route->ip);
 
 	hop->said_hello = p && fresh(p->hello, now);
@@ -760,6 +773,43 @@ static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, 
 	return cfg;
 }
 
+/* A TCP/IPv6 super-packet plain to a peer on this kernel (see the top): as tun_egress's plain
+ * ones, all the headers put in front by bpf_skb_change_head (the super-packet's own offsets and
+ * type untouched, skb->protocol left IPv6's: the receiving veth reads the family from the
+ * Ethernet header, and the peer's udp_ingress changes it back), the Ethernet header the FIB's.
+ * Where the FIB names no neighbour on the underlay, the loops take it. */
+static __always_inline int plain_egress6(struct __sk_buff *skb, const struct udp_tc_config *cfg,
+					 const struct udp_tc_route *route, struct peer *plain,
+					 __u8 hop_limit)
+{
+	struct {
+		__u16 align; /* puts ip on a 4-byte boundary */
+		struct ethhdr eth;
+		struct iphdr ip;
+		struct udphdr udp;
+	} frame;
+	__u32 inner_len = skb->len;
+	__u32 packets = segments(skb);
+
+	if (!fib_eth(skb, cfg, route, &frame.eth)) {
+		count(TX_PASSED, 1);
+		return TC_ACT_OK;
+	}
+	outer_headers(cfg, route->ip, route->port, inner_len, bpf_htons(PLAIN_ID), &frame.ip,
+		      &frame.udp);
+	if (bpf_skb_store_bytes(skb, offsetof(struct ipv6hdr, hop_limit), &hop_limit,
+				sizeof(hop_limit), 0) ||
+	    bpf_skb_change_head(skb, ETH_HLEN + ENCAP_LEN, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &frame.eth, ETH_HLEN + ENCAP_LEN, 0))
+		return TC_ACT_SHOT; /* hop limit already spent: no second path for this one */
+	count(TX_PACKETS, packets);
+	count(TX_SUPERPACKETS, 1);
+	count(TX_BYTES, inner_len);
+	__sync_fetch_and_add(&plain->plain_sent, 1);
+	count(TX_PLAIN, 1);
+	return bpf_redirect(cfg->underlay_ifindex, 0);
+}
+
 /* tun_egress for an IPv6 packet (see the top). */
 static __always_inline int tun_egress6(struct __sk_buff *skb)
 {
@@ -784,8 +834,16 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_ns();
 	struct flow flow;
 
-	/* A super-packet goes to the loops, which cut it, on any underlay, and its flow after it
-	 * for BULK_HOLD_NS. One over the MTU gets the loops' packet too big. */
+	if (skb->gso_size && inner->nexthdr == IPPROTO_TCP && cfg->underlay_is_veth &&
+	    (cfg->flags & (SEND_WHOLE | PLAIN_SUPERPACKETS)) == (SEND_WHOLE | PLAIN_SUPERPACKETS) &&
+	    skb->len + ENCAP_LEN <= 0xFFFF && said_hello(route->ip, now)) {
+		struct peer *plain = plain_peer(route->ip, now);
+
+		if (plain)
+			return plain_egress6(skb, cfg, route, plain, inner->hop_limit - 1);
+	}
+	/* Any other super-packet goes to the loops, which cut it, on any underlay, and its flow
+	 * after it for BULK_HOLD_NS. One over the MTU gets the loops' packet too big. */
 	flow_of6(skb, inner, 0, &flow);
 	if (skb->gso_size)
 		hold_flow(&bulk_flows, &flow, now);
@@ -797,6 +855,12 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 	__be32 peer = route->ip;
 	__be16 peer_port = route->port;
 	__u32 inner_len = skb->len;
+	/* The peer's first plain super-packet arrived lately: say so (PLAIN_TAKEN), as tun_egress
+	 * does from its next hop. */
+	struct peer *p = cfg->flags & PLAIN_SUPERPACKETS ?
+				 bpf_map_lookup_elem(&whole_peers, &route->ip) : NULL;
+	__be16 id = p && p->first_plain && now - p->first_plain < TAKEN_MARK_NS ?
+			    bpf_htons(PLAIN_TAKEN) : 0;
 
 	/* finishing a checksum may have moved the packet */
 	data = (void *)(long)skb->data;
@@ -823,7 +887,7 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 		struct udphdr udp;
 	} headers;
 
-	outer_headers(cfg, peer, peer_port, inner_len, 0, &headers.ip, &headers.udp);
+	outer_headers(cfg, peer, peer_port, inner_len, id, &headers.ip, &headers.udp);
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &headers, ENCAP_LEN, 0))
 		return TC_ACT_SHOT;
 	count(TX_PACKETS, 1);
@@ -1065,9 +1129,18 @@ static __always_inline int behind_loops6(struct __sk_buff *skb, const struct ipv
 	return flow_held(&loops_flows, &flow, now);
 }
 
+/* The peer at `sender` says our probe arrived (the top), by the outer IP ID PLAIN_TAKEN. */
+static __always_inline void note_taken(__be32 sender)
+{
+	struct peer *p = bpf_map_lookup_elem(&whole_peers, &sender);
+
+	if (p && !p->confirmed)
+		p->confirmed = 1;
+}
+
 /* udp_ingress for a datagram whose inner packet is IPv6 (see the top). */
 static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_tc_config *cfg,
-					__be32 sender)
+					__be32 sender, __be16 outer_id)
 {
 	if (!cfg->size6 || bpf_skb_pull_data(skb, ETH_HLEN + ENCAP_LEN + sizeof(struct ipv6hdr))) {
 		count(RX_PASSED, 1);
@@ -1091,12 +1164,18 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	/* The loops drop one over the MTU (flannel0's, which IPv6 does not fragment). */
-	if (skb->gso_size || inner->hop_limit <= 1 || !carried6(inner) || inner_len > cfg->mtu) {
+	/* A peer's plain super-packet (see the top) is taken in as any packet, and never held
+	 * behind the loops (whose socket could not take it in). The loops drop one over the MTU
+	 * (flannel0's, which IPv6 does not fragment). */
+	int plain = skb->gso_size && outer_id == bpf_htons(PLAIN_ID) &&
+		    inner->nexthdr == IPPROTO_TCP;
+
+	if ((skb->gso_size && !plain) || inner->hop_limit <= 1 || !carried6(inner) ||
+	    (!plain && inner_len > cfg->mtu)) {
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	if (behind_loops6(skb, inner)) {
+	if (!plain && behind_loops6(skb, inner)) {
 		count(RX_PASSED, 1);
 		count(RX_IN_ORDER, 1);
 		return TC_ACT_OK;
@@ -1106,6 +1185,20 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 		return TC_ACT_OK;
 	}
 	__u8 hop_limit = inner->hop_limit - 1;
+	__u32 packets = segments(skb);
+
+	if (plain) {
+		struct peer *p = peer_entry(sender);
+
+		if (p) {
+			if (!p->first_plain)
+				p->first_plain = bpf_ktime_get_ns();
+			__sync_fetch_and_add(&p->plain_received, 1);
+		}
+		count(RX_PLAIN, 1);
+	} else if (outer_id == bpf_htons(PLAIN_TAKEN)) {
+		note_taken(sender);
+	}
 
 	/* skb->protocol IPv6's (see the top): 20 bytes made by bpf_skb_change_proto, then those
 	 * and the outer headers taken off. The hop limit is stored with the checksum a NIC gave
@@ -1116,7 +1209,7 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 	    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, hop_limit), &hop_limit,
 				sizeof(hop_limit), BPF_F_RECOMPUTE_CSUM))
 		return TC_ACT_SHOT;
-	count_received(1, inner_len);
+	count_received(packets, inner_len);
 	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
 }
 
@@ -1175,7 +1268,7 @@ int udp_ingress(struct __sk_buff *skb)
 	if (outer->frag_off & bpf_htons(IP_FRAGMENT) || inner->version != 4 || inner->ihl < 5 ||
 	    inner->ttl <= 1) {
 		if (!(outer->frag_off & bpf_htons(IP_FRAGMENT)) && inner->version == 6)
-			return udp_ingress6(skb, cfg, sender);
+			return udp_ingress6(skb, cfg, sender, outer->id);
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
@@ -1200,11 +1293,7 @@ int udp_ingress(struct __sk_buff *skb)
 		}
 		count(RX_PLAIN, 1);
 	} else if (outer->id == bpf_htons(PLAIN_TAKEN)) {
-		/* The peer says our probe arrived (the top). */
-		struct peer *p = bpf_map_lookup_elem(&whole_peers, &sender);
-
-		if (p && !p->confirmed)
-			p->confirmed = 1;
+		note_taken(sender);
 	}
 	/* A peer's whole super-packet: the loops write it into the TUN as it is (see the top). */
 	int whole = !plain && skb->gso_size && (cfg->flags & LOOPS_TAKE_WHOLE);

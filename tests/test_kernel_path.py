@@ -890,6 +890,38 @@ def test_super_packets_go_plain_to_a_peer_on_this_kernel(
         assert p.fastpath.refresh() == {}
 
 
+@pytest.fixture(scope="module")
+def plain6(testbed: Testbed) -> Iterator[tuple[Node, Node]]:
+    """Dual-stack nodes that send and take plain super-packets (u without a receive device)."""
+    u, v = (start_node(testbed, f"10.244.{n}.0/24", subnet6=f"fd00:0:0:{n}::/64", kernel="on",
+                       underlay="eth0", whole_superpackets=True, plain_superpackets=True)
+            for n in (45, 46))
+    yield from linked(u, v)
+
+
+def test_ipv6_super_packets_go_plain_to_a_peer_on_this_kernel(
+        plain6: tuple[Node, Node]) -> None:
+    """TCP/IPv6 super-packets as IPv4 ones: v's kernel hello says its kernel is u's, u sends it
+    a first one plain (the probe), v says at once on its IPv6 ACKs that it arrived, and then
+    they all go plain, taken straight in by v's kernel path; none reaches either's loops."""
+    u, v = plain6
+    assert say_hello(v, u) == 1
+    wait_for(lambda: v.host.underlay_ip in u.fastpath.plain_peers(), 5, "u noted v's kernel")
+    before_u, before_v = settled_stats(u, v)
+    tcp6_transfer(v, u, 16 << 20)
+    after_u, after_v = settled_stats(u, v)
+    assert u.fastpath.plain_peers()[v.host.underlay_ip].confirmed
+    sent, taken = moved(before_u["kernel"], after_u["kernel"]), moved(before_v["kernel"],
+                                                                       after_v["kernel"])
+    # All but those sent between the probe and its confirmation, which the loops cut.
+    assert sent["tx_plain"] > sent["tx_superpackets"] * 3 / 4 > 0
+    assert taken["rx_plain"] == sent["tx_plain"]
+    assert taken["rx_packets"] >= sent["tx_packets"] > sent["tx_plain"] * 2
+    assert after_v["rx"]["whole_superpackets"] == before_v["rx"]["whole_superpackets"]
+    received = v.fastpath.plain_peers()[u.host.underlay_ip].received
+    assert received == sent["tx_plain"] + before_u["kernel"]["tx_plain"]
+
+
 def test_a_kernel_hello_counts_only_from_this_kernel(
         plain: tuple[Node, Node, Node, Node]) -> None:
     """A kernel hello with another boot ID (a peer on another machine, whose super-packets a
