@@ -98,9 +98,11 @@
  * taken back, on the way out; 20 made, 48 taken off, on the way in. A TCP super-packet of
  * IPv6 (TSO6) goes plain to a peer that takes plain ones (plain_egress6: the same hellos, probe
  * and count as IPv4's, the peer's PLAIN_TAKEN on its IPv6 packets too); the peer's udp_ingress
- * changes its family back with the rest. Other super-packets of IPv6 (there are no whole ones:
- * the receive device is IPv4's), extension headers, fragments and the rest go to the loops, and
- * a flow that sent a super-packet there keeps going their way for BULK_HOLD_NS on any underlay.
+ * changes its family back with the rest. Behind a NIC a TCP super-packet of IPv6 leaves as a
+ * UDP-tunnel one (the ENCAP flags), as an IPv4 one does. Other super-packets of IPv6 (on a veth
+ * there are no whole ones: the receive device is IPv4's), extension headers, fragments and the
+ * rest go to the loops, and a flow that sent a super-packet there keeps going their way for
+ * BULK_HOLD_NS.
  * The next-hop cache is IPv4's: an IPv6 packet goes by bpf_redirect_neigh, a plain one by the
  * FIB's Ethernet header looked up for it.
  */
@@ -842,12 +844,17 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 		if (plain)
 			return plain_egress6(skb, cfg, route, plain, inner->hop_limit - 1);
 	}
-	/* Any other super-packet goes to the loops, which cut it, on any underlay, and its flow
-	 * after it for BULK_HOLD_NS. One over the MTU gets the loops' packet too big. */
+	/* Behind a NIC a TCP super-packet leaves as a UDP-tunnel one, as an IPv4 one does (below).
+	 * Any other goes to the loops, which cut it, and its flow after it for BULK_HOLD_NS. One
+	 * over the MTU gets the loops' packet too big. */
+	int tunnelled = skb->gso_size && !cfg->underlay_is_veth && inner->nexthdr == IPPROTO_TCP &&
+			skb->len + ENCAP_LEN <= 0xFFFF;
+
 	flow_of6(skb, inner, 0, &flow);
-	if (skb->gso_size)
+	if (skb->gso_size && !tunnelled)
 		hold_flow(&bulk_flows, &flow, now);
-	if (skb->gso_size || skb->len > cfg->mtu || flow_held(&bulk_flows, &flow, now) ||
+	if ((skb->gso_size && !tunnelled) || (!skb->gso_size && skb->len > cfg->mtu) ||
+	    flow_held(&bulk_flows, &flow, now) ||
 	    (cfg->underlay_is_veth && finish_checksum6(skb, inner))) {
 		count(TX_PASSED, 1);
 		return TC_ACT_OK;
@@ -855,6 +862,7 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 	__be32 peer = route->ip;
 	__be16 peer_port = route->port;
 	__u32 inner_len = skb->len;
+	__u32 packets = segments(skb);
 	/* The peer's first plain super-packet arrived lately: say so (PLAIN_TAKEN), as tun_egress
 	 * does from its next hop. */
 	struct peer *p = cfg->flags & PLAIN_SUPERPACKETS ?
@@ -890,7 +898,9 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 	outer_headers(cfg, peer, peer_port, inner_len, id, &headers.ip, &headers.udp);
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &headers, ENCAP_LEN, 0))
 		return TC_ACT_SHOT;
-	count(TX_PACKETS, 1);
+	count(TX_PACKETS, packets);
+	if (packets > 1)
+		count(TX_SUPERPACKETS, 1);
 	count(TX_BYTES, inner_len);
 	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }

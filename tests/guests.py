@@ -154,6 +154,7 @@ class Guest:
         self.underlay_ip = str(bed.underlay_network.network_address + index)
         self.container_netns: str | None = None
         self.container_ip: str | None = None
+        self.container_ipv6: str | None = None
         self.tap = f"g{index}"  # in the testbed's underlay namespace, on br0
         self.files = os.path.join(bed.workdir, f"{self.netns}-guest")
         self.socket_path = os.path.join(self.files, "agent.sock")
@@ -290,7 +291,8 @@ workdir=/run/pf-var/work /var
             ip link set lo up
             ip addr add {self.underlay_ip}/{network.prefixlen} dev eth0
             ip link set eth0 up
-            sysctl -qw net.ipv4.ip_forward=1
+            sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
             uname -r
         """
         result = self.run("sh", "-ec", script, timeout=60)
@@ -464,22 +466,32 @@ workdir=/run/pf-var/work /var
             child._ended(returncode)
         return child
 
-    def add_container(self, subnet: str, mtu: int, network: str = "10.0.0.0/8") -> str:
+    def add_container(self, subnet: str, mtu: int, network: str = "10.0.0.0/8",
+                      ipv6_subnet: str | None = None, ipv6_network: str | None = None) -> str:
         """A container namespace in the guest, added as Testbed.add_container adds one on a
         namespace host: the `flannel` CNI plugin with a subnet.env of the host's subnet, MTU and
-        Network, delegating to `bridge` with host-local IPAM. Returns the container's address."""
+        Network, delegating to `bridge` with host-local IPAM; with `ipv6_subnet` and
+        `ipv6_network` an IPv6 address of that subnet too (container_ipv6). Returns the
+        container's IPv4 address."""
         self.container_netns = f"{self.netns}c"
         self.run("ip", "netns", "add", self.container_netns)
         self.in_container("ip", "link", "set", "lo", "up")
         lease = ipaddress.IPv4Network(subnet, strict=False)
+        lines = [f"FLANNEL_NETWORK={network}",
+                 f"FLANNEL_SUBNET={lease.network_address + 1}/{lease.prefixlen}"]
+        routes = [{"dst": "0.0.0.0/0"}]
+        if ipv6_subnet is not None:
+            lease6 = ipaddress.IPv6Network(ipv6_subnet, strict=False)
+            lines += [f"FLANNEL_IPV6_NETWORK={ipv6_network}",
+                      f"FLANNEL_IPV6_SUBNET={lease6.network_address + 1}/{lease6.prefixlen}"]
+            routes.append({"dst": "::/0"})
         subnet_env = os.path.join(self.bed.workdir, f"{self.netns}-cni-subnet.env")
         with open(subnet_env, "w") as f:
-            f.write(f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={lease.network_address + 1}/"
-                    f"{lease.prefixlen}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
+            f.write("\n".join([*lines, f"FLANNEL_MTU={mtu}", "FLANNEL_IPMASQ=true", ""]))
         conf = {
             "cniVersion": "1.0.0", "name": "pyflannel", "type": "flannel",
             "subnetFile": subnet_env, "dataDir": "/run/cni-flannel",
-            "ipam": {"routes": [{"dst": "0.0.0.0/0"}], "dataDir": "/run/cni-ipam"},
+            "ipam": {"routes": routes, "dataDir": "/run/cni-ipam"},
         }
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": self.container_netns,
                "CNI_NETNS": f"/run/netns/{self.container_netns}", "CNI_IFNAME": "eth0",
@@ -488,8 +500,9 @@ workdir=/run/pf-var/work /var
         if result.returncode != 0:
             raise RuntimeError(f"CNI flannel ADD on {self.netns} failed: {result.stdout}"
                                f"{result.stderr}")
-        address = json.loads(result.stdout)["ips"][0]["address"]
-        self.container_ip = address.split("/")[0]
+        addresses = [ip["address"].split("/")[0] for ip in json.loads(result.stdout)["ips"]]
+        self.container_ip = next(a for a in addresses if ":" not in a)
+        self.container_ipv6 = next((a for a in addresses if ":" in a), None)
         return self.container_ip
 
     def remove_container(self) -> None:
@@ -505,7 +518,7 @@ workdir=/run/pf-var/work /var
         self.run(FLANNEL_CNI, input=json.dumps(conf), env=env)
         self.run("ip", "netns", "del", self.container_netns)
         self.ip("link", "del", "cni0")
-        self.container_netns = self.container_ip = None
+        self.container_netns = self.container_ip = self.container_ipv6 = None
 
 
 class Guests(ClosedOnSigterm):
@@ -639,7 +652,8 @@ def ping(src: Guest, address: str, timeout: float = 30.0) -> None:
 
 
 SERVER = """import hashlib, socket, sys
-listener = socket.create_server((sys.argv[1], 0))
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+listener = socket.create_server((sys.argv[1], 0), family=family)
 print("listening", listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
 digest, count = hashlib.sha256(), 0
@@ -662,13 +676,15 @@ print("sent", sent, digest.hexdigest())
 """
 
 
-def tcp_transfer(server: Guest, client: Guest, nbytes: int, log: str) -> float:
-    """Send nbytes of pseudo-random data from client's container to server's over TCP and check
-    that exactly those bytes arrived; returns the transfer's seconds. `log` is the server's,
-    a new file for each transfer."""
-    assert server.container_netns and server.container_ip and client.container_netns
+def tcp_transfer(server: Guest, client: Guest, nbytes: int, log: str, ipv6: bool = False
+                 ) -> float:
+    """Send nbytes of pseudo-random data from client's container to server's over TCP (over
+    IPv6 with `ipv6`) and check that exactly those bytes arrived; returns the transfer's
+    seconds. `log` is the server's, a new file for each transfer."""
+    address = server.container_ipv6 if ipv6 else server.container_ip
+    assert server.container_netns and address and client.container_netns
     listener = server.spawn("ip", "netns", "exec", server.container_netns, "python3", "-c",
-                            SERVER, server.container_ip, log=log)
+                            SERVER, address, log=log)
     port = ""
 
     def listening() -> bool:
@@ -680,7 +696,7 @@ def tcp_transfer(server: Guest, client: Guest, nbytes: int, log: str) -> float:
     wait_for(listening, SLOW, f"{server.netns}'s container listening")
     assert port, read(log)
     started = time.monotonic()
-    sent = client.in_container("python3", "-c", CLIENT, server.container_ip, port, str(nbytes))
+    sent = client.in_container("python3", "-c", CLIENT, address, port, str(nbytes))
     assert listener.wait(SLOW) == 0, read(log)
     seconds = time.monotonic() - started
     received = re.search(r"received (\d+) (\w+)", read(log))

@@ -46,6 +46,10 @@ from tests.test_backends import (
 from tests.testbed import Host
 
 PYFLANNELD = ["vxlan", "host-gw"]  # clusters of two pyflanneld guests
+# Two pyflanneld guests with the udp backend in a dual-stack network: IPv6 over the kernel path
+# behind a NIC (the ENCAP flags' way, docs/kernel-path.md), on 6.1.
+UDP_DUAL = "udp-dual"
+NETWORK6 = "fd00:10:244::/56"
 MIXED = ["mixed-udp", "mixed-vxlan", "mixed-host-gw"]  # flanneld's guest and pyflanneld's
 METRICS_PORT = 9126
 METRICS = ("--metrics-port", str(METRICS_PORT), "--metrics-ip", "127.0.0.1")
@@ -70,7 +74,11 @@ class GuestCluster:
 
     @property
     def backend(self) -> str:
-        return self.kind.removeprefix("mixed-")
+        return backend_of(self.kind)
+
+
+def backend_of(kind: str) -> str:
+    return kind.removeprefix("mixed-").removesuffix("-dual")
 
 
 def clean(guest: Guest) -> None:
@@ -89,12 +97,13 @@ def guest_cluster(guest_bed: GuestBed, request: pytest.FixtureRequest
     once each routes the other: pyflanneld in both, or (mixed-*) flanneld in the first and
     pyflanneld in the second."""
     kind: str = request.param
-    backend = kind.removeprefix("mixed-")
+    backend = backend_of(kind)
     if kind in MIXED and not os.path.exists(REFERENCE_FLANNELD):
         pytest.skip(f"no reference flanneld at {REFERENCE_FLANNELD}")
     bed, etcd, guests = guest_bed.bed, guest_bed.etcd, guest_bed.guests
     prefix = f"/guest-{kind}/network"
-    put_config(etcd, "v3", CONFIGS[backend], prefix)
+    dual = {"EnableIPv6": True, "IPv6Network": NETWORK6} if kind == UDP_DUAL else {}
+    put_config(etcd, "v3", CONFIGS[backend] | dual, prefix)
     first: LoggedDaemon = (
         GuestRealFlanneld(REFERENCE_FLANNELD, bed, guests[0], etcd, prefix) if kind in MIXED
         else GuestFlanneld(bed, guests[0], etcd, "v3", "--etcd-prefix", prefix, *METRICS))
@@ -114,9 +123,11 @@ def guest_cluster(guest_bed: GuestBed, request: pytest.FixtureRequest
             subnets += [daemon.wait_subnet(timeout=SLOW) for daemon in batch]
         for daemon in daemons:
             assert daemon.subnet_env()["FLANNEL_MTU"] == str(MTU[backend])
+        subnets6 = [daemon.subnet_env().get("FLANNEL_IPV6_SUBNET") for daemon in daemons]
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda guest, subnet: guest.add_container(
-                str(subnet), MTU[backend], NETWORK), guests, subnets))
+            list(pool.map(lambda guest, subnet, subnet6: guest.add_container(
+                str(subnet), MTU[backend], NETWORK, subnet6, NETWORK6 if dual else None),
+                guests, subnets, subnets6))
         cluster = GuestCluster(kind, prefix, guests, daemons, subnets, guest_bed)
         routes_in(cluster)
         print(f"\n{kind} cluster in the guests: leases and routes in "
@@ -246,6 +257,50 @@ def test_beside_flanneld_pyflanneld_s_kernel_path_carries_the_udp_pings(
     for direction in ("rx", "tx"):
         assert moved("pyflannel_kernelpath_packets_total", direction=direction) == count
         assert moved("pyflannel_fastpath_packets_total", direction=direction) == 0
+
+
+@pytest.mark.parametrize("guest_cluster", [UDP_DUAL], indirect=True)
+def test_dual_stack_udp_carries_ipv6_in_the_kernel_path_behind_a_nic(
+        guest_cluster: GuestCluster) -> None:
+    """The udp backend in a dual-stack network on 6.1, behind virtio NICs: the containers ping
+    each other over both families, IPv6 pings go out and come in through the tc programs
+    (bpf_skb_change_proto and the ENCAP flags on this kernel), none through the loops, and TCP
+    over IPv6 arrives intact both ways, its super-packets leaving as UDP-tunnel ones."""
+    a, b = guest_cluster.guests
+    assert a.container_ipv6 and b.container_ipv6
+    ping_both_ways(guest_cluster)
+    for src, dst in ((a, b), (b, a)):
+        assert dst.container_ipv6
+        ping(src, dst.container_ipv6)
+    count = 10
+    for src, dst, daemon in ((a, b, guest_cluster.daemons[0]), (b, a, guest_cluster.daemons[1])):
+        assert dst.container_ipv6 and isinstance(daemon, Flanneld)
+        assert "kernel path on" in daemon.log()
+        before = scrape(daemon, METRICS_PORT)
+        result = src.in_container("ping", "-c", str(count), "-i", "0.2", "-W", "2",
+                                  dst.container_ipv6, check=False)
+        assert f"{count} received" in result.stdout, result.stdout
+        after = scrape(daemon, METRICS_PORT)
+        for direction in ("rx", "tx"):
+            assert value(after, "pyflannel_kernelpath_packets_total", direction=direction) - value(
+                before, "pyflannel_kernelpath_packets_total", direction=direction) == count
+            assert value(after, "pyflannel_fastpath_packets_total", direction=direction) == value(
+                before, "pyflannel_fastpath_packets_total", direction=direction)
+    # TCP/IPv6 super-packets leave as UDP-tunnel ones, cut by the NIC's GSO: none reaches the
+    # sender's loops.
+    workdir = guest_cluster.bed.bed.workdir
+    for src, dst, daemon in ((a, b, guest_cluster.daemons[0]), (b, a, guest_cluster.daemons[1])):
+        assert isinstance(daemon, Flanneld)
+        before = scrape(daemon, METRICS_PORT)
+        seconds = tcp_transfer(dst, src, 2 << 20, f"{workdir}/{dst.netns}-dual-tcp6.log",
+                               ipv6=True)
+        after = scrape(daemon, METRICS_PORT)
+        print(f"\n{UDP_DUAL}: 2 MiB of TCP/IPv6 from {src.netns}'s container to {dst.netns}'s "
+              f"in {seconds:.1f} s")
+        assert value(after, "pyflannel_kernelpath_superpackets_total", direction="tx") > value(
+            before, "pyflannel_kernelpath_superpackets_total", direction="tx")
+        assert value(after, "pyflannel_fastpath_packets_total", direction="tx") == value(
+            before, "pyflannel_fastpath_packets_total", direction="tx")
 
 
 @pytest.mark.parametrize("guest_cluster", PYFLANNELD, indirect=True)

@@ -130,8 +130,8 @@ def fastpath_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
 def kernel_path_metrics(counters: dict[str, int]) -> Iterator[Metric]:
     """The tc programs' counters (--fastpath-kernel): what they carried never reached the loops
     counted above, and what they passed on did."""
-    for name, help_text in (("packets", "IPv4 packets carried by the kernel path"),
-                            ("bytes", "bytes of IPv4 packets carried by the kernel path"),
+    for name, help_text in (("packets", "packets (IPv4 and IPv6) carried by the kernel path"),
+                            ("bytes", "bytes of packets carried by the kernel path"),
                             ("superpackets", "GSO super-packets among them, carried whole"),
                             ("plain", "super-packets among those sent plain to, or arrived "
                              "plain from, a peer on this kernel"),
