@@ -738,6 +738,14 @@ static __always_inline int carried6(const struct ipv6hdr *ip)
 	       ip->nexthdr == NEXTHDR_ICMPV6;
 }
 
+/* The headers in front of a datagram's inner packet, written in one store. */
+struct frame {
+	__u16 align; /* puts ip on a 4-byte boundary */
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct udphdr udp;
+};
+
 /* The outer headers of a datagram to the peer at `peer`:`peer_port` carrying `inner_len` bytes
  * (flanneld's: DF, TTL 64, UDP checksum 0). */
 static __always_inline void outer_headers(const struct udp_tc_config *cfg, __be32 peer,
@@ -784,12 +792,7 @@ static __always_inline int plain_egress6(struct __sk_buff *skb, const struct udp
 					 const struct udp_tc_route *route, struct peer *plain,
 					 __u8 hop_limit)
 {
-	struct {
-		__u16 align; /* puts ip on a 4-byte boundary */
-		struct ethhdr eth;
-		struct iphdr ip;
-		struct udphdr udp;
-	} frame;
+	struct frame frame;
 	__u32 inner_len = skb->len;
 	__u32 packets = segments(skb);
 
@@ -986,12 +989,7 @@ int tun_egress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 	}
 
-	struct {
-		__u16 align; /* puts ip on a 4-byte boundary */
-		struct ethhdr eth;
-		struct iphdr ip;
-		struct udphdr udp;
-	} frame;
+	struct frame frame;
 
 	outer_headers(cfg, peer, peer_port, inner_len,
 		      plain ? bpf_htons(PLAIN_ID) :
