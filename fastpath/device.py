@@ -154,10 +154,11 @@ def interface_with(ip: str) -> str | None:
 
 def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool, handed: int = -1
              ) -> socket.socket:
-    """A UDP socket bound to ip:port (IPv4, or IPv6 for an outer-IPv6 fast path) with send and receive buffers of buffer_bytes (forced past
-    the system cap when we may, as root), receiving with UDP_GRO if asked. `handed`: the fd of
-    a socket an earlier run kept open (what arrived meanwhile waits in it), taken when it is
-    bound to ip:port, closed when not."""
+    """A UDP socket bound to ip:port (IPv4, or IPv6 for an outer-IPv6 fast path) with send
+    and receive buffers of buffer_bytes (forced past the system cap when we may, as root),
+    receiving with UDP_GRO if asked. `handed`: the fd of a socket an earlier run kept open
+    (what arrived meanwhile waits in it), taken when it is bound to ip:port, closed when
+    not."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     if handed >= 0:
         sock = socket.socket(fileno=handed)

@@ -1,0 +1,207 @@
+"""The udp backend over an IPv6-only underlay (outer IPv6, issue 30 item 3): pyflanneld hosts
+whose eth0 has only an IPv6 address (2001:db8:0:1::/64) send their datagrams over IPv6, to the
+peer leases' PublicIPv6, carrying IPv4 and IPv6 inner packets (a dual-stack network) or IPv6
+alone (an IPv6-only network). The loops carry everything (the kernel path is IPv4's); etcd is
+reached over IPv6 too. The lease is flanneld's format: PublicIP "0.0.0.0", PublicIPv6 the
+address."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.cluster import PREFIX, Flanneld, put_config, scrape, value
+from tests.etcd import EtcdServer
+from tests.test_dualstack import (
+    NETWORK,
+    NETWORK6,
+    add_container,
+    dual_config,
+    pings,
+    reach_each_other,
+)
+from tests.testbed import Host, Testbed, tcp_transfer
+
+METRICS_PORT = 9125
+PORT = 8285
+KERNEL_OFF = ("udp backend: the kernel path carries IPv4 underlays only: the loops carry "
+              "everything")
+
+
+@dataclass
+class Outer6:
+    bed: Testbed
+    etcd: EtcdServer
+    daemons: list[Flanneld]
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [daemon.host for daemon in self.daemons]
+
+
+def start_hosts(bed: Testbed, etcd: EtcdServer, count: int) -> list[Flanneld]:
+    daemons = []
+    for _ in range(count):
+        host = bed.add_host(ipv4=False)
+        daemon = Flanneld(bed, host, etcd, "v3", "--metrics-port", str(METRICS_PORT)).start()
+        daemons.append(daemon)
+        daemon.wait_ipv6_subnet()
+    for daemon in daemons:
+        daemon.wait_log("subnet added", count=count - 1)
+        add_container(bed, daemon)
+    return daemons
+
+
+@pytest.fixture(scope="module")
+def dual() -> Iterator[Outer6]:
+    """Three hosts on an IPv6-only underlay in a dual-stack udp network, a container each."""
+    with Testbed() as bed:
+        etcd = EtcdServer(bed, ipv6=True)
+        daemons: list[Flanneld] = []
+        try:
+            put_config(etcd, "v3", dual_config("udp"))
+            daemons = start_hosts(bed, etcd, 3)
+            yield Outer6(bed, etcd, daemons)
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+            etcd.stop()
+
+
+def moved(daemon: Flanneld, direction: str) -> float:
+    return value(scrape(daemon, METRICS_PORT), "pyflannel_fastpath_packets_total",
+                 direction=direction)
+
+
+def test_containers_reach_each_other_over_both_families_and_tcp_runs_both_ways(
+        dual: Outer6) -> None:
+    before = [(moved(d, "tx"), moved(d, "rx")) for d in dual.daemons[:2]]
+    reach_each_other(dual.hosts)
+    a, b = dual.hosts[:2]
+    for src, dst in ((a, b), (b, a)):
+        assert dst.container_netns and src.container_netns
+        for address in (dst.container_ip, dst.container_ipv6):
+            assert address
+            assert tcp_transfer(dst.container_netns, address, src.container_netns,
+                                nbytes=4 << 20) == 4 << 20
+    for daemon, (tx, rx) in zip(dual.daemons[:2], before, strict=True):
+        assert moved(daemon, "tx") > tx + 1000  # the loops carried it, 8 MiB each way
+        assert moved(daemon, "rx") > rx + 1000
+
+
+def test_the_datagrams_go_over_ipv6_from_the_loops_alone(dual: Outer6) -> None:
+    for daemon in dual.daemons:
+        host = daemon.host
+        assert host.underlay_ipv6 and not host.underlay_ip
+        sockets = host.run("ss", "-u", "-a", "-n").stdout
+        assert f"[{host.underlay_ipv6}]:{PORT}" in sockets, sockets
+        assert f"0.0.0.0:{PORT}" not in sockets and f"*:{PORT}" not in sockets
+        daemon.wait_log(KERNEL_OFF)
+        assert "sends over IPv6" not in daemon.log()
+        assert "no PublicIPv6" not in daemon.log()
+        # the MTU: eth0's 1500 less IPv6 and UDP headers
+        assert daemon.subnet_env()["FLANNEL_MTU"] == "1452"
+        assert "1452" in host.ip("link", "show", "flannel0").stdout
+        assert "pyflannel-rx" not in host.ip("link", "show").stdout
+        assert "flannel0" not in host.run("tc", "filter", "show", "dev", "eth0",
+                                          "ingress").stdout
+
+
+def test_the_lease_is_flanneld_s_format_with_public_ip_0_0_0_0(dual: Outer6) -> None:
+    found = dual.etcd.get_prefix(f"{PREFIX}/subnets/", "v3")
+    for daemon in dual.daemons:
+        subnet, subnet6 = daemon.wait_subnet(), daemon.wait_ipv6_subnet()
+        key = (f"{PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}&"
+               f"{subnet6.network_address}-{subnet6.prefixlen}")
+        assert found[key] == (f'{{"PublicIP":"0.0.0.0","PublicIPv6":'
+                              f'"{daemon.host.underlay_ipv6}"}}')
+    assert len({daemon.wait_subnet() for daemon in dual.daemons}) == 3
+
+
+def test_a_lease_without_public_ipv6_is_logged_once_and_skipped(dual: Outer6) -> None:
+    key = "10.244.250.0-24&fd00:10:244:fa::-64"
+    lease = json.dumps({"PublicIP": "198.18.0.250", "PublicIPv6": None},
+                       separators=(",", ":"))
+    line = (f"udp backend: lease {key} has no PublicIPv6: this host sends over IPv6 and "
+            "cannot reach it")
+    try:
+        dual.etcd.put(f"{PREFIX}/subnets/{key}", lease, "v3")
+        for daemon in dual.daemons:
+            daemon.wait_log(line)
+        dual.etcd.put(f"{PREFIX}/subnets/{key}", lease, "v3")  # again: not logged again
+        reach_each_other(dual.hosts)
+        for daemon in dual.daemons:
+            assert daemon.log().count(line) == 1
+            assert daemon.process is not None and daemon.process.poll() is None
+        a = dual.hosts[0]
+        assert not pings(a, "10.244.250.1")
+    finally:
+        dual.etcd.ctl("del", f"{PREFIX}/subnets/{key}")
+
+
+def test_a_restart_keeps_the_subnets_and_the_traffic_resumes(dual: Outer6) -> None:
+    daemon = dual.daemons[1]
+    subnets = daemon.wait_subnet(), daemon.wait_ipv6_subnet()
+    assert daemon.stop() == 0
+    daemon.start()
+    daemon.wait_log("reusing it")
+    assert (daemon.wait_subnet(), daemon.wait_ipv6_subnet()) == subnets
+    daemon.wait_log("udp backend: datagrams go over IPv6")
+    reach_each_other(dual.hosts)
+    a, b = dual.hosts[0], daemon.host
+    assert b.container_netns and b.container_ipv6 and a.container_netns
+    assert tcp_transfer(b.container_netns, b.container_ipv6, a.container_netns,
+                        nbytes=1 << 20) == 1 << 20
+
+
+def test_an_ipv6_only_network_on_an_ipv6_only_underlay() -> None:
+    with Testbed() as bed:
+        etcd = EtcdServer(bed, ipv6=True)
+        daemons: list[Flanneld] = []
+        try:
+            put_config(etcd, "v3", {"EnableIPv4": False, "EnableIPv6": True,
+                                    "IPv6Network": NETWORK6, "Backend": {"Type": "udp"}})
+            daemons = start_hosts(bed, etcd, 2)
+            hosts = [daemon.host for daemon in daemons]
+            for daemon in daemons:
+                assert "FLANNEL_SUBNET" not in daemon.subnet_env()
+                assert daemon.host.container_ip is None
+                daemon.wait_log(KERNEL_OFF)
+            assert len({daemon.wait_ipv6_subnet() for daemon in daemons}) == 2
+            reach_each_other(hosts, ("ipv6",))
+            a, b = hosts
+            for src, dst in ((a, b), (b, a)):
+                assert dst.container_netns and dst.container_ipv6 and src.container_netns
+                assert tcp_transfer(dst.container_netns, dst.container_ipv6,
+                                    src.container_netns, nbytes=4 << 20) == 4 << 20
+            for host in hosts:
+                assert f"[{host.underlay_ipv6}]:{PORT}" in host.run("ss", "-u", "-a",
+                                                                     "-n").stdout
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+            etcd.stop()
+
+
+def test_an_ipv4_underlay_still_sends_over_ipv4() -> None:
+    """A dual-stack network on a dual-stack underlay: nothing changes (outer IPv4)."""
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        daemon: Flanneld | None = None
+        try:
+            put_config(etcd, "v3", dual_config("udp"))
+            daemon = Flanneld(bed, bed.add_host(ipv6=True), etcd, "v3").start()
+            daemon.wait_ipv6_subnet()
+            daemon.wait_log("udp backend: flannel0")
+            sockets = daemon.host.run("ss", "-u", "-a", "-n").stdout
+            assert f"{daemon.host.underlay_ip}:{PORT}" in sockets
+            assert daemon.subnet_env()["FLANNEL_MTU"] == "1472"
+            assert "datagrams go over IPv6" not in daemon.log()
+            assert daemon.subnet_env()["FLANNEL_NETWORK"] == NETWORK
+        finally:
+            if daemon is not None:
+                daemon.stop()
+            etcd.stop()
