@@ -8,6 +8,7 @@ address."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.cluster import PREFIX, Flanneld, put_config, scrape, value
 from tests.etcd import EtcdServer
+from tests.fdstore import FdStore
 from tests.test_dualstack import (
     NETWORK,
     NETWORK6,
@@ -155,6 +157,32 @@ def test_a_restart_keeps_the_subnets_and_the_traffic_resumes(dual: Outer6) -> No
     assert b.container_netns and b.container_ipv6 and a.container_netns
     assert tcp_transfer(b.container_netns, b.container_ipv6, a.container_netns,
                         nbytes=1 << 20) == 1 << 20
+
+
+def test_under_an_fd_store_nothing_is_kept_and_a_restart_starts_a_new_fast_path(
+        dual: Outer6) -> None:
+    """The outer-IPv6 fast path is not handed over (its routes name peers by index into an
+    array no memfd holds): the store stays empty, and the next run starts afresh."""
+    daemon = dual.daemons[2]
+    with FdStore(os.path.join(dual.bed.workdir, "outer6.notify")) as fdstore:
+        daemon.stop()
+        daemon.environ["NOTIFY_SOCKET"] = fdstore.path
+        try:
+            daemon.start()
+            daemon.wait_log("udp backend: datagrams go over IPv6", count=1)
+            reach_each_other(dual.hosts)
+            assert daemon.stop() == 0
+            assert fdstore.names() == []
+            daemon.start(handed=fdstore.handed())
+            daemon.wait_log("udp backend: flannel0")
+            reach_each_other(dual.hosts)
+            assert "resumed the fast path" not in daemon.log()
+            assert fdstore.names() == []
+        finally:
+            daemon.stop()
+            del daemon.environ["NOTIFY_SOCKET"]
+            daemon.start()
+    reach_each_other(dual.hosts)
 
 
 def test_an_ipv6_only_network_on_an_ipv6_only_underlay() -> None:
