@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import pytest
 from tests.cluster import PREFIX, Flanneld, put_config, scrape, value
 from tests.etcd import EtcdServer
 from tests.fdstore import FdStore
+from tests.test_dataplane import inner_udp, inner_udp6
 from tests.test_dualstack import (
     NETWORK,
     NETWORK6,
@@ -25,7 +27,7 @@ from tests.test_dualstack import (
     pings,
     reach_each_other,
 )
-from tests.testbed import Host, Testbed, tcp_transfer
+from tests.testbed import Host, Testbed, inside, tcp_transfer
 
 METRICS_PORT = 9125
 PORT = 8285
@@ -142,6 +144,50 @@ def test_a_lease_without_public_ipv6_is_logged_once_and_skipped(dual: Outer6) ->
         assert not pings(a, "10.244.250.1")
     finally:
         dual.etcd.ctl("del", f"{PREFIX}/subnets/{key}")
+
+
+def delivered(sender: Host, target: Host, source: str, count: int = 20) -> int:
+    """Datagrams from `sender`'s IPv6 underlay address to target's fast path, each a packet
+    from `source` to a socket in target's container: how many that socket got."""
+    ipv6 = ":" in source
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    destination = target.container_ipv6 if ipv6 else target.container_ip
+    assert destination and target.container_netns and target.underlay_ipv6
+    with inside(target.container_netns):
+        receiver = socket.socket(family, socket.SOCK_DGRAM)
+        receiver.bind((destination, 0))
+    receiver.settimeout(0.5)
+    with inside(sender.netns):
+        udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    got = 0
+    with udp, receiver:
+        port = receiver.getsockname()[1]
+        for i in range(count):
+            payload = i.to_bytes(4, "big")
+            packet = (inner_udp6(source, destination, payload, port) if ipv6
+                      else inner_udp(source, destination, port, payload))
+            udp.sendto(packet, (target.underlay_ipv6, PORT))
+        try:
+            while got < count:
+                receiver.recv(64)
+                got += 1
+        except TimeoutError:
+            pass
+    return got
+
+
+def test_the_source_check_compares_the_sender_s_ipv6_address(dual: Outer6) -> None:
+    """A packet is delivered only when its source lies in the subnet of the host whose IPv6
+    address sent the datagram: not another member's, not an outsider's."""
+    a, b, c = dual.hosts
+    assert b.container_ip and b.container_ipv6 and c.container_ip and c.container_ipv6
+    assert delivered(b, a, b.container_ip) == 20
+    assert delivered(b, a, b.container_ipv6) == 20
+    assert delivered(b, a, c.container_ip) == 0
+    assert delivered(b, a, c.container_ipv6) == 0
+    outsider = dual.bed.add_host(ipv4=False)
+    assert delivered(outsider, a, b.container_ip) == 0
+    assert delivered(outsider, a, b.container_ipv6) == 0
 
 
 def test_a_restart_keeps_the_subnets_and_the_traffic_resumes(dual: Outer6) -> None:
