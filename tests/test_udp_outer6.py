@@ -46,10 +46,12 @@ class Outer6:
         return [daemon.host for daemon in self.daemons]
 
 
-def start_hosts(bed: Testbed, etcd: EtcdServer, count: int) -> list[Flanneld]:
+def start_hosts(bed: Testbed, etcd: EtcdServer, count: int,
+                ipv4: bool = False) -> list[Flanneld]:
+    """`count` pyflanneld hosts, on an IPv6-only underlay unless `ipv4`, a container each."""
     daemons = []
     for _ in range(count):
-        host = bed.add_host(ipv4=False)
+        host = bed.add_host(ipv6=True, ipv4=ipv4)
         daemon = Flanneld(bed, host, etcd, "v3", "--metrics-port", str(METRICS_PORT)).start()
         daemons.append(daemon)
         daemon.wait_ipv6_subnet()
@@ -231,14 +233,17 @@ def test_under_an_fd_store_nothing_is_kept_and_a_restart_starts_a_new_fast_path(
     reach_each_other(dual.hosts)
 
 
-def test_an_ipv6_only_network_on_an_ipv6_only_underlay() -> None:
+@pytest.mark.parametrize("underlay", ["ipv6", "dual"])
+def test_an_ipv6_only_network_goes_over_ipv6(underlay: str) -> None:
+    """On an IPv6-only underlay, and on a dual-stack one too: an IPv6-only network's hosts
+    advertise PublicIP 0.0.0.0, so their datagrams go to the peers' PublicIPv6."""
     with Testbed() as bed:
         etcd = EtcdServer(bed, ipv6=True)
         daemons: list[Flanneld] = []
         try:
             put_config(etcd, "v3", {"EnableIPv4": False, "EnableIPv6": True,
                                     "IPv6Network": NETWORK6, "Backend": {"Type": "udp"}})
-            daemons = start_hosts(bed, etcd, 2)
+            daemons = start_hosts(bed, etcd, 2, ipv4=underlay == "dual")
             hosts = [daemon.host for daemon in daemons]
             for daemon in daemons:
                 assert "FLANNEL_SUBNET" not in daemon.subnet_env()
