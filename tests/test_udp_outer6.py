@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,6 +231,19 @@ def test_under_an_fd_store_nothing_is_kept_and_a_restart_starts_a_new_fast_path(
             daemon.stop()
             del daemon.environ["NOTIFY_SOCKET"]
             daemon.start()
+    reach_each_other(dual.hosts)
+
+
+def test_a_restart_in_place_after_sighup_starts_a_new_fast_path(dual: Outer6) -> None:
+    daemon = dual.daemons[0]
+    assert daemon.process is not None
+    added = daemon.log().count("subnet added")
+    started = daemon.log().count("udp backend: flannel0")
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_log("udp backend: flannel0", count=started + 1)
+    daemon.wait_log("subnet added", count=added + 2)
+    assert daemon.process.poll() is None
+    assert "again with nothing" in daemon.log()
     reach_each_other(dual.hosts)
 
 
