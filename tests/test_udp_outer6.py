@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from fastpath import FastPath
 from tests.cluster import PREFIX, Flanneld, put_config, scrape, value
 from tests.etcd import EtcdServer
 from tests.fdstore import FdStore
@@ -298,3 +299,23 @@ def test_an_ipv4_underlay_still_sends_over_ipv4() -> None:
             if daemon is not None:
                 daemon.stop()
             etcd.stop()
+
+
+def test_the_fast_path_s_outer_ipv6_levers_and_refusals() -> None:
+    """FastPath with an IPv6 bind address: no kernel path, hellos, whole or plain
+    super-packets; an IPv6-only overlay without a Network; nothing kept (not started here)."""
+    fp = FastPath(None, 24, "2001:db8::1", PORT, mtu=1452, ipv6_network=NETWORK6,
+                  kernel="on", underlay="eth0", whole_superpackets=True,
+                  plain_superpackets=True, vxlan_receiver="pyflannel-rx")
+    assert fp.outer6 and fp.table is None and fp.table6 is not None
+    assert (fp.kernel, fp.kernel_missing) == ("off", "the kernel path carries IPv4 underlays only")
+    assert not (fp.whole_superpackets or fp.plain_superpackets or fp.vxlan_receiver)
+    fp.set_route("fd00:10:244:7::/64", "2001:db8::7", PORT)
+    assert fp.table6.routes() == [("fd00:10:244:7::/64", ("2001:db8::7", PORT))]
+    assert fp.peers6 is not None and fp.peers6.index("2001:db8::7") == 0
+    with pytest.raises(ValueError, match="no Network"):
+        fp.set_route("10.244.7.0/24", "2001:db8::7", PORT)
+    with pytest.raises(ValueError, match="no Network"):
+        FastPath(None, 24, "198.18.0.1", PORT, ipv6_network=NETWORK6)
+    ipv4 = FastPath(NETWORK, 24, "198.18.0.1", PORT)
+    assert not ipv4.outer6 and ipv4.peers6 is None
