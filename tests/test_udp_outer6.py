@@ -48,13 +48,17 @@ class Outer6:
         return [daemon.host for daemon in self.daemons]
 
 
-def start_hosts(bed: Testbed, etcd: EtcdServer, count: int,
-                ipv4: bool = False) -> list[Flanneld]:
-    """`count` pyflanneld hosts, on an IPv6-only underlay unless `ipv4`, a container each."""
+def start_hosts(bed: Testbed, etcd: EtcdServer, count: int, ipv4: bool = False,
+                pins: bool = False) -> list[Flanneld]:
+    """`count` pyflanneld hosts, on an IPv6-only underlay unless `ipv4`, a container each;
+    with `pins`, each with --fastpath-pin-dir (a folder of its own under the workdir)."""
     daemons = []
     for _ in range(count):
         host = bed.add_host(ipv6=True, ipv4=ipv4)
-        daemon = Flanneld(bed, host, etcd, "v3", "--metrics-port", str(METRICS_PORT)).start()
+        extra = ["--fastpath-pin-dir", os.path.join(bed.workdir, f"{host.netns}-pins")] \
+            if pins else []
+        daemon = Flanneld(bed, host, etcd, "v3", "--metrics-port", str(METRICS_PORT),
+                          *extra).start()
         daemons.append(daemon)
         daemon.wait_ipv6_subnet()
     for daemon in daemons:
@@ -258,7 +262,7 @@ def test_an_ipv6_only_network_goes_over_ipv6(underlay: str) -> None:
         try:
             put_config(etcd, "v3", {"EnableIPv4": False, "EnableIPv6": True,
                                     "IPv6Network": NETWORK6, "Backend": {"Type": "udp"}})
-            daemons = start_hosts(bed, etcd, 2, ipv4=underlay == "dual")
+            daemons = start_hosts(bed, etcd, 2, ipv4=underlay == "dual", pins=True)
             hosts = [daemon.host for daemon in daemons]
             for daemon in daemons:
                 assert "FLANNEL_SUBNET" not in daemon.subnet_env()
@@ -274,6 +278,15 @@ def test_an_ipv6_only_network_goes_over_ipv6(underlay: str) -> None:
             for host in hosts:
                 assert f"[{host.underlay_ipv6}]:{PORT}" in host.run("ss", "-u", "-a",
                                                                      "-n").stdout
+            # --fastpath-pin-dir keeps nothing over IPv6: a restart starts a new fast path
+            subnet6 = daemons[1].wait_ipv6_subnet()
+            assert daemons[1].stop() == 0
+            kept = [os.path.join(bed.workdir, f"{b.netns}-pins"), daemons[1].subnet_file + ".kept"]
+            assert not any(os.path.exists(path) for path in kept)
+            daemons[1].start()
+            assert daemons[1].wait_ipv6_subnet() == subnet6
+            daemons[1].wait_log("udp backend: flannel0")
+            reach_each_other(hosts, ("ipv6",))
         finally:
             for daemon in daemons:
                 daemon.stop()

@@ -62,7 +62,7 @@ class UdpBackend:
         # Datagrams over IPv6: an underlay without IPv4, or an IPv6-only network.
         self._outer6 = ext.address is None or config.network is None
         self._unreachable: set[str] = set()  # leases without PublicIPv6, logged once
-        self._pins = None if self._outer6 else PinStore.of(options)
+        self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
         config = self._config
@@ -122,13 +122,17 @@ class UdpBackend:
                      self._bind)
             if delete_receiver(self._netlink.rtnl):
                 log.info("deleted the receive device of an earlier run (outer IPv6)")
+            if self._pins is not None and self._pins.forget(None):
+                log.info("udp backend: dropped what --fastpath-pin-dir kept for an IPv4 "
+                         "underlay: over IPv6 nothing is kept")
         elif not options.fastpath_vxlan_receive:
             if delete_receiver(self._netlink.rtnl):
                 log.info("deleted the receive device of an earlier run "
                          "(--fastpath-vxlan-receive is off)")
         elif not prepare_receiver(self._netlink.rtnl, ext):
             levers["vxlan_receiver"] = ""
-        handed = self._pins.routes_fds(self._ipv6 is not None) if self._pins else None
+        handed = self._pins.routes_fds(self._ipv6 is not None) \
+            if self._pins and not self._outer6 else None
         if self._ipv6 is not None:
             levers.update(ipv6_network=self._ipv6, ipv6_subnet_len=config.ipv6_subnet_len)
         try:
@@ -155,7 +159,7 @@ class UdpBackend:
         except HostError as err:
             raise BackendError(f"starting the udp backend on {self._where}: {err}") from err
         finish_receiver(self._netlink.rtnl, fp)
-        if self._pins is not None:
+        if self._pins is not None and not self._outer6:
             self._pins.keep(fp)
         if fp.nice_error:
             log.warning("udp backend: cannot give the packet threads nice %d: %s", fp.nice,
@@ -314,7 +318,7 @@ class UdpBackend:
         """What --fastpath-pin-dir kept for a next run goes: the pins, the routes file, and the
         TUN's persistence (it goes as the fast path stops)."""
         if self._pins is not None:
-            self._pins.forget(self.fastpath)
+            self._pins.forget(None if self._outer6 else self.fastpath)
 
     def stop(self) -> None:
         if self.fastpath is not None:
