@@ -42,9 +42,9 @@ from fastpath.packet cimport (
     decrement_hop_limit, decrement_ttl, load32, wants_icmp6_error, wants_unreachable,
 )
 from fastpath.system cimport (
-    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE, MSG_DONTWAIT, MSG_TRUNC,
-    POLLIN, SOL_UDP, UDP_GRO, UDP_SEGMENT, cmsghdr, htonl, htons, msghdr, pf_add, pf_load, poll,
-    pollfd, recvmmsg, sendmmsg, sendto, sockaddr_in, sockaddr_in6, socklen_t,
+    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE, MSG_DONTWAIT,
+    MSG_TRUNC, POLLIN, SOL_UDP, UDP_GRO, UDP_SEGMENT, cmsghdr, htonl, htons, msghdr, pf_add,
+    pf_load, poll, pollfd, recvmmsg, sendmmsg, sendto, sockaddr_in, sockaddr_in6, socklen_t,
 )
 from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup, table_lookup6
 
