@@ -154,6 +154,19 @@ def test_a_lease_without_public_ipv6_is_logged_once_and_skipped(dual: Outer6) ->
         dual.etcd.ctl("del", f"{PREFIX}/subnets/{key}")
 
 
+def test_an_icmpv6_time_exceeded_goes_back_to_the_sender_over_ipv6(dual: Outer6) -> None:
+    """A hop limit that runs out in b's receive loop (3: a's kernel and send loop take two) is
+    answered from the address it was for, sent back over IPv6 to the host that routes the
+    source (deliver6's reply: peer_address)."""
+    a, b = dual.hosts[:2]
+    assert b.container_ipv6
+    result = a.in_container("ping", "-6", "-c", "1", "-W", "2", "-t", "3", b.container_ipv6,
+                            check=False)
+    assert f"From {b.container_ipv6}" in result.stdout, result.stdout
+    assert "Time exceeded" in result.stdout, result.stdout
+    assert pings(a, b.container_ipv6)
+
+
 def delivered(sender: Host, target: Host, source: str, count: int = 20) -> int:
     """Datagrams from `sender`'s IPv6 underlay address to target's fast path, each a packet
     from `source` to a socket in target's container: how many that socket got."""
