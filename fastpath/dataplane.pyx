@@ -21,7 +21,7 @@ from fastpath.offload cimport UDP_MAX_SEGMENTS, VNET_HDR_LEN
 from fastpath.system cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, pf_load, pf_store, pthread_self, pthread_setname_np,
 )
-from fastpath.table cimport RouteTable, route_table6_t
+from fastpath.table cimport Peers6, RouteTable, route_table6_t, route_table_t
 from fastpath.table import kept_layout
 
 # A slot holds a virtio_net_hdr and any IP packet (a TSO super-packet too) or a UDP_GRO receive.
@@ -52,6 +52,8 @@ ROUTES6 = "routes6"
 KERNEL_PREFIX = "kernel-"
 KEPT_ANY = (*KEPT, ROUTES6, *(KERNEL_PREFIX + name for name in KERNEL_KEPT))
 DEFAULT_SOCKET_BUFFER = 4 << 20
+# Why an outer-IPv6 fast path runs without the kernel path (tc-BPF: IPv4 underlays only).
+KERNEL_IPV4_ONLY = "the kernel path carries IPv4 underlays only"
 
 
 cdef void snapshot(const uint64_t *src, uint64_t *dst, size_t size) noexcept nogil:
@@ -84,11 +86,21 @@ cdef class FastPath:
     this same kernel go plain, spared the vxlan device (greet() says which kernel this is;
     refresh() refuses a peer they do not reach). `handed` holds descriptors an earlier run kept
     (`kept()`, named as in KEPT_ANY), taken over where they fit this run's settings.
+
+    With an IPv6 bind_ip (outer6: an underlay without IPv4) the datagrams go over IPv6, to the
+    peers' IPv6 addresses (set_route takes them, peers6 holds them): the loops alone carry them
+    (no kernel path, no hellos, no whole or plain super-packets), and nothing is kept for a next
+    run (kept() is empty, handed descriptors are closed). network may then be None: an IPv6-only
+    overlay, ipv6_network its one table.
     """
 
-    cdef readonly RouteTable table
+    cdef readonly RouteTable table    # None without an IPv4 Network (outer IPv6 only)
     cdef readonly RouteTable table6   # None without an IPv6 Network
     cdef route_table6_t no_table6      # what the loops look IPv6 up in then: no routes
+    cdef route_table_t no_table        # and IPv4 without an IPv4 Network: no routes
+    cdef uint64_t no_entry             # its one entry, 0.0.0.0's: none
+    cdef readonly bint outer6          # datagrams over IPv6
+    cdef readonly Peers6 peers6        # their peers' addresses (None over IPv4)
     cdef readonly str bind_ip
     cdef readonly int port
     cdef readonly int mtu
@@ -130,16 +142,32 @@ cdef class FastPath:
         if not 68 <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} must be in 68..{MAX_MTU}")
         self.handed = dict(handed or {})
-        self.table = RouteTable(network, subnet_len, self.handed.pop("routes", -1))
-        if self.table.version != 4:
-            raise ValueError(f"the Network {network} is not IPv4 (an IPv6 one is ipv6_network)")
+        bind = ipaddress.ip_address(bind_ip)
+        self.outer6 = bind.version == 6
+        self.peers6 = Peers6() if self.outer6 else None
+        if network is None and not (self.outer6 and ipv6_network is not None):
+            raise ValueError("no Network: only an outer-IPv6 fast path with an ipv6_network "
+                             "goes without one")
+        self.table = None
+        self.no_table.entries = &self.no_entry  # 0.0.0.0 alone matches, and has no route
+        self.no_table.netmask = 0xFFFFFFFF
+        if network is not None:
+            self.table = RouteTable(network, subnet_len,
+                                    -1 if self.outer6 else self.handed.pop("routes", -1))
+            if self.table.version != 4:
+                raise ValueError(f"the Network {network} is not IPv4 (an IPv6 one is "
+                                 "ipv6_network)")
         self.table6 = None
         if ipv6_network is not None:
             if mtu < IPV6_MIN_MTU:  # RFC 8200 5: every IPv6 link carries 1280 bytes
                 raise ValueError(f"MTU {mtu} is below IPv6's {IPV6_MIN_MTU}")
             self.table6 = RouteTable(ipaddress.IPv6Network(ipv6_network), ipv6_subnet_len,
-                                     self.handed.pop(ROUTES6, -1))
-        self.bind_ip = str(ipaddress.IPv4Address(bind_ip))
+                                     -1 if self.outer6 else self.handed.pop(ROUTES6, -1))
+        if self.outer6:
+            for table in (self.table, self.table6):
+                if table is not None:
+                    table.carry_over_ipv6(self.peers6)
+        self.bind_ip = str(bind)
         self.port = port
         self.underlay = underlay
         self.mtu = mtu
@@ -159,9 +187,12 @@ cdef class FastPath:
             raise ValueError("the kernel path needs the underlay interface's name")
         self.kernel = kernel
         self.kernel_missing = ""
-        self.whole_superpackets = whole_superpackets
-        self.vxlan_receiver = vxlan_receiver
-        self.plain_superpackets = plain_superpackets
+        if self.outer6 and kernel != "off":
+            self.kernel = "off"
+            self.kernel_missing = KERNEL_IPV4_ONLY
+        self.whole_superpackets = whole_superpackets and not self.outer6
+        self.vxlan_receiver = "" if self.outer6 else vxlan_receiver
+        self.plain_superpackets = plain_superpackets and not self.outer6
         self.udp_tc = None
         self.tun_pattern = tun
         self.tun_fd = -1
@@ -188,7 +219,7 @@ cdef class FastPath:
         super-packets (offloads on); and, where the kernel path takes plain ones, the kernel
         hello beside it. Never waits: a hello that finds the socket's buffer full goes with the
         next greeting. Returns the hellos sent (kernel hellos not counted)."""
-        if not (self.offload and self.sock is not None):
+        if not (self.offload and self.sock is not None) or self.outer6:
             return 0
         source = ipaddress.IPv4Address(source)
         plain = self.udp_tc.plain_peers() if self.udp_tc is not None and \
@@ -258,6 +289,8 @@ cdef class FastPath:
     cdef RouteTable _table_of(self, subnet):
         """The table for `subnet`'s family."""
         if ipaddress.ip_network(subnet).version == 4:
+            if self.table is None:
+                raise ValueError(f"{subnet} is IPv4 and this fast path has no Network")
             return self.table
         if self.table6 is None:
             raise ValueError(f"{subnet} is IPv6 and this fast path has no ipv6_network")
@@ -265,7 +298,8 @@ cdef class FastPath:
 
     def set_route(self, subnet, ip, int port):
         """Send packets for `subnet` (e.g. "10.244.3.0/24", or "fd00:0:0:3::/64" of the IPv6
-        Network: only a pyflannel peer's, since flanneld drops IPv6) to UDP ip:port (IPv4)."""
+        Network: only a pyflannel peer's, since flanneld drops IPv6) to UDP ip:port (IPv4; the
+        peer's IPv6 address over outer IPv6)."""
         self._table_of(subnet).set(subnet, ip, port)
         if self.udp_tc is not None:
             self.udp_tc.set_route(subnet, ip, port)
@@ -316,7 +350,9 @@ cdef class FastPath:
         self.tx.sock_fd = self.rx.sock_fd = self.sock.fileno()
         self.tx.wake_fd = self.rx.wake_fd = self.wake_fd
         self.tx.stop = self.rx.stop = &self.stop_flag
-        self.tx.table = self.rx.table = &self.table.table
+        self.tx.table = self.rx.table = (
+            &self.table.table if self.table is not None else &self.no_table)
+        self.tx.peers6 = self.rx.peers6 = self.peers6.addrs if self.outer6 else NULL
         self.tx.table6 = self.rx.table6 = (
             &self.table6.table6 if self.table6 is not None else &self.no_table6)
         self.tx.mtu = self.mtu
@@ -426,7 +462,10 @@ cdef class FastPath:
     def kept(self) -> dict:
         """The fds that let the next run go on where this one stops, by name (for `handed`):
         the TUN and the socket, whose queues hold what comes meanwhile, the route tables, and
-        the kernel path's links and maps, which go on forwarding meanwhile."""
+        the kernel path's links and maps, which go on forwarding meanwhile. Nothing over outer
+        IPv6: the next run starts afresh."""
+        if self.outer6:  # its tables name peers by index into peers6, which no memfd holds
+            return {}
         kept = dict(zip(KEPT, (self.tun_fd, self.sock.fileno(), self.table.fd), strict=True))
         if self.table6 is not None:
             kept[ROUTES6] = self.table6.fd

@@ -154,22 +154,26 @@ def interface_with(ip: str) -> str | None:
 
 def open_udp(ip: str, port: int, buffer_bytes: int, gro: bool, handed: int = -1
              ) -> socket.socket:
-    """A UDP socket bound to ip:port with send and receive buffers of buffer_bytes (forced past
-    the system cap when we may, as root), receiving with UDP_GRO if asked. `handed`: the fd of
-    a socket an earlier run kept open (what arrived meanwhile waits in it), taken when it is
-    bound to ip:port, closed when not."""
+    """A UDP socket bound to ip:port (IPv4, or IPv6 for an outer-IPv6 fast path) with send
+    and receive buffers of buffer_bytes (forced past the system cap when we may, as root),
+    receiving with UDP_GRO if asked. `handed`: the fd of a socket an earlier run kept open
+    (what arrived meanwhile waits in it), taken when it is bound to ip:port, closed when
+    not."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     if handed >= 0:
         sock = socket.socket(fileno=handed)
-        if sock.type == socket.SOCK_DGRAM and sock.getsockname() == (ip, port):
+        if sock.type == socket.SOCK_DGRAM and sock.getsockname()[:2] == (ip, port):
             sock.set_inheritable(False)
             sock.setblocking(True)
             if not gro:  # the earlier run may have had it on
                 sock.setsockopt(SOL_UDP, UDP_GRO, 0)
             return configured(sock, buffer_bytes, gro)
         sock.close()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         configured(sock, buffer_bytes, gro)
+        if family == socket.AF_INET6:  # IPv6 peers only: an outer-IPv6 fast path's socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((ip, port))
     except OSError:
         sock.close()

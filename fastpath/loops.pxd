@@ -7,7 +7,7 @@ from posix.uio cimport iovec
 
 from fastpath.offload cimport Coalescer
 from fastpath.packet cimport ICMP6_ERROR_MAX_LEN, ICMP_UNREACH_MAX_LEN
-from fastpath.system cimport mmsghdr, sockaddr_in
+from fastpath.system cimport mmsghdr, sockaddr_in6
 from fastpath.table cimport route_table6_t, route_table_t
 
 cdef enum:
@@ -34,7 +34,7 @@ cdef struct PacketVector:
     mmsghdr *msgs
     unsigned int max_iovs
     iovec *iovs           # a message's iovecs are consecutive
-    sockaddr_in *addrs
+    sockaddr_in6 *addrs   # each message's peer: a sockaddr_in in the first bytes over IPv4
     uint8_t *control      # max_msgs * CONTROL_LEN
     uint32_t *segments    # datagrams carried by each message
     uint8_t *out          # send: the headers of super-packets' segments; NULL where there are
@@ -100,6 +100,7 @@ cdef struct TxLoop:
     const uint64_t *stop
     const route_table_t *table
     const route_table6_t *table6
+    const uint8_t *peers6      # outer IPv6: the peers' addresses the entries name; NULL: IPv4
     size_t mtu
     PacketVector vec
     unsigned int queued        # messages, iovecs and `out` bytes used by this wake-up so far
@@ -121,6 +122,7 @@ cdef struct RxLoop:
     const uint64_t *stop
     const route_table_t *table
     const route_table6_t *table6
+    const uint8_t *peers6      # as TxLoop's
     size_t mtu
     PacketVector vec
     Coalescer coalescer

@@ -13,11 +13,16 @@
 # the control plane fills only for pyflannel peers (flanneld's proxy drops what is not IPv4).
 # The family is told by one compare of the version where the IPv4 checks fail, so IPv4 pays
 # nothing for it.
+#
+# Over an IPv6 underlay (outer IPv6: loop.peers6 set) every datagram goes to and comes from an
+# IPv6 peer: an entry's 32 address bits are then an index into peers6. The one branch on it is
+# where the message's address is written or the sender compared, so the IPv4 underlay's way
+# is the one it was.
 
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec, writev
 from posix.unistd cimport read, write
@@ -37,9 +42,9 @@ from fastpath.packet cimport (
     decrement_hop_limit, decrement_ttl, load32, wants_icmp6_error, wants_unreachable,
 )
 from fastpath.system cimport (
-    AF_INET, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE, MSG_DONTWAIT, MSG_TRUNC,
-    POLLIN, SOL_UDP, UDP_GRO, UDP_SEGMENT, cmsghdr, htonl, htons, msghdr, pf_add, pf_load, poll,
-    pollfd, recvmmsg, sendmmsg, sendto,
+    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_NXTHDR, CMSG_SPACE, MSG_DONTWAIT,
+    MSG_TRUNC, POLLIN, SOL_UDP, UDP_GRO, UDP_SEGMENT, cmsghdr, htonl, htons, msghdr, pf_add,
+    pf_load, poll, pollfd, recvmmsg, sendmmsg, sendto, sockaddr_in, sockaddr_in6, socklen_t,
 )
 from fastpath.table cimport ENTRY_ADDR_SHIFT, table_lookup, table_lookup6
 
@@ -67,7 +72,7 @@ cdef int vector_init(PacketVector *vec, unsigned int slots, size_t slot_size,
     vec.data = <uint8_t *>calloc(slots, slot_size)
     vec.msgs = <mmsghdr *>calloc(max_msgs, sizeof(mmsghdr))
     vec.iovs = <iovec *>calloc(max_iovs, sizeof(iovec))
-    vec.addrs = <sockaddr_in *>calloc(max_msgs, sizeof(sockaddr_in))
+    vec.addrs = <sockaddr_in6 *>calloc(max_msgs, sizeof(sockaddr_in6))
     vec.control = <uint8_t *>calloc(max_msgs, CONTROL_LEN)
     vec.segments = <uint32_t *>calloc(max_msgs, sizeof(uint32_t))
     vec.out = <uint8_t *>calloc(1, out_size) if out_size else NULL
@@ -195,17 +200,47 @@ cdef inline void entry_address(uint64_t entry, sockaddr_in *addr) noexcept nogil
     addr.sin_addr.s_addr = htonl(<uint32_t>(entry >> ENTRY_ADDR_SHIFT))
 
 
+cdef inline void entry_address6(uint64_t entry, const uint8_t *peers6,
+                                sockaddr_in6 *addr) noexcept nogil:
+    """The peer's address and port that an outer-IPv6 entry names: its address is at the
+    entry's index in peers6."""
+    addr.sin6_family = AF_INET6
+    addr.sin6_port = htons(<uint16_t>(entry & 0xFFFF))
+    addr.sin6_flowinfo = 0
+    memcpy(&addr.sin6_addr, peers6 + 16 * <size_t>(<uint32_t>(entry >> ENTRY_ADDR_SHIFT)), 16)
+    addr.sin6_scope_id = 0
+
+
+cdef inline socklen_t peer_address(const uint8_t *peers6, uint64_t entry,
+                                   sockaddr_in6 *addr) noexcept nogil:
+    """Write the entry's peer into addr (a sockaddr_in over IPv4): its length."""
+    if peers6 == NULL:
+        entry_address(entry, <sockaddr_in *>addr)
+        return sizeof(sockaddr_in)
+    entry_address6(entry, peers6, addr)
+    return sizeof(sockaddr_in6)
+
+
+cdef inline bint other_sender(const uint8_t *peers6, uint64_t entry, uint32_t sender,
+                              const uint8_t *sender6) noexcept nogil:
+    """Whether the entry's peer is not the datagram's sender: `sender` (host order) over IPv4,
+    the 16 bytes at sender6 over IPv6."""
+    if peers6 == NULL:
+        return <uint32_t>(entry >> ENTRY_ADDR_SHIFT) != sender
+    return memcmp(peers6 + 16 * <size_t>(<uint32_t>(entry >> ENTRY_ADDR_SHIFT)), sender6,
+                  16) != 0
+
+
 cdef inline void add_message(TxLoop *loop, unsigned int iovs, uint64_t entry, size_t segment,
                              uint32_t count) noexcept nogil:
     """Queue the `iovs` iovecs at iovs_used as one message to the peer in `entry`: one datagram,
     or with segment > 0 `count` datagrams of `segment` bytes (UDP_SEGMENT)."""
     cdef unsigned int i = loop.queued
-    cdef sockaddr_in *addr = &loop.vec.addrs[i]
+    cdef sockaddr_in6 *addr = &loop.vec.addrs[i]
     cdef mmsghdr *msg = &loop.vec.msgs[i]
     cdef cmsghdr *cmsg
-    entry_address(entry, addr)
     msg.msg_hdr.msg_name = addr
-    msg.msg_hdr.msg_namelen = sizeof(sockaddr_in)
+    msg.msg_hdr.msg_namelen = peer_address(loop.peers6, entry, addr)
     msg.msg_hdr.msg_iov = loop.vec.iovs + loop.iovs_used
     msg.msg_hdr.msg_iovlen = iovs
     if segment:
@@ -414,15 +449,17 @@ cdef inline void flush(RxLoop *loop) noexcept nogil:
         pf_add(&loop.counters.drop_write_error, packets)
 
 
-cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noexcept nogil:
+cdef inline bint spoofed(RxLoop *loop, const uint8_t *pkt, uint32_t sender,
+                        const uint8_t *sender6) noexcept nogil:
     """Whether the packet's source lies outside the subnet leased to `sender` (host order), the
-    datagram's outer source; counted by reason. One lookup in the route table, as for sending:
-    the subnet of the inner source must route to the sender."""
+    datagram's outer source (over IPv6: the address at sender6); counted by reason. One lookup
+    in the route table, as for sending: the subnet of the inner source must route to the
+    sender."""
     cdef uint64_t entry = table_lookup(loop.table, load32(pkt + 12))
     if entry == 0:
         pf_add(&loop.counters.drop_spoof_unrouted_source, 1)
         return True
-    if <uint32_t>(entry >> ENTRY_ADDR_SHIFT) != sender:
+    if other_sender(loop.peers6, entry, sender, sender6):
         pf_add(&loop.counters.drop_spoof_wrong_sender, 1)
         return True
     return False
@@ -443,29 +480,32 @@ cdef inline bint accepted(RxLoop *loop, Verdict verdict) noexcept nogil:
     return False
 
 
-cdef inline bint spoofed6(RxLoop *loop, const uint8_t *pkt, uint32_t sender) noexcept nogil:
+cdef inline bint spoofed6(RxLoop *loop, const uint8_t *pkt, uint32_t sender,
+                         const uint8_t *sender6) noexcept nogil:
     """spoofed() for an IPv6 packet: its source must lie in the sender's IPv6 subnet."""
     cdef uint64_t entry = table_lookup6(loop.table6, pkt + 8)
     if entry == 0:
         pf_add(&loop.counters.drop_spoof_unrouted_source, 1)
         return True
-    if <uint32_t>(entry >> ENTRY_ADDR_SHIFT) != sender:
+    if other_sender(loop.peers6, entry, sender, sender6):
         pf_add(&loop.counters.drop_spoof_wrong_sender, 1)
         return True
     return False
 
 
-cdef void deliver6(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:
+cdef void deliver6(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender,
+                   const uint8_t *sender6) noexcept nogil:
     """deliver() for a datagram whose packet says it is IPv6: checked, counted, merged and
     written into the TUN as IPv4 ones are. One whose hop limit runs out gets an ICMPv6 time
     exceeded, sent back to the peer that routes its source, from the address it was for."""
     cdef Verdict verdict = check_ipv6(pkt, n, loop.mtu)
     if not accepted(loop, verdict):
         return
-    if loop.verify_source and spoofed6(loop, pkt, sender):
+    if loop.verify_source and spoofed6(loop, pkt, sender, sender6):
         return
     cdef uint64_t entry
-    cdef sockaddr_in peer
+    cdef sockaddr_in6 peer
+    cdef socklen_t peer_len
     cdef size_t reply_len
     if not decrement_hop_limit(pkt):
         pf_add(&loop.counters.drop_ttl, 1)
@@ -474,9 +514,9 @@ cdef void deliver6(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexce
                 &loop.icmp_bucket, &loop.counters.icmp_rate_limited):
             reply_len = build_icmp6_error(pkt, n, ICMP6_TIME_EXCEEDED, ICMP6_HOP_LIMIT_EXCEEDED,
                                           0, pkt + 24, loop.icmp6)
-            entry_address(entry, &peer)
+            peer_len = peer_address(loop.peers6, entry, &peer)
             if sendto(loop.sock_fd, loop.icmp6, reply_len, MSG_DONTWAIT, &peer,
-                      sizeof(sockaddr_in)) == <ssize_t>reply_len:
+                      peer_len) == <ssize_t>reply_len:
                 pf_add(&loop.counters.icmp_time_exceeded, 1)
         return
     cdef size_t headers = gro_header_len6(pkt, n, loop.udp_coalesce) if loop.offload else 0
@@ -513,18 +553,20 @@ cdef inline bint is_hello(const uint8_t *pkt, size_t n) noexcept nogil:
             and memcmp(pkt + IPV4_HEADER_LEN, KERNEL_MAGIC, HELLO_LEN) == 0)
 
 
-cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) noexcept nogil:
-    """Check one datagram from `sender` (its outer source, host order) and hand its packet to
+cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender,
+                         const uint8_t *sender6) noexcept nogil:
+    """Check one datagram from `sender` (its outer source, host order; over IPv6 the address at
+    sender6) and hand its packet to
     the TUN: merged with the held TCP segment, held for the next, or written on its own. What is
     held points into the receive buffers, so the caller flushes before it receives into them
     again."""
     cdef Verdict verdict = check_ipv4(pkt, n, loop.mtu)
     if verdict != OK and n and pkt[0] >> 4 == 6 and loop.table6.size:
-        deliver6(loop, pkt, n, sender)
+        deliver6(loop, pkt, n, sender, sender6)
         return
     if not accepted(loop, verdict):
         return
-    if loop.verify_source and spoofed(loop, pkt, sender):
+    if loop.verify_source and spoofed(loop, pkt, sender, sender6):
         return
     if is_hello(pkt, n):  # the kernel path notes them; without it they go unused
         pf_add(&loop.counters.hellos, 1)
@@ -537,8 +579,8 @@ cdef inline void deliver(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender) 
            headers != 0 and gro_append(&loop.coalescer, pkt, n, headers))
 
 
-cdef inline bint deliver_whole(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender
-                               ) noexcept nogil:
+cdef inline bint deliver_whole(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t sender,
+                               const uint8_t *sender6) noexcept nogil:
     """Write a datagram longer than the MTU that is one whole TCP super-packet (a pyflannel
     peer's kernel path sends them so over a veth, --fastpath-whole-superpackets) into the TUN as
     one, for the kernel to cut at our MTU where it must; False if it is not one."""
@@ -551,7 +593,7 @@ cdef inline bint deliver_whole(RxLoop *loop, uint8_t *pkt, size_t n, uint32_t se
     if headers < hl + 20 or headers + 1 >= loop.mtu or headers >= n:
         return False
     flush(loop)  # keeps the packets in the order they came
-    if loop.verify_source and spoofed(loop, pkt, sender):
+    if loop.verify_source and spoofed(loop, pkt, sender, sender6):
         return True
     if not decrement_ttl(pkt):
         pf_add(&loop.counters.drop_ttl, 1)
@@ -596,6 +638,7 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
     cdef int got, i
     cdef size_t n, segment, offset, this, datagrams, first
     cdef uint32_t sender
+    cdef const uint8_t *sender6
     cdef uint8_t *data
     cdef bint full = False
     loop.coalescer.len = 0
@@ -609,7 +652,7 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
             break
         for i in range(vec.max_msgs):
             vec.iovs[i].iov_len = vec.slot_size
-            vec.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+            vec.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
             if loop.offload:
                 vec.msgs[i].msg_hdr.msg_control = vec.control + i * CONTROL_LEN
                 vec.msgs[i].msg_hdr.msg_controllen = CONTROL_LEN
@@ -631,16 +674,17 @@ cdef void rx_run(RxLoop *loop) noexcept nogil:
             if segment == 0 or segment > n:
                 segment = n
             # UDP GRO merges only datagrams of one flow: one sender for all of them.
-            sender = load32(<const uint8_t *>&vec.addrs[i].sin_addr)
+            sender = load32(<const uint8_t *>&(<sockaddr_in *>&vec.addrs[i]).sin_addr)
+            sender6 = <const uint8_t *>&vec.addrs[i].sin6_addr
             if (loop.offload and segment == n and n > loop.mtu
-                    and deliver_whole(loop, data, n, sender)):
+                    and deliver_whole(loop, data, n, sender, sender6)):
                 datagrams += 1
                 continue
             offset = 0
             first = datagrams
             while True:  # each datagram of the receive, once even when it is empty
                 this = segment if offset + segment <= n else n - offset
-                deliver(loop, data + offset, this, sender)
+                deliver(loop, data + offset, this, sender, sender6)
                 datagrams += 1
                 offset += this
                 if offset >= n:

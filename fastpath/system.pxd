@@ -39,6 +39,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
     enum:
         AF_INET
+        AF_INET6
         MSG_DONTWAIT
         MSG_TRUNC
 
@@ -58,6 +59,17 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         uint16_t sin_port
         in_addr sin_addr
+
+    struct in6_addr:
+        uint8_t s6_addr[16]
+
+    # Room for either family's address: the loops' message names are these.
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
 
     uint16_t htons(uint16_t)
     uint32_t htonl(uint32_t)
@@ -94,6 +106,11 @@ cdef extern from *:
     static inline void pf_store(uint64_t *p, uint64_t v) {
         __atomic_store_n(p, v, __ATOMIC_RELAXED);
     }
+    /* An entry that points into other memory (an outer IPv6 peer's address) is published
+       after that memory is written. */
+    static inline void pf_store_release(uint64_t *p, uint64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
     /* Counters have a single writer, so load + store is an exact increment. */
     static inline void pf_add(uint64_t *p, uint64_t v) {
         __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
@@ -101,6 +118,7 @@ cdef extern from *:
     """
     uint64_t pf_load(const uint64_t *p) nogil
     void pf_store(uint64_t *p, uint64_t v) nogil
+    void pf_store_release(uint64_t *p, uint64_t v) nogil
     void pf_add(uint64_t *p, uint64_t v) nogil
 
 

@@ -9,10 +9,13 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from fastpath.system cimport pf_load
 
 # An entry packs the peer's IPv4 address and UDP port (both host order) with a valid bit, so one
-# 64-bit load gives a consistent (address, port) pair or zero for "no route".
+# 64-bit load gives a consistent (address, port) pair or zero for "no route". Over an IPv6
+# underlay (outer IPv6) the 32 address bits are an index into the peers' IPv6 addresses
+# (Peers6), written before the entry that names them is published.
 cdef enum:
     ENTRY_VALID_SHIFT = 48
     ENTRY_ADDR_SHIFT = 16
+    MAX_PEERS6 = 1 << 16   # outer IPv6 peers one fast path sends to (16 bytes each, 1 MiB)
 
 
 cdef struct route_table_t:
@@ -71,6 +74,17 @@ cdef inline uint64_t table_lookup(const route_table_t *t, uint32_t dst) noexcept
     return pf_load(&t.entries[(dst - t.network) >> t.shift])
 
 
+cdef class Peers6:
+    cdef uint8_t *addrs           # MAX_PEERS6 addresses of 16 bytes (network order), by index
+    cdef dict index_of            # address (16 bytes) -> its index
+    cdef dict refs                # index -> entries that name it
+    cdef object freed             # indices given back, the longest free first
+    cdef uint32_t fresh           # the next index never used
+
+    cdef uint32_t acquire(self, bytes address) except? 0xFFFFFFFF
+    cdef void release(self, uint32_t index)
+
+
 cdef class RouteTable:
     cdef route_table_t table      # the IPv4 Network's (version 4)
     cdef route_table6_t table6    # the IPv6 Network's (version 6)
@@ -79,6 +93,7 @@ cdef class RouteTable:
     cdef readonly int subnet_len
     cdef readonly int fd          # the memfd holding the table: kept across a restart
     cdef readonly bint adopted    # whether it came from an earlier run
+    cdef readonly Peers6 peers6   # outer IPv6: whose addresses the entries' indices name
     cdef void *mapping
     cdef size_t mapping_bytes
 

@@ -1,15 +1,18 @@
 """The Python face of the subnet-to-host table (lookups on the packet path are in table.pxd)."""
 
+import collections
 import ipaddress
 import os
 import socket
 import stat
 import struct
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
-from fastpath.system cimport pf_store
+from fastpath.system cimport pf_store, pf_store_release
 
 # Largest table we allocate (128 MiB). flannel allows SubnetLen up to 30, so a /8 Network needs
 # 2**22 entries; anything past 2**24 is a mistake, not a cluster.
@@ -37,6 +40,77 @@ def kept_layout(int fd):
         return ipaddress.IPv6Network(((words[1] << 64) | words[2],
                                       words[3] - (words[4].bit_length() - 1))), words[3]
     return None
+
+
+cdef class Peers6:
+    """The IPv6 addresses of the peers an outer-IPv6 fast path sends to, each at an index that
+    route entries name (in their 32 address bits): one array, shared by the fast path's tables
+    and read by the loops without a lock. An address is written before the first entry that
+    names it is published, and keeps its index while any entry names it. A freed index is
+    taken again only once every other free index has been (never-used ones first, then the
+    freed in the order they were freed), so a loop that loaded an entry just before it changed
+    still finds that entry's peer at its index."""
+
+    def __cinit__(self):
+        self.addrs = <uint8_t *>calloc(MAX_PEERS6, 16)  # untouched pages cost nothing
+        if self.addrs == NULL:
+            raise MemoryError("cannot allocate the IPv6 peers' addresses")
+        self.index_of = {}
+        self.refs = {}
+        self.freed = collections.deque()
+        self.fresh = 0
+
+    def __dealloc__(self):
+        free(self.addrs)
+
+    cdef uint32_t acquire(self, bytes address) except? 0xFFFFFFFF:
+        """The index of `address` (16 bytes), given one if it has none, counted once more."""
+        cdef uint32_t index
+        if address in self.index_of:
+            index = self.index_of[address]
+        else:
+            if self.fresh < MAX_PEERS6:
+                index = self.fresh
+                self.fresh += 1
+            elif self.freed:
+                index = self.freed.popleft()
+            else:
+                raise ValueError(f"more than {MAX_PEERS6} IPv6 peers")
+            memcpy(self.addrs + 16 * <size_t>index, <const char *>address, 16)
+            self.index_of[address] = index
+            self.refs[index] = 0
+        self.refs[index] += 1
+        return index
+
+    cdef void release(self, uint32_t index):
+        """One entry fewer names `index`; with none left it is free (its address stays, for a
+        loop that still holds an old entry)."""
+        left = self.refs.get(index, 0) - 1
+        if left > 0:
+            self.refs[index] = left
+            return
+        self.refs.pop(index, None)
+        address = self.address(index)
+        self.index_of.pop(ipaddress.IPv6Address(address).packed, None)
+        self.freed.append(index)
+
+    def address(self, uint32_t index) -> str:
+        """The address at `index` (whatever was last written there)."""
+        if index >= MAX_PEERS6:
+            raise IndexError(index)
+        return str(ipaddress.IPv6Address(bytes(self.addrs[16 * index:16 * index + 16])))
+
+    def index(self, address):
+        """The index `address` holds, or None."""
+        return self.index_of.get(ipaddress.IPv6Address(address).packed)
+
+    def __len__(self):
+        """Peers with an index now."""
+        return len(self.index_of)
+
+    def free_order(self) -> list:
+        """The freed indices in the order they will be taken again (after the never-used)."""
+        return list(self.freed)
 
 
 cdef class RouteTable:
@@ -127,20 +201,43 @@ cdef class RouteTable:
             self.network.max_prefixlen - self.subnet_len)
         return (self.table.entries if self.version == 4 else self.table6.entries) + index
 
+    def carry_over_ipv6(self, Peers6 peers6):
+        """Send over IPv6 from now on: the peers are IPv6 addresses in `peers6` (an empty
+        table only: its entries then name indices there)."""
+        if self.routes():
+            raise ValueError("a table with routes cannot change its peers' family")
+        self.peers6 = peers6
+
     def set(self, subnet, ip, int port):
         """Route `subnet` (e.g. "10.244.3.0/24", or "fd00:0:0:3::/64" in an IPv6 table) to UDP
-        `port` at the IPv4 address `ip`."""
+        `port` at the IPv4 address `ip` (an IPv6 one once carry_over_ipv6() was called)."""
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is not in 1..65535")
-        cdef uint64_t addr = int(ipaddress.IPv4Address(ip))
+        cdef uint64_t *slot = self._entry(subnet)
+        cdef uint64_t addr
+        cdef uint64_t old
+        if self.peers6 is None:
+            addr = int(ipaddress.IPv4Address(ip))
+        else:
+            addr = self.peers6.acquire(ipaddress.IPv6Address(ip).packed)
         cdef uint64_t entry = (
             (<uint64_t>1 << ENTRY_VALID_SHIFT) | (addr << ENTRY_ADDR_SHIFT) | <uint64_t>port
         )
-        pf_store(self._entry(subnet), entry)
+        if self.peers6 is None:
+            pf_store(slot, entry)
+            return
+        old = slot[0]
+        pf_store_release(slot, entry)  # after acquire() wrote the address
+        if old:
+            self.peers6.release(<uint32_t>(old >> ENTRY_ADDR_SHIFT))
 
     def delete(self, subnet):
         """Forget the route to `subnet`; a subnet with no route is fine."""
-        pf_store(self._entry(subnet), 0)
+        cdef uint64_t *slot = self._entry(subnet)
+        cdef uint64_t old = slot[0]
+        pf_store(slot, 0)
+        if self.peers6 is not None and old:
+            self.peers6.release(<uint32_t>(old >> ENTRY_ADDR_SHIFT))
 
     def routes(self) -> list:
         """Every route as (subnet, (ip, port)), in subnet order."""
@@ -156,7 +253,7 @@ cdef class RouteTable:
         shift = self.network.max_prefixlen - self.subnet_len
         return [
             (str(ipaddress.ip_network((base + (index << shift), self.subnet_len))),
-             _endpoint(entry))
+             self._endpoint(entry))
             for index, entry in found
         ]
 
@@ -169,10 +266,11 @@ cdef class RouteTable:
         else:
             packed = ipaddress.IPv6Address(dst).packed
             entry = table_lookup6(&self.table6, &packed[0])
-        return _endpoint(entry) if entry else None
+        return self._endpoint(entry) if entry else None
 
-
-def _endpoint(uint64_t entry) -> tuple:
-    """The (ip, port) an entry packs."""
-    return (socket.inet_ntoa(((entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF).to_bytes(4, "big")),
-            entry & 0xFFFF)
+    def _endpoint(self, uint64_t entry) -> tuple:
+        """The (ip, port) an entry packs (or names, over IPv6)."""
+        cdef uint32_t addr = (entry >> ENTRY_ADDR_SHIFT) & 0xFFFFFFFF
+        if self.peers6 is not None:
+            return (self.peers6.address(addr), entry & 0xFFFF)
+        return (socket.inet_ntoa(int(addr).to_bytes(4, "big")), entry & 0xFFFF)

@@ -177,7 +177,7 @@ def main() -> int:
                         help="etcd's API for --subnet-mgr etcd")
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"],
-                        help="udp, or vxlan with --ipv6 only (udp sends over IPv4)")
+                        help="udp, or vxlan with --ipv6 only (udp then sends over IPv6)")
     parser.add_argument("--subnet-mgr", choices=["etcd", "kube"], default="etcd",
                         help="where the subnets are: etcd, or the Kubernetes API")
     parser.add_argument("--ipv6", choices=["none", "dual", "only"], default="none",
@@ -188,10 +188,6 @@ def main() -> int:
         return 2
     if args.backend is None:
         args.backend = "vxlan" if args.ipv6 == "only" else "udp"
-    elif args.backend == "udp" and args.ipv6 == "only":
-        print("demo: the udp backend sends its datagrams over IPv4: --ipv6 only runs with "
-              "--backend vxlan or host-gw", file=sys.stderr)
-        return 2
     if args.subnet_mgr == "kube" and (missing := kube_reference_missing()):
         print(f"demo: {missing}", file=sys.stderr)
         return 2

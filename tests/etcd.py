@@ -58,22 +58,26 @@ PEER_PORT = 2380
 
 class EtcdServer:
     def __init__(self, bed: Testbed, tls: bool = False, *, host: Host | None = None,
-                 name: str = "test", initial_cluster: str | None = None) -> None:
+                 name: str = "test", initial_cluster: str | None = None,
+                 ipv6: bool = False) -> None:
         """With tls, etcd serves https only and asks clients for a certificate from its CA.
         Alone, it runs on a new host and is started at once; as `name` in `initial_cluster`
         (EtcdCluster's, on `host`), launch() and wait_healthy() start it once its peers are
-        launched too."""
+        launched too. With `ipv6` (alone, without TLS) its host has an IPv6 address too and
+        clients reach it there, as hosts of an IPv6-only underlay do."""
         for tool in ("etcd", "etcdctl"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"'{tool}' is missing (make install installs etcd-server, "
                                    "etcd-client)")
-        self.host: Host = host or bed.add_host("etcd-tls" if tls else "etcd")
+        self.host: Host = host or bed.add_host("etcd-tls" if tls else "etcd", ipv6=ipv6)
         self.name = name
         self.peer_url = (f"http://{self.host.underlay_ip}:{PEER_PORT}" if initial_cluster
                          else f"http://127.0.0.1:{PEER_PORT}")
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         scheme = "https" if tls else "http"
         self.endpoint = f"{scheme}://{self.host.underlay_ip}:{CLIENT_PORT}"
+        if ipv6:
+            self.endpoint = f"{scheme}://[{self.host.underlay_ipv6}]:{CLIENT_PORT}"
         self.certificates = (make_certificates(os.path.join(bed.workdir, "pki"),
                                                self.host.underlay_ip) if tls else None)
         self.data_dir = os.path.join(bed.workdir, self.host.netns + "-data")

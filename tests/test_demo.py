@@ -42,9 +42,10 @@ def test_demo_runs_end_to_end(subnet_mgr: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize(("backend", "ipv6"), [
-    (None, "dual"), ("vxlan", "dual"), ("host-gw", "dual"), (None, "only"), ("host-gw", "only")])
+    (None, "dual"), ("vxlan", "dual"), ("host-gw", "dual"), (None, "only"), ("host-gw", "only"),
+    ("udp", "only")])
 def test_an_ipv6_demo_runs_end_to_end(backend: str | None, ipv6: str) -> None:
-    """`make demo IPV6=dual` (udp) and `IPV6=only` (vxlan: udp sends over IPv4): every
+    """`make demo IPV6=dual` (udp) and `IPV6=only` (vxlan; udp there sends over IPv6): every
     container pings every other over each family the network has."""
     require_host_network_tools()
     chosen = ["--backend", backend] if backend else []

@@ -70,15 +70,16 @@ def setup(etcd_with_configs: tuple[Testbed, EtcdServer]) -> Setup:
 
 
 def detect(setup: Setup, ifaces: tuple[str, ...] = (), regexes: tuple[str, ...] = (), *,
-           ipv4: bool = True, public_ip: str | None = None, public_ipv6: str | None = None
-           ) -> ExternalInterface:
+           ipv4: bool = True, public_ip: str | None = None, public_ipv6: str | None = None,
+           ipv4_optional: bool = False) -> ExternalInterface:
     with inside(setup.host.netns):
         netlink = Netlink()
     try:
         return netlink.external_interface(
             list(ifaces), list(regexes), ipv4=ipv4, ipv6=True,
             public_ip=None if public_ip is None else ipaddress.IPv4Address(public_ip),
-            public_ipv6=None if public_ipv6 is None else ipaddress.IPv6Address(public_ipv6))
+            public_ipv6=None if public_ipv6 is None else ipaddress.IPv6Address(public_ipv6),
+            ipv4_optional=ipv4_optional)
     finally:
         netlink.close()
 
@@ -217,6 +218,22 @@ def test_iface_ipv6_on_an_interface_without_ipv4_says_so(setup: Setup) -> None:
     with pytest.raises(HostError) as raised:
         detect(setup, ("2001:db8:1::1",))
     assert str(raised.value) == "failed to find IPv4 address for interface oth0"
+
+
+def test_an_interface_without_ipv4_serves_the_udp_backend_over_ipv6(setup: Setup) -> None:
+    """ipv4_optional (the udp backend, which then sends over IPv6): no IPv4 address, by
+    --iface or by the IPv6 default route alone, is address None, not an error."""
+    setup.other("oth0", "2001:db8:1::1/64")
+    ext = detect(setup, ("2001:db8:1::1",), ipv4_optional=True)
+    assert (ext.name, ext.address, str(ext.ipv6), str(ext.public_ipv6)) == \
+        ("oth0", None, "2001:db8:1::1", "2001:db8:1::1")
+    ext = detect(setup, ("oth0",), ipv4_optional=True)
+    assert (ext.name, ext.address, str(ext.ipv6)) == ("oth0", None, "2001:db8:1::1")
+    setup.host.ip("-6", "route", "add", "default", "dev", "oth0")
+    ext = detect(setup, ipv4_optional=True)
+    assert (ext.name, ext.address, str(ext.ipv6)) == ("oth0", None, "2001:db8:1::1")
+    with pytest.raises(HostError, match="^no default route"):
+        detect(setup)
 
 
 def test_public_ipv6_alone_finds_the_ipv4_address_too(setup: Setup) -> None:

@@ -247,6 +247,19 @@ def test_ipv6_only_hosts_never_share_a_subnet() -> None:
         other, reuse=True)
 
 
+def test_dual_stack_hosts_on_an_ipv6_only_underlay_never_share_a_subnet() -> None:
+    """A udp host without an IPv4 address (PublicIP 0.0.0.0, its datagrams over IPv6) finds
+    its lease by PublicIPv6 in a dual-stack network too, not another such host's."""
+    other = dual("10.244.10.0/24", "fc00:0:0:10::/64")
+    leases = [(other, held(None, OTHER6))]
+    for seed in range(20):
+        choice = choose_subnet(DUAL, leases, None, ME6, None, random.Random(seed))
+        assert not choice.reuse and choice.subnets.ipv4 != other.ipv4
+        assert choice.subnets.ipv6 != other.ipv6
+    assert choose_subnet(DUAL, leases, None, OTHER6, None, random.Random(1)) == Choice(
+        other, reuse=True)
+
+
 def test_out_of_ipv6_subnets() -> None:
     taken = [(dual(f"10.244.{i}.0/24", f"fc00:0:0:{i}::/64"), held(OTHER, OTHER6))
              for i in range(10, 15)]

@@ -140,10 +140,13 @@ class Testbed(ClosedOnSigterm):
         sh("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
-    def add_host(self, name: str | None = None, ipv6: bool = False) -> Host:
+    def add_host(self, name: str | None = None, ipv6: bool = False, ipv4: bool = True) -> Host:
         """A host on the underlay: its N-th address on eth0 (MTU 1500), forwarding on; with
         `ipv6` also the N-th address of UNDERLAY6 (no duplicate address detection, so that it
-        is usable at once, as on every device made in the host later)."""
+        is usable at once, as on every device made in the host later). Without `ipv4` (which
+        implies `ipv6`) eth0 has only the IPv6 address: an IPv6-only underlay
+        (host.underlay_ip is then "")."""
+        ipv6 = ipv6 or not ipv4
         index = len(self.hosts) + 1
         if index >= self.underlay_network.num_addresses - 1:
             raise RuntimeError(f"the underlay {self.underlay_network} has no room for host {index}")
@@ -158,8 +161,11 @@ class Testbed(ClosedOnSigterm):
         sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth",
            "peer", "name", "eth0", "netns", host.netns)
         sh("ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up")
-        host.ip("addr", "add", f"{host.underlay_ip}/{self.underlay_network.prefixlen}", "dev",
-                "eth0")
+        if ipv4:
+            host.ip("addr", "add", f"{host.underlay_ip}/{self.underlay_network.prefixlen}",
+                    "dev", "eth0")
+        else:
+            host.underlay_ip = ""
         if host.underlay_ipv6 is not None:
             host.ip("addr", "add", f"{host.underlay_ipv6}/{UNDERLAY6.prefixlen}", "dev", "eth0")
         host.ip("link", "set", "eth0", "up")

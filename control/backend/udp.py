@@ -5,7 +5,13 @@ backend routes them.
 With IPv6 in the network the fast path carries IPv6 packets too, each one datagram over IPv4 as
 an IPv4 one, where flanneld's udp backend carries none (it leases an IPv6 subnet and drops what
 is not IPv4). So an IPv6 packet goes only to a pyflannel host: a udp lease with a PublicIPv6,
-which this backend writes and flanneld's never does (`"PublicIPv6":null`)."""
+which this backend writes and flanneld's never does (`"PublicIPv6":null`).
+
+Where the underlay has no IPv4 address (the interface has none) or the network is IPv6-only,
+the datagrams go over IPv6 instead (outer IPv6): the socket is bound to this host's IPv6 address
+and each datagram goes to the peer lease's PublicIPv6, carrying either family. Only pyflannel
+hosts do it (flanneld's udp backend has no IPv6), only the loops carry it (the kernel path is
+IPv4's), and a restart starts a new fast path (nothing is handed over)."""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from fastpath.table import MAX_SUBNETS
 log = logging.getLogger("pyflanneld.udp")
 
 UDP_ENCAP_OVERHEAD = 28  # outer IPv4 + UDP headers
+UDP6_ENCAP_OVERHEAD = 48  # outer IPv6 + UDP headers
 GREET_AGAIN_SECONDS = (0.05, 0.5)  # a new peer's further hellos (add_peer)
 
 
@@ -52,26 +59,43 @@ class UdpBackend:
         self.fastpath: FastPath | None = None
         self._subnet: ipaddress.IPv4Network | None = None  # this host's, once started
         self._ipv6 = config.ipv6_network if config.enable_ipv6 else None  # what it carries
+        # Datagrams over IPv6: an underlay without IPv4, or an IPv6-only network.
+        self._outer6 = ext.address is None or config.network is None
+        self._unreachable: set[str] = set()  # leases without PublicIPv6, logged once
         self._pins = PinStore.of(options)
 
     def prepare(self) -> None:
-        if self._config.network is None:
-            raise BackendError("the udp backend sends its datagrams over IPv4: an IPv6-only "
-                               "network needs the vxlan or host-gw backend")
-        subnets = 1 << (self._config.subnet_len - self._config.network.prefixlen)
-        if subnets > MAX_SUBNETS:
-            raise BackendError(f"{subnets} subnets are more than the fast path's table holds "
-                               f"({MAX_SUBNETS}): use a longer SubnetLen")
+        config = self._config
+        if self._outer6 and self._ext.ipv6 is None:
+            raise BackendError("the udp backend sends over IPv6 here (no IPv4 underlay or "
+                               "network) but the interface has no IPv6 address")
+        for network, subnet_len, name in ((config.network, config.subnet_len, "SubnetLen"),
+                                          (self._ipv6, config.ipv6_subnet_len, "IPv6SubnetLen")):
+            if network is None:
+                continue
+            subnets = 1 << (subnet_len - network.prefixlen)
+            if subnets > MAX_SUBNETS:
+                raise BackendError(f"{subnets} subnets are more than the fast path's table "
+                                   f"holds ({MAX_SUBNETS}): use a longer {name}")
+
+    @property
+    def _bind(self) -> str:
+        """The address the socket is bound to: the interface's (IPv6 over outer IPv6)."""
+        return str(self._ext.ipv6 if self._outer6 else self._ext.address)
 
     def lease_value(self) -> bytes:
         return encode_lease(self._public_ip, public_ipv6=self._public_ipv6)
 
     def start(self, subnets: Subnets) -> int:
         config, ext, options = self._config, self._ext, self._options
-        subnet = subnets.ipv4
-        assert subnet is not None  # prepare() asked for IPv4
-        mtu = ext.mtu - UDP_ENCAP_OVERHEAD
+        assert subnets.ipv4 is not None or self._outer6  # prepare() asked for IPv4
+        mtu = ext.mtu - (UDP6_ENCAP_OVERHEAD if self._outer6 else UDP_ENCAP_OVERHEAD)
         fp = self._resumed
+        if fp is not None and self._outer6:
+            log.warning("udp backend: the fast path the previous run kept sends over IPv4, this "
+                        "one over IPv6: starting a new one")
+            release_resumed(fp)
+            fp = None
         if fp is not None:
             table6 = fp.table6
             made_for = (fp.table.network, fp.table.subnet_len, fp.bind_ip, fp.port, fp.mtu,
@@ -87,45 +111,60 @@ class UdpBackend:
                         "not %s: starting a new one", made_for, wanted)
             release_resumed(fp)
         levers = options.fastpath_levers
-        if not options.fastpath_vxlan_receive:
+        if self._outer6:
+            if levers.get("kernel", "off") != "off":
+                log.info("udp backend: the kernel path carries IPv4 underlays only: the loops "
+                         "carry everything")
+            levers.update(kernel="off", whole_superpackets=False, plain_superpackets=False,
+                          vxlan_receiver="")
+            log.info("udp backend: datagrams go over IPv6 from %s; a restart starts a new fast "
+                     "path (the loops' routes name IPv6 peers that are not handed over)",
+                     self._bind)
+            if delete_receiver(self._netlink.rtnl):
+                log.info("deleted the receive device of an earlier run (outer IPv6)")
+            if self._pins is not None and self._pins.forget(None):
+                log.info("udp backend: dropped what --fastpath-pin-dir kept for an IPv4 "
+                         "underlay: over IPv6 nothing is kept")
+        elif not options.fastpath_vxlan_receive:
             if delete_receiver(self._netlink.rtnl):
                 log.info("deleted the receive device of an earlier run "
                          "(--fastpath-vxlan-receive is off)")
         elif not prepare_receiver(self._netlink.rtnl, ext):
             levers["vxlan_receiver"] = ""
-        handed = self._pins.routes_fds(self._ipv6 is not None) if self._pins else None
+        handed = self._pins.routes_fds(self._ipv6 is not None) \
+            if self._pins and not self._outer6 else None
         if self._ipv6 is not None:
             levers.update(ipv6_network=self._ipv6, ipv6_subnet_len=config.ipv6_subnet_len)
         try:
             self.fastpath = fp = FastPath(
-                config.network, config.subnet_len, str(ext.address), config.port, mtu=mtu,
+                config.network, config.subnet_len, self._bind, config.port, mtu=mtu,
                 underlay=ext.name, handed=handed, **levers)
             fp.start()
         except (OSError, ValueError) as err:  # ValueError: an MTU below IPv6's 1280
-            raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
-                               f"{err}") from err
+            raise BackendError(f"starting the udp backend on {self._where}: {err}") from err
         return self._started(subnets, mtu)
 
     def _started(self, subnets: Subnets, mtu: int) -> int:
         """Address and route the running fast path's TUN, and say how it runs."""
-        config, ext, fp = self._config, self._ext, self.fastpath
-        assert fp is not None and subnets.ipv4 is not None and config.network is not None
+        config, fp = self._config, self.fastpath
+        assert fp is not None
         self._subnet = subnets.ipv4
-        served: list[tuple[IPNetwork, IPNetwork]] = [(subnets.ipv4, config.network)]
+        served: list[tuple[IPNetwork, IPNetwork]] = []
+        if subnets.ipv4 is not None and config.network is not None:
+            served.append((subnets.ipv4, config.network))
         if self._ipv6 is not None and subnets.ipv6 is not None:
             served.append((subnets.ipv6, self._ipv6))
         try:
             self._netlink.configure_tun(fp.tun_name, served, mtu)
         except HostError as err:
-            raise BackendError(f"starting the udp backend on {ext.address}:{config.port}: "
-                               f"{err}") from err
+            raise BackendError(f"starting the udp backend on {self._where}: {err}") from err
         finish_receiver(self._netlink.rtnl, fp)
-        if self._pins is not None:
+        if self._pins is not None and not self._outer6:
             self._pins.keep(fp)
         if fp.nice_error:
             log.warning("udp backend: cannot give the packet threads nice %d: %s", fp.nice,
                         fp.nice_error)
-        if fp.kernel_missing:
+        if fp.kernel_missing and not fp.outer6:
             log.warning("udp backend: the kernel path cannot run here (%s): the loops carry "
                         "everything", fp.kernel_missing)
         if fp.offload_missing:
@@ -134,18 +173,24 @@ class UdpBackend:
         if fp.whole_superpackets and not fp.sends_whole:
             log.info("udp backend: TCP super-packets go out whole only from the kernel path "
                      "(--fastpath-kernel on) onto a veth that takes them (TSO on): not here")
-        log.info("udp backend: %s (MTU %d) <-> %s:%d, batch %d, offloads %s, UDP coalescing "
+        log.info("udp backend: %s (MTU %d) <-> %s, batch %d, offloads %s, UDP coalescing "
                  "%s, nice %d, kernel path %s, source check %s, whole super-packets %s, VXLAN "
-                 "receive %s, plain super-packets %s", fp.tun_name, mtu, ext.address,
-                 config.port, fp.slots, "on" if fp.offload else "off",
+                 "receive %s, plain super-packets %s", fp.tun_name, mtu, self._where, fp.slots,
+                 "on" if fp.offload else "off",
                  "on" if fp.udp_coalesce else "off", fp.nice, fp.kernel,
                  "on" if fp.verify_source else "off",
                  "on" if fp.sends_whole else "off", "on" if fp.through_vxlan else "off",
                  "on" if fp.sends_plain else "off")
         return mtu
 
+    @property
+    def _where(self) -> str:
+        """The socket's address and port, as logged: 198.18.0.1:8285, [2001:db8::1]:8285."""
+        return f"[{self._bind}]:{self._config.port}" if self._outer6 else \
+            f"{self._bind}:{self._config.port}"
+
     def move(self, old: Subnets, new: Subnets) -> None:
-        assert self.fastpath is not None and new.ipv4 is not None
+        assert self.fastpath is not None and (new.ipv4 is not None or self._outer6)
         for before, after in ((old.ipv4, new.ipv4), (old.ipv6, new.ipv6)):
             if before is not None and after is not None and before != after:
                 self._netlink.readdress_tun(self.fastpath.tun_name, before, after)
@@ -153,6 +198,8 @@ class UdpBackend:
 
     def add_peer(self, subnets: Subnets, lease: PeerLease, old: PeerLease | None) -> bool:
         assert self.fastpath is not None
+        if self._outer6:
+            return self._add_peer6(subnets, lease)
         subnet = subnets.ipv4
         if subnet is None or lease.public_ip is None:
             log.warning("ignoring lease %s: no IPv4 subnet or PublicIP", subnets)
@@ -178,6 +225,27 @@ class UdpBackend:
                                                       str(lease.public_ip))
         return True
 
+    def _add_peer6(self, subnets: Subnets, lease: PeerLease) -> bool:
+        """add_peer over outer IPv6: both families' subnets go to the lease's PublicIPv6; a
+        lease without one (flanneld's udp backend writes none) cannot be reached from here."""
+        assert self.fastpath is not None
+        if lease.public_ipv6 is None:
+            if subnets.name not in self._unreachable:
+                self._unreachable.add(subnets.name)
+                log.warning("udp backend: lease %s has no PublicIPv6: this host sends over "
+                            "IPv6 and cannot reach it", subnets.name)
+            return False
+        self._unreachable.discard(subnets.name)
+        peer, port = str(lease.public_ipv6), self._config.port
+        if self.fastpath.table is not None and subnets.ipv4 is not None:
+            self.fastpath.set_route(subnets.ipv4, peer, port)
+        if self._ipv6 is not None and subnets.ipv6 is not None:
+            if self._carries_ipv6(lease):
+                self.fastpath.set_route(subnets.ipv6, peer, port)
+            else:
+                self._forget_ipv6(subnets.ipv6)
+        return True
+
     def _greet(self, subnet: ipaddress.IPv4Network, public_ip: str) -> None:
         """Say hello to one peer now (greet_peers says hello to all every HELLO_SECONDS)."""
         if self.fastpath is not None and self.fastpath.running and self._subnet is not None:
@@ -197,7 +265,8 @@ class UdpBackend:
 
     def remove_peer(self, subnets: Subnets, lease: PeerLease) -> None:
         assert self.fastpath is not None
-        if subnets.ipv4 is not None:
+        self._unreachable.discard(subnets.name)
+        if subnets.ipv4 is not None and self.fastpath.table is not None:
             self.fastpath.del_route(subnets.ipv4)
         if self._ipv6 is not None and subnets.ipv6 is not None:
             self._forget_ipv6(subnets.ipv6)
@@ -205,7 +274,9 @@ class UdpBackend:
     def prune(self, peers: dict[Subnets, PeerLease]) -> None:
         """A table taken over from the previous run may hold routes no lease explains now."""
         assert self.fastpath is not None
-        routed: set[IPNetwork] = {subnets.ipv4 for subnets in peers if subnets.ipv4}
+        routed: set[IPNetwork] = {subnets.ipv4 for subnets, lease in peers.items()
+                                  if subnets.ipv4 and not (self._outer6
+                                                           and lease.public_ipv6 is None)}
         routed |= {subnets.ipv6 for subnets, lease in peers.items()
                    if subnets.ipv6 is not None and self._carries_ipv6(lease)}
         tables = [self.fastpath.table, self.fastpath.table6]
@@ -221,7 +292,8 @@ class UdpBackend:
         then sends this host TCP super-packets whole) and follow the underlay's TSO setting."""
         while True:
             own = own_subnet()
-            if self.fastpath is not None and own is not None and own.ipv4 is not None:
+            if (self.fastpath is not None and own is not None and own.ipv4 is not None
+                    and not self._outer6):  # hellos are the kernel path's, IPv4's
                 through_vxlan = self.fastpath.through_vxlan
                 for peer, why in self.fastpath.refresh().items():
                     log.warning("udp backend: no more plain super-packets to %s: %s", peer, why)
@@ -246,7 +318,7 @@ class UdpBackend:
         """What --fastpath-pin-dir kept for a next run goes: the pins, the routes file, and the
         TUN's persistence (it goes as the fast path stops)."""
         if self._pins is not None:
-            self._pins.forget(self.fastpath)
+            self._pins.forget(None if self._outer6 else self.fastpath)
 
     def stop(self) -> None:
         if self.fastpath is not None:

@@ -55,8 +55,8 @@ class Netlink:
     def external_interface(self, ifaces: list[str], iface_regexes: list[str], *,
                            ipv4: bool = True, ipv6: bool = False,
                            public_ip: ipaddress.IPv4Address | None = None,
-                           public_ipv6: ipaddress.IPv6Address | None = None
-                           ) -> ExternalInterface:
+                           public_ipv6: ipaddress.IPv6Address | None = None,
+                           ipv4_optional: bool = False) -> ExternalInterface:
         """flanneld's LookupExtIface for the families in use (the config's EnableIPv4 and
         EnableIPv6): the first --iface (a name, or an address of a family in use) that exists;
         else the first --iface-regex that matches an address of each family on one interface,
@@ -69,7 +69,9 @@ class Netlink:
         of IPv4 without --public-ipv6) or panics (an --iface of IPv6 without it), this finds
         the address of the other family on the same interface; where there is none it says so.
         In IPv6-only, an --iface of IPv6 is the address used, not the interface's first one
-        (flannel issue 2045)."""
+        (flannel issue 2045). With `ipv4_optional` (the udp backend, which sends over IPv6
+        where the underlay has no IPv4) a dual-stack host whose interface has no IPv4 address
+        (nor IPv4 default route) gets address None."""
         versions = [version for version, on in ((4, ipv4), (6, ipv6)) if on]
         if not versions:
             raise HostError("none defined stack")  # flanneld's words
@@ -117,7 +119,8 @@ class Netlink:
                     choice = _Choice(index, {public.version: public}, True)
                     break
             else:
-                choice = _Choice(self._default_route_interface(links, versions), {}, False)
+                choice = _Choice(self._default_route_interface(
+                    links, versions, ipv4_optional and 6 in versions), {}, False)
 
         link = links[choice.index]
         named = dict(choice.named)
@@ -135,6 +138,8 @@ class Netlink:
         for version in versions:
             candidates = [named[version]] if version in named else preferred(link.index,
                                                                              version)
+            if not candidates and version == 4 and ipv4_optional and 6 in versions:
+                continue  # an IPv6 underlay: the udp backend's datagrams go over IPv6
             if not candidates:
                 raise HostError(f"failed to find IPv{version} address for interface "
                                 f"{link.name}")  # flanneld's words
@@ -166,13 +171,17 @@ class Netlink:
                     return _Choice(index, {}, False)
         raise HostError(f"no interface matches --iface-regex {', '.join(patterns)}")
 
-    def _default_route_interface(self, links: dict[int, Link], versions: list[int]) -> int:
-        """The interface of the first default route of each family in use: one interface."""
+    def _default_route_interface(self, links: dict[int, Link], versions: list[int],
+                                 ipv4_optional: bool = False) -> int:
+        """The interface of the first default route of each family in use: one interface
+        (with ipv4_optional, the IPv6 one's where there is no IPv4 default route)."""
         found: dict[int, int] = {}
         try:
             for version in versions:
                 index = next((i for i in self.rtnl.default_route_interfaces(version)
                               if i in links), None)
+                if index is None and version == 4 and ipv4_optional:
+                    continue
                 if index is None:
                     family = "" if version == 4 else "IPv6 "
                     raise HostError(f"no {family}default route to find the external "
@@ -183,7 +192,7 @@ class Netlink:
         if len(set(found.values())) > 1:
             raise HostError(f"v6 default route interface {links[found[6]].name} must be the "
                             f"same with v4 default route interface {links[found[4]].name}")
-        return found[versions[0]]
+        return found[4] if 4 in found else found[versions[-1]]
 
     def configure_tun(self, name: str, served: list[tuple[IPNetwork, IPNetwork]],
                       mtu: int) -> None:

@@ -118,6 +118,9 @@ async def open_etcd(options: Options) -> LeaseStore:
                               cert=cert, ca_cert=options.etcd_cafile)
     from control.subnet.etcdv3 import EtcdV3Registry, TLSFiles
 
+    # gRPC's target is host:port: an IPv6 address (an IPv6-only underlay's etcd) in brackets.
+    endpoints = [(f"[{host}]" if ":" in host else host, port) for host, port in endpoints]
+
     tls = None
     if options.etcd_endpoints[0].scheme == "https":
         tls = TLSFiles(options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile)
@@ -148,7 +151,8 @@ def find_interface(options: Options, netlink: Netlink, config: NetworkConfig
         ext = netlink.external_interface(
             options.iface, options.iface_regex, ipv4=config.enable_ipv4,
             ipv6=config.enable_ipv6, public_ip=options.public_ip,
-            public_ipv6=options.public_ipv6)
+            public_ipv6=options.public_ipv6,
+            ipv4_optional=config.backend_type == "udp")  # over an IPv6 underlay
     except HostError as err:
         raise Fatal(f"finding the external interface: {err}") from err
     public_ip = (options.public_ip or ext.address) if config.enable_ipv4 else None

@@ -212,15 +212,16 @@ def choose_subnet(config: NetworkConfig, leases: Iterable[tuple[Subnets, PeerLea
     unreadable one: its subnets still count as taken).
 
     This host's lease is the one with its PublicIP, as flanneld finds it; in an IPv6-only
-    network, the one with its PublicIPv6 (flanneld looks for PublicIP 0.0.0.0 there, which
-    every host's lease has, and takes another host's subnet)."""
+    network (or on an IPv6-only underlay, PublicIP 0.0.0.0), the one with its PublicIPv6
+    (flanneld looks for PublicIP 0.0.0.0 there, which every host's lease has, and takes
+    another host's subnet)."""
     leases = list(leases)
     stale = None
 
     def is_mine(lease: PeerLease | None) -> bool:
         if lease is None:
             return False
-        if config.enable_ipv4:
+        if config.enable_ipv4 and public_ip is not None:
             return lease.public_ip == public_ip
         return lease.public_ip is None and lease.public_ipv6 == public_ipv6
 
