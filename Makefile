@@ -71,7 +71,7 @@ demo: install
 	$(PY) -m tests.demo --etcd-api $(API) $(if $(BACKEND),--backend $(BACKEND)) \
 		--subnet-mgr $(SUBNET_MGR) --ipv6 $(IPV6)
 
-# The paper's Table 1 side by side, in three regimes (about 50 minutes); QUICK=1 for one short
+# The paper's Table 1 side by side, in three regimes (about an hour); QUICK=1 for one short
 # pass (about 5). FLANNELD=path adds flanneld's own udp and vxlan rows (default: the reference
 # build beside the repository, when there is one; FLANNELD= leaves them out).
 QUICK ?=
