@@ -841,10 +841,10 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 
 	if (skb->gso_size && inner->nexthdr == IPPROTO_TCP && cfg->underlay_is_veth &&
 	    (cfg->flags & (SEND_WHOLE | PLAIN_SUPERPACKETS)) == (SEND_WHOLE | PLAIN_SUPERPACKETS) &&
-	    skb->len + ENCAP_LEN <= 0xFFFF && said_hello(route->ip, now)) {
+	    skb->len + ENCAP_LEN <= 0xFFFF) {
 		struct peer *plain = plain_peer(route->ip, now);
 
-		if (plain)
+		if (plain && fresh(plain->hello, now))
 			return plain_egress6(skb, cfg, route, plain, inner->hop_limit - 1);
 	}
 	/* Behind a NIC a TCP super-packet leaves as a UDP-tunnel one, as an IPv4 one does (below).
@@ -1112,29 +1112,46 @@ static __always_inline int loops_holding(__u64 now)
 	return noted && now - *noted < BULK_HOLD_NS;
 }
 
-/* Whether the datagram's inner packet, whose header udp_ingress has checked, belongs to a flow
- * that loops_flows holds. */
-static __always_inline int behind_loops(struct __sk_buff *skb, const struct iphdr *inner)
+/* Whether the datagram's inner packet (IPv4 or IPv6), whose header udp_ingress has checked,
+ * belongs to a flow that loops_flows holds. Its flow is read only while one may be held. */
+static __always_inline int behind_loops(struct __sk_buff *skb)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct flow flow;
 
-	if (!loops_holding(now))
-		return 0;
-	flow_of(skb, inner, ETH_HLEN + ENCAP_LEN, &flow);
-	return flow_held(&loops_flows, &flow, now);
+	return loops_holding(now) && inner_flow(skb, ETH_HLEN + ENCAP_LEN, &flow) &&
+	       flow_held(&loops_flows, &flow, now);
 }
 
-/* behind_loops for an inner IPv6 packet. */
-static __always_inline int behind_loops6(struct __sk_buff *skb, const struct ipv6hdr *inner)
+/* The first plain super-packet from the peer at `sender` (its inner source `source`) arrived:
+ * say so on what goes back to it from now on (PLAIN_TAKEN), from this CPU's next hop at once
+ * (the ACK of that super-packet leaves from here), from the others' when they look again. */
+static __always_inline void note_first_plain(const struct udp_tc_config *cfg, struct peer *p,
+					     __be32 source, __be32 sender)
 {
-	__u64 now = bpf_ktime_get_ns();
-	struct flow flow;
+	p->first_plain = bpf_ktime_get_ns();
+	if ((source & cfg->netmask) != cfg->network)
+		return;
+	__u32 key = (bpf_ntohl(source) - bpf_ntohl(cfg->network)) >> cfg->shift;
+	struct next_hop *hop = bpf_map_lookup_elem(&next_hops, &key);
 
-	if (!loops_holding(now))
-		return 0;
-	flow_of6(skb, inner, ETH_HLEN + ENCAP_LEN, &flow);
-	return flow_held(&loops_flows, &flow, now);
+	if (hop && hop->peer == sender)
+		hop->first_plain = p->first_plain;
+}
+
+/* A plain super-packet from the peer at `sender` arrived (its inner IPv4 source `source`; 0 for
+ * an IPv6 one): the peer hears it from our kernel hellos, and at once by PLAIN_TAKEN. */
+static __always_inline void note_plain(const struct udp_tc_config *cfg, __be32 sender,
+				       __be32 source)
+{
+	struct peer *p = peer_entry(sender);
+
+	if (p) {
+		if (!p->first_plain)
+			note_first_plain(cfg, p, source, sender);
+		__sync_fetch_and_add(&p->plain_received, 1);
+	}
+	count(RX_PLAIN, 1);
 }
 
 /* The peer at `sender` says our probe arrived (the top), by the outer IP ID PLAIN_TAKEN. */
@@ -1183,7 +1200,7 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	if (!plain && behind_loops6(skb, inner)) {
+	if (!plain && behind_loops(skb)) {
 		count(RX_PASSED, 1);
 		count(RX_IN_ORDER, 1);
 		return TC_ACT_OK;
@@ -1196,14 +1213,7 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 	__u32 packets = segments(skb);
 
 	if (plain) {
-		struct peer *p = peer_entry(sender);
-
-		if (p) {
-			if (!p->first_plain)
-				p->first_plain = bpf_ktime_get_ns();
-			__sync_fetch_and_add(&p->plain_received, 1);
-		}
-		count(RX_PLAIN, 1);
+		note_plain(cfg, sender, 0);
 	} else if (outer_id == bpf_htons(PLAIN_TAKEN)) {
 		note_taken(sender);
 	}
@@ -1219,22 +1229,6 @@ static __always_inline int udp_ingress6(struct __sk_buff *skb, const struct udp_
 		return TC_ACT_SHOT;
 	count_received(packets, inner_len);
 	return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
-}
-
-/* The first plain super-packet from the peer at `sender` (its inner source `source`) arrived:
- * say so on what goes back to it from now on (PLAIN_TAKEN), from this CPU's next hop at once
- * (the ACK of that super-packet leaves from here), from the others' when they look again. */
-static __always_inline void note_first_plain(const struct udp_tc_config *cfg, struct peer *p,
-					     __be32 source, __be32 sender)
-{
-	p->first_plain = bpf_ktime_get_ns();
-	if ((source & cfg->netmask) != cfg->network)
-		return;
-	__u32 key = (bpf_ntohl(source) - bpf_ntohl(cfg->network)) >> cfg->shift;
-	struct next_hop *hop = bpf_map_lookup_elem(&next_hops, &key);
-
-	if (hop && hop->peer == sender)
-		hop->first_plain = p->first_plain;
 }
 
 SEC("tc")
@@ -1292,14 +1286,7 @@ int udp_ingress(struct __sk_buff *skb)
 	int plain = skb->gso_size && outer->id == bpf_htons(PLAIN_ID);
 
 	if (plain) {
-		struct peer *p = peer_entry(sender);
-
-		if (p) {
-			if (!p->first_plain)
-				note_first_plain(cfg, p, inner->saddr, sender);
-			__sync_fetch_and_add(&p->plain_received, 1);
-		}
-		count(RX_PLAIN, 1);
+		note_plain(cfg, sender, inner->saddr);
 	} else if (outer->id == bpf_htons(PLAIN_TAKEN)) {
 		note_taken(sender);
 	}
@@ -1311,7 +1298,7 @@ int udp_ingress(struct __sk_buff *skb)
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
-	if (!whole && behind_loops(skb, inner)) {
+	if (!whole && behind_loops(skb)) {
 		count(RX_PASSED, 1);
 		count(RX_IN_ORDER, 1);
 		return TC_ACT_OK;

@@ -17,7 +17,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -175,6 +175,41 @@ def test_small_packets_go_in_the_kernel_and_bulk_tcp_through_the_loops(
         assert after_src["kernel"]["tx_passed"] > before_src["kernel"]["tx_passed"]
 
 
+@contextmanager
+def merged_then_single(a: Node, receivers_netns: str, sender_netns: str, bind_to: str,
+                       inner_header: int, packet: Callable[[int, int], bytes]
+                       ) -> Iterator[tuple[socket.socket, socket.socket, dict[str, int]]]:
+    """From sender_netns, one UDP_SEGMENT send of three packets for a socket `held` on a (UDP
+    GRO merges them: to the loops), then a fourth for it and one for another socket, each in a
+    datagram of its own: all arrive, in order, the fourth held behind the loops, the other
+    flow's on the kernel path. packet(port, i) is the i-th inner packet (100 bytes of payload)
+    for the socket at port. Yields held, the sending socket of single datagrams and a's kernel
+    path counters after."""
+    family = socket.AF_INET6 if ":" in bind_to else socket.AF_INET
+    with inside(receivers_netns):
+        held, other = (socket.socket(family, socket.SOCK_DGRAM) for _ in range(2))
+    with inside(sender_netns):
+        merged, single = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, inner_header + 100)  # one inner packet each
+    with held, other, merged, single:
+        for receiver in (held, other):
+            receiver.bind((bind_to, 0))
+            receiver.settimeout(5)
+        port = held.getsockname()[1]
+        before = settled_stats(a)[0]["kernel"]
+        merged.sendto(b"".join(packet(port, i) for i in range(3)), (a.host.underlay_ip, PORT))
+        single.sendto(packet(port, 3), (a.host.underlay_ip, PORT))
+        single.sendto(packet(other.getsockname()[1], 0), (a.host.underlay_ip, PORT))
+        assert [held.recv(1024) for _ in range(4)] == [
+            i.to_bytes(4, "big") * 25 for i in range(4)]
+        assert other.recv(1024) == bytes(100)
+        after = settled_stats(a)[0]["kernel"]
+        moved = {name: after[name] - before[name]
+                 for name in ("rx_passed", "rx_in_order", "rx_packets")}
+        assert moved == {"rx_passed": 2, "rx_in_order": 1, "rx_packets": 1}
+        yield held, single, after
+
+
 def test_a_flow_that_went_to_the_loops_merged_keeps_its_order(
         trio: tuple[Node, Node, Node, Node]) -> None:
     """A datagram that UDP GRO merged from many goes to the loops (one UDP_SEGMENT send from b's
@@ -183,33 +218,15 @@ def test_a_flow_that_went_to_the_loops_merged_keeps_its_order(
     flow's takes the kernel path at once."""
     a, b, _, _ = trio
     assert a.host.container_netns and a.host.container_ip
-    with inside(a.host.container_netns):
-        held, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    with inside(b.host.netns):
-        merged, single = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 28 + 100)  # one inner packet each
+    container_ip = a.host.container_ip
 
-    def packet(receiver: socket.socket, i: int) -> bytes:
-        """The i-th packet for receiver, from b's subnet (as the source check asks)."""
-        return inner_udp("10.244.2.9", a.host.container_ip, receiver.getsockname()[1],
-                         i.to_bytes(4, "big") * 25)
-    with held, other, merged, single:
-        for receiver in (held, other):
-            receiver.bind((a.host.container_ip, 0))
-            receiver.settimeout(5)
-        before = settled_stats(a)[0]["kernel"]
-        merged.sendto(b"".join(packet(held, i) for i in range(3)), (a.host.underlay_ip, PORT))
-        single.sendto(packet(held, 3), (a.host.underlay_ip, PORT))
-        single.sendto(packet(other, 0), (a.host.underlay_ip, PORT))
-        assert [held.recv(1024) for _ in range(4)] == [
-            i.to_bytes(4, "big") * 25 for i in range(4)]
-        assert other.recv(1024) == bytes(100)
-        after = settled_stats(a)[0]["kernel"]
-        moved = {name: after[name] - before[name]
-                 for name in ("rx_passed", "rx_in_order", "rx_packets")}
-        assert moved == {"rx_passed": 2, "rx_in_order": 1, "rx_packets": 1}
+    def packet(port: int, i: int) -> bytes:
+        """The i-th packet for the port, from b's subnet (as the source check asks)."""
+        return inner_udp("10.244.2.9", container_ip, port, i.to_bytes(4, "big") * 25)
+    with merged_then_single(a, a.host.container_netns, b.host.netns, container_ip, 28,
+                            packet) as (held, single, after):
         time.sleep(0.2)  # the hold is over: the flow takes the kernel path again
-        single.sendto(packet(held, 4), (a.host.underlay_ip, PORT))
+        single.sendto(packet(held.getsockname()[1], 4), (a.host.underlay_ip, PORT))
         assert held.recv(1024) == (4).to_bytes(4, "big") * 25
         final = settled_stats(a)[0]["kernel"]
         assert final["rx_packets"] - after["rx_packets"] == 1
@@ -1298,31 +1315,12 @@ def test_an_ipv6_flow_that_went_to_the_loops_merged_keeps_its_order(
     """As over IPv4: a datagram that UDP GRO merged from many goes to the loops, the next one of
     a flow it carried follows it there for 100 ms, another flow's takes the kernel path."""
     a, b = dual
-    with inside(a.host.netns):
-        held, other = (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) for _ in range(2))
-    with inside(b.host.netns):
-        merged, single = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 48 + 100)  # one inner packet each
     source = str(ipaddress.IPv6Address(b.address6) + 9)
 
-    def packet(receiver: socket.socket, i: int) -> bytes:
-        return inner_udp6(source, a.address6, i.to_bytes(4, "big") * 25,
-                          receiver.getsockname()[1])
-    with held, other, merged, single:
-        for receiver in (held, other):
-            receiver.bind((a.address6, 0))
-            receiver.settimeout(5)
-        before = settled_stats(a)[0]["kernel"]
-        merged.sendto(b"".join(packet(held, i) for i in range(3)), (a.host.underlay_ip, PORT))
-        single.sendto(packet(held, 3), (a.host.underlay_ip, PORT))
-        single.sendto(packet(other, 0), (a.host.underlay_ip, PORT))
-        assert [held.recv(1024) for _ in range(4)] == [
-            i.to_bytes(4, "big") * 25 for i in range(4)]
-        assert other.recv(1024) == bytes(100)
-        after = settled_stats(a)[0]["kernel"]
-        assert {name: after[name] - before[name]
-                for name in ("rx_passed", "rx_in_order", "rx_packets")} == {
-            "rx_passed": 2, "rx_in_order": 1, "rx_packets": 1}
+    def packet(port: int, i: int) -> bytes:
+        return inner_udp6(source, a.address6, i.to_bytes(4, "big") * 25, port)
+    with merged_then_single(a, a.host.netns, b.host.netns, a.address6, 48, packet):
+        pass
 
 
 def test_without_tcx_the_programs_carry_ipv6_too(
