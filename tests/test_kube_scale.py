@@ -8,6 +8,7 @@ no such queue: it lists the Nodes in pages and keeps only each one's lease. A sm
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -122,7 +123,9 @@ def test_flanneld_with_the_same_nodes_and_a_small_queue_never_starts(
         assert "Waiting 10m0s for node controller to sync" in log
         assert "Node controller sync successful" not in log
         stacks = small.goroutines()
-        assert "[chan send]" in blocked_where(stacks), stacks[:3000]
+        # Go adds how long a goroutine has waited once it is a minute: "[chan send, 1 minutes]".
+        assert re.search(r"\[chan send(, \d+ minutes)?\]: in kube\.", blocked_where(stacks)), \
+            stacks[:3000]
     finally:
         for daemon in (small, default):
             daemon.stop()
