@@ -1298,6 +1298,8 @@ int udp_ingress(struct __sk_buff *skb)
 		count(RX_PASSED, 1);
 		return TC_ACT_OK;
 	}
+	/* A plain one held here reaches the loops' socket whole (UDP_GRO), and the loops write it
+	 * into the TUN as they do a whole one. */
 	if (!whole && behind_loops(skb)) {
 		count(RX_PASSED, 1);
 		count(RX_IN_ORDER, 1);

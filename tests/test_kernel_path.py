@@ -907,6 +907,78 @@ def test_super_packets_go_plain_to_a_peer_on_this_kernel(
         assert p.fastpath.refresh() == {}
 
 
+def inner_tcp(source: str, destination: str, ports: tuple[int, int], payload: bytes) -> bytes:
+    """An IPv4/TCP segment of the flow (source, ports[0]) to (destination, ports[1]), far out of
+    its window and with no checksum: the receiving TCP drops it, but its flow is the flow's."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 0, 0x4000, 64,
+                         socket.IPPROTO_TCP, 0, socket.inet_aton(source),
+                         socket.inet_aton(destination))
+    header = header[:10] + struct.pack("!H", reference_checksum(header)) + header[12:]
+    return header + struct.pack("!HHIIBBHHH", *ports, 1, 1, 5 << 4, 0x10, 1024, 0, 0) + payload
+
+
+def test_plain_super_packets_of_a_flow_held_behind_the_loops_follow_it_there_whole(
+        plain: tuple[Node, Node, Node, Node]) -> None:
+    """A TCP flow whose datagrams UDP GRO merged went to q's loops (UDP_SEGMENT sends from p's
+    host of three segments of it, every 20 ms) is held there: p's plain super-packets of it go
+    the loops' way too, where the socket takes each whole (UDP_GRO) and the loops write it into
+    the TUN as a whole super-packet from a peer. Every byte arrives, in order."""
+    p, q, _, _ = plain
+    assert p.host.container_netns and q.host.container_netns and q.host.container_ip
+    assert p.host.container_ip
+    say_hello(q, p)
+    wait_for(lambda: q.host.underlay_ip in p.fastpath.plain_peers(), 5, "p noted q's kernel")
+    with inside(q.host.container_netns):
+        listener = socket.create_server((q.host.container_ip, 0))
+    with inside(p.host.container_netns):
+        client = socket.socket()
+    with inside(p.host.netns):
+        merged = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    merged.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 140)  # one segment each
+    with listener, client, merged:
+        listener.settimeout(30)
+        client.settimeout(30)
+        client.connect(listener.getsockname())
+        conn, _ = listener.accept()
+        ports = (client.getsockname()[1], listener.getsockname()[1])
+        segments = b"".join(inner_tcp(p.host.container_ip, q.host.container_ip, ports,
+                                      bytes(100)) for _ in range(3))
+        received = bytearray()
+        sent_all = False
+
+        def serve() -> None:
+            with conn:
+                conn.settimeout(30)
+                while chunk := conn.recv(1 << 16):
+                    received.extend(chunk)
+
+        def hold() -> None:
+            while not sent_all:
+                merged.sendto(segments, (q.host.underlay_ip, PORT))
+                time.sleep(0.02)
+        before_p, before_q = settled_stats(p, q)
+        data = os.urandom(16 << 20)
+        with ThreadPoolExecutor(2) as pool:
+            served, held = pool.submit(serve), pool.submit(hold)
+            time.sleep(0.05)
+            try:
+                client.sendall(data)
+                client.shutdown(socket.SHUT_WR)
+            finally:
+                sent_all = True
+            served.result(30)
+            held.result(5)
+        assert received == data
+    after_p, after_q = settled_stats(p, q)
+    sent, taken = moved(before_p["kernel"], after_p["kernel"]), moved(before_q["kernel"],
+                                                                       after_q["kernel"])
+    loops_whole = after_q["rx"]["whole_superpackets"] - before_q["rx"]["whole_superpackets"]
+    assert sent["tx_plain"] > 0
+    assert taken["rx_plain"] == sent["tx_plain"]
+    assert 0 < loops_whole <= min(taken["rx_in_order"], sent["tx_plain"])
+    assert after_q["rx"]["gro_superdatagrams"] > before_q["rx"]["gro_superdatagrams"]
+
+
 @pytest.fixture(scope="module")
 def plain6(testbed: Testbed) -> Iterator[tuple[Node, Node]]:
     """Dual-stack nodes that send and take plain super-packets (u without a receive device)."""
