@@ -103,8 +103,8 @@
  * there are no whole ones: the receive device is IPv4's), extension headers, fragments and the
  * rest go to the loops, and a flow that sent a super-packet there keeps going their way for
  * BULK_HOLD_NS.
- * The next-hop cache is IPv4's: an IPv6 packet goes by bpf_redirect_neigh, a plain one by the
- * FIB's Ethernet header looked up for it.
+ * The next-hop cache serves IPv6 routes too (next_hops6, keyed by the peer); a plain super-packet
+ * of IPv6 takes the FIB's Ethernet header looked up for it.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -255,6 +255,17 @@ struct {
 	__type(key, __u32);
 	__type(value, struct next_hop);
 } next_hops SEC(".maps");
+
+/* next_hops for the IPv6 routes, whose entries give no IPv4 subnet to index by: keyed by the
+ * peer's PublicIP, the least used going when it is full (a packet that finds no entry then goes
+ * by bpf_redirect_neigh, as it would without the cache). */
+#define NEXT_HOPS6 1024
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, NEXT_HOPS6);
+	__type(key, __be32);
+	__type(value, struct next_hop);
+} next_hops6 SEC(".maps");
 
 struct flow {
 	__be32 saddr;
@@ -611,14 +622,13 @@ static __always_inline int fib_eth(struct __sk_buff *skb, const struct udp_tc_co
 	return resolved;
 }
 
-/* The entry for the peer at `key` when it is current and names a neighbour, else NULL (the caller
- * sends by bpf_redirect_neigh). An entry that is due is made again here. */
-static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
-						 const struct udp_tc_config *cfg, __u32 key,
-						 const struct udp_tc_route *route, __u64 now)
+/* `hop`, the cache's entry for the peer at `route`, when it is current and names a neighbour,
+ * else NULL (the caller sends by bpf_redirect_neigh). An entry that is due is made again here. */
+static __always_inline struct next_hop *current_hop(struct __sk_buff *skb,
+						    const struct udp_tc_config *cfg,
+						    struct next_hop *hop,
+						    const struct udp_tc_route *route, __u64 now)
 {
-	struct next_hop *hop = bpf_map_lookup_elem(&next_hops, &key);
-
 	if (!hop)
 		return NULL;
 	if (hop->peer == route->ip && now - hop->checked < NEXT_HOP_CHECK_NS)
@@ -631,6 +641,30 @@ static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
 	hop->peer = route->ip;
 	hop->checked = now;
 	return NULL;
+}
+
+/* current_hop for the IPv4 route at `key`. */
+static __always_inline struct next_hop *next_hop(struct __sk_buff *skb,
+						 const struct udp_tc_config *cfg, __u32 key,
+						 const struct udp_tc_route *route, __u64 now)
+{
+	return current_hop(skb, cfg, bpf_map_lookup_elem(&next_hops, &key), route, now);
+}
+
+/* current_hop for an IPv6 route: its peer's entry in next_hops6, made (all zero) if it has none. */
+static __always_inline struct next_hop *next_hop6(struct __sk_buff *skb,
+						  const struct udp_tc_config *cfg,
+						  const struct udp_tc_route *route, __u64 now)
+{
+	struct next_hop *hop = bpf_map_lookup_elem(&next_hops6, &route->ip);
+
+	if (!hop) {
+		struct next_hop fresh = {};
+
+		bpf_map_update_elem(&next_hops6, &route->ip, &fresh, BPF_NOEXIST);
+		hop = bpf_map_lookup_elem(&next_hops6, &route->ip);
+	}
+	return current_hop(skb, cfg, hop, route, now);
 }
 
 /* Which hello the inner packet at `inner` (IPv4, its header in the linear part) is: WHOLE_HELLO,
@@ -872,6 +906,7 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 				 bpf_map_lookup_elem(&whole_peers, &route->ip) : NULL;
 	__be16 id = p && p->first_plain && now - p->first_plain < TAKEN_MARK_NS ?
 			    bpf_htons(PLAIN_TAKEN) : 0;
+	struct next_hop *hop = next_hop6(skb, cfg, route, now);
 
 	/* finishing a checksum may have moved the packet */
 	data = (void *)(long)skb->data;
@@ -893,18 +928,20 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 		return TC_ACT_SHOT; /* hop limit already spent: no second path for this one */
 	if (bpf_skb_change_head(skb, ETH_HLEN, 0))
 		return TC_ACT_SHOT;
-	struct {
-		struct iphdr ip;
-		struct udphdr udp;
-	} headers;
+	struct frame frame;
 
-	outer_headers(cfg, peer, peer_port, inner_len, id, &headers.ip, &headers.udp);
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &headers, ENCAP_LEN, 0))
+	outer_headers(cfg, peer, peer_port, inner_len, id, &frame.ip, &frame.udp);
+	if (hop)
+		__builtin_memcpy(&frame.eth, &hop->eth, sizeof(frame.eth));
+	if (hop ? bpf_skb_store_bytes(skb, 0, &frame.eth, ETH_HLEN + ENCAP_LEN, 0) :
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &frame.ip, ENCAP_LEN, 0))
 		return TC_ACT_SHOT;
 	count(TX_PACKETS, packets);
 	if (packets > 1)
 		count(TX_SUPERPACKETS, 1);
 	count(TX_BYTES, inner_len);
+	if (hop)
+		return bpf_redirect(cfg->underlay_ifindex, 0);
 	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 

@@ -331,19 +331,19 @@ def test_a_route_removed_and_set_again_takes_effect_in_the_kernel(
     assert "1 received" in result.stdout, result.stdout
 
 
-def next_hops(node: Node) -> dict[str, str]:
-    """tun_egress's next-hop cache (udp_tc.bpf.c's next_hops) as bpftool reads it: peer
-    PublicIP -> the destination MAC in the entry looked up last, of all CPUs' entries that name
-    a neighbour."""
+def next_hops(node: Node, table: str = "next_hops") -> dict[str, str]:
+    """tun_egress's next-hop cache (udp_tc.bpf.c's next_hops, or next_hops6 of the IPv6 routes)
+    as bpftool reads it: peer PublicIP -> the destination MAC in the entry looked up last, of all
+    CPUs' entries that name a neighbour."""
     egress = link_fdinfo(node.fastpath.kept()["kernel-egress"])["prog_id"]
     program = json.loads(sh("bpftool", "-j", "prog", "show", "id", egress).stdout)
     for map_id in program["map_ids"]:
         if json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)[
-                "name"] == "next_hops":
+                "name"] == table:
             dump = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
             break
     else:
-        raise AssertionError(f"tun_egress (program {egress}) has no map next_hops")
+        raise AssertionError(f"tun_egress (program {egress}) has no map {table}")
     latest: dict[str, tuple[int, str]] = {}
     for entry in dump:
         for per_cpu in entry["formatted"]["values"]:
@@ -355,37 +355,47 @@ def next_hops(node: Node) -> dict[str, str]:
     return {peer: found for peer, (_, found) in latest.items()}
 
 
-def test_the_next_hop_is_cached_and_a_neighbour_s_new_mac_is_followed(
-        trio: tuple[Node, Node, Node, Node]) -> None:
-    a, b, _, _ = trio
-    # The first packets find no neighbour yet (bpf_redirect_neigh resolves it); a look 100 ms
-    # later finds it.
-    wait_for(lambda: udp_burst(a, b, count=5) and b.host.underlay_ip in next_hops(a), 5,
-             "a's next hop to b to be cached")
-    assert next_hops(a)[b.host.underlay_ip] == b.host.link("eth0")["address"]
-    old, new = b.host.link("eth0")["address"], "02:00:5e:10:00:01"
+def a_new_mac_is_followed(a: Node, b: Node, table: str, new: str,
+                          send: Callable[[bytes], None]) -> None:
+    """b's underlay gets the MAC `new` (one no other test gives: the bridge would still send it
+    to that test's host), and a's neighbour entry what ARP (or ND) would learn. Once
+    every CPU's entry in a's `table` is due (NEXT_HOP_CHECK_NS, 100 ms), the next packet looks
+    again and the following ones carry the new MAC, not the cached one, else b's interface sees
+    them as another host's (PACKET_OTHERHOST). send(payload) sends a packet from a to b."""
+    old = b.host.link("eth0")["address"]
     tap = capture(b.host.netns, "eth0")
     try:
         b.host.run("ip", "link", "set", "eth0", "address", new)
-        # What ARP would learn. Once every CPU's entry is due (NEXT_HOP_CHECK_NS, 100 ms), the
-        # next packet looks again and the following ones carry the new MAC, not the cached one,
-        # else b's interface sees them as another host's (PACKET_OTHERHOST).
         a.host.run("ip", "neigh", "replace", b.host.underlay_ip, "lladdr", new, "dev", "eth0",
                    "nud", "reachable")
         time.sleep(0.3)
-        assert udp_burst(a, b, count=5)
-        assert next_hops(a)[b.host.underlay_ip] == new
+        for _ in range(5):
+            send(b"look again")
+        assert next_hops(a, table)[b.host.underlay_ip] == new
         marker = b"new-mac-" + str(time.monotonic_ns()).encode()
-        with inside(a.host.container_netns):
-            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with sender:
-            sender.sendto(marker, (b.host.container_ip, 9))
+        send(marker)
         find(tap, marker, socket.PACKET_HOST, time.monotonic() + 5)
     finally:
         tap.close()
         b.host.run("ip", "link", "set", "eth0", "address", old)
         a.host.run("ip", "neigh", "replace", b.host.underlay_ip, "lladdr", old, "dev", "eth0",
                    "nud", "reachable")
+
+
+def test_the_next_hop_is_cached_and_a_neighbour_s_new_mac_is_followed(
+        trio: tuple[Node, Node, Node, Node]) -> None:
+    a, b, _, _ = trio
+    assert a.host.container_netns and b.host.container_ip
+    # The first packets find no neighbour yet (bpf_redirect_neigh resolves it); a look 100 ms
+    # later finds it.
+    wait_for(lambda: udp_burst(a, b, count=5) and b.host.underlay_ip in next_hops(a), 5,
+             "a's next hop to b to be cached")
+    assert next_hops(a)[b.host.underlay_ip] == b.host.link("eth0")["address"]
+    with inside(a.host.container_netns):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sender:
+        a_new_mac_is_followed(a, b, "next_hops", "02:00:5e:10:00:01",
+                              lambda payload: sender.sendto(payload, (b.host.container_ip, 9)))
 
 
 def test_a_killed_daemon_leaves_nothing_attached_and_stop_leaves_nothing(
@@ -1009,6 +1019,30 @@ def test_ipv6_super_packets_go_plain_to_a_peer_on_this_kernel(
     assert after_v["rx"]["whole_superpackets"] == before_v["rx"]["whole_superpackets"]
     received = v.fastpath.plain_peers()[u.host.underlay_ip].received
     assert received == sent["tx_plain"] + before_u["kernel"]["tx_plain"]
+
+
+def test_ipv6_routes_take_the_next_hop_cache_too(plain6: tuple[Node, Node]) -> None:
+    """IPv6 packets to a peer go by the next hop cached for it (next_hops6, keyed by its
+    PublicIP: an IPv6 route gives no IPv4 subnet to index by), and follow a new MAC of its as
+    IPv4 ones do."""
+    u, v = plain6
+    with inside(u.host.netns):
+        sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+
+    def send(payload: bytes) -> None:
+        sender.sendto(payload, (v.address6, 9))
+
+    def burst() -> bool:
+        for _ in range(5):
+            send(b"burst")
+        return True
+    with sender:
+        before = kernel(u)["tx_packets"]
+        wait_for(lambda: burst() and v.host.underlay_ip in next_hops(u, "next_hops6"), 5,
+                 "u's next hop to v to be cached")
+        assert kernel(u)["tx_packets"] > before  # the kernel path carried them
+        assert next_hops(u, "next_hops6")[v.host.underlay_ip] == v.host.link("eth0")["address"]
+        a_new_mac_is_followed(u, v, "next_hops6", "02:00:5e:10:00:02", send)
 
 
 def test_a_kernel_hello_counts_only_from_this_kernel(
