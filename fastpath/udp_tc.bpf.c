@@ -805,6 +805,25 @@ static __always_inline void outer_headers(const struct udp_tc_config *cfg, __be3
 	};
 }
 
+/* Write the frame's headers in front of the packet: with the next hop's Ethernet header, else
+ * the outer ones alone (bpf_redirect_neigh fills in the rest). Non-zero if they cannot be. */
+static __always_inline int store_frame(struct __sk_buff *skb, const struct next_hop *hop,
+				       struct frame *frame)
+{
+	if (!hop)
+		return bpf_skb_store_bytes(skb, ETH_HLEN, &frame->ip, ENCAP_LEN, 0);
+	__builtin_memcpy(&frame->eth, &hop->eth, sizeof(frame->eth));
+	return bpf_skb_store_bytes(skb, 0, &frame->eth, ETH_HLEN + ENCAP_LEN, 0);
+}
+
+/* Out of the underlay: to the next hop found, else the kernel finds the next hop to the peer
+ * and its MAC, as for any packet it routes. */
+static __always_inline int send_out(const struct udp_tc_config *cfg, const struct next_hop *hop)
+{
+	return hop ? bpf_redirect(cfg->underlay_ifindex, 0) :
+		     bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
 /* The config, for an IPv4 packet whose first `headers` bytes are now in the linear part; NULL
  * for anything else (the programs then leave the packet alone). */
 static __always_inline struct udp_tc_config *ipv4_config(struct __sk_buff *skb, __u32 headers)
@@ -931,18 +950,13 @@ static __always_inline int tun_egress6(struct __sk_buff *skb)
 	struct frame frame;
 
 	outer_headers(cfg, peer, peer_port, inner_len, id, &frame.ip, &frame.udp);
-	if (hop)
-		__builtin_memcpy(&frame.eth, &hop->eth, sizeof(frame.eth));
-	if (hop ? bpf_skb_store_bytes(skb, 0, &frame.eth, ETH_HLEN + ENCAP_LEN, 0) :
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &frame.ip, ENCAP_LEN, 0))
+	if (store_frame(skb, hop, &frame))
 		return TC_ACT_SHOT;
 	count(TX_PACKETS, packets);
 	if (packets > 1)
 		count(TX_SUPERPACKETS, 1);
 	count(TX_BYTES, inner_len);
-	if (hop)
-		return bpf_redirect(cfg->underlay_ifindex, 0);
-	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+	return send_out(cfg, hop);
 }
 
 SEC("tc")
@@ -1032,10 +1046,7 @@ int tun_egress(struct __sk_buff *skb)
 		      plain ? bpf_htons(PLAIN_ID) :
 		      hop && hop->first_plain && now - hop->first_plain < TAKEN_MARK_NS ?
 		      bpf_htons(PLAIN_TAKEN) : 0, &frame.ip, &frame.udp);
-	if (hop)
-		__builtin_memcpy(&frame.eth, &hop->eth, sizeof(frame.eth));
-	if (hop ? bpf_skb_store_bytes(skb, 0, &frame.eth, ETH_HLEN + ENCAP_LEN, 0) :
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &frame.ip, ENCAP_LEN, 0))
+	if (store_frame(skb, hop, &frame))
 		return TC_ACT_SHOT;
 	count(TX_PACKETS, packets);
 	if (packets > 1)
@@ -1045,10 +1056,7 @@ int tun_egress(struct __sk_buff *skb)
 		__sync_fetch_and_add(&plain->plain_sent, 1);
 		count(TX_PLAIN, 1);
 	}
-	if (hop)
-		return bpf_redirect(cfg->underlay_ifindex, 0);
-	/* The kernel finds the next hop to the peer and its MAC, as for any packet it routes. */
-	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+	return send_out(cfg, hop);
 }
 
 static __always_inline void count_received(__u32 packets, __u32 inner_len)
