@@ -17,7 +17,10 @@ from control.subnet.lease import (
     decode_lease,
     encode_lease,
     readable_leases,
+    shares_a_subnet,
+    taken_first,
 )
+from control.subnet.registry import Entry
 
 CONFIG = parse_config('{"Network": "10.244.0.0/16", "SubnetMin": "10.244.10.0",'
                       ' "SubnetMax": "10.244.20.0"}')
@@ -265,3 +268,35 @@ def test_out_of_ipv6_subnets() -> None:
              for i in range(10, 15)]
     with pytest.raises(OutOfSubnetsError, match="fc00:0:0:10:: to fc00:0:0:14::"):
         choose_subnet(DUAL, taken, ME, ME6, None, random.Random(1))
+
+
+def entry(subnets: Subnets, created: int) -> Entry:
+    return Entry(subnets.name, encode_lease(OTHER), created)
+
+
+def test_of_two_keys_sharing_an_ipv6_subnet_the_later_one_gives_way() -> None:
+    """Two hosts that listed at once picked one IPv6 subnet under different keys."""
+    first = dual("10.244.10.0/24", "fc00:0:0:13::/64")
+    later = dual("10.244.11.0/24", "fc00:0:0:13::/64")
+    entries = [entry(later, 8), entry(first, 7), entry(net("10.244.12.0/24"), 3)]
+    assert taken_first(later, entries) == first
+    assert taken_first(first, entries) is None
+
+
+def test_sharing_an_ipv4_subnet_counts_too_and_apart_ones_never_clash() -> None:
+    first = dual("10.244.10.0/24", "fc00:0:0:13::/64")
+    later = dual("10.244.10.0/24", "fc00:0:0:14::/64")
+    apart = dual("10.244.11.0/24", "fc00:0:0:15::/64")
+    assert shares_a_subnet(first, later) and not shares_a_subnet(first, apart)
+    assert taken_first(later, [entry(first, 1), entry(later, 2)]) == first
+    assert taken_first(apart, [entry(first, 1), entry(later, 2), entry(apart, 3)]) is None
+    # An IPv6-only key (0.0.0.0-0 for its IPv4 part) shares no IPv4 subnet with anyone.
+    assert not shares_a_subnet(only6("fc00:0:0:16::/64"), first)
+
+
+def test_a_key_missing_from_the_listing_or_unreadable_ones_never_make_a_host_give_way() -> None:
+    mine = dual("10.244.11.0/24", "fc00:0:0:13::/64")
+    first = dual("10.244.10.0/24", "fc00:0:0:13::/64")
+    assert taken_first(mine, [entry(first, 1)]) is None  # lost meanwhile: taken again anyway
+    unreadable = Entry("10.244.11.0-banana", b"{}", 1)
+    assert taken_first(mine, [unreadable, entry(mine, 2)]) is None

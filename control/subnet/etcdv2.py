@@ -126,7 +126,7 @@ class EtcdV2Registry:
         except etcd.EtcdKeyNotFound as err:
             return [], int(err.payload["index"])
         prefix = self._subnets + "/"
-        entries = [Entry(node.key[len(prefix):], node.value.encode())
+        entries = [Entry(node.key[len(prefix):], node.value.encode(), int(node.createdIndex))
                    for node in result.leaves if not node.dir and node.key.startswith(prefix)]
         return entries, int(result.etcd_index)
 

@@ -136,8 +136,8 @@ class EtcdV3Registry:
 
     async def list_subnets(self) -> tuple[list[Entry], int]:
         result = await self._call("list_subnets", self._client.get_prefix(self._subnets))
-        entries = [Entry(kv.key[len(self._subnets):].decode(errors="replace"), kv.value)
-                   for kv in result]
+        entries = [Entry(kv.key[len(self._subnets):].decode(errors="replace"), kv.value,
+                         kv.create_revision) for kv in result]
         return entries, result.header.revision
 
     async def _put_with_lease(self, operation: str, key: bytes, value: bytes, ttl: int,

@@ -1,6 +1,14 @@
 """This host's subnet lease: the policy of flannel's LocalManager, written once against the
 Registry interface — reuse, pick, create, renew, and take again when lost.
 
+Two hosts that list the leases at the same moment can pick the same subnet of one family under
+different keys (a dual-stack key names both subnets, and etcd's create-if-absent only stops the
+same key): the one whose key was created later sees the other's and gives way. flanneld v0.20.2
+does not look: where it created its key later, the pyflanneld host keeps its subnet and its
+watch logs the flanneld host's lease and leaves it unrouted (watch.py): their pods do not reach
+each other until one host is moved, where two flanneld hosts would each route the other's subnet
+over their own.
+
 Keys are `<prefix>/subnets/<ip>-<len>`, with the IPv6 subnet after `&` in a dual-stack network
 (`10.244.3.0-24&fc00:0:0:5::-64`); the value is flanneld's LeaseAttrs JSON. The udp backend
 writes `{"PublicIP":"198.18.0.41","PublicIPv6":null}` byte for byte; other backends add fields
@@ -16,12 +24,12 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from control.subnet.config import NetworkConfig, go_ip6_text
-from control.subnet.registry import LeaseStore, RegistryError
+from control.subnet.registry import Entry, LeaseStore, RegistryError
 
 log = logging.getLogger("pyflanneld.lease")
 
@@ -262,6 +270,29 @@ def choose_subnet(config: NetworkConfig, leases: Iterable[tuple[Subnets, PeerLea
     return Choice(Subnets(ipv4, ipv6), reuse=False, stale=stale)
 
 
+def shares_a_subnet(one: Subnets, other: Subnets) -> bool:
+    return any(a is not None and b is not None and a.overlaps(b)
+               for a, b in ((one.ipv4, other.ipv4), (one.ipv6, other.ipv6)))
+
+
+def taken_first(mine: Subnets, entries: Sequence[Entry]) -> Subnets | None:
+    """The subnets of another key that shares a subnet with this host's key `mine` and was
+    created before it: this host must give way. None when there is none, or when `mine` is not
+    in the listing (lost: taken again anyway)."""
+    created = next((entry.created for entry in entries if entry.name == mine.name), None)
+    if created is None:
+        return None
+    for entry in entries:
+        if entry.created < created and entry.name != mine.name:
+            try:
+                other = Subnets.parse(entry.name)
+            except LeaseError:
+                continue
+            if shares_a_subnet(mine, other):
+                return other
+    return None
+
+
 def readable_leases(entries: Iterable[tuple[str, bytes]]
                     ) -> list[tuple[Subnets, PeerLease | None]]:
     """Subnet keys with their values; keys whose name cannot be read are left out."""
@@ -377,6 +408,13 @@ class LeaseKeeper:
             else:
                 log.info("subnet %s was taken by another host meanwhile; choosing again",
                          choice.subnets)
+                continue
+            entries, _ = await self._registry.list_subnets()
+            first = taken_first(choice.subnets, entries)
+            if first is not None:
+                log.warning("lease %s shares a subnet with lease %s, which another host took "
+                            "first; giving it up and choosing again", choice.subnets, first)
+                await self._registry.delete_subnet(name)
                 continue
             self._renew_at = started + self._ttl - self._renew_margin
             return choice.subnets

@@ -87,10 +87,12 @@ class HistoryLostError(RegistryError):
 
 @dataclass(frozen=True)
 class Entry:
-    """One key under <prefix>/subnets/: its name there (e.g. "10.244.33.0-24") and value."""
+    """One key under <prefix>/subnets/: its name there (e.g. "10.244.33.0-24"), value, and the
+    revision that created it (0 where the store has none: Nodes are not created by hosts)."""
 
     name: str
     value: bytes
+    created: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from control.backend.common import Backend
 from control.subnet.config import NetworkConfig
-from control.subnet.lease import LeaseError, PeerLease, Subnets, decode_lease
+from control.subnet.lease import LeaseError, PeerLease, Subnets, decode_lease, shares_a_subnet
 from control.subnet.registry import Change, Entry, HistoryLostError, Registry, RegistryError
 
 log = logging.getLogger("pyflanneld.watch")
@@ -101,6 +101,8 @@ class SubnetWatcher:
             if subnet == own:
                 own_seen = entry.value == self._own_value()
                 continue
+            if self._shares_own(subnet, own):
+                continue
             peer = self._peer(subnet, entry.value)
             if peer is not None:
                 wanted[subnet] = peer
@@ -117,9 +119,13 @@ class SubnetWatcher:
         subnet = self._subnet(change.name)
         if subnet is None:
             return
-        if subnet == self._own_subnet():
+        own = self._own_subnet()
+        if subnet == own:
             if change.value != self._own_value():
                 self._on_own_lost()
+            return
+        if change.value is not None and self._shares_own(subnet, own):
+            self._remove(subnet)
             return
         if change.expired and subnet in self.peers:
             if subnet not in self._expiring:
@@ -162,6 +168,17 @@ class SubnetWatcher:
                         subnets)
             return None
         return subnets
+
+    @staticmethod
+    def _shares_own(subnet: Subnets, own: Subnets | None) -> bool:
+        """Whether another host's lease shares a subnet with this host's, logged: routing it
+        would take this host's own traffic away. It happens for a moment when two hosts chose
+        at once, until the later one gives way (lease.py)."""
+        if own is None or not shares_a_subnet(subnet, own):
+            return False
+        log.warning("ignoring lease %s: it shares a subnet with this host's lease %s", subnet,
+                    own)
+        return True
 
     def _peer(self, subnet: Subnets, value: bytes) -> PeerLease | None:
         try:
