@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from control.subnet.lease import Subnets
+from control.subnet.lease import Subnets, shares_a_subnet
 from tests.cluster import PREFIX, Flanneld, put_config, wait_for
 from tests.etcd import EtcdServer
 from tests.flanneld import REFERENCE_FLANNELD, RealFlanneld
@@ -290,26 +290,36 @@ def test_a_peer_lease_without_an_ipv6_subnet_is_routed_for_ipv4_and_logged() -> 
             etcd.stop()
 
 
-def test_a_peer_lease_sharing_this_host_s_ipv6_subnet_is_logged_and_left_unrouted() -> None:
+def test_a_host_that_does_not_give_way_on_a_shared_ipv6_subnet_makes_this_one_move() -> None:
     """What a flanneld host writes when it picked this host's IPv6 subnet at the same moment
-    (flanneld does not look for such a clash afterwards; a pyflanneld host that created its key
-    later gives way, tests/test_lease_race.py): routing it would take this host's own IPv6
-    traffic away."""
+    and created its key later: flanneld does not look for such a clash (a pyflanneld host in its
+    place gives way at once, tests/test_lease_race.py). Routing it would take this host's own
+    IPv6 traffic away, so it is left out, and once it has stayed a while this host moves."""
     with Testbed() as bed:
         etcd = EtcdServer(bed)
         daemon: Flanneld | None = None
         try:
             put_config(etcd, "v3", dual_config("host-gw"))
             daemon = Flanneld(bed, bed.add_host(ipv6=True), etcd, "v3").start()
-            own = (daemon.wait_subnet(), daemon.wait_ipv6_subnet())
-            clash = Subnets(ipaddress.IPv4Network("10.244.250.0/24"), own[1])
+            own = Subnets(daemon.wait_subnet(), daemon.wait_ipv6_subnet())
+            clash = Subnets(ipaddress.IPv4Network("10.244.250.0/24"), own.ipv6)
             etcd.put(f"{PREFIX}/subnets/{clash.name}",
                      '{"PublicIP":"198.18.0.250","PublicIPv6":"2001:db8:0:1::250",'
                      '"BackendType":"host-gw"}', "v3")
             daemon.wait_log(f"ignoring lease {clash}: it shares a subnet with this host's lease")
             assert "10.244.250.0" not in daemon.host.ip("route", "show").stdout
             assert "2001:db8:0:1::250" not in daemon.host.ip("-6", "route", "show").stdout
-            assert (daemon.wait_subnet(), daemon.wait_ipv6_subnet()) == own
+            daemon.wait_log(f"lease {clash} still shares a subnet with this host's lease {own}",
+                            timeout=15.0)
+            daemon.wait_log(f"subnet added: {clash} via 198.18.0.250, 2001:db8:0:1::250")
+            wait_for(lambda: daemon.subnet_env()["FLANNEL_IPV6_SUBNET"] != str(own.ipv6), 10.0,
+                     "subnet.env with the new IPv6 subnet")
+            moved = Subnets(daemon.wait_subnet(), daemon.wait_ipv6_subnet())
+            assert not shares_a_subnet(moved, clash)
+            keys = etcd.get_prefix(f"{PREFIX}/subnets/", "v3")
+            assert sorted(keys) == sorted(f"{PREFIX}/subnets/{s.name}" for s in (clash, moved))
+            assert "via 2001:db8:0:1::250" in daemon.host.ip("-6", "route", "show",
+                                                              str(own.ipv6)).stdout
             assert daemon.process is not None and daemon.process.poll() is None
         finally:
             if daemon is not None:

@@ -268,7 +268,8 @@ class Daemon:
 
         watcher = SubnetWatcher(registry, config, self.backend,
                                 own_subnet=lambda: keeper.subnet,
-                                own_value=lambda: keeper.value, on_own_lost=keeper.lost)
+                                own_value=lambda: keeper.value, on_own_lost=keeper.lost,
+                                give_way=keeper.give_way)
 
         async def on_new_subnet(new: Subnets) -> None:
             await self._move_to(new)

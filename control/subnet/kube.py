@@ -204,6 +204,11 @@ class NodeLease:
     def lost(self) -> None:
         self._lost.set()
 
+    def give_way(self) -> None:
+        """The controller manager gives each Node its podCIDR: this host cannot take another."""
+        log.error("node %s's podCIDR %s is another Node's too: its podCIDRs are the controller "
+                  "manager's to change", self.node, self.subnet)
+
     async def acquire(self) -> Subnets:
         """The Node's podCIDR, once the Node and its podCIDR are there (waited for, said once
         in the log), with this host's annotations written."""

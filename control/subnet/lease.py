@@ -4,10 +4,9 @@ Registry interface — reuse, pick, create, renew, and take again when lost.
 Two hosts that list the leases at the same moment can pick the same subnet of one family under
 different keys (a dual-stack key names both subnets, and etcd's create-if-absent only stops the
 same key): the one whose key was created later sees the other's and gives way. flanneld v0.20.2
-does not look: where it created its key later, the pyflanneld host keeps its subnet and its
-watch logs the flanneld host's lease and leaves it unrouted (watch.py): their pods do not reach
-each other until one host is moved, where two flanneld hosts would each route the other's subnet
-over their own.
+does not look: where it created its key later, the pyflanneld host's watch leaves its lease
+unrouted, and when it is still there GIVE_WAY_SECONDS later (watch.py), the pyflanneld host
+deletes its own key and takes another subnet (`give_way`).
 
 Keys are `<prefix>/subnets/<ip>-<len>`, with the IPv6 subnet after `&` in a dual-stack network
 (`10.244.3.0-24&fc00:0:0:5::-64`); the value is flanneld's LeaseAttrs JSON. The udp backend
@@ -325,6 +324,10 @@ class Keeper(Protocol):
     def lost(self) -> None:
         """The watch saw this host's lease changed by another, or gone."""
 
+    def give_way(self) -> None:
+        """The watch saw another host's lease share a subnet with this host's for a while:
+        take another subnet."""
+
     async def acquire(self) -> Subnets: ...
 
     async def complete(self) -> None:
@@ -354,6 +357,7 @@ class LeaseKeeper:
         self._rng = rng or random.Random()
         self.value = value  # the backend's lease value for this host
         self._lost = asyncio.Event()
+        self._giving_way = False  # the lost lease is to be deleted before one is taken again
         self.subnet: Subnets | None = None
         self._renew_at = 0.0  # time.monotonic()
         self.errors = 0  # failed attempts to take or renew the lease
@@ -369,6 +373,12 @@ class LeaseKeeper:
 
     def lost(self) -> None:
         """Called when the watch sees this host's key deleted or taken over."""
+        self._lost.set()
+
+    def give_way(self) -> None:
+        """Called when another host's lease has shared a subnet with this host's for a while:
+        this host deletes its key (else it would find and reuse it) and takes another."""
+        self._giving_way = True
         self._lost.set()
 
     async def acquire(self) -> Subnets:
@@ -437,10 +447,28 @@ class LeaseKeeper:
                 if await self._renew():
                     continue
             old = self.subnet
-            log.warning("lease %s was lost; taking one again", old)
+            if self._giving_way:
+                assert old is not None
+                await self._delete(old)
+                self._giving_way = False
+            else:
+                log.warning("lease %s was lost; taking one again", old)
             new = await self._reacquire()
             if new != old:
                 await on_change(new)
+
+    async def _delete(self, subnets: Subnets) -> None:
+        """Delete this host's key; retried while etcd is unreachable."""
+        while True:
+            try:
+                await self._registry.delete_subnet(subnets.name)
+                log.info("deleted lease %s of this host", subnets)
+                return
+            except RegistryError as err:
+                self.errors += 1
+                log.error("deleting lease %s failed, trying again in %gs: %s", subnets,
+                          RETRY_SECONDS, err)
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _reacquire(self) -> Subnets:
         """acquire(), but a full Network is waited out (leases expire, hosts leave): at start

@@ -26,23 +26,30 @@ RETRY_SECONDS = 1.0
 # removing the route at once would drop that host's traffic meanwhile. A host that is really gone
 # loses nothing by it; a new lease for the subnet replaces the route as soon as it comes.
 EXPIRED_GRACE_SECONDS = 10.0
+# Another host's lease that shares a subnet with this host's (lease.py) and is still there this
+# long after it was seen: its host did not give way, as a pyflanneld host whose key is the later
+# one does within a listing, so it does not look (flanneld): this host takes another subnet.
+GIVE_WAY_SECONDS = 5.0
 
 
 class SubnetWatcher:
     def __init__(self, registry: Registry, config: NetworkConfig, backend: Backend,
                  own_subnet: Callable[[], Subnets | None],
-                 own_value: Callable[[], bytes], on_own_lost: Callable[[], None]) -> None:
+                 own_value: Callable[[], bytes], on_own_lost: Callable[[], None],
+                 give_way: Callable[[], None]) -> None:
         self._registry = registry
         self._config = config
         self._backend = backend
         self._own_subnet = own_subnet
         self._own_value = own_value
         self._on_own_lost = on_own_lost
+        self._give_way = give_way
         self._cycle: asyncio.Future[None] | None = None
         self._resync_requested = False
         self._revision: int | None = None  # of the last change applied
         self.peers: dict[Subnets, PeerLease] = {}  # the routed ones
         self._expiring: dict[Subnets, asyncio.TimerHandle] = {}
+        self._clashing: dict[Subnets, asyncio.TimerHandle] = {}  # giving way to them when due
         self.events_applied = 0
         self.restarts = {"history_lost": 0, "error": 0}  # why the watch started again
 
@@ -94,6 +101,7 @@ class SubnetWatcher:
         own = self._own_subnet()
         wanted: dict[Subnets, PeerLease] = {}
         own_seen = False
+        clashing = set()
         for entry in entries:
             subnet = self._subnet(entry.name)
             if subnet is None:
@@ -102,10 +110,14 @@ class SubnetWatcher:
                 own_seen = entry.value == self._own_value()
                 continue
             if self._shares_own(subnet, own):
+                clashing.add(subnet)
                 continue
             peer = self._peer(subnet, entry.value)
             if peer is not None:
                 wanted[subnet] = peer
+        for subnet in list(self._clashing):
+            if subnet not in clashing:
+                self._forget_clash(subnet)
         for subnet in list(self.peers):
             if subnet not in wanted:
                 self._remove(subnet)
@@ -124,7 +136,9 @@ class SubnetWatcher:
             if change.value != self._own_value():
                 self._on_own_lost()
             return
-        if change.value is not None and self._shares_own(subnet, own):
+        if change.value is None:  # a key's subnets are its name: only its going ends a clash
+            self._forget_clash(subnet)
+        elif self._shares_own(subnet, own):
             self._remove(subnet)
             return
         if change.expired and subnet in self.peers:
@@ -169,16 +183,31 @@ class SubnetWatcher:
             return None
         return subnets
 
-    @staticmethod
-    def _shares_own(subnet: Subnets, own: Subnets | None) -> bool:
-        """Whether another host's lease shares a subnet with this host's, logged: routing it
-        would take this host's own traffic away. It happens for a moment when two hosts chose
-        at once, until the later one gives way (lease.py)."""
+    def _shares_own(self, subnet: Subnets, own: Subnets | None) -> bool:
+        """Whether another host's lease shares a subnet with this host's: routing it would take
+        this host's own traffic away. It happens for a moment when two pyflanneld hosts chose
+        at once, until the later one gives way (lease.py); one that stays GIVE_WAY_SECONDS is a
+        host that does not look, and this host gives way to it."""
         if own is None or not shares_a_subnet(subnet, own):
             return False
-        log.warning("ignoring lease %s: it shares a subnet with this host's lease %s", subnet,
-                    own)
+        if subnet not in self._clashing:
+            log.warning("ignoring lease %s: it shares a subnet with this host's lease %s; this "
+                        "host takes another in %gs if it stays", subnet, own, GIVE_WAY_SECONDS)
+            self._clashing[subnet] = asyncio.get_running_loop().call_later(
+                GIVE_WAY_SECONDS, self._clash_stayed, subnet)
         return True
+
+    def _clash_stayed(self, subnet: Subnets) -> None:
+        del self._clashing[subnet]
+        log.warning("lease %s still shares a subnet with this host's lease %s: its host does "
+                    "not look for that (flanneld v0.20.2); this host takes another", subnet,
+                    self._own_subnet())
+        self._give_way()
+
+    def _forget_clash(self, subnet: Subnets) -> None:
+        pending = self._clashing.pop(subnet, None)
+        if pending is not None:
+            pending.cancel()
 
     def _peer(self, subnet: Subnets, value: bytes) -> PeerLease | None:
         try:
