@@ -40,8 +40,10 @@ class RealFlanneld(LoggedDaemon):
                           "--iface=eth0", f"--subnet-file={subnet_file}",
                           *etcd.client_flags(), *flags])
 
-    def start(self) -> RealFlanneld:
-        if os.path.exists(self.subnet_file):
+    def start(self, *, previous: bool = False) -> RealFlanneld:
+        """With `previous`, flanneld reads the subnet file the last run left, as a restarted
+        flanneld does, and takes its subnets back if it can."""
+        if os.path.exists(self.subnet_file) and not previous:
             os.unlink(self.subnet_file)  # so wait_subnet() reads this run's
         return super().start()
 

@@ -312,7 +312,7 @@ def test_a_host_that_does_not_give_way_on_a_shared_ipv6_subnet_makes_this_one_mo
             daemon.wait_log(f"lease {clash} still shares a subnet with this host's lease {own}",
                             timeout=15.0)
             daemon.wait_log(f"subnet added: {clash} via 198.18.0.250, 2001:db8:0:1::250")
-            wait_for(lambda: daemon.subnet_env()["FLANNEL_IPV6_SUBNET"] != str(own.ipv6), 10.0,
+            wait_for(lambda: daemon.wait_ipv6_subnet() != own.ipv6, 10.0,
                      "subnet.env with the new IPv6 subnet")
             moved = Subnets(daemon.wait_subnet(), daemon.wait_ipv6_subnet())
             assert not shares_a_subnet(moved, clash)
@@ -324,6 +324,59 @@ def test_a_host_that_does_not_give_way_on_a_shared_ipv6_subnet_makes_this_one_mo
         finally:
             if daemon is not None:
                 daemon.stop()
+            etcd.stop()
+
+
+def test_flanneld_taking_this_host_s_ipv6_subnet_back_from_its_subnet_file_makes_this_one_move(
+        ) -> None:
+    """flanneld v0.20.2 takes its previous subnets back from its subnet file when no lease has
+    the IPv4 one, without looking at the IPv6 one: a flanneld host whose subnet file names this
+    host's IPv6 subnet (its own old one, since taken) leases it again beside this host's. This
+    host moves, and both reach each other over both families."""
+    if not os.path.exists(REFERENCE_FLANNELD):
+        pytest.skip(f"no reference flanneld at {REFERENCE_FLANNELD}")
+    with Testbed() as bed:
+        etcd = EtcdServer(bed)
+        flanneld: RealFlanneld | None = None
+        daemon: Flanneld | None = None
+        try:
+            put_config(etcd, "v3", dual_config("host-gw"))
+            daemon = Flanneld(bed, bed.add_host(ipv6=True), etcd, "v3").start()
+            own = Subnets(daemon.wait_subnet(), daemon.wait_ipv6_subnet())
+            f_host = bed.add_host(ipv6=True)
+            flanneld = RealFlanneld(REFERENCE_FLANNELD, bed, f_host, etcd,
+                                    f"--public-ipv6={f_host.underlay_ipv6}").start()
+            first = Subnets(flanneld.wait_subnet(), flanneld.wait_ipv6_subnet())
+            flanneld.stop()
+            etcd.delete(f"{PREFIX}/subnets/{first.name}", "v3")
+            with open(flanneld.subnet_file) as f:
+                env = f.read()
+            with open(flanneld.subnet_file, "w") as f:
+                f.write(env.replace(f"FLANNEL_IPV6_SUBNET={first.ipv6.network_address + 1}/",
+                                    f"FLANNEL_IPV6_SUBNET={own.ipv6.network_address + 1}/"))
+            flanneld.start(previous=True)
+            clash = Subnets(first.ipv4, own.ipv6)
+            daemon.wait_log(f"lease {clash} still shares a subnet with this host's lease {own}",
+                            timeout=20.0)
+            wait_for(lambda: daemon.wait_ipv6_subnet() != own.ipv6, 10.0,
+                     "subnet.env with the new IPv6 subnet")
+            moved = Subnets(daemon.wait_subnet(), daemon.wait_ipv6_subnet())
+            assert not shares_a_subnet(moved, clash)
+            assert f"{PREFIX}/subnets/{clash.name}" in etcd.get_prefix(f"{PREFIX}/subnets/", "v3")
+            add_container(bed, daemon)
+            add_container(bed, flanneld)
+            try:
+                reach_each_other([daemon.host, f_host])
+            except AssertionError:  # flanneld v0.20.2 can miss a lease event
+                flanneld.stop()
+                flanneld.start(previous=True)
+                reach_each_other([daemon.host, f_host])
+        finally:
+            if daemon is not None:
+                daemon.stop()
+            if flanneld is not None:
+                flanneld.stop()
+                flanneld.clean(None)
             etcd.stop()
 
 

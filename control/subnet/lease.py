@@ -4,9 +4,10 @@ Registry interface — reuse, pick, create, renew, and take again when lost.
 Two hosts that list the leases at the same moment can pick the same subnet of one family under
 different keys (a dual-stack key names both subnets, and etcd's create-if-absent only stops the
 same key): the one whose key was created later sees the other's and gives way. flanneld v0.20.2
-does not look: where it created its key later, the pyflanneld host's watch leaves its lease
-unrouted, and when it is still there GIVE_WAY_SECONDS later (watch.py), the pyflanneld host
-deletes its own key and takes another subnet (`give_way`).
+does not look (and takes its previous subnets back from its subnet file when no lease has the
+IPv4 one, whoever has the IPv6 one): where it created its key later, the pyflanneld host's
+watch leaves its lease unrouted, and when it is still there GIVE_WAY_SECONDS later (watch.py),
+the pyflanneld host deletes its own key and takes another subnet (`give_way`).
 
 Keys are `<prefix>/subnets/<ip>-<len>`, with the IPv6 subnet after `&` in a dual-stack network
 (`10.244.3.0-24&fc00:0:0:5::-64`); the value is flanneld's LeaseAttrs JSON. The udp backend
