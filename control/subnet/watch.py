@@ -101,7 +101,7 @@ class SubnetWatcher:
         own = self._own_subnet()
         wanted: dict[Subnets, PeerLease] = {}
         own_seen = False
-        clashing = set()
+        clashing: set[Subnets] = set()
         for entry in entries:
             subnet = self._subnet(entry.name)
             if subnet is None:
